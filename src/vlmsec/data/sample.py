@@ -1,0 +1,47 @@
+"""The unit every stage passes around: one image, one instruction, one answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An image-instruction-answer triple with its id and domain tags.
+
+    `image` is an H x W x 3 uint8 array. `references` holds every acceptable caption
+    (used by CIDEr/BLEU); it defaults to the answer alone. `domains` tags where the sample
+    comes from, e.g. {"visual": "flat", "text": "source"}.
+    """
+
+    id: str
+    image: np.ndarray
+    instruction: str
+    answer: str
+    domains: dict[str, str] = field(default_factory=dict)
+    references: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(f"sample {self.id!r}: image must be H x W x 3 uint8, got {self.image.shape} {self.image.dtype}")
+        if not self.references:
+            object.__setattr__(self, "references", (self.answer,))
+
+    def with_changes(self, **changes: object) -> Sample:
+        """A copy with some fields replaced (samples are immutable)."""
+        return replace(self, **changes)
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """Stack H x W x 3 uint8 arrays into a B x 3 x H x W float tensor in [0, 1]."""
+    batch = np.stack(images).astype(np.float32) / 255.0
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+
+def tensor_to_images(batch: torch.Tensor) -> list[np.ndarray]:
+    """Inverse of `images_to_tensor`: B x 3 x H x W in [0, 1] to a list of uint8 arrays."""
+    arrays = (batch.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [np.ascontiguousarray(a) for a in arrays]
