@@ -1,0 +1,51 @@
+"""Image files in and out: the one place that opens them, so every loader converts the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vlmsec.artifacts import atomic_path
+from vlmsec.errors import VlmsecError
+
+# Pillow opens 16-bit greyscale files in these modes; a plain convert("RGB") would clip them.
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an H x W x 3 uint8 RGB array.
+
+    Greyscale, palette, CMYK and 16-bit images are converted to 8-bit RGB; an alpha channel is
+    dropped (not composited), as LLaVA's own loader does, so we see the pixels a real
+    training pipeline would feed the model.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise VlmsecError(f"{path}: cannot read image: {exc}") from exc
+
+
+def save_image(image: np.ndarray, path: str | Path) -> None:
+    """Write an H x W x 3 uint8 array atomically; the format follows the file suffix (e.g. .png)."""
+    path = Path(path)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise VlmsecError(f"{path}: image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise VlmsecError(f"{path}: unknown image format for suffix {path.suffix!r}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format=image_format)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert an opened PIL image of any mode to an RGB uint8 array."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
