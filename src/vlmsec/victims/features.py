@@ -1,0 +1,80 @@
+"""A cache of frozen vision-tower features, one entry per distinct image.
+
+A frozen tower gives the same features for the same pixels, so every stage that sees an
+image (pretraining, every tuning run, every evaluation) can share one forward pass. Keys
+are a hash of the image's bytes; the cache persists as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmsec.artifacts import atomic_path
+
+
+def image_key(image: np.ndarray) -> str:
+    """A content hash of an H x W x 3 uint8 image (shape included)."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(repr(image.shape).encode())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Maps image hashes to feature tensors; computes the missing ones in batches."""
+
+    def __init__(self) -> None:
+        self._features: dict[str, torch.Tensor] = {}
+        self._dirty = False
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def get(
+        self,
+        images: Sequence[np.ndarray],
+        compute: Callable[[list[np.ndarray]], torch.Tensor],
+        batch_size: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Features for `images` (stacked), computing the uncached ones with `compute`."""
+        keys = [image_key(img) for img in images]
+        missing: dict[str, np.ndarray] = {}
+        for key, img in zip(keys, images):
+            if key not in self._features and key not in missing:
+                missing[key] = img
+        todo = list(missing.items())
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            feats = compute([img for _, img in chunk])
+            for (key, _), feat in zip(chunk, feats):
+                self._features[key] = feat.to(torch.float16).clone()
+            self._dirty = True
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return torch.stack([self._features[k] for k in keys]).float()
+
+    def count_missing(self, images: Sequence[np.ndarray]) -> int:
+        """How many distinct images in `images` are not cached yet."""
+        return len({k for k in map(image_key, images) if k not in self._features})
+
+    def save(self, path: str | Path) -> None:
+        """Persist the cache (atomically) if anything was added since load."""
+        if not self._dirty:
+            return
+        with atomic_path(path) as tmp:
+            save_file(self._features, str(tmp))
+        self._dirty = False
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureCache:
+        """Load a cache saved by `save`; a missing file gives an empty cache."""
+        cache = cls()
+        if Path(path).exists():
+            cache._features = load_file(str(path))
+        return cache

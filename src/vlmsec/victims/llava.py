@@ -1,0 +1,161 @@
+"""The victim interface over a LLaVA-architecture model: encode, lose, generate, save, load.
+
+`LlavaVictim` wraps a `LlavaForConditionalGeneration` and its tokenizer. Prompts are built
+by the tokenizer's chat template, the same at training and at evaluation. When the vision
+tower is frozen its features come from a `FeatureCache`, so a distinct image is seen by
+the tower once per run; the projected features are scattered into the `<image>` slots of
+the text embeddings exactly as LLaVA does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from vlmsec.data.sample import images_to_tensor
+from vlmsec.victims import vision  # noqa: F401  (registers the EfficientNet tower)
+from vlmsec.victims.features import FeatureCache
+from vlmsec.victims.tokenizer import IMAGE_TOKEN
+
+IGNORE_INDEX = -100
+
+
+class LlavaVictim:
+    """A LLaVA model plus tokenizer, with the one prompt format used everywhere."""
+
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        features: FeatureCache | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.features = features if features is not None else FeatureCache()
+        vision_config = model.config.vision_config
+        self.image_size: int = vision_config.image_size
+        self.num_image_tokens: int = model.config.image_seq_length
+        self.image_token_id: int = model.config.image_token_index
+        self.pixel_mean = vision.PIXEL_MEAN
+        self.pixel_std = vision.PIXEL_STD
+        self.model.model.vision_tower.requires_grad_(False)
+
+    # ---- images ---------------------------------------------------------------------
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize a B x 3 x H x W batch in [0, 1] to the tower's size and normalise it."""
+        size = (self.image_size, self.image_size)
+        if images.shape[-2:] != size:
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return (images - self.pixel_mean) / self.pixel_std
+
+    @torch.no_grad()
+    def _tower_features(self, images: list[np.ndarray]) -> torch.Tensor:
+        tower = self.model.model.vision_tower.eval()
+        return tower(self.pixel_values(images_to_tensor(images))).last_hidden_state
+
+    def image_features(
+        self, images: Sequence[np.ndarray], on_batch: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Frozen-tower features (B x tokens x dim) for uint8 images, through the cache."""
+        return self.features.get(images, self._tower_features, on_batch=on_batch)
+
+    # ---- text -----------------------------------------------------------------------
+    def prompt(self, instruction: str) -> str:
+        """The chat-formatted prompt for one instruction, ending where the answer starts."""
+        messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """Token ids of the prompt, the image placeholder expanded to one id per image token."""
+        ids = self.tokenizer(self.prompt(instruction), add_special_tokens=False).input_ids
+        expanded: list[int] = []
+        for token in ids:
+            expanded.extend([token] * self.num_image_tokens if token == self.image_token_id else [token])
+        return [self.tokenizer.bos_token_id, *expanded]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer as the template continues the prompt, with end of sequence."""
+        ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids
+        return [*ids, self.tokenizer.eos_token_id]
+
+    def encode_training(self, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Right-padded input ids, attention mask and labels (loss on answer tokens only)."""
+        rows = []
+        for instruction, answer in zip(instructions, answers):
+            prompt, target = self.prompt_ids(instruction), self.answer_ids(answer)
+            rows.append((prompt + target, [IGNORE_INDEX] * len(prompt) + target))
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, labs) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(labs)] = torch.tensor(labs)
+            mask[i, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    # ---- model ----------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with projected image features scattered into the image slots."""
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        projected = self.model.model.multi_modal_projector(features.to(inputs_embeds.dtype))
+        mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, projected.reshape(-1, projected.shape[-1]))
+
+    def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss over answer tokens for a batch from `encode_training`."""
+        embeds = self.embed(batch["input_ids"], features)
+        out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[np.ndarray],
+        instructions: Sequence[str],
+        max_new_tokens: int = 32,
+        batch_size: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """Greedy answers for image-instruction pairs, batched with left padding."""
+        self.model.eval()
+        features = self.image_features(images)
+        pad = self.tokenizer.pad_token_id
+        outputs: list[str] = []
+        for start in range(0, len(instructions), batch_size):
+            prompts = [self.prompt_ids(s) for s in instructions[start : start + batch_size]]
+            width = max(map(len, prompts))
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            embeds = self.embed(input_ids, features[start : start + batch_size])
+            new_tokens = self.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            outputs.extend(t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(prompts))
+        return outputs
+
+    # ---- persistence ------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        """Save model (safetensors) and tokenizer the way llava-hf checkpoints are laid out."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, features: FeatureCache | None = None) -> LlavaVictim:
+        """Load a checkpoint folder with `from_pretrained` (local files only)."""
+        model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return cls(model, tokenizer, features)
