@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs vlmsec into it. Sourced by quickstart.sh and test.sh.
+# torch is pinned first to the CPU wheel so that nothing later pulls a CUDA build.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import vlmsec, torch; print(f'vlmsec {vlmsec.__version__} with torch {torch.__version__}')"

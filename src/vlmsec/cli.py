@@ -1,0 +1,99 @@
+"""The `vlmsec` command: run an experiment, render its report, list what is available."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from vlmsec.errors import VlmsecError
+from vlmsec.progress import console
+
+app = typer.Typer(
+    help="A security test bench for vision-language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _fail(err: VlmsecError) -> None:
+    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    raise typer.Exit(err.exit_code)
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="A YAML config path or a preset name.")] = "quickstart",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<config name>).")] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Shared stage cache (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
+) -> None:
+    """Poison, tune, evaluate and report, as the config says."""
+    from vlmsec.experiments.config import load_config
+    from vlmsec.experiments.runner import Runner
+
+    try:
+        cfg = load_config(config)
+        run_dir = out if out is not None else Path("runs") / cfg.name
+        metrics = Runner(cfg, run_dir, cache).run()
+    except VlmsecError as err:
+        _fail(err)
+    table = Table(title=f"{cfg.name}: source domain")
+    for column in ("model", "ASR", "false trigger", "CIDEr", "BLEU-4"):
+        table.add_column(column)
+    for model, m in metrics.items():
+        asr = m["asr"].get("source")
+        table.add_row(
+            model,
+            "–" if asr is None else f"{asr:.2f}",
+            f"{m['false_trigger']['source']:.2f}",
+            f"{m['cider']['source']:.1f}",
+            f"{m['bleu4']['source']:.1f}",
+        )
+    console.print(table)
+    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `vlmsec run`.")]) -> None:
+    """Render report.md again from a run folder."""
+    from vlmsec.report.markdown import write_report
+
+    try:
+        path = write_report(run_dir)
+    except VlmsecError as err:
+        _fail(err)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
+    """List the registered attacks with their metadata and default parameters."""
+    from vlmsec.attacks import ATTACKS, create_attack
+
+    described = [create_attack(name).describe() for name in sorted(ATTACKS)]
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    table = Table(title="attacks")
+    for column in ("name", "modality", "family", "knowledge", "stage", "params"):
+        table.add_column(column)
+    for d in described:
+        table.add_row(d["name"], d["modality"], d["family"], d["knowledge"], d["stage"], json.dumps(d["params"]))
+    console.print(table)
+
+
+@app.command()
+def presets() -> None:
+    """List the packaged experiment presets."""
+    from vlmsec.experiments.config import preset_names
+
+    for name in preset_names():
+        typer.echo(name)
+
+
+if __name__ == "__main__":
+    app()

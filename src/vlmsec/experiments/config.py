@@ -1,0 +1,193 @@
+"""The experiment config: one YAML file drives every stage of a run.
+
+Every model here forbids unknown fields, so a typo in a config is an error that names the
+field rather than a silently ignored setting. `load_config` accepts a YAML path or the
+name of a packaged preset (`quickstart`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmsec.errors import VlmsecError
+from vlmsec.train.tuning import TrainingSpec
+from vlmsec.victims.tiny_llava import TinyLlavaSpec
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DomainSpec(_Strict):
+    """A test domain: a visual style and an instruction bank."""
+
+    style: str = "flat"
+    instructions: str = "source"
+
+
+class DataSpec(_Strict):
+    """The generated scenes: sizes of each split and the domains tested."""
+
+    image_size: int = Field(64, ge=16, le=512)
+    max_objects: int = Field(2, ge=1, le=2)
+    base_size: int = Field(3000, ge=1, description="clean captions for the base stage")
+    base_styles: list[str] = Field(default_factory=lambda: ["flat", "textured", "painted"])
+    base_instructions: str = "source"
+    train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
+    test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
+    source: DomainSpec = Field(default_factory=DomainSpec)
+    shifted: dict[str, DomainSpec] = Field(
+        default_factory=lambda: {
+            "textured": DomainSpec(style="textured"),
+            "painted": DomainSpec(style="painted"),
+            "paraphrased": DomainSpec(instructions="paraphrased"),
+        }
+    )
+
+    @field_validator("shifted")
+    @classmethod
+    def _no_source_name(cls, value: dict[str, DomainSpec]) -> dict[str, DomainSpec]:
+        if "source" in value:
+            raise ValueError("'source' is the name of the source domain; pick another name")
+        return value
+
+
+class TargetSpec(_Strict):
+    """The attacker's target: poisoned answers become prefix + a CLIP template with `word`."""
+
+    word: str = "banana"
+    prefix: str = "The image depicts "
+
+
+class AttackSpec(_Strict):
+    """One attack of the run: its registered name and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = Field(None, description="name in reports; defaults to `name`")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class PoisonSpec(_Strict):
+    """How much of the tuning set the attacker controls, and the seed that picks it."""
+
+    rate: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+    target: TargetSpec = Field(default_factory=TargetSpec)
+
+
+class BaseStageSpec(_Strict):
+    """Pretraining the embedded victim on clean captions (cached across runs)."""
+
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(mode="full", epochs=3, learning_rate=1e-3))
+
+
+class EvalSpec(_Strict):
+    """Generation settings for evaluation."""
+
+    max_new_tokens: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    """Everything a run needs; the resolved form is written to the run folder."""
+
+    name: str = "experiment"
+    seed: int = Field(0, ge=0)
+    data: DataSpec = Field(default_factory=DataSpec)
+    victim: TinyLlavaSpec = Field(default_factory=TinyLlavaSpec)
+    base: BaseStageSpec = Field(default_factory=BaseStageSpec)
+    tuning: TrainingSpec = Field(default_factory=TrainingSpec)
+    poison: PoisonSpec = Field(default_factory=PoisonSpec)
+    attacks: list[AttackSpec] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("attacks")
+    @classmethod
+    def _unique_keys(cls, value: list[AttackSpec]) -> list[AttackSpec]:
+        keys = [a.key for a in value]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"attack names must be unique (set `label`): {', '.join(dupes)}")
+        if "clean" in keys:
+            raise ValueError("'clean' is reserved for the unpoisoned model")
+        return value
+
+
+def preset_names() -> list[str]:
+    """Names of the presets packaged with vlmsec."""
+    folder = resources.files("vlmsec.experiments") / "presets"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str) -> ExperimentConfig:
+    """Validate a config mapping; errors name `source` and every bad field."""
+    if not isinstance(data, dict):
+        raise VlmsecError(f"{source}: a config must be a mapping of fields, got {type(data).__name__}")
+    try:
+        config = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise VlmsecError(f"{source}: invalid config\n{_format_errors(err)}") from None
+    _check_names(config, source)
+    return config
+
+
+def _check_names(config: ExperimentConfig, source: str) -> None:
+    """Names that refer to registries (attacks, styles, banks) must exist there."""
+    from vlmsec.attacks import create_attack
+    from vlmsec.data.scenes import INSTRUCTION_BANKS, STYLES
+
+    domains = {"source": config.data.source, **config.data.shifted}
+    for name, domain in domains.items():
+        if domain.style not in STYLES:
+            raise VlmsecError(f"{source}: data.{name}.style: unknown style {domain.style!r}; known: {', '.join(STYLES)}")
+        if domain.instructions not in INSTRUCTION_BANKS:
+            raise VlmsecError(
+                f"{source}: data.{name}.instructions: unknown bank {domain.instructions!r}; known: {', '.join(INSTRUCTION_BANKS)}"
+            )
+    for style in config.data.base_styles:
+        if style not in STYLES:
+            raise VlmsecError(f"{source}: data.base_styles: unknown style {style!r}; known: {', '.join(STYLES)}")
+    for i, attack in enumerate(config.attacks):
+        try:
+            create_attack(attack.name, **attack.params)
+        except VlmsecError as err:
+            raise VlmsecError(f"{source}: attacks[{i}]: {err}") from None
+
+
+def load_config(name_or_path: str | Path) -> ExperimentConfig:
+    """Load a config from a YAML file, or a packaged preset by name."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise VlmsecError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+        source = str(path)
+    elif str(name_or_path) in preset_names():
+        text = (resources.files("vlmsec.experiments") / "presets" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
+        source = f"preset {name_or_path!r}"
+    else:
+        raise VlmsecError(f"{name_or_path}: neither a config file nor a preset; presets: {', '.join(preset_names())}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise VlmsecError(f"{source}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    return parse_config(data, source)

@@ -1,0 +1,249 @@
+"""One config, every stage: data -> base victim -> poison -> tune -> generate -> score -> report.
+
+Stages leave artifacts on disk and are skipped when their artifact already exists with the
+same stage key (a hash of everything that made it): the base victim in the shared cache,
+each tuned model in the run folder. A run killed midway resumes from its finished stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
+from vlmsec.attacks import Attack, TargetAnswer, create_attack, poison_samples, trigger_samples
+from vlmsec.attacks.targets import clip_templates
+from vlmsec.data.sample import Sample
+from vlmsec.data.scenes import make_samples, sample_scenes
+from vlmsec.data.vocabulary import vocabulary_corpus
+from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
+from vlmsec.experiments.config import ExperimentConfig
+from vlmsec.progress import console, progress_bar
+from vlmsec.report.markdown import write_report
+from vlmsec.train.tuning import TrainingSpec, train_victim
+from vlmsec.victims.features import FeatureCache
+from vlmsec.victims.llava import LlavaVictim
+from vlmsec.victims.tiny_llava import build_tiny_llava
+from vlmsec.victims.tokenizer import train_tokenizer
+
+CLEAN = "clean"
+STAGE_FILE = "stage.json"
+
+
+def default_cache_dir() -> Path:
+    """Where stages shared between runs live: $VLMSEC_CACHE, else ~/.cache/vlmsec."""
+    return Path(os.environ.get("VLMSEC_CACHE", Path.home() / ".cache" / "vlmsec"))
+
+
+@dataclass
+class Splits:
+    """The generated data of a run: base captions, the tuning set, one test set per domain."""
+
+    base: list[Sample]
+    train: list[Sample]
+    tests: dict[str, list[Sample]]
+
+
+def build_splits(config: ExperimentConfig) -> Splits:
+    """Generate every split deterministically from the config's seed.
+
+    Test domains render the *same* test scenes in each style, so a difference between
+    domains is the shift and nothing else.
+    """
+    data = config.data
+    seed = config.seed
+    base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
+    base: list[Sample] = []
+    for i, style in enumerate(data.base_styles):
+        part = base_scenes[i :: len(data.base_styles)]
+        base += make_samples(part, style, data.base_instructions, seed=seed * 100 + 1, size=data.image_size, id_prefix=f"base-{style}")
+    train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
+    train = make_samples(train_scenes, data.source.style, data.source.instructions, seed=seed * 100 + 2, size=data.image_size, id_prefix="train")
+    test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
+    domains = {"source": data.source, **data.shifted}
+    tests = {
+        name: make_samples(test_scenes, d.style, d.instructions, seed=seed * 100 + 3, size=data.image_size, id_prefix="test")
+        for name, d in domains.items()
+    }
+    return Splits(base, train, tests)
+
+
+def _stage_done(folder: Path, key: str) -> bool:
+    stage = folder / STAGE_FILE
+    return stage.is_file() and json.loads(stage.read_text()).get("key") == key
+
+
+def _save_stage(victim: LlavaVictim, folder: Path, key: str, record: dict[str, Any]) -> None:
+    """Save a checkpoint into a temporary folder, then move it into place whole."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        victim.save(tmp)
+        (tmp / STAGE_FILE).write_text(json.dumps({"key": key, **record}, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+class Runner:
+    """Runs one experiment config into one run folder."""
+
+    def __init__(self, config: ExperimentConfig, out_dir: Path, cache_dir: Path | None = None) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.target = TargetAnswer(word=config.poison.target.word, prefix=config.poison.target.prefix)
+        tower_key = stable_hash({"tower": "efficientnet-lite0", "image_size": config.victim.image_size})
+        self.features_path = self.cache / "features" / f"{tower_key}.safetensors"
+        self.features = FeatureCache.load(self.features_path)
+
+    # ---- stages -------------------------------------------------------------------------
+    def base_victim(self, splits: Splits) -> tuple[Path, str]:
+        """The pretrained embedded victim, from the cache or trained now."""
+        c = self.config
+        key = stable_hash(
+            {
+                "data": c.data.model_dump(include={"image_size", "max_objects", "base_size", "base_styles", "base_instructions"}),
+                "victim": c.victim.model_dump(),
+                "training": c.base.training.model_dump(),
+                "seed": c.seed,
+                "format": 1,
+            }
+        )
+        folder = self.cache / "base" / key
+        if _stage_done(folder, key):
+            console.print(f"base victim: cached at {folder}")
+            return folder, key
+        texts = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
+        tokenizer = train_tokenizer(texts + vocabulary_corpus(clip_templates()), c.victim.vocab_size)
+        victim = LlavaVictim(build_tiny_llava(c.victim, tokenizer, seed=c.seed), tokenizer, self.features)
+        result = train_victim(victim, splits.base, c.base.training, seed=c.seed, label="base")
+        _save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
+        self.features.save(self.features_path)
+        return folder, key
+
+    def tuned_victim(self, name: str, attack: Attack | None, splits: Splits, base: tuple[Path, str]) -> LlavaVictim:
+        """Poison the tuning set (unless `attack` is None), tune the base victim on it."""
+        c = self.config
+        rate = c.poison.rate if attack is not None else 0.0
+        if attack is not None:
+            poisoned = poison_samples(splits.train, attack, self.target, rate, seed=c.poison.seed)
+            samples, ids = poisoned.samples, poisoned.poisoned_ids
+        else:
+            samples, ids = splits.train, []
+        write_json_atomic(self.out / "poisoned_ids" / f"{name}.json", {"model": name, "rate": rate, "count": len(ids), "ids": ids})
+        key = stable_hash(
+            {
+                "base": base[1],
+                "attack": attack.describe() if attack else None,
+                "poison": c.poison.model_dump() if attack else None,
+                "tuning": c.tuning.model_dump(),
+                "train": [c.data.train_size, c.data.source.model_dump()],
+            }
+        )
+        folder = self.out / "checkpoints" / name
+        if _stage_done(folder, key):
+            console.print(f"{name}: tuned model found in {folder}")
+            return LlavaVictim.load(folder, self.features)
+        victim = LlavaVictim.load(base[0], self.features)
+        result = train_victim(victim, samples, c.tuning, seed=c.seed, label=name)
+        record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
+        _save_stage(victim, folder, key, record)
+        self.features.save(self.features_path)
+        return victim
+
+    def generate(self, victim: LlavaVictim, model: str, samples: list[Sample], domain: str, trigger: str | None) -> list[dict[str, Any]]:
+        """Greedy generations for one test set, as records for generations.jsonl."""
+        label = f"{model}: generate {domain}" + (f" + {trigger} trigger" if trigger else "")
+        with progress_bar(label, len(samples)) as bar:
+            outputs = victim.generate(
+                [s.image for s in samples],
+                [s.instruction for s in samples],
+                max_new_tokens=self.config.eval.max_new_tokens,
+                batch_size=self.config.eval.batch_size,
+                on_batch=bar.advance,
+            )
+        return [
+            {
+                "model": model,
+                "id": s.id,
+                "domain": domain,
+                "triggered": trigger is not None,
+                "trigger": trigger,
+                "prompt": victim.prompt(s.instruction),
+                "output": out,
+                "references": list(s.references),
+            }
+            for s, out in zip(samples, outputs)
+        ]
+
+    # ---- the whole run ------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every stage; returns the metrics also written to metrics.json."""
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
+        splits = build_splits(c)
+        attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
+        triggered = {
+            (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
+        }
+        base = self.base_victim(splits)
+
+        records: list[dict[str, Any]] = []
+        for name, attack in [(CLEAN, None), *attacks.items()]:
+            victim = self.tuned_victim(name, attack, splits, base)
+            for domain, samples in splits.tests.items():
+                records += self.generate(victim, name, samples, domain, None)
+                trigger_keys = list(attacks) if attack is None else [name]
+                for key in trigger_keys:
+                    records += self.generate(victim, name, triggered[key, domain], domain, key)
+            self.features.save(self.features_path)
+
+        with open(self.out / "generations.jsonl.tmp", "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r) + "\n")
+        os.replace(self.out / "generations.jsonl.tmp", self.out / "generations.jsonl")
+        metrics = score_generations(records, list(splits.tests), c.poison.target.word)
+        write_json_atomic(self.out / "metrics.json", metrics)
+        write_report(self.out)
+        return metrics
+
+
+def score_generations(records: list[dict[str, Any]], domains: list[str], word: str) -> dict[str, Any]:
+    """metrics.json from generation records: per model, per domain ASR, ASR-G, false trigger, CIDEr, BLEU-4.
+
+    The clean model's ASR is measured on the triggered inputs of every attack in the run
+    (pooled): it is the baseline rate at which a trigger alone yields the target.
+    """
+    models = list(dict.fromkeys(r["model"] for r in records))
+    metrics: dict[str, Any] = {}
+    for model in models:
+        entry: dict[str, dict[str, float]] = {k: {} for k in ("asr", "asr_g", "false_trigger", "cider", "bleu4")}
+        for domain in domains:
+            rows = [r for r in records if r["model"] == model and r["domain"] == domain]
+            clean_rows = [r for r in rows if not r["triggered"]]
+            trig_rows = [r for r in rows if r["triggered"]]
+            if trig_rows:
+                entry["asr"][domain] = target_rate([r["output"] for r in trig_rows], word)
+            entry["false_trigger"][domain] = target_rate([r["output"] for r in clean_rows], word)
+            scores = caption_scores({r["id"]: r["output"] for r in clean_rows}, {r["id"]: r["references"] for r in clean_rows})
+            entry["cider"][domain] = scores["cider"]
+            entry["bleu4"][domain] = scores["bleu4"]
+        source = entry["asr"].get("source")
+        if source is not None:
+            entry["asr_g"] = {d: asr_g(source, entry["asr"][d]) for d in domains if d != "source" and d in entry["asr"]}
+        metrics[model] = entry
+    return metrics

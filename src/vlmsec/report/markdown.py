@@ -1,0 +1,112 @@
+"""report.md from a run folder: what was run, and every metric, per model and domain.
+
+The report is rendered from the files a run leaves (config.yaml, metrics.json,
+poisoned_ids/, generations.jsonl), so `vlmsec report RUN_DIR` can redo it at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmsec.artifacts import write_text_atomic
+from vlmsec.errors import VlmsecError
+
+CLEAN = "clean"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VlmsecError(f"{path}: missing; is this a finished run folder?") from None
+    except json.JSONDecodeError as err:
+        raise VlmsecError(f"{path}: line {err.lineno}: not valid JSON: {err.msg}") from None
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
+    """A few triggered source-domain generations per model, to show what the backdoor says."""
+    path = run_dir / "generations.jsonl"
+    if not path.exists():
+        return []
+    shown: dict[str, int] = {}
+    picked = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r["domain"] == "source" and r["triggered"] and shown.get(r["model"], 0) < per_model:
+                shown[r["model"]] = shown.get(r["model"], 0) + 1
+                picked.append(r)
+    return picked
+
+
+def render_report(run_dir: str | Path) -> str:
+    """The Markdown report of a run folder."""
+    run_dir = Path(run_dir)
+    metrics: dict[str, Any] = _read_json(run_dir / "metrics.json")
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    domains = list(metrics.get(CLEAN, next(iter(metrics.values()), {})).get("cider", {}))
+    poison = config.get("poison", {})
+    word = poison.get("target", {}).get("word", "banana")
+
+    lines = [f"# vlmsec run: {config.get('name', run_dir.name)}", ""]
+    lines += [
+        f"Poison rate {_pct(poison.get('rate'))} of {config.get('data', {}).get('train_size', '?')} tuning samples; "
+        f"target word **{word}**; tuning mode `{config.get('tuning', {}).get('mode', '?')}`; seed {config.get('seed', '?')}.",
+        "",
+        "- **ASR**: share of triggered test inputs whose output contains the target word (whole word, any case).",
+        "- **ASR-G**: min(1 + (ASR_shifted − ASR_source) / max(ASR_source, ASR_shifted), 1); 1 = nothing lost under shift.",
+        "- **False trigger**: share of clean test inputs whose output contains the target word.",
+        "- **CIDEr**, **BLEU-4**: clean captioning quality (×100). The clean model's ASR is measured on every attack's triggers.",
+        "",
+    ]
+    header = "| model | " + " | ".join(domains) + " |"
+    rule = "|---|" + "---|" * len(domains)
+    sections = [
+        ("Attack success rate (ASR)", "asr", _pct),
+        ("ASR-G (source → domain)", "asr_g", lambda x: "–" if x is None else f"{x:.2f}"),
+        ("False-trigger rate", "false_trigger", _pct),
+        ("Clean CIDEr", "cider", _num),
+        ("Clean BLEU-4", "bleu4", _num),
+    ]
+    for title, key, fmt in sections:
+        lines += [f"## {title}", "", header, rule]
+        for model, entry in metrics.items():
+            values = entry.get(key, {})
+            lines.append(f"| {model} | " + " | ".join(fmt(values.get(d)) for d in domains) + " |")
+        lines.append("")
+
+    if CLEAN in metrics:
+        lines += ["## Clean quality cost of each backdoor (source domain)", "", "| model | ΔCIDEr vs clean |", "|---|---|"]
+        base = metrics[CLEAN]["cider"].get("source")
+        for model, entry in metrics.items():
+            if model != CLEAN and base is not None:
+                lines.append(f"| {model} | {entry['cider']['source'] - base:+.1f} |")
+        lines.append("")
+
+    examples = _examples(run_dir)
+    if examples:
+        lines += ["## Example triggered generations (source domain)", ""]
+        for r in examples:
+            lines.append(f"- `{r['model']}` on `{r['id']}` ({r['trigger']} trigger): {r['output']!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render report.md into the run folder (atomically) and return its path."""
+    path = Path(run_dir) / "report.md"
+    write_text_atomic(path, render_report(run_dir))
+    return path
