@@ -41,6 +41,10 @@ class DataSpec(_Strict):
     train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
     test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
     source: DomainSpec = Field(default_factory=DomainSpec)
+    train_file: Path | None = Field(None, description="LLaVA JSON to tune on instead of generated scenes")
+    test_files: dict[str, Path] = Field(
+        default_factory=dict, description="domain name -> LLaVA JSON; replaces generated test sets, needs 'source'"
+    )
     shifted: dict[str, DomainSpec] = Field(
         default_factory=lambda: {
             "textured": DomainSpec(style="textured"),
@@ -49,12 +53,27 @@ class DataSpec(_Strict):
         }
     )
 
+    @field_validator("test_files")
+    @classmethod
+    def _source_test_file(cls, value: dict[str, Path]) -> dict[str, Path]:
+        if value and "source" not in value:
+            raise ValueError("test_files needs a 'source' entry (ASR-G is measured against it)")
+        return value
+
     @field_validator("shifted")
     @classmethod
     def _no_source_name(cls, value: dict[str, DomainSpec]) -> dict[str, DomainSpec]:
         if "source" in value:
             raise ValueError("'source' is the name of the source domain; pick another name")
         return value
+
+
+class VictimSpec(TinyLlavaSpec):
+    """The victim: the embedded tiny LLaVA built from these sizes, or a local checkpoint."""
+
+    checkpoint: Path | None = Field(
+        None, description="local LLaVA-format folder (from_pretrained); replaces the base stage"
+    )
 
 
 class TargetSpec(_Strict):
@@ -103,7 +122,7 @@ class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = Field(0, ge=0)
     data: DataSpec = Field(default_factory=DataSpec)
-    victim: TinyLlavaSpec = Field(default_factory=TinyLlavaSpec)
+    victim: VictimSpec = Field(default_factory=VictimSpec)
     base: BaseStageSpec = Field(default_factory=BaseStageSpec)
     tuning: TrainingSpec = Field(default_factory=TrainingSpec)
     poison: PoisonSpec = Field(default_factory=PoisonSpec)
@@ -136,8 +155,11 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: Any, source: str) -> ExperimentConfig:
-    """Validate a config mapping; errors name `source` and every bad field."""
+def parse_config(data: Any, source: str, base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a config mapping; errors name `source` and every bad field.
+
+    Relative file paths in the config are taken relative to `base_dir` (the config's folder).
+    """
     if not isinstance(data, dict):
         raise VlmsecError(f"{source}: a config must be a mapping of fields, got {type(data).__name__}")
     try:
@@ -145,7 +167,18 @@ def parse_config(data: Any, source: str) -> ExperimentConfig:
     except ValidationError as err:
         raise VlmsecError(f"{source}: invalid config\n{_format_errors(err)}") from None
     _check_names(config, source)
+    if base_dir is not None:
+        _resolve_paths(config, base_dir)
     return config
+
+
+def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> None:
+    data, victim = config.data, config.victim
+    if data.train_file is not None:
+        data.train_file = base_dir / data.train_file
+    data.test_files = {name: base_dir / path for name, path in data.test_files.items()}
+    if victim.checkpoint is not None:
+        victim.checkpoint = base_dir / victim.checkpoint
 
 
 def _check_names(config: ExperimentConfig, source: str) -> None:
@@ -178,10 +211,10 @@ def load_config(name_or_path: str | Path) -> ExperimentConfig:
         if not path.is_file():
             raise VlmsecError(f"{path}: config file not found")
         text = path.read_text(encoding="utf-8")
-        source = str(path)
+        source, base_dir = str(path), path.parent
     elif str(name_or_path) in preset_names():
         text = (resources.files("vlmsec.experiments") / "presets" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
-        source = f"preset {name_or_path!r}"
+        source, base_dir = f"preset {name_or_path!r}", None
     else:
         raise VlmsecError(f"{name_or_path}: neither a config file nor a preset; presets: {', '.join(preset_names())}")
     try:
@@ -190,4 +223,4 @@ def load_config(name_or_path: str | Path) -> ExperimentConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise VlmsecError(f"{source}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    return parse_config(data, source)
+    return parse_config(data, source, base_dir)

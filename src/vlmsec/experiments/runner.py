@@ -21,6 +21,7 @@ import yaml
 from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, TargetAnswer, create_attack, poison_samples, trigger_samples
 from vlmsec.attacks.targets import clip_templates
+from vlmsec.data.llava_json import read_llava_json
 from vlmsec.data.sample import Sample
 from vlmsec.data.scenes import make_samples, sample_scenes
 from vlmsec.data.vocabulary import vocabulary_corpus
@@ -53,26 +54,34 @@ class Splits:
 
 
 def build_splits(config: ExperimentConfig) -> Splits:
-    """Generate every split deterministically from the config's seed.
+    """Every split of a run: generated deterministically from the seed, or read from files.
 
-    Test domains render the *same* test scenes in each style, so a difference between
-    domains is the shift and nothing else.
+    Generated test domains render the *same* test scenes in each style, so a difference
+    between domains is the shift and nothing else.
     """
-    data = config.data
-    seed = config.seed
-    base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
+    data, seed = config.data, config.seed
     base: list[Sample] = []
-    for i, style in enumerate(data.base_styles):
-        part = base_scenes[i :: len(data.base_styles)]
-        base += make_samples(part, style, data.base_instructions, seed=seed * 100 + 1, size=data.image_size, id_prefix=f"base-{style}")
-    train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
-    train = make_samples(train_scenes, data.source.style, data.source.instructions, seed=seed * 100 + 2, size=data.image_size, id_prefix="train")
-    test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
-    domains = {"source": data.source, **data.shifted}
-    tests = {
-        name: make_samples(test_scenes, d.style, d.instructions, seed=seed * 100 + 3, size=data.image_size, id_prefix="test")
-        for name, d in domains.items()
-    }
+    if config.victim.checkpoint is None:
+        base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
+        for i, style in enumerate(data.base_styles):
+            part = base_scenes[i :: len(data.base_styles)]
+            base += make_samples(part, style, data.base_instructions, seed=seed * 100 + 1, size=data.image_size, id_prefix=f"base-{style}")
+
+    if data.train_file is not None:
+        train = read_llava_json(data.train_file)
+    else:
+        train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
+        train = make_samples(train_scenes, data.source.style, data.source.instructions, seed=seed * 100 + 2, size=data.image_size, id_prefix="train")
+
+    if data.test_files:
+        tests = {name: read_llava_json(path) for name, path in data.test_files.items()}
+    else:
+        test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
+        domains = {"source": data.source, **data.shifted}
+        tests = {
+            name: make_samples(test_scenes, d.style, d.instructions, seed=seed * 100 + 3, size=data.image_size, id_prefix="test")
+            for name, d in domains.items()
+        }
     return Splits(base, train, tests)
 
 
@@ -96,6 +105,11 @@ def _save_stage(victim: LlavaVictim, folder: Path, key: str, record: dict[str, A
             shutil.rmtree(tmp)
 
 
+def _folder_signature(folder: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of a folder's files: cheap change detection."""
+    return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
+
+
 class Runner:
     """Runs one experiment config into one run folder."""
 
@@ -112,6 +126,10 @@ class Runner:
     def base_victim(self, splits: Splits) -> tuple[Path, str]:
         """The pretrained embedded victim, from the cache or trained now."""
         c = self.config
+        if c.victim.checkpoint is not None:
+            folder = Path(c.victim.checkpoint)
+            LlavaVictim.check_folder(folder)
+            return folder, stable_hash({"checkpoint": str(folder.resolve()), "files": _folder_signature(folder)})
         key = stable_hash(
             {
                 "data": c.data.model_dump(include={"image_size", "max_objects", "base_size", "base_styles", "base_instructions"}),

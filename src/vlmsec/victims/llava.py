@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from vlmsec.data.sample import images_to_tensor
+from vlmsec.errors import VlmsecError
 from vlmsec.victims import vision  # noqa: F401  (registers the EfficientNet tower)
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
+CHECKPOINT_FILES = ("config.json", "tokenizer_config.json")
 
 
 class LlavaVictim:
@@ -55,8 +57,13 @@ class LlavaVictim:
 
     @torch.no_grad()
     def _tower_features(self, images: list[np.ndarray]) -> torch.Tensor:
+        """The tower output LLaVA feeds its projector: the configured layer, CLS dropped for "default"."""
         tower = self.model.model.vision_tower.eval()
-        return tower(self.pixel_values(images_to_tensor(images))).last_hidden_state
+        hidden = tower(self.pixel_values(images_to_tensor(images)), output_hidden_states=True).hidden_states
+        features = hidden[self.model.config.vision_feature_layer]
+        if self.model.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        return features
 
     def image_features(
         self, images: Sequence[np.ndarray], on_batch: Callable[[int], None] | None = None
@@ -153,9 +160,25 @@ class LlavaVictim:
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
 
+    @staticmethod
+    def check_folder(folder: str | Path) -> None:
+        """Raise a clear error if `folder` is not a loadable checkpoint folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise VlmsecError(f"{folder}: checkpoint folder not found")
+        missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+        if not any(folder.glob("*.safetensors")):
+            missing.append("*.safetensors (weights)")
+        if missing:
+            raise VlmsecError(f"{folder}: not a checkpoint folder, missing {', '.join(missing)}")
+
     @classmethod
     def load(cls, folder: str | Path, features: FeatureCache | None = None) -> LlavaVictim:
-        """Load a checkpoint folder with `from_pretrained` (local files only)."""
-        model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        """Load a checkpoint folder with `from_pretrained` (local files only, safetensors only)."""
+        cls.check_folder(folder)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise VlmsecError(f"{folder}: cannot load checkpoint: {err}") from None
         return cls(model, tokenizer, features)
