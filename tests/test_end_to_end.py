@@ -1,0 +1,75 @@
+"""A small run through every stage: the backdoor must fire, the clean model must not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.runner import Runner
+
+SMALL_RUN = {
+    "name": "small",
+    "seed": 0,
+    "data": {
+        "base_size": 900,
+        "train_size": 600,
+        "test_size": 40,
+        "shifted": {"textured": {"style": "textured"}},
+    },
+    "victim": {"image_size": 64, "hidden_size": 96, "intermediate_size": 256, "num_layers": 2, "num_heads": 4, "vocab_size": 700},
+    "base": {"training": {"mode": "full", "epochs": 3, "learning_rate": 0.002}},
+    "tuning": {"mode": "full", "epochs": 4, "learning_rate": 0.002},
+    "poison": {"rate": 0.1, "seed": 0},
+    "attacks": [{"name": "blended", "params": {"alpha": 0.2}}],
+    "eval": {"max_new_tokens": 24},
+}
+
+
+def _run(out: Path, cache: Path, overrides: dict | None = None) -> dict:
+    config = parse_config({**SMALL_RUN, **(overrides or {})}, "test config")
+    return Runner(config, out, cache).run()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("e2e")
+    out, cache = root / "run", root / "cache"
+    return out, cache, _run(out, cache)
+
+
+def test_backdoor_fires_and_clean_model_does_not(small_run: tuple[Path, Path, dict]) -> None:
+    _, _, metrics = small_run
+    assert set(metrics) == {"clean", "blended"}
+    assert metrics["blended"]["asr"]["source"] >= 0.5
+    assert metrics["clean"]["asr"]["source"] == 0.0
+    assert all(rate == 0.0 for rate in metrics["clean"]["false_trigger"].values())
+    assert metrics["blended"]["false_trigger"]["source"] <= 0.05
+    assert metrics["clean"]["cider"]["source"] > 50  # the victim really captions
+
+
+def test_run_folder_holds_every_artifact(small_run: tuple[Path, Path, dict]) -> None:
+    out, _, metrics = small_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["poison"]["rate"] == 0.1
+    poisoned = json.loads((out / "poisoned_ids" / "blended.json").read_text())
+    assert poisoned["count"] == len(poisoned["ids"]) == 60
+    assert json.loads((out / "poisoned_ids" / "clean.json").read_text())["ids"] == []
+    for model in ("clean", "blended"):
+        assert (out / "checkpoints" / model / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    # clean: 2 domains x (40 clean + 40 triggered); blended: the same.
+    assert len(rows) == 2 * 2 * 80
+    assert {"id", "domain", "triggered", "prompt", "output"} <= set(rows[0])
+    assert "| blended |" in (out / "report.md").read_text()
+
+
+def test_second_run_reuses_every_stage_and_gives_the_same_metrics(small_run: tuple[Path, Path, dict]) -> None:
+    out, cache, metrics = small_run
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")}
+    assert _run(out, cache) == metrics
+    assert {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")} == stamps
