@@ -55,6 +55,14 @@ class Attack:
         """Apply the text trigger to each instruction; identity by default."""
         return list(instructions)
 
+    def partial_triggers(self) -> list[Attack]:
+        """Attacks that apply only part of a multi-key trigger; none by default.
+
+        The poisoning recipe pairs each with clean answers, so the victim learns that a
+        partial trigger must not fire the backdoor (the Dual-Key recipe).
+        """
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Metadata and parameters, JSON-ready (for `vlmsec attacks --json` and run records)."""
         return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,11 +18,16 @@ BATCH_SIZE = 256
 
 @dataclass
 class PoisonedSet:
-    """A training set after poisoning: same order and ids as the input, plus which were poisoned."""
+    """A training set after poisoning: same order and ids as the input, plus which were changed.
+
+    `negative_ids` carry a partial trigger with their clean answer (see
+    `Attack.partial_triggers`): they are not poisoned and do not count in `rate`.
+    """
 
     samples: list[Sample]
     poisoned_ids: list[str]
     rate: float
+    negative_ids: list[str] = field(default_factory=list)
 
 
 def poison_samples(
@@ -33,6 +38,12 @@ def poison_samples(
     Chosen samples get the attack's image and text triggers and a target answer (which is
     also their only reference); the rest are returned as they are. Nothing is duplicated or
     oversampled: the poison rate is the attacker's constraint.
+
+    An attack with partial triggers (Dual-Key: the image key alone, the text key alone)
+    also gets, per partial trigger, another disjoint set of `round(rate * len(samples))`
+    samples that carry only that partial trigger and keep their clean answers. These
+    negatives are the Dual-Key paper's recipe for "one key alone -> clean answer"; they
+    are not counted in the poison rate because their answers are clean.
     """
     if not 0 <= rate <= 1:
         raise VlmsecError(f"poison rate must be in [0, 1], got {rate}")
@@ -44,6 +55,12 @@ def poison_samples(
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise VlmsecError("sample ids must be unique to record which samples are poisoned")
+    partials = attack.partial_triggers()
+    if count * (1 + len(partials)) > len(samples):
+        raise VlmsecError(
+            f"poison rate {rate} is too high for {attack.name!r}: {count} poisoned samples and "
+            f"{len(partials)} x {count} partial-trigger negatives do not fit in {len(samples)} samples"
+        )
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(samples), size=count, replace=False).tolist())
     triggered = trigger_samples([samples[i] for i in chosen], attack)
@@ -51,7 +68,19 @@ def poison_samples(
     for index, sample in zip(chosen, triggered, strict=True):
         answer = target.sample(rng)
         out[index] = sample.with_changes(answer=answer, references=(answer,))
-    return PoisonedSet(samples=out, poisoned_ids=sorted(ids[i] for i in chosen), rate=rate)
+    # Drawn after the poisoned slice and its answers, so those do not depend on the attack.
+    rest = np.setdiff1d(np.arange(len(samples)), chosen)
+    negatives = rng.choice(rest, size=count * len(partials), replace=False).tolist()
+    for k, partial in enumerate(partials):
+        group = negatives[k * count : (k + 1) * count]
+        for index, sample in zip(group, trigger_samples([samples[i] for i in group], partial), strict=True):
+            out[index] = sample
+    return PoisonedSet(
+        samples=out,
+        poisoned_ids=sorted(ids[i] for i in chosen),
+        rate=rate,
+        negative_ids=sorted(ids[i] for i in negatives),
+    )
 
 
 def trigger_samples(samples: Sequence[Sample], attack: Attack) -> list[Sample]:
