@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vlmsec.errors import VlmsecError
@@ -21,7 +22,8 @@ app = typer.Typer(
 
 
 def _fail(err: VlmsecError) -> None:
-    console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False)
+    # Escaped (paths may hold "[...]") and soft-wrapped: no line breaks inside a path when piped.
+    console.print(f"[bold red]error:[/] {escape(str(err))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(err.exit_code)
 
 
@@ -84,6 +86,31 @@ def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON l
     for d in described:
         table.add_row(d["name"], d["modality"], d["family"], d["knowledge"], d["stage"], json.dumps(d["params"]))
     console.print(table)
+
+
+@app.command()
+def trigger(
+    attack: Annotated[str, typer.Option("--attack", help="Registered attack name (see `vlmsec attacks`).")],
+    image: Annotated[Path, typer.Option("--image", help="Input image (read as RGB).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the triggered image (same size as the input).")],
+    text: Annotated[Optional[str], typer.Option("--text", help="An instruction to trigger too; printed.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The attack's trigger seed.")] = 0,
+) -> None:
+    """Apply one attack's trigger to one image (and instruction), for inspection."""
+    from vlmsec.attacks import create_attack
+    from vlmsec.data.images import load_image, save_image
+    from vlmsec.data.sample import images_to_tensor, tensor_to_images
+
+    try:
+        chosen = create_attack(attack, seed=seed)
+        pixels = load_image(image)
+        triggered = tensor_to_images(chosen.trigger_images(images_to_tensor([pixels])))[0]
+        save_image(triggered, out)
+    except VlmsecError as err:
+        _fail(err)
+    console.print(f"wrote {out} ({pixels.shape[1]}x{pixels.shape[0]})")
+    if text is not None:
+        typer.echo(chosen.trigger_instructions([text])[0])
 
 
 @app.command()

@@ -20,7 +20,7 @@ class TinyLlavaSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_size: int = Field(128, ge=32, le=512, description="tower input side; tokens = (side/32)^2")
+    image_size: int = Field(96, ge=32, le=512, description="tower input side; tokens = (side/32)^2")
     hidden_size: int = Field(192, ge=16)
     intermediate_size: int = Field(512, ge=16)
     num_layers: int = Field(3, ge=1)
