@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
+from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, TargetAnswer, create_attack, poison_samples, trigger_samples
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.llava_json import read_llava_json
@@ -60,28 +61,28 @@ def build_splits(config: ExperimentConfig) -> Splits:
     between domains is the shift and nothing else.
     """
     data, seed = config.data, config.seed
-    base: list[Sample] = []
-    if config.victim.checkpoint is None:
-        base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
-        for i, style in enumerate(data.base_styles):
-            part = base_scenes[i :: len(data.base_styles)]
-            base += make_samples(part, style, data.base_instructions, seed=seed * 100 + 1, size=data.image_size, id_prefix=f"base-{style}")
+    # The user's files first: a bad file fails the run before anything is generated.
+    train = read_llava_json(data.train_file) if data.train_file is not None else None
+    tests = {name: read_llava_json(path) for name, path in data.test_files.items()} if data.test_files else None
 
-    if data.train_file is not None:
-        train = read_llava_json(data.train_file)
-    else:
+    if train is None:
         train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
         train = make_samples(train_scenes, data.source.style, data.source.instructions, seed=seed * 100 + 2, size=data.image_size, id_prefix="train")
 
-    if data.test_files:
-        tests = {name: read_llava_json(path) for name, path in data.test_files.items()}
-    else:
+    if tests is None:
         test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
         domains = {"source": data.source, **data.shifted}
         tests = {
             name: make_samples(test_scenes, d.style, d.instructions, seed=seed * 100 + 3, size=data.image_size, id_prefix="test")
             for name, d in domains.items()
         }
+
+    base: list[Sample] = []
+    if config.victim.checkpoint is None:
+        base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
+        for i, style in enumerate(data.base_styles):
+            part = base_scenes[i :: len(data.base_styles)]
+            base += make_samples(part, style, data.base_instructions, seed=seed * 100 + 1, size=data.image_size, id_prefix=f"base-{style}")
     return Splits(base, train, tests)
 
 
@@ -157,10 +158,13 @@ class Runner:
         rate = c.poison.rate if attack is not None else 0.0
         if attack is not None:
             poisoned = poison_samples(splits.train, attack, self.target, rate, seed=c.poison.seed)
-            samples, ids = poisoned.samples, poisoned.poisoned_ids
+            samples, ids, negatives = poisoned.samples, poisoned.poisoned_ids, poisoned.negative_ids
         else:
-            samples, ids = splits.train, []
-        write_json_atomic(self.out / "poisoned_ids" / f"{name}.json", {"model": name, "rate": rate, "count": len(ids), "ids": ids})
+            samples, ids, negatives = splits.train, [], []
+        write_json_atomic(
+            self.out / "poisoned_ids" / f"{name}.json",
+            {"model": name, "rate": rate, "count": len(ids), "ids": ids, "negative_ids": negatives},
+        )
         key = stable_hash(
             {
                 "base": base[1],
@@ -208,9 +212,20 @@ class Runner:
 
     # ---- the whole run ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run every stage; returns the metrics also written to metrics.json."""
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        """Run every stage; returns the metrics also written to metrics.json.
+
+        Stage wall times go to timings.json, so a user sees where the minutes went.
+        """
         c = self.config
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = round(timings.get(stage, 0.0) + now - clock, 2)
+            clock = now
+
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
         splits = build_splits(c)
@@ -218,25 +233,29 @@ class Runner:
         triggered = {
             (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
         }
+        lap("data")
         base = self.base_victim(splits)
+        lap("base")
 
         records: list[dict[str, Any]] = []
         for name, attack in [(CLEAN, None), *attacks.items()]:
             victim = self.tuned_victim(name, attack, splits, base)
+            lap(f"tune {name}")
             for domain, samples in splits.tests.items():
                 records += self.generate(victim, name, samples, domain, None)
                 trigger_keys = list(attacks) if attack is None else [name]
                 for key in trigger_keys:
                     records += self.generate(victim, name, triggered[key, domain], domain, key)
             self.features.save(self.features_path)
+            lap(f"generate {name}")
 
-        with open(self.out / "generations.jsonl.tmp", "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r) + "\n")
-        os.replace(self.out / "generations.jsonl.tmp", self.out / "generations.jsonl")
+        with atomic_path(self.out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
         metrics = score_generations(records, list(splits.tests), c.poison.target.word)
         write_json_atomic(self.out / "metrics.json", metrics)
         write_report(self.out)
+        lap("score and report")
+        write_json_atomic(self.out / "timings.json", timings)
         return metrics
 
 
