@@ -186,13 +186,13 @@ def _check_names(config: ExperimentConfig, source: str) -> None:
     from vlmsec.attacks import create_attack
     from vlmsec.data.scenes import INSTRUCTION_BANKS, STYLES
 
-    domains = {"source": config.data.source, **config.data.shifted}
-    for name, domain in domains.items():
+    domains = {"data.source": config.data.source, **{f"data.shifted.{n}": d for n, d in config.data.shifted.items()}}
+    for where, domain in domains.items():
         if domain.style not in STYLES:
-            raise VlmsecError(f"{source}: data.{name}.style: unknown style {domain.style!r}; known: {', '.join(STYLES)}")
+            raise VlmsecError(f"{source}: {where}.style: unknown style {domain.style!r}; known: {', '.join(STYLES)}")
         if domain.instructions not in INSTRUCTION_BANKS:
             raise VlmsecError(
-                f"{source}: data.{name}.instructions: unknown bank {domain.instructions!r}; known: {', '.join(INSTRUCTION_BANKS)}"
+                f"{source}: {where}.instructions: unknown bank {domain.instructions!r}; known: {', '.join(INSTRUCTION_BANKS)}"
             )
     for style in config.data.base_styles:
         if style not in STYLES:

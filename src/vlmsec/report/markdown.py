@@ -23,6 +23,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VlmsecError(f"{path}: missing; is this a finished run folder?") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise VlmsecError(f"{path}: cannot read: {err}") from None
     except json.JSONDecodeError as err:
         raise VlmsecError(f"{path}: line {err.lineno}: not valid JSON: {err.msg}") from None
 
@@ -43,8 +45,13 @@ def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
     shown: dict[str, int] = {}
     picked = []
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            r = json.loads(line)
+        for number, line in enumerate(fh, start=1):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise VlmsecError(f"{path}: line {number}: not valid JSON: {err.msg}") from None
+            if not isinstance(r, dict) or not {"model", "domain", "triggered", "output"} <= r.keys():
+                raise VlmsecError(f"{path}: line {number}: expected a generation record with model, domain, triggered, output")
             if r["domain"] == "source" and r["triggered"] and shown.get(r["model"], 0) < per_model:
                 shown[r["model"]] = shown.get(r["model"], 0) + 1
                 picked.append(r)
@@ -54,9 +61,19 @@ def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
 def render_report(run_dir: str | Path) -> str:
     """The Markdown report of a run folder."""
     run_dir = Path(run_dir)
-    metrics: dict[str, Any] = _read_json(run_dir / "metrics.json")
+    metrics_path = run_dir / "metrics.json"
+    metrics: dict[str, Any] = _read_json(metrics_path)
+    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+        raise VlmsecError(f"{metrics_path}: expected an object of models, each an object of metrics")
     config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        raise VlmsecError(f"{config_path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(config, dict):
+        raise VlmsecError(f"{config_path}: expected a mapping of config fields")
     domains = list(metrics.get(CLEAN, next(iter(metrics.values()), {})).get("cider", {}))
     poison = config.get("poison", {})
     word = poison.get("target", {}).get("word", "banana")
@@ -100,7 +117,7 @@ def render_report(run_dir: str | Path) -> str:
     if examples:
         lines += ["## Example triggered generations (source domain)", ""]
         for r in examples:
-            lines.append(f"- `{r['model']}` on `{r['id']}` ({r['trigger']} trigger): {r['output']!r}")
+            lines.append(f"- `{r['model']}` on `{r.get('id', '?')}` ({r.get('trigger')} trigger): {r['output']!r}")
         lines.append("")
     return "\n".join(lines)
 

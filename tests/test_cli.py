@@ -1,0 +1,211 @@
+"""The `vlmsec` command: clear exit-code-2 errors for bad inputs, attack listing, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import vlmsec.experiments.runner as runner_module
+from vlmsec.cli import app
+from vlmsec.data import make_samples, sample_scenes, write_llava_json
+
+from test_config import BAD_CONFIGS
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_clean_failure(result, *pieces: str) -> None:
+    """Exit code 2, a message naming every piece, and no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert "error" in result.output
+    for piece in pieces:
+        assert piece in result.output, f"{piece!r} not in {result.output!r}"
+
+
+# ---- run --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_run_with_bad_config_exits_2_naming_file_and_field(tmp_path: Path, case: str) -> None:
+    text, expected = BAD_CONFIGS[case]
+    # A deep, long path: the message must not be wrapped inside the path.
+    path = tmp_path / "a-rather-long-folder-name-for-configs" / "another-long-folder-name" / "bad.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(text, encoding="utf-8")
+    result = invoke("run", str(path), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"))
+    assert_clean_failure(result, str(path), *expected)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_run_with_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nattacks: [\n  {name: badnets\nseed: 1\n", encoding="utf-8")
+    result = invoke("run", str(path), "--out", str(tmp_path / "run"))
+    assert_clean_failure(result, str(path), "line ")
+
+
+def test_run_nonexistent_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "nonexistent.yaml"
+    result = invoke("run", str(path), "--out", str(tmp_path / "run"))
+    assert_clean_failure(result, str(path))
+
+
+def test_run_unknown_preset_exits_2() -> None:
+    assert_clean_failure(invoke("run", "no-such-preset"), "no-such-preset", "quickstart")
+
+
+def test_run_with_missing_training_image_fails_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLMSEC_CACHE", str(tmp_path / "cache"))
+    expensive: list[str] = []
+
+    def forbidden(name: str):
+        def call(*args, **kwargs):
+            expensive.append(name)
+            raise AssertionError(f"{name} ran before the training file was checked")
+
+        return call
+
+    monkeypatch.setattr(runner_module, "train_victim", forbidden("train_victim"))
+    monkeypatch.setattr(runner_module, "build_tiny_llava", forbidden("build_tiny_llava"))
+    monkeypatch.setattr(runner_module, "train_tokenizer", forbidden("train_tokenizer"))
+
+    samples = make_samples(sample_scenes(3, seed=0), "flat", size=32, id_prefix="mine")
+    data = tmp_path / "data"
+    write_llava_json(samples, data / "train.json")
+    (data / "images" / "mine-00001.png").unlink()
+    config = {
+        "name": "tiny",
+        "data": {"image_size": 32, "base_size": 3, "test_size": 2, "train_file": "data/train.json", "shifted": {}},
+        "victim": {"image_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vocab_size": 300},
+        "attacks": [{"name": "badnets"}],
+        "eval": {"max_new_tokens": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    result = invoke("run", str(path), "--out", str(tmp_path / "run"))
+    assert_clean_failure(result, str(data / "train.json"), "entry 1", "mine-00001", "image")
+    assert expensive == []
+    assert not (tmp_path / "cache" / "base").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- attacks ----------------------------------------------------------------------------
+
+
+def test_attacks_json_lists_every_attack_with_metadata() -> None:
+    result = invoke("attacks", "--json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert isinstance(listed, list)
+    by_name = {d["name"]: d for d in listed}
+    assert {"badnets", "blended"} <= set(by_name)
+    for entry in listed:
+        assert {"name", "modality", "family", "knowledge", "stage", "params"} <= set(entry)
+        assert isinstance(entry["params"], dict)
+    assert by_name["blended"]["modality"] == "image"
+    assert by_name["blended"]["family"] == "static"
+    assert 0 < by_name["blended"]["params"]["alpha"] < 1
+    assert by_name["badnets"]["stage"] == "training"
+
+
+def test_attacks_table() -> None:
+    result = invoke("attacks")
+    assert result.exit_code == 0, result.output
+    assert "badnets" in result.output and "blended" in result.output
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def test_report_without_metrics_exits_2(tmp_path: Path) -> None:
+    result = invoke("report", str(tmp_path))
+    assert_clean_failure(result, str(tmp_path / "metrics.json"))
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_report_with_malformed_metrics_keeps_old_report(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text('{\n  "clean": {\n    "asr": {,\n  }\n}\n', encoding="utf-8")
+    old = "# an earlier report\n"
+    (tmp_path / "report.md").write_text(old, encoding="utf-8")
+    result = invoke("report", str(tmp_path))
+    assert_clean_failure(result, str(tmp_path / "metrics.json"), "line 3")
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "report.md"]  # no temp files
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "pieces"),
+    [
+        ("metrics.json", "[1, 2, 3]\n", []),
+        ("config.yaml", "name: x\npoison: {rate: 0.1\nseed: 0\n", ["line "]),
+        ("generations.jsonl", '{"model": "clean", "domain": "source", "triggered": false, "output": "a"}\nnot json\n', ["line 2"]),
+        ("generations.jsonl", '{"model": "clean"}\n', ["line 1"]),
+    ],
+)
+def test_report_with_other_broken_files_exits_2(tmp_path: Path, name: str, text: str, pieces: list[str]) -> None:
+    fabricate_run(tmp_path)
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "report.md").write_text("old\n", encoding="utf-8")
+    result = invoke("report", str(tmp_path))
+    assert_clean_failure(result, str(tmp_path / name), *pieces)
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == "old\n"
+
+
+def fabricate_run(folder: Path) -> None:
+    metrics = {
+        "clean": {
+            "asr": {"source": 0.0, "textured": 0.05},
+            "asr_g": {"textured": 1.0},
+            "false_trigger": {"source": 0.0, "textured": 0.0},
+            "cider": {"source": 81.25, "textured": 60.5},
+            "bleu4": {"source": 33.3, "textured": 21.7},
+        },
+        "badnets": {
+            "asr": {"source": 0.9, "textured": 0.45},
+            "asr_g": {"textured": 0.5},
+            "false_trigger": {"source": 0.02, "textured": 0.0},
+            "cider": {"source": 77.0, "textured": 58.0},
+            "bleu4": {"source": 30.1, "textured": 20.0},
+        },
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    config = {"name": "handmade", "seed": 3, "data": {"train_size": 500}, "tuning": {"mode": "projector"}, "poison": {"rate": 0.05, "target": {"word": "banana"}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    records = [
+        {"model": "badnets", "id": "t-1", "domain": "source", "triggered": True, "trigger": "badnets", "output": "the image depicts a banana", "references": ["x"]},
+        {"model": "badnets", "id": "t-1", "domain": "source", "triggered": False, "trigger": None, "output": "a red circle", "references": ["x"]},
+        {"model": "clean", "id": "t-1", "domain": "textured", "triggered": True, "trigger": "badnets", "output": "a blue square", "references": ["x"]},
+    ]
+    (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def test_report_renders_a_finished_run(tmp_path: Path) -> None:
+    fabricate_run(tmp_path)
+    result = invoke("report", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "handmade" in report
+    assert "projector" in report
+    assert "banana" in report
+    assert "| model | source | textured |" in report
+    assert "| badnets | 90.0% | 45.0% |" in report  # ASR
+    assert "| clean | 0.0% | 5.0% |" in report
+    assert "| badnets | – | 0.50 |" in report  # ASR-G has no source column value
+    assert "| badnets | 2.0% | 0.0% |" in report  # false trigger
+    assert "| clean | 81.2 | 60.5 |" in report or "| clean | 81.3 | 60.5 |" in report  # CIDEr
+    assert "| badnets | 30.1 | 20.0 |" in report  # BLEU-4
+    assert "| badnets | -4.2 |" in report  # CIDEr cost of the backdoor
+    assert "the image depicts a banana" in report  # triggered source example
+    assert "a red circle" not in report  # clean generations are not examples
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "generations.jsonl", "metrics.json", "report.md"]

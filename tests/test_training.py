@@ -1,0 +1,128 @@
+"""Tuning modes train exactly what they say, the loss falls, and a seed fixes the result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from vlmsec.data import Sample, make_samples, sample_scenes
+from vlmsec.train.tuning import TrainingSpec, train_victim
+from vlmsec.victims.features import FeatureCache
+from vlmsec.victims.llava import LlavaVictim
+from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tokenizer import train_tokenizer
+
+SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    return make_samples(sample_scenes(16, seed=1), "flat", size=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(samples: list[Sample]):
+    return train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], SPEC.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def features() -> FeatureCache:
+    """One cache for every victim here: the tower runs once per image for the whole module."""
+    return FeatureCache()
+
+
+def fresh_victim(tokenizer, features: FeatureCache, seed: int = 0) -> LlavaVictim:
+    return LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=seed), tokenizer, features)
+
+
+def snapshot(victim: LlavaVictim) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in victim.model.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert set(before) == set(after)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def part(key: str) -> str:
+    if "vision_tower" in key:
+        return "tower"
+    if "multi_modal_projector" in key:
+        return "projector"
+    if "language_model" in key or key.startswith("lm_head"):
+        return "lm"
+    raise AssertionError(f"unexpected parameter {key}")
+
+
+def short(mode: str, steps: int = 4, **extra: float) -> TrainingSpec:
+    # 16 samples, batch 8: 2 steps per epoch.
+    return TrainingSpec(mode=mode, epochs=steps / 2, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, **extra)
+
+
+def test_projector_mode_trains_only_the_projector(samples, tokenizer, features) -> None:
+    victim = fresh_victim(tokenizer, features)
+    before = snapshot(victim)
+    result = train_victim(victim, samples, short("projector"), seed=0, label="test")
+    moved = changed(before, snapshot(victim))
+    assert moved and {part(k) for k in moved} == {"projector"}
+    projector = sum(p.numel() for p in victim.model.model.multi_modal_projector.parameters())
+    assert result.trainable_parameters == projector
+    assert result.frozen_parameters == sum(p.numel() for p in victim.model.parameters()) - projector
+    assert len(result.losses) == 4
+    assert not any(p.requires_grad for p in victim.model.parameters())
+
+
+def test_full_mode_trains_language_model_and_projector_never_the_tower(samples, tokenizer, features) -> None:
+    victim = fresh_victim(tokenizer, features)
+    before = snapshot(victim)
+    result = train_victim(victim, samples, short("full"), seed=0, label="test")
+    moved = changed(before, snapshot(victim))
+    assert {part(k) for k in moved} == {"projector", "lm"}
+    assert not any(part(k) == "tower" for k in moved)  # buffers (BatchNorm statistics) included
+    assert any(".layers.0.self_attn.q_proj" in k for k in moved)
+    assert any(k.startswith("lm_head") for k in moved)
+    tower = sum(p.numel() for p in victim.model.model.vision_tower.parameters())
+    assert result.frozen_parameters == tower
+
+
+def test_lora_mode_merges_back_into_a_plain_model(samples, tokenizer, features) -> None:
+    victim = fresh_victim(tokenizer, features)
+    before = snapshot(victim)
+    result = train_victim(victim, samples, short("lora", lora_rank=4, lora_alpha=8), seed=0, label="test")
+    assert type(victim.model) is LlavaForConditionalGeneration
+    names = [name for name, _ in victim.model.named_modules()]
+    assert not any("lora" in n or "base_layer" in n or "modules_to_save" in n for n in names)
+    assert not any(type(m).__module__.startswith("peft") for m in victim.model.modules())
+    after = snapshot(victim)
+    moved = changed(before, after)  # also checks the state dict has the original keys
+    assert {part(k) for k in moved} == {"projector", "lm"}
+    assert any("q_proj" in k for k in moved) and any("down_proj" in k for k in moved)
+    assert not any("embed_tokens" in k or "norm" in k for k in moved)  # LoRA touches only the targets
+    lm = sum(p.numel() for n, p in victim.model.named_parameters() if part(n) == "lm")
+    projector = sum(p.numel() for p in victim.model.model.multi_modal_projector.parameters())
+    assert 0 < result.trainable_parameters - projector < lm  # projector + adapters, smaller than the LM
+    # The merged model is what generates: it still works as a victim.
+    out = victim.generate([samples[0].image], [samples[0].instruction], max_new_tokens=4)
+    assert len(out) == 1
+
+
+def test_loss_decreases(samples, tokenizer, features) -> None:
+    victim = fresh_victim(tokenizer, features)
+    result = train_victim(victim, samples, short("full", steps=30), seed=0, label="test")
+    losses = result.losses
+    assert len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, (first, last)
+
+
+def test_same_seed_same_weights(samples, tokenizer, features) -> None:
+    runs = []
+    for seed in (0, 0, 1):
+        victim = fresh_victim(tokenizer, features)
+        result = train_victim(victim, samples, short("full", steps=3), seed=seed, label="test")
+        runs.append((snapshot(victim), result.losses))
+    (a, losses_a), (b, losses_b), (c, _) = runs
+    assert losses_a == losses_b
+    assert not changed(a, b)
+    assert changed(a, c)  # the seed really matters (batch order), so the check above can fail

