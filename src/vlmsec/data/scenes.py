@@ -407,11 +407,13 @@ def make_samples(
     seed: int = 0,
     size: int = 64,
     id_prefix: str = "scene",
+    on_sample: Callable[[], None] | None = None,
 ) -> list[Sample]:
     """One Sample per scene: the rendered image, an instruction from the bank, a caption as answer.
 
     Ids are f"{id_prefix}-{index:05d}", so the same scene list rendered in another style or
     with another bank gives samples with matching ids (and, for the same seed, the same answers).
+    `on_sample` is called after each sample (for progress bars).
     """
     _lookup("style", style, STYLES)
     instructions = _lookup("instruction bank", instruction_bank, INSTRUCTION_BANKS)
@@ -431,6 +433,8 @@ def make_samples(
                 references=tuple(variants),
             )
         )
+        if on_sample is not None:
+            on_sample()
     return samples
 
 

@@ -24,10 +24,10 @@ from vlmsec.attacks import Attack, TargetAnswer, create_attack, poison_samples, 
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.llava_json import read_llava_json
 from vlmsec.data.sample import Sample
-from vlmsec.data.scenes import make_samples, sample_scenes
+from vlmsec.data.scenes import Scene, make_samples, sample_scenes
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
-from vlmsec.experiments.config import ExperimentConfig
+from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import console, progress_bar
 from vlmsec.report.markdown import write_report
 from vlmsec.train.tuning import TrainingSpec, train_victim
@@ -63,26 +63,32 @@ def build_splits(config: ExperimentConfig) -> Splits:
     data, seed = config.data, config.seed
     # The user's files first: a bad file fails the run before anything is generated.
     train = read_llava_json(data.train_file) if data.train_file is not None else None
-    tests = {name: read_llava_json(path) for name, path in data.test_files.items()} if data.test_files else None
+    tests = {name: read_llava_json(path) for name, path in data.test_files.items()} or None
+    domains = {"source": data.source, **data.shifted}
+    to_render = (
+        (data.base_size if config.victim.checkpoint is None else 0)
+        + (data.train_size if train is None else 0)
+        + (data.test_size * len(domains) if tests is None else 0)
+    )
+    with progress_bar("data: rendering scenes", to_render) as bar:
 
-    if train is None:
-        train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
-        train = make_samples(train_scenes, data.source.style, data.source.instructions, seed=seed * 100 + 2, size=data.image_size, id_prefix="train")
+        def render(scenes: list[Scene], domain: DomainSpec, split_seed: int, prefix: str) -> list[Sample]:
+            return make_samples(
+                scenes, domain.style, domain.instructions, seed=split_seed, size=data.image_size, id_prefix=prefix, on_sample=bar.advance
+            )
 
-    if tests is None:
-        test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
-        domains = {"source": data.source, **data.shifted}
-        tests = {
-            name: make_samples(test_scenes, d.style, d.instructions, seed=seed * 100 + 3, size=data.image_size, id_prefix="test")
-            for name, d in domains.items()
-        }
-
-    base: list[Sample] = []
-    if config.victim.checkpoint is None:
-        base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
-        for i, style in enumerate(data.base_styles):
-            part = base_scenes[i :: len(data.base_styles)]
-            base += make_samples(part, style, data.base_instructions, seed=seed * 100 + 1, size=data.image_size, id_prefix=f"base-{style}")
+        base: list[Sample] = []
+        if config.victim.checkpoint is None:
+            base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
+            for i, style in enumerate(data.base_styles):
+                domain = DomainSpec(style=style, instructions=data.base_instructions)
+                base += render(base_scenes[i :: len(data.base_styles)], domain, seed * 100 + 1, f"base-{style}")
+        if train is None:
+            train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
+            train = render(train_scenes, data.source, seed * 100 + 2, "train")
+        if tests is None:
+            test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
+            tests = {name: render(test_scenes, domain, seed * 100 + 3, "test") for name, domain in domains.items()}
     return Splits(base, train, tests)
 
 
