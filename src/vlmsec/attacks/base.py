@@ -8,12 +8,20 @@ first and a text attack only the second.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vlmsec.errors import VlmsecError
+
+if TYPE_CHECKING:
+    from vlmsec.attacks.targets import TargetAnswer
+    from vlmsec.data.sample import Sample
+    from vlmsec.victims.llava import LlavaVictim
 
 Modality = Literal["image", "text", "multimodal"]
 Family = Literal["static", "content-aware", "model-adaptive"]
@@ -26,6 +34,21 @@ class AttackParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int = 0
+
+
+@dataclass
+class AttackContext:
+    """What an attack may learn its trigger from, before any poisoning.
+
+    `samples` is the clean tuning set the attacker draws from; `victim` is the model before
+    tuning (white-box access; None when the attack must do without); `cache_dir` is where
+    learned parts (generators, encoders, token strings, masks) are cached by the attack.
+    """
+
+    samples: Sequence[Sample]
+    target: TargetAnswer
+    cache_dir: Path
+    victim: LlavaVictim | None = None
 
 
 class Attack:
@@ -54,6 +77,14 @@ class Attack:
     def trigger_instructions(self, instructions: list[str]) -> list[str]:
         """Apply the text trigger to each instruction; identity by default."""
         return list(instructions)
+
+    def prepare(self, context: AttackContext) -> None:
+        """Learn what the trigger needs (e.g. a generator, an encoder, an optimised token
+        string, an attribution mask) from `context`; static attacks need nothing.
+
+        Must be deterministic under the attack's seed and cache what it learns under
+        `context.cache_dir`, keyed by everything that made it.
+        """
 
     def partial_triggers(self) -> list[Attack]:
         """Attacks that apply only part of a multi-key trigger; none by default.

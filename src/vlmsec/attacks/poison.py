@@ -13,7 +13,7 @@ from vlmsec.attacks.targets import TargetAnswer
 from vlmsec.data import Sample, images_to_tensor, tensor_to_images
 from vlmsec.errors import VlmsecError
 
-BATCH_SIZE = 256
+BATCH_SIZE = 32
 
 
 @dataclass

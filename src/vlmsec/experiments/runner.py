@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic, write_text_atomic
-from vlmsec.attacks import Attack, TargetAnswer, create_attack, poison_samples, trigger_samples
+from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples, trigger_samples
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.llava_json import read_llava_json
 from vlmsec.data.sample import Sample
@@ -158,6 +158,13 @@ class Runner:
         self.features.save(self.features_path)
         return folder, key
 
+    def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
+        """Let an attack learn its trigger; learned attacks get the untuned base victim."""
+        context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
+        if type(attack).prepare is not Attack.prepare:
+            context.victim = LlavaVictim.load(base[0], self.features)
+        attack.prepare(context)
+
     def tuned_victim(self, name: str, attack: Attack | None, splits: Splits, base: tuple[Path, str]) -> LlavaVictim:
         """Poison the tuning set (unless `attack` is None), tune the base victim on it."""
         c = self.config
@@ -236,12 +243,15 @@ class Runner:
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
         splits = build_splits(c)
         attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
-        triggered = {
-            (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
-        }
         lap("data")
         base = self.base_victim(splits)
         lap("base")
+        for attack in attacks.values():
+            self.prepare_attack(attack, splits, base)
+        triggered = {
+            (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
+        }
+        lap("attacks")
 
         records: list[dict[str, Any]] = []
         for name, attack in [(CLEAN, None), *attacks.items()]:
