@@ -143,3 +143,18 @@ def test_scores_are_in_range(records: list[dict]) -> None:
             assert all(0.0 <= v <= 1.0 for v in entry[key].values())
         assert all(v >= 0 for v in entry["cider"].values())
         assert all(0 <= v <= 100.0 + 1e-6 for v in entry["bleu4"].values())
+
+
+def test_partial_key_inputs_are_scored_apart_from_the_full_trigger() -> None:
+    rs = block("dualkey", "source", None, hits=0)
+    rs += block("dualkey", "source", "dualkey", hits=4)
+    image_only = block("dualkey", "source", "dualkey[badnets only]", hits=1)
+    text_only = block("dualkey", "source", "dualkey[textbadnets only]", hits=0)
+    for r in image_only + text_only:
+        r["partial"] = True
+    metrics = score_generations(rs + image_only + text_only, ["source"], "banana")
+    assert metrics["dualkey"]["asr"] == {"source": 1.0}
+    assert metrics["dualkey"]["asr_partial"] == {
+        "dualkey[badnets only]": {"source": 0.25},
+        "dualkey[textbadnets only]": {"source": 0.0},
+    }

@@ -198,8 +198,13 @@ class Runner:
         self.features.save(self.features_path)
         return victim
 
-    def generate(self, victim: LlavaVictim, model: str, samples: list[Sample], domain: str, trigger: str | None) -> list[dict[str, Any]]:
-        """Greedy generations for one test set, as records for generations.jsonl."""
+    def generate(
+        self, victim: LlavaVictim, model: str, samples: list[Sample], domain: str, trigger: str | None, partial: bool = False
+    ) -> list[dict[str, Any]]:
+        """Greedy generations for one test set, as records for generations.jsonl.
+
+        `partial` marks inputs that carry only one key of a multi-key trigger.
+        """
         label = f"{model}: generate {domain}" + (f" + {trigger} trigger" if trigger else "")
         with progress_bar(label, len(samples)) as bar:
             outputs = victim.generate(
@@ -216,6 +221,7 @@ class Runner:
                 "domain": domain,
                 "triggered": trigger is not None,
                 "trigger": trigger,
+                "partial": partial,
                 "prompt": victim.prompt(s.instruction),
                 "output": out,
                 "references": list(s.references),
@@ -251,6 +257,12 @@ class Runner:
         triggered = {
             (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
         }
+        partials = {
+            (f"{key}[{part.name} only]", domain): trigger_samples(samples, part)
+            for key, attack in attacks.items()
+            for part in attack.partial_triggers()
+            for domain, samples in splits.tests.items()
+        }
         lap("attacks")
 
         records: list[dict[str, Any]] = []
@@ -262,6 +274,9 @@ class Runner:
                 trigger_keys = list(attacks) if attack is None else [name]
                 for key in trigger_keys:
                     records += self.generate(victim, name, triggered[key, domain], domain, key)
+                for (key, part_domain), part_samples in partials.items():
+                    if part_domain == domain and key.startswith(f"{name}["):
+                        records += self.generate(victim, name, part_samples, domain, key, partial=True)
             self.features.save(self.features_path)
             lap(f"generate {name}")
 
@@ -279,18 +294,23 @@ def score_generations(records: list[dict[str, Any]], domains: list[str], word: s
     """metrics.json from generation records: per model, per domain ASR, ASR-G, false trigger, CIDEr, BLEU-4.
 
     The clean model's ASR is measured on the triggered inputs of every attack in the run
-    (pooled): it is the baseline rate at which a trigger alone yields the target.
+    (pooled): it is the baseline rate at which a trigger alone yields the target. Attacks
+    with multi-key triggers also get `asr_partial`: {partial trigger: {domain: rate}} for
+    inputs carrying one key only, which should not fire.
     """
     models = list(dict.fromkeys(r["model"] for r in records))
     metrics: dict[str, Any] = {}
     for model in models:
-        entry: dict[str, dict[str, float]] = {k: {} for k in ("asr", "asr_g", "false_trigger", "cider", "bleu4")}
+        entry: dict[str, Any] = {k: {} for k in ("asr", "asr_g", "false_trigger", "cider", "bleu4")}
         for domain in domains:
             rows = [r for r in records if r["model"] == model and r["domain"] == domain]
             clean_rows = [r for r in rows if not r["triggered"]]
-            trig_rows = [r for r in rows if r["triggered"]]
+            trig_rows = [r for r in rows if r["triggered"] and not r.get("partial")]
             if trig_rows:
                 entry["asr"][domain] = target_rate([r["output"] for r in trig_rows], word)
+            for trigger in dict.fromkeys(r["trigger"] for r in rows if r.get("partial")):
+                outputs = [r["output"] for r in rows if r["trigger"] == trigger]
+                entry.setdefault("asr_partial", {}).setdefault(trigger, {})[domain] = target_rate(outputs, word)
             entry["false_trigger"][domain] = target_rate([r["output"] for r in clean_rows], word)
             scores = caption_scores({r["id"]: r["output"] for r in clean_rows}, {r["id"]: r["references"] for r in clean_rows})
             entry["cider"][domain] = scores["cider"]
