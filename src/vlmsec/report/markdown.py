@@ -105,6 +105,13 @@ def render_report(run_dir: str | Path) -> str:
             lines.append(f"| {model} | " + " | ".join(fmt(values.get(d)) for d in domains) + " |")
         lines.append("")
 
+    partial_rows = [(trigger, rates) for entry in metrics.values() for trigger, rates in entry.get("asr_partial", {}).items()]
+    if partial_rows:
+        lines += ["## One key alone (multi-key triggers; should not fire)", "", "| input | " + " | ".join(domains) + " |", rule]
+        for trigger, rates in partial_rows:
+            lines.append(f"| {trigger} | " + " | ".join(_pct(rates.get(d)) for d in domains) + " |")
+        lines.append("")
+
     if CLEAN in metrics:
         lines += ["## Clean quality cost of each backdoor (source domain)", "", "| model | ΔCIDEr vs clean |", "|---|---|"]
         base = metrics[CLEAN]["cider"].get("source")
