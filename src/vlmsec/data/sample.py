@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -45,3 +46,13 @@ def tensor_to_images(batch: torch.Tensor) -> list[np.ndarray]:
     """Inverse of `images_to_tensor`: B x 3 x H x W in [0, 1] to a list of uint8 arrays."""
     arrays = (batch.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [np.ascontiguousarray(a) for a in arrays]
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """A content hash of samples (ids, texts, pixels): cache keys follow the data itself,
+    so a changed generator or edited data file never reuses a stale stage."""
+    digest = hashlib.blake2b(digest_size=16)
+    for s in samples:
+        digest.update(repr((s.id, s.instruction, s.answer, s.references, s.image.shape)).encode())
+        digest.update(s.image.tobytes())
+    return digest.hexdigest()

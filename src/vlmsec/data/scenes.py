@@ -421,8 +421,12 @@ def make_samples(
     samples = []
     for index, scene in enumerate(scenes):
         variants = caption_variants(scene)
-        instruction = instructions[rng.integers(len(instructions))]
-        answer = variants[rng.integers(len(variants))]
+        choice = int(rng.integers(len(instructions)))
+        instruction = instructions[choice]
+        # Each instruction asks for one phrasing, as in real instruction data: the answer's
+        # form follows from the instruction, so greedy decoding has one right phrasing and
+        # caption metrics measure content rather than a coin flip between synonyms.
+        answer = variants[choice % len(variants)]
         samples.append(
             Sample(
                 id=f"{id_prefix}-{index:05d}",

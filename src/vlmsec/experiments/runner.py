@@ -23,7 +23,7 @@ from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic, write_
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples, trigger_samples
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.llava_json import read_llava_json
-from vlmsec.data.sample import Sample
+from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.scenes import Scene, make_samples, sample_scenes
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
@@ -139,11 +139,10 @@ class Runner:
             return folder, stable_hash({"checkpoint": str(folder.resolve()), "files": _folder_signature(folder)})
         key = stable_hash(
             {
-                "data": c.data.model_dump(include={"image_size", "max_objects", "base_size", "base_styles", "base_instructions"}),
-                "victim": c.victim.model_dump(),
+                "data": fingerprint(splits.base),
+                "victim": c.victim.model_dump(mode="json"),
                 "training": c.base.training.model_dump(),
                 "seed": c.seed,
-                "format": 1,
             }
         )
         folder = self.cache / "base" / key
@@ -184,7 +183,7 @@ class Runner:
                 "attack": attack.describe() if attack else None,
                 "poison": c.poison.model_dump() if attack else None,
                 "tuning": c.tuning.model_dump(),
-                "train": [c.data.train_size, c.data.source.model_dump()],
+                "train": fingerprint(samples),
             }
         )
         folder = self.out / "checkpoints" / name
