@@ -30,7 +30,7 @@ from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import console, progress_bar
 from vlmsec.report.markdown import write_report
-from vlmsec.train.tuning import TrainingSpec, train_victim
+from vlmsec.train.tuning import train_victim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import build_tiny_llava
@@ -125,7 +125,11 @@ class Runner:
         self.out = Path(out_dir)
         self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.target = TargetAnswer(word=config.poison.target.word, prefix=config.poison.target.prefix)
-        tower_key = stable_hash({"tower": "efficientnet-lite0", "image_size": config.victim.image_size})
+        # Frozen-tower features depend only on the tower: the packaged ImageNet weights at the
+        # configured size, or whatever tower a user's checkpoint carries.
+        checkpoint = config.victim.checkpoint
+        tower = {"checkpoint": _folder_signature(Path(checkpoint))} if checkpoint and Path(checkpoint).is_dir() else {}
+        tower_key = stable_hash({"tower": "efficientnet-lite0-imagenet", "image_size": config.victim.image_size, **tower})
         self.features_path = self.cache / "features" / f"{tower_key}.safetensors"
         self.features = FeatureCache.load(self.features_path)
 
