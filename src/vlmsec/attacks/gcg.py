@@ -1,0 +1,296 @@
+"""GCG (Zou et al. 2023): a token string optimised so that the untuned victim says the target.
+
+Greedy Coordinate Gradient, as in the paper: each step takes the gradient of the target
+loss with respect to a one-hot encoding of the trigger tokens (through the input
+embeddings), keeps the `top_k` most promising substitutions per position, evaluates a
+batch of random single-token swaps drawn from them, and moves to the best swap. The
+string learned against the clean victim then serves as the text trigger of a backdoor
+(the seed paper's model-adaptive text attack).
+
+Candidate tokens are restricted so that the found string round-trips through the
+tokenizer: every trigger token is a printable, non-special word piece that decodes and
+re-encodes to itself and starts a new pre-token (a leading space, except the very first
+token of a "start" trigger), so the tokens a victim sees are the tokens optimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vlmsec.artifacts import write_json_atomic
+from vlmsec.attacks.adaptive import (
+    cache_path,
+    eval_mode,
+    not_prepared,
+    pick_answers,
+    pick_samples,
+    read_cached,
+    require_victim,
+    samples_fingerprint,
+    victim_fingerprint,
+)
+from vlmsec.attacks.base import Attack, AttackContext, AttackParams
+from vlmsec.attacks.registry import register
+from vlmsec.attacks.text import WORD_BOUNDARY, insert
+from vlmsec.data.sample import Sample
+from vlmsec.errors import VlmsecError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlmsec.victims.llava import LlavaVictim
+
+# Rows (candidates x samples) per forward pass when scoring candidates: bounds the logits' memory.
+EVAL_ROWS = 256
+# The label `LlavaVictim.encode_training` gives prompt and padding tokens (not imported: that pulls in transformers).
+IGNORE_INDEX = -100
+CACHE_FORMAT = 1
+
+# Where the string goes; "random" is left out: the string is optimised in one fixed context.
+TriggerPosition = Literal["start", "end"]
+
+
+class GCGParams(AttackParams):
+    """Search size: trigger length, steps, top-k per position, swaps scored per step, data used."""
+
+    num_tokens: int = Field(5, ge=1, le=32)
+    steps: int = Field(20, ge=1, le=2000)
+    top_k: int = Field(32, ge=1)
+    candidates: int = Field(64, ge=1)
+    num_samples: int = Field(4, ge=1)
+    num_answers: int = Field(4, ge=1)
+    position: TriggerPosition = "end"
+
+
+@dataclass
+class GCGResult:
+    """What the search found: token ids, their text, and the loss before, during and after."""
+
+    token_ids: list[int]
+    trigger: str
+    losses: list[float]
+    initial_loss: float
+    final_loss: float
+
+
+@dataclass
+class _Problem:
+    """The fixed part of the search: encoded prompts + answers, image features, trigger slots."""
+
+    input_ids: torch.Tensor  # P x L
+    attention_mask: torch.Tensor  # P x L
+    labels: torch.Tensor  # P x L
+    features: torch.Tensor  # P x image tokens x dim
+    slots: torch.Tensor  # P x num_tokens: where the trigger tokens sit in each row
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def allowed_tokens(tokenizer: PreTrainedTokenizerBase, leading_space: bool, size: int) -> torch.Tensor:
+    """A `size`-long mask of the tokens that may fill one trigger slot.
+
+    A token qualifies if it is not special, decodes to printable text without whitespace
+    (after one leading space when `leading_space`), contains no special token's text, and
+    re-encodes to itself alone; tokens that start a pre-token keep their boundaries when
+    concatenated, so any string of them round-trips.
+    """
+    specials = set(tokenizer.all_special_ids)
+    special_texts = tokenizer.all_special_tokens
+    allowed = torch.zeros(size, dtype=torch.bool)
+    for token_id in range(min(size, len(tokenizer))):
+        if token_id in specials:
+            continue
+        text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        if leading_space != text.startswith(" "):
+            continue
+        word = text[1:] if leading_space else text
+        if not word or not word.isprintable() or any(ch.isspace() for ch in word):
+            continue
+        if any(special in text for special in special_texts):
+            continue
+        allowed[token_id] = tokenizer(text, add_special_tokens=False).input_ids == [token_id]
+    return allowed
+
+
+def trigger_text(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
+    """The trigger string of `token_ids`, without the space that insertion adds back."""
+    return tokenizer.decode(token_ids, clean_up_tokenization_spaces=False).strip()
+
+
+def with_trigger(instruction: str, trigger: str, position: TriggerPosition) -> str:
+    """`instruction` with `trigger` joined by one space at its start or end (no randomness involved)."""
+    return insert(instruction, trigger, position, WORD_BOUNDARY, seed=0)
+
+
+def _slot_of(sequence: list[int], piece: list[int], last: bool) -> int:
+    """Where `piece` starts in `sequence` (its last occurrence if `last`); VlmsecError if absent."""
+    width = len(piece)
+    starts = [i for i in range(len(sequence) - width + 1) if sequence[i : i + width] == piece]
+    if not starts:
+        raise VlmsecError("gcg: the trigger tokens do not survive tokenization of the prompt")
+    return starts[-1] if last else starts[0]
+
+
+def _build_problem(
+    victim: LlavaVictim, samples: list[Sample], answers: list[str], token_ids: list[int], position: TriggerPosition
+) -> _Problem:
+    """Encode every sample with the trigger inserted and find the trigger's token slots."""
+    text = trigger_text(victim.tokenizer, token_ids)
+    instructions = [with_trigger(s.instruction, text, position) for s in samples]
+    row_answers = [answers[i % len(answers)] for i in range(len(samples))]
+    batch = victim.encode_training(instructions, row_answers)
+    starts = [_slot_of(victim.prompt_ids(i), token_ids, last=position == "end") for i in instructions]
+    slots = torch.tensor(starts)[:, None] + torch.arange(len(token_ids))[None, :]
+    features = victim.image_features([s.image for s in samples])
+    return _Problem(batch["input_ids"], batch["attention_mask"], batch["labels"], features, slots)
+
+
+def _mean_loss(
+    victim: LlavaVictim, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """Answer-token loss per group of consecutive rows (sum over the group's tokens / its token count)."""
+    logits = victim.model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    token_losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    per_group = token_losses.view(groups, -1).sum(1)
+    counts = (targets != IGNORE_INDEX).view(groups, -1).sum(1)
+    return per_group / counts
+
+
+def candidate_losses(victim: LlavaVictim, problem: _Problem, candidates: torch.Tensor) -> torch.Tensor:
+    """The target loss of each candidate trigger (C x num_tokens ids), same as `victim.loss` would give."""
+    rows = problem.rows
+    losses = []
+    with torch.no_grad():
+        for chunk in candidates.split(max(1, EVAL_ROWS // rows)):
+            count = len(chunk)
+            ids = problem.input_ids.repeat(count, 1)
+            ids.scatter_(1, problem.slots.repeat(count, 1), chunk.repeat_interleave(rows, dim=0))
+            embeds = victim.embed(ids, problem.features.repeat(count, 1, 1))
+            mask, labels = problem.attention_mask.repeat(count, 1), problem.labels.repeat(count, 1)
+            losses.append(_mean_loss(victim, embeds, mask, labels, count))
+    return torch.cat(losses)
+
+
+def token_gradients(victim: LlavaVictim, problem: _Problem, token_ids: torch.Tensor) -> torch.Tensor:
+    """d loss / d one-hot(trigger tokens): num_tokens x vocabulary rows of the embedding matrix."""
+    weight = victim.model.get_input_embeddings().weight
+    one_hot = F.one_hot(token_ids, weight.shape[0]).to(weight.dtype).requires_grad_()
+    embeds = victim.embed(problem.input_ids, problem.features)
+    rows = torch.arange(problem.rows)[:, None].expand_as(problem.slots)
+    trigger = (one_hot @ weight).expand(problem.rows, -1, -1)
+    embeds = embeds.index_put((rows, problem.slots), trigger)
+    loss = _mean_loss(victim, embeds, problem.attention_mask, problem.labels, 1)[0]
+    (grad,) = torch.autograd.grad(loss, one_hot)
+    return grad
+
+
+def _random_start(allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One seeded allowed token per slot: the search's starting point."""
+    picks = []
+    for row in allowed:
+        choices = row.nonzero()[:, 0]
+        picks.append(choices[int(torch.randint(len(choices), (1,), generator=generator))])
+    return torch.stack(picks)
+
+
+def optimise_trigger(victim: LlavaVictim, samples: list[Sample], answers: list[str], params: GCGParams) -> GCGResult:
+    """Run GCG from a seeded random start; return the best string seen (never worse than the start)."""
+    generator = torch.Generator().manual_seed(params.seed)
+    vocab = victim.model.get_input_embeddings().weight.shape[0]
+    spaced = allowed_tokens(victim.tokenizer, leading_space=True, size=vocab)
+    first = allowed_tokens(victim.tokenizer, leading_space=False, size=vocab) if params.position == "start" else spaced
+    allowed = torch.stack([first, *[spaced] * (params.num_tokens - 1)])
+    if int(allowed.sum(1).min()) < 2:
+        raise VlmsecError("gcg: the tokenizer has fewer than 2 usable trigger tokens for a slot")
+    token_ids = _random_start(allowed, generator)
+    top_k = min(params.top_k, int(allowed.sum(1).min()))
+    with eval_mode(victim.model):
+        problem = _build_problem(victim, samples, answers, token_ids.tolist(), params.position)
+        current = float(candidate_losses(victim, problem, token_ids[None])[0])
+        losses, best_ids, best_loss = [current], token_ids, current
+        for _ in range(params.steps):
+            grad = token_gradients(victim, problem, token_ids).masked_fill(~allowed, float("inf"))
+            top = (-grad).topk(top_k, dim=1).indices
+            where = torch.randint(params.num_tokens, (params.candidates,), generator=generator)
+            pick = torch.randint(top_k, (params.candidates,), generator=generator)
+            candidates = token_ids.repeat(params.candidates, 1)
+            candidates[torch.arange(params.candidates), where] = top[where, pick]
+            scores = candidate_losses(victim, problem, candidates)
+            best = int(scores.argmin())
+            token_ids, current = candidates[best], float(scores[best])
+            losses.append(current)
+            if current < best_loss:
+                best_ids, best_loss = token_ids, current
+    ids = best_ids.tolist()
+    return GCGResult(ids, trigger_text(victim.tokenizer, ids), losses, losses[0], best_loss)
+
+
+@register
+class GCG(Attack):
+    """An optimised token string inserted at the start or end of the instruction (learned in `prepare`)."""
+
+    name = "gcg"
+    modality = "text"
+    family = "model-adaptive"
+    knowledge = "white-box"
+    stage = "training"
+    Params: ClassVar[type[AttackParams]] = GCGParams
+    params: GCGParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.trigger: str | None = None
+        self.loss_curve: list[float] = []
+        self.trained_metrics: dict[str, float] = {}
+
+    def prepare(self, context: AttackContext) -> None:
+        """Find the trigger string against `context.victim`, or reload it from the cache."""
+        victim = require_victim(context, self.name)
+        p = self.params
+        samples = pick_samples(context.samples, p.num_samples, p.seed)
+        answers = pick_answers(context.target, p.num_answers, p.seed)
+        path = cache_path(
+            context,
+            self.name,
+            {
+                "format": CACHE_FORMAT,
+                "params": p.model_dump(),
+                "victim": victim_fingerprint(victim),
+                "samples": samples_fingerprint(samples),
+                "answers": answers,
+            },
+        )
+        learned = read_cached(path)
+        if learned is None:
+            result = optimise_trigger(victim, samples, answers, p)
+            learned = {
+                "trigger": result.trigger,
+                "token_ids": result.token_ids,
+                "initial_loss": result.initial_loss,
+                "final_loss": result.final_loss,
+                "losses": result.losses,
+            }
+            write_json_atomic(path, learned)
+        self.trigger = learned["trigger"]
+        self.loss_curve = learned["losses"]
+        self.trained_metrics = {"initial_loss": learned["initial_loss"], "final_loss": learned["final_loss"]}
+
+    def trigger_instructions(self, instructions: list[str]) -> list[str]:
+        """Each instruction with the learned string inserted at the configured end."""
+        if self.trigger is None:
+            raise not_prepared(self.name)
+        return [with_trigger(text, self.trigger, self.params.position) for text in instructions]
+
+    def describe(self) -> dict[str, Any]:
+        """The base description plus the learned string and its loss before/after (None until prepared)."""
+        return {**super().describe(), "trigger": self.trigger, "trained_metrics": self.trained_metrics}
