@@ -135,3 +135,8 @@ def test_absolute_paths_stay_as_they_are(tmp_path: Path) -> None:
     train = tmp_path / "data" / "train.json"
     path = write(tmp_path / "cfg", f"data:\n  train_file: {train}\n")
     assert load_config(path).data.train_file == train
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_packaged_preset_loads(name: str) -> None:
+    assert load_config(name).name == name
