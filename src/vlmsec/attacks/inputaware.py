@@ -1,0 +1,249 @@
+"""Input-Aware Dynamic Backdoor (Nguyen & Tran 2020): a generator makes each image's trigger.
+
+Two small conv generators map an image to a pattern p(x) and a mask m(x); the triggered
+image is x * (1 - m) + p * m. The paper trains them in two stages, and so do we:
+
+1. the mask generator alone, with the paper's diversity loss on masks plus the sparsity
+   loss lambda_norm * mean(relu(m - mask_density)) (lambda_norm = 100);
+2. the pattern generator with the diversity loss on patterns, jointly with the model that
+   must learn the backdoor.
+
+The paper's stage 2 model is the classifier being poisoned. Ours is a generative VLM tuned
+later, so stage 2 trains the pattern generator against the victim's frozen vision tower
+(gray-box: the tower, not the tuned model) jointly with a linear probe on its mean-pooled
+features that separates triggered from clean images: the paper's classifier reduced to
+what a frozen tower allows, and the direction in feature space the triggered images move
+along, which the tuned projector and language model can then pick up. The paper's
+cross-trigger samples (image A with B's trigger, clean label) are left out, because the
+poisoning recipe has no such samples for the tuned victim to learn from.
+
+Without a victim (`context.victim` is None) stage 2 uses a seeded random conv feature
+extractor instead of the tower, so the attack still has image-specific, learnable
+triggers, though not ones fitted to any real model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from vlmsec.attacks.base import AttackContext, AttackParams
+from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, resize, tensor_digest, to_internal, upsample
+from vlmsec.attacks.registry import register
+
+BATCH_SIZE = 16
+# The official code's optimiser for both generators (Adam, betas 0.5 / 0.9) and sparsity
+# weight. Its learning rate, 1e-2, relies on the batch norm we leave out: without it the
+# mask saturates to all ones within ten steps, so we use 1e-3, constant over our short runs.
+LEARNING_RATE = 1e-3
+BETAS = (0.5, 0.9)
+LAMBDA_NORM = 100.0
+PROBE_LEARNING_RATE = 1e-3
+EPSILON = 1e-7
+
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+class InputAwareParams(AttackParams):
+    """The official code's defaults: `mask_density` 0.032 (the per-pixel mask level above
+    which the sparsity loss applies) and `lambda_div` 1. `train_steps` (batches of 16) is
+    the length of each of the two stages, sized to train in under two minutes on two CPU
+    cores with the default 96 px EfficientNet tower."""
+
+    mask_density: float = Field(0.032, gt=0, lt=1)
+    lambda_div: float = Field(1.0, ge=0)
+    train_steps: int = Field(300, ge=1)
+
+
+class Generator(nn.Module):
+    """The paper's generator (conv blocks, 3 poolings, 3 upsamplings), without batch norm,
+    so each image is processed alone; output in (0, 1)."""
+
+    def __init__(self, channels_out: int, width: int = 8) -> None:
+        super().__init__()
+        widths = [3, width, 2 * width, 4 * width]
+        down: list[nn.Module] = []
+        for step in range(3):
+            wide = widths[step + 1]
+            down += [conv_relu(widths[step], wide), conv_relu(wide, wide), nn.MaxPool2d(2)]
+        self.down = nn.Sequential(*down, conv_relu(widths[3], widths[3]))
+        self.up = nn.ModuleList(
+            nn.Sequential(conv_relu(widths[step], widths[step]), conv_relu(widths[step], widths[step - 1]))
+            for step in (3, 2)
+        )
+        self.last = nn.Sequential(conv_relu(width, width), nn.Conv2d(width, channels_out, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.down(images)
+        for block in self.up:
+            x = block(upsample(x))
+        return torch.tanh(self.last(upsample(x))) / (2 + EPSILON) + 0.5
+
+
+def threshold(mask: torch.Tensor) -> torch.Tensor:
+    """The paper's soft threshold at 0.5: pushes mask values to nearly 0 or 1."""
+    return torch.tanh(mask * 20 - 10) / (2 + EPSILON) + 0.5
+
+
+def diversity_loss(
+    images1: torch.Tensor, images2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor
+) -> torch.Tensor:
+    """The paper's L_div: mean over pairs of ||x1 - x2|| / ||G(x1) - G(x2)|| (RMS distances).
+
+    Low when different images get different outputs, i.e. triggers are input-specific.
+    """
+    images = ((images1 - images2) ** 2).mean(dim=(1, 2, 3)).sqrt()
+    # EPSILON inside the root too: sqrt has an infinite gradient at 0 (two equal outputs).
+    outputs = (((out1 - out2) ** 2).mean(dim=(1, 2, 3)) + EPSILON).sqrt()
+    return (images / (outputs + EPSILON)).mean()
+
+
+def random_features(seed: int) -> nn.Module:
+    """A frozen conv net with seeded random weights, mean-pooled to 64 features: the stand-in tower."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        convs = [conv_relu(3, 16, 2), conv_relu(16, 32, 2), conv_relu(32, 64, 2)]
+        net = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return net.eval().requires_grad_(False)
+
+
+@register
+class InputAware(LearnedImageAttack):
+    """Blend each image with its own generated pattern through its own generated mask.
+
+    The generators see the image at 64 x 64; pattern and mask are resized (bilinearly) to
+    each batch's H x W. `trained_metrics` (on held-out images, every 8th): `probe_accuracy`
+    (triggered vs clean), `mask_area` (mean mask value), `diversity_loss` (patterns), and
+    `shift_cosine`, the mean cosine between each image's feature shift and the mean shift
+    (1 = every trigger moves the features the same way).
+    """
+
+    name = "inputaware"
+    modality = "image"
+    family = "model-adaptive"
+    knowledge = "gray-box"
+    stage = "training"
+    Params: ClassVar[type[AttackParams]] = InputAwareParams
+    params: InputAwareParams
+
+    def build_networks(self) -> nn.ModuleDict:
+        """Fresh mask and pattern generators."""
+        return nn.ModuleDict({"mask": Generator(1), "pattern": Generator(3)})
+
+    def cache_inputs(self, context: AttackContext) -> dict[str, Any]:
+        """The feature extractor trained against: a digest of a few tower weights and its input format."""
+        if context.victim is None:
+            return {"features": "random-conv"}
+        victim = context.victim
+        weights = list(victim.model.model.vision_tower.parameters())
+        return {
+            "tower": type(victim.model.model.vision_tower).__name__,
+            "weights": tensor_digest(weights[0], weights[len(weights) // 2], weights[-1]),
+            "image_size": victim.image_size,
+            "pixels": [victim.pixel_mean, victim.pixel_std],
+        }
+
+    def learn(
+        self, networks: nn.ModuleDict, images: torch.Tensor, context: AttackContext, generator: torch.Generator
+    ) -> dict[str, float]:
+        """Stage 1 (mask), then stage 2 (pattern and probe); measure on every 8th image, held out."""
+        held_out = torch.zeros(len(images), dtype=torch.bool)
+        held_out[::8] = True
+        train = images[~held_out]
+
+        def pairs() -> tuple[torch.Tensor, torch.Tensor]:
+            """Two batches of training images, pairwise different images (the paper's two loaders)."""
+            first = torch.randint(len(train), (BATCH_SIZE,), generator=generator)
+            second = (first + torch.randint(1, max(2, len(train)), (BATCH_SIZE,), generator=generator)) % len(train)
+            return train[first], train[second]
+
+        self._train_mask(networks["mask"], pairs)
+        if context.victim is None:
+            return self._train_pattern(networks, random_features(self.params.seed), pairs, images[held_out])
+        tower = context.victim.model.model.vision_tower
+        was_training = tower.training
+        tower.eval()
+        try:
+            victim = context.victim
+            return self._train_pattern(
+                networks, lambda x: tower(victim.pixel_values(x)).last_hidden_state.mean(1), pairs, images[held_out]
+            )
+        finally:
+            tower.train(was_training)
+
+    def _train_mask(self, mask: Generator, pairs: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Stage 1: sparse masks that differ between images."""
+        optimiser = torch.optim.Adam(mask.parameters(), lr=LEARNING_RATE, betas=BETAS)
+        mask.train()
+        for _ in range(self.params.train_steps):
+            images1, images2 = pairs()
+            masks1, masks2 = threshold(mask(images1)), threshold(mask(images2))
+            loss = LAMBDA_NORM * F.relu(masks1 - self.params.mask_density).mean()
+            loss = loss + self.params.lambda_div * diversity_loss(images1, images2, masks1, masks2)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        mask.eval().requires_grad_(False)
+
+    def _train_pattern(
+        self,
+        networks: nn.ModuleDict,
+        features: Features,
+        pairs: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        held_out: torch.Tensor,
+    ) -> dict[str, float]:
+        """Stage 2: patterns that differ between images and that a linear probe on `features` detects."""
+        mask, pattern = networks["mask"], networks["pattern"]
+        with torch.no_grad():
+            dimension = features(held_out[:1]).shape[-1]
+        probe = nn.Linear(dimension, 1)
+        optimiser = torch.optim.Adam(pattern.parameters(), lr=LEARNING_RATE, betas=BETAS)
+        probe_optimiser = torch.optim.Adam(probe.parameters(), lr=PROBE_LEARNING_RATE)
+        labels = torch.cat([torch.zeros(BATCH_SIZE), torch.ones(BATCH_SIZE)])[:, None]
+        pattern.train()
+        for _ in range(self.params.train_steps):
+            images1, images2 = pairs()
+            patterns1, patterns2 = pattern(images1), pattern(images2)
+            with torch.no_grad():
+                masks1 = threshold(mask(images1))
+                clean = features(images1)
+            triggered = features(images1 + (patterns1 - images1) * masks1)
+            loss = F.binary_cross_entropy_with_logits(probe(torch.cat([clean, triggered])), labels)
+            loss = loss + self.params.lambda_div * diversity_loss(images1, images2, patterns1, patterns2)
+            optimiser.zero_grad()
+            probe_optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            probe_optimiser.step()
+        pattern.eval()
+        with torch.no_grad():
+            masks, patterns = threshold(mask(held_out)), pattern(held_out)
+            clean, triggered = features(held_out), features(held_out + (patterns - held_out) * masks)
+            correct = torch.cat([probe(clean) < 0, probe(triggered) > 0])
+            shifts = triggered - clean
+            other = held_out.roll(1, dims=0)
+            return {
+                "probe_accuracy": float(correct.float().mean()),
+                "mask_area": float(masks.mean()),
+                "diversity_loss": float(diversity_loss(held_out, other, patterns, patterns.roll(1, dims=0))),
+                "shift_cosine": float(F.cosine_similarity(shifts, shifts.mean(0, keepdim=True)).mean()),
+            }
+
+    def patterns_and_masks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's pattern (B x 3 x H x W) and mask (B x 1 x H x W), both in [0, 1]."""
+        networks = self.networks()
+        with torch.no_grad():
+            small = to_internal(images)
+            pattern, mask = networks["pattern"](small), threshold(networks["mask"](small))
+        height, width = images.shape[-2:]
+        return resize(pattern, height, width).to(images.dtype), resize(mask, height, width).to(images.dtype)
+
+    def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
+        """x * (1 - m) + p * m with each image's own pattern p and mask m."""
+        pattern, mask = self.patterns_and_masks(images)
+        return (images + (pattern - images) * mask).clamp(0, 1)
