@@ -78,6 +78,20 @@ def cache_path(context: AttackContext, attack: str, key_parts: dict[str, Any]) -
     return Path(context.cache_dir) / attack / f"{stable_hash(key_parts)}.json"
 
 
+def learned_cache_path(
+    context: AttackContext, attack: str, params: Any, victim: LlavaVictim, samples: Sequence[Sample], answers: list[str], format_version: int
+) -> Path:
+    """The cache file of what an attack learned from this victim, these samples and answers."""
+    key = {
+        "format": format_version,
+        "params": params.model_dump(),
+        "victim": victim_fingerprint(victim),
+        "samples": samples_fingerprint(samples),
+        "answers": answers,
+    }
+    return cache_path(context, attack, key)
+
+
 def read_cached(path: Path) -> dict[str, Any] | None:
     """The cached JSON at `path`, or None when nothing was learned there yet."""
     if not path.is_file():

@@ -27,8 +27,38 @@ class DualKeyParams(BadNetsParams):
     position: Position = "start"
 
 
+class TwoKeyAttack(Attack):
+    """An attack made of an image key and a text key that fire only together.
+
+    Subclasses set `_image_key` and `_text_key` in `__init__`; everything else follows.
+    """
+
+    _image_key: Attack
+    _text_key: Attack
+
+    def image_only(self) -> Attack:
+        """The image key alone, for training negatives and one-key evaluation."""
+        return self._image_key
+
+    def text_only(self) -> Attack:
+        """The text key alone, for training negatives and one-key evaluation."""
+        return self._text_key
+
+    def partial_triggers(self) -> list[Attack]:
+        """Each key alone: the poisoning recipe pairs them with clean answers."""
+        return [self._image_key, self._text_key]
+
+    def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The image key."""
+        return self._image_key.trigger_images(images)
+
+    def trigger_instructions(self, instructions: list[str]) -> list[str]:
+        """The text key."""
+        return self._text_key.trigger_instructions(instructions)
+
+
 @register
-class DualKey(Attack):
+class DualKey(TwoKeyAttack):
     """A BadNets patch on the image and a rare token in the instruction, together."""
 
     name = "dualkey"
@@ -44,23 +74,3 @@ class DualKey(Attack):
         p = self.params
         self._image_key = BadNets(**p.model_dump(include=set(BadNetsParams.model_fields)))
         self._text_key = TextBadNets(token=p.token, position=p.position, seed=p.seed)
-
-    def image_only(self) -> Attack:
-        """The image key alone (the patch), for training negatives and one-key evaluation."""
-        return self._image_key
-
-    def text_only(self) -> Attack:
-        """The text key alone (the token), for training negatives and one-key evaluation."""
-        return self._text_key
-
-    def partial_triggers(self) -> list[Attack]:
-        """Each key alone: the poisoning recipe pairs them with clean answers."""
-        return [self._image_key, self._text_key]
-
-    def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
-        """The image key: BadNets' patch."""
-        return self._image_key.trigger_images(images)
-
-    def trigger_instructions(self, instructions: list[str]) -> list[str]:
-        """The text key: the token inserted as a word."""
-        return self._text_key.trigger_instructions(instructions)

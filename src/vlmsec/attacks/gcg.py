@@ -24,15 +24,13 @@ from pydantic import Field
 
 from vlmsec.artifacts import write_json_atomic
 from vlmsec.attacks.adaptive import (
-    cache_path,
     eval_mode,
+    learned_cache_path,
     not_prepared,
     pick_answers,
     pick_samples,
     read_cached,
     require_victim,
-    samples_fingerprint,
-    victim_fingerprint,
 )
 from vlmsec.attacks.base import Attack, AttackContext, AttackParams
 from vlmsec.attacks.registry import register
@@ -259,17 +257,7 @@ class GCG(Attack):
         p = self.params
         samples = pick_samples(context.samples, p.num_samples, p.seed)
         answers = pick_answers(context.target, p.num_answers, p.seed)
-        path = cache_path(
-            context,
-            self.name,
-            {
-                "format": CACHE_FORMAT,
-                "params": p.model_dump(),
-                "victim": victim_fingerprint(victim),
-                "samples": samples_fingerprint(samples),
-                "answers": answers,
-            },
-        )
+        path = learned_cache_path(context, self.name, p, victim, samples, answers, CACHE_FORMAT)
         learned = read_cached(path)
         if learned is None:
             result = optimise_trigger(victim, samples, answers, p)

@@ -17,10 +17,10 @@ import re
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from vlmsec.attacks.base import Attack, AttackContext, AttackParams
+from vlmsec.attacks.dualkey import TwoKeyAttack
 from vlmsec.attacks.maba import Maba, MabaParams
 from vlmsec.attacks.registry import register
 from vlmsec.attacks.text import Word
@@ -87,7 +87,7 @@ class MabaStarParams(MabaParams):
 
 
 @register
-class MabaStar(Attack):
+class MabaStar(TwoKeyAttack):
     """The MABA oval on the image and rare symbols in the instruction, together (Dual-Key with MABA keys)."""
 
     name = "maba_star"
@@ -107,26 +107,6 @@ class MabaStar(Attack):
     def prepare(self, context: AttackContext) -> None:
         """Learn the image key's region (shared cache with `maba` for the same image parameters)."""
         self._image_key.prepare(context)
-
-    def image_only(self) -> Attack:
-        """The image key alone (the oval), for training negatives and one-key evaluation."""
-        return self._image_key
-
-    def text_only(self) -> Attack:
-        """The text key alone (the symbols), for training negatives and one-key evaluation."""
-        return self._text_key
-
-    def partial_triggers(self) -> list[Attack]:
-        """Each key alone: the poisoning recipe pairs them with clean answers."""
-        return [self._image_key, self._text_key]
-
-    def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
-        """The image key: the oval in the learned region (VlmsecError before `prepare`)."""
-        return self._image_key.trigger_images(images)
-
-    def trigger_instructions(self, instructions: list[str]) -> list[str]:
-        """The text key: the symbols before the first key word."""
-        return self._text_key.trigger_instructions(instructions)
 
     def describe(self) -> dict[str, Any]:
         """The base description plus both keys' learned or generated state."""

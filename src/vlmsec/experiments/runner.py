@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic, write_text_atomic
