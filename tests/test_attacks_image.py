@@ -78,7 +78,7 @@ def test_deterministic_under_seed_and_changes_the_image(name: str) -> None:
         ("wanet", {"k": 1}, "k"),
         ("wanet", {"s": 0}, "s"),
         ("wanet", {"grid_rescale": -1}, "grid_rescale"),
-        ("wanet", {"cross_ratio": -0.5}, "cross_ratio"),
+        ("wanet", {"cross_ratio": -1}, "cross_ratio"),
         ("wanet", {"warp": 1}, "warp"),
         ("sig", {"delta": 0}, "delta"),
         ("sig", {"delta": 300}, "delta"),
@@ -158,6 +158,27 @@ def test_wanet_noise_mode_adds_random_extra_warps() -> None:
     backdoor = attack.trigger_images(images)
     assert 0 < float((noisy - backdoor).abs().mean()) < 0.01
     assert not torch.equal(noisy[0], noisy[1])  # each image gets its own noise
+
+
+def test_wanet_poisoning_adds_cross_ratio_noise_samples_with_clean_answers() -> None:
+    from vlmsec.attacks.poison import poison_samples
+    from vlmsec.attacks.targets import TargetAnswer
+    from vlmsec.data import make_samples, sample_scenes
+
+    samples = make_samples(sample_scenes(40, seed=0), "flat", "source", seed=0, size=32)
+    attack = create_attack("wanet", cross_ratio=2)
+    poisoned = poison_samples(samples, attack, TargetAnswer(), 0.1, seed=0)
+    assert len(poisoned.poisoned_ids) == 4 and len(poisoned.negative_ids) == 8
+    by_id = {s.id: s for s in samples}
+    for sample in poisoned.samples:
+        if sample.id in poisoned.negative_ids:
+            assert sample.answer == by_id[sample.id].answer
+            assert not np.array_equal(sample.image, by_id[sample.id].image)
+    noise = attack.partial_triggers()[0]
+    batch = torch.stack([smooth_image(32, 32)[0], smooth_image(32, 32)[0].flip(-1)])
+    one_by_one = torch.cat([noise.trigger_images(batch[i : i + 1]) for i in range(2)])
+    assert torch.equal(noise.trigger_images(batch), one_by_one)  # independent of batching
+    assert create_attack("wanet", cross_ratio=0).partial_triggers() == []
 
 
 # --- SIG ----------------------------------------------------------------------------------

@@ -70,12 +70,15 @@ def require_victim(context: AttackContext, attack: str) -> LlavaVictim:
 
 def not_prepared(attack: str) -> VlmsecError:
     """The error for using a learned trigger before `prepare` has learned it."""
-    return VlmsecError(f"attack {attack!r} learns its trigger from the victim: call prepare(context) first")
+    return VlmsecError(
+        f"attack {attack!r} learns its trigger: it must be prepared first (Attack.prepare with an "
+        "AttackContext; `vlmsec run` does it, and so does `vlmsec trigger --config`)"
+    )
 
 
-def cache_path(context: AttackContext, attack: str, key_parts: dict[str, Any]) -> Path:
-    """Where the JSON learned from `key_parts` lives under the context's cache folder."""
-    return Path(context.cache_dir) / attack / f"{stable_hash(key_parts)}.json"
+def cache_path(context: AttackContext, attack: str, key_parts: dict[str, Any], suffix: str = ".json") -> Path:
+    """Where what an attack learned from `key_parts` lives under the context's cache folder."""
+    return Path(context.cache_dir) / attack / f"{stable_hash(key_parts)}{suffix}"
 
 
 def learned_cache_path(

@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vlmsec.artifacts import atomic_path, stable_hash
+from vlmsec.artifacts import atomic_path
+from vlmsec.attacks.adaptive import cache_path, not_prepared
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.data.sample import Sample, images_to_tensor
 from vlmsec.errors import VlmsecError
@@ -114,15 +115,8 @@ class LearnedImageAttack(Attack):
 
     def cache_path(self, context: AttackContext, images: torch.Tensor) -> Path:
         """Where the networks trained from `context` and `images` are cached."""
-        key = stable_hash(
-            {
-                "attack": self.describe(),
-                "images": tensor_digest(images),
-                "inputs": self.cache_inputs(context),
-                "format": CACHE_FORMAT,
-            }
-        )
-        return Path(context.cache_dir) / self.name / f"{key}.safetensors"
+        key = {"attack": self.describe(), "images": tensor_digest(images), "inputs": self.cache_inputs(context), "format": CACHE_FORMAT}
+        return cache_path(context, self.name, key, suffix=".safetensors")
 
     def prepare(self, context: AttackContext) -> None:
         """Train the networks under the seed, or load them from the cache if this exact run was done."""
@@ -143,10 +137,7 @@ class LearnedImageAttack(Attack):
     def networks(self) -> nn.ModuleDict:
         """The trained networks; a VlmsecError if `prepare` has not run."""
         if self._networks is None:
-            raise VlmsecError(
-                f"attack {self.name!r} learns its trigger from data: it must be prepared "
-                "(Attack.prepare with an AttackContext) before it can trigger images"
-            )
+            raise not_prepared(self.name)
         return self._networks
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
 
 import torch
@@ -16,14 +17,13 @@ class WaNetParams(AttackParams):
     """The paper's warping parameters (k=4, s=0.5, grid_rescale=1, cross_ratio=2).
 
     `cross_ratio` is the number of noise-mode samples per poisoned sample that WaNet's
-    training adds (see `WaNet.noise_images`); it is recorded here so a run states it, but
-    `poison_samples` does not add noise-mode samples yet.
+    training adds, with their clean answers (see `WaNetNoise`); 0 turns noise mode off.
     """
 
     k: int = Field(4, ge=2)
     s: float = Field(0.5, gt=0)
     grid_rescale: float = Field(1.0, gt=0)
-    cross_ratio: float = Field(2.0, ge=0)
+    cross_ratio: int = Field(2, ge=0)
 
 
 def identity_grid(height: int, width: int) -> torch.Tensor:
@@ -82,9 +82,40 @@ class WaNet(Attack):
         In training, WaNet adds `cross_ratio` such samples per poisoned one with their
         answers unchanged, so the model learns that only the exact warp is the trigger,
         not warping in general. Each image gets its own uniform noise in [-1, 1] / size
-        (grid units) drawn from `generator`. The poisoning recipe does not use this yet.
+        (grid units) drawn from `generator`.
         """
         batch, _, height, width = images.shape
         noise = torch.rand(batch, height, width, 2, generator=generator) * 2 - 1
         grid = (self.grid(height, width) + noise * torch.tensor([1 / width, 1 / height])).clamp(-1, 1)
         return F.grid_sample(images, grid.to(images), align_corners=True)
+
+    def partial_triggers(self) -> list[Attack]:
+        """Noise mode: `cross_ratio` groups of randomly warped samples that keep their answers."""
+        return [WaNetNoise(self)] * self.params.cross_ratio
+
+
+class WaNetNoise(Attack):
+    """WaNet's noise-mode input: the backdoor warp plus a random warp of its own per image.
+
+    Not registered: it exists so the poisoning recipe can add WaNet's "cross" samples
+    (with clean answers) and a run can check that random warps do not fire the backdoor.
+    Each image's noise is seeded by the attack's seed and the image's own pixels, so the
+    result does not depend on batching or order.
+    """
+
+    name = "wanet-noise"
+    modality = "image"
+    family = "content-aware"
+
+    def __init__(self, warp: WaNet) -> None:
+        super().__init__(seed=warp.params.seed)
+        self._warp = warp
+
+    def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Warp each image with the backdoor field plus its own seeded noise."""
+        out = []
+        for image in images:
+            digest = hashlib.sha256(image.contiguous().numpy().tobytes()).digest()
+            seed = int.from_bytes(digest[:7], "little") ^ self.params.seed
+            out.append(self._warp.noise_images(image[None], torch.Generator().manual_seed(seed)))
+        return torch.cat(out)
