@@ -2,8 +2,10 @@
 
 One loop serves the base stage (pretraining on clean captions) and instruction tuning.
 `mode` picks what trains: the projector only, LoRA adapters on the language model (with
-the projector), or everything but the frozen vision tower. LoRA adapters are merged after
-training, so every checkpoint is a plain model that `from_pretrained` loads.
+the projector), gated cross-attention layers (architectures that have them), or everything
+but the frozen vision tower; each victim says what that means for its architecture, and the
+table of every mode's parameter split is shown before training. LoRA adapters are merged
+after training, so every checkpoint is a plain model that `from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
 from transformers import get_cosine_schedule_with_warmup
 
 from vlmsec.data.sample import Sample
-from vlmsec.progress import progress_bar
-from vlmsec.victims.llava import LlavaVictim
+from vlmsec.progress import console, progress_bar
+from vlmsec.victims.architectures import ModeSummary
+from vlmsec.victims.base import Victim
 
-TuningMode = Literal["projector", "lora", "full"]
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+TuningMode = Literal["projector", "lora", "xattn", "full"]
 
 
 class TrainingSpec(BaseModel):
@@ -39,6 +41,9 @@ class TrainingSpec(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lora_rank: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
+    # bf16 autocast runs the matmuls ~1.6x faster on CPUs with AVX512-BF16 and on modern GPUs;
+    # weights and optimiser state stay fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 @dataclass
@@ -50,34 +55,24 @@ class TrainingResult:
     losses: list[float]
 
 
-def _select_trainable(victim: LlavaVictim, spec: TrainingSpec) -> object | None:
-    """Freeze everything, then unfreeze what `spec.mode` trains; returns the peft wrapper for LoRA."""
-    model = victim.model
-    model.requires_grad_(False)
-    if spec.mode == "lora":
-        config = LoraConfig(
-            r=spec.lora_rank,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=LORA_TARGETS,
-            modules_to_save=["multi_modal_projector"],
-        )
-        return get_peft_model(model, config)
-    model.model.multi_modal_projector.requires_grad_(True)
-    if spec.mode == "full":
-        model.model.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    return None
+def show_tuning_modes(modes: list[ModeSummary], chosen: str, label: str) -> None:
+    """Print what every tuning mode would train and freeze, the chosen one marked."""
+    table = Table(title=f"{label}: tuning modes (training '{chosen}')")
+    for column in ("mode", "trains", "trainable", "frozen"):
+        table.add_column(column, justify="right" if column in ("trainable", "frozen") else "left")
+    for m in modes:
+        counts = ("-", "-") if m.trainable is None else (f"{m.trainable:,}", f"{m.frozen:,}")
+        table.add_row(("> " if m.mode == chosen else "  ") + m.mode, m.trains, *counts, style="bold" if m.mode == chosen else None)
+    console.print(table)
 
 
-def train_victim(victim: LlavaVictim, samples: list[Sample], spec: TrainingSpec, seed: int, label: str) -> TrainingResult:
+def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int, label: str) -> TrainingResult:
     """Train `victim` in place on `samples`; deterministic for a given seed."""
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
-    with progress_bar(f"{label}: image features", victim.features.count_missing([s.image for s in samples])) as bar:
-        features = victim.image_features([s.image for s in samples], on_batch=bar.advance)
-
-    peft_model = _select_trainable(victim, spec)
+    prepared = victim.prepare_training(samples, label)
+    show_tuning_modes(victim.tuning_modes(spec), spec.mode, label)
+    peft_model = victim.select_trainable(spec)
     params = [p for p in victim.model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     frozen = sum(p.numel() for p in victim.model.parameters() if not p.requires_grad)
@@ -95,8 +90,8 @@ def train_victim(victim: LlavaVictim, samples: list[Sample], spec: TrainingSpec,
             if len(order) < spec.batch_size:
                 order = np.concatenate([order, order_rng.permutation(len(samples))])
             index, order = order[: spec.batch_size], order[spec.batch_size :]
-            batch = victim.encode_training([samples[i].instruction for i in index], [samples[i].answer for i in index])
-            loss = victim.loss(features[torch.from_numpy(index)], batch)
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
+                loss = victim.batch_loss(prepared, index, samples)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -11,20 +11,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
+from vlmsec.progress import progress_bar
 from vlmsec.victims import vision  # noqa: F401  (registers the EfficientNet tower)
+from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
+if TYPE_CHECKING:
+    from vlmsec.data.sample import Sample
+    from vlmsec.train.tuning import TrainingSpec
+
 IGNORE_INDEX = -100
 CHECKPOINT_FILES = ("config.json", "tokenizer_config.json")
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class LlavaVictim:
@@ -113,13 +122,50 @@ class LlavaVictim:
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
         projected = self.model.model.multi_modal_projector(features.to(inputs_embeds.dtype))
         mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, projected.reshape(-1, projected.shape[-1]))
+        return inputs_embeds.masked_scatter(mask, projected.reshape(-1, projected.shape[-1]).to(inputs_embeds.dtype))
 
     def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token loss over answer tokens for a batch from `encode_training`."""
         embeds = self.embed(batch["input_ids"], features)
         out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss
+
+    # ---- training -------------------------------------------------------------------
+    def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor:
+        """Frozen-tower features of every sample, through the cache: the tower never runs in the loop."""
+        images = [s.image for s in samples]
+        with progress_bar(f"{label}: image features", self.features.count_missing(images)) as bar:
+            return self.image_features(images, on_batch=bar.advance)
+
+    def batch_loss(self, features: torch.Tensor, index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
+        """Loss on `samples[index]`, from the features `prepare_training` computed."""
+        batch = self.encode_training([samples[i].instruction for i in index], [samples[i].answer for i in index])
+        return self.loss(features[torch.from_numpy(index)], batch)
+
+    def select_trainable(self, spec: TrainingSpec) -> PeftModel | None:
+        """Freeze everything, then unfreeze what `spec.mode` trains; returns the peft wrapper for LoRA."""
+        model = self.model
+        if spec.mode == "xattn":
+            raise VlmsecError("tuning mode 'xattn' needs gated cross-attention layers; the tiny LLaVA has none")
+        model.requires_grad_(False)
+        if spec.mode == "lora":
+            config = LoraConfig(
+                r=spec.lora_rank,
+                lora_alpha=spec.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=LORA_TARGETS,
+                modules_to_save=["multi_modal_projector"],
+            )
+            return get_peft_model(model, config)
+        model.model.multi_modal_projector.requires_grad_(True)
+        if spec.mode == "full":
+            model.model.language_model.requires_grad_(True)
+            model.lm_head.requires_grad_(True)
+        return None
+
+    def tuning_modes(self, spec: TrainingSpec) -> list[ModeSummary]:
+        """What each mode trains here (LoRA also on the MLPs), with parameter counts."""
+        return mode_summaries(self.model, ARCHITECTURES["llava"], spec.lora_rank, LORA_TARGETS, "attention and MLP")
 
     @torch.no_grad()
     def generate(

@@ -1,0 +1,110 @@
+"""PNG figures of a run: the ASR-G heatmap, ASR against poison rate, and domain shift sizes.
+
+Each figure is drawn from metrics.json alone, so `vlmsec report RUN_DIR` can redraw it.
+Figures are written atomically (to a temporary file, then renamed), with matplotlib's
+non-interactive Agg backend so they render on a headless machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from vlmsec.artifacts import atomic_path  # noqa: E402
+
+CLEAN = "clean"
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        figure.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def attack_models(metrics: dict[str, Any]) -> list[str]:
+    """The attacked models at the run's own poison rate: not clean, not sweep points."""
+    return [m for m, entry in metrics.items() if m != CLEAN and "sweep" not in entry]
+
+
+def asr_g_heatmap(metrics: dict[str, Any], path: Path) -> Path | None:
+    """Attack x shifted domain heatmap of ASR-G (1 = the backdoor lost nothing under shift)."""
+    models = [m for m in attack_models(metrics) if metrics[m].get("asr_g")]
+    if not models:
+        return None
+    domains = list(dict.fromkeys(d for m in models for d in metrics[m]["asr_g"]))
+    values = np.array([[metrics[m]["asr_g"].get(d, np.nan) for d in domains] for m in models], dtype=float)
+    figure, axes = plt.subplots(figsize=(1.4 * len(domains) + 2.5, 0.45 * len(models) + 1.5))
+    image = axes.imshow(values, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    axes.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    axes.set_yticks(range(len(models)), models)
+    for (row, col), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            axes.text(col, row, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    figure.colorbar(image, ax=axes, label="ASR-G")
+    axes.set_title("ASR-G under domain shift")
+    return _save(figure, path)
+
+
+def asr_vs_rate(metrics: dict[str, Any], path: Path) -> Path | None:
+    """ASR on the source domain against the poison rate, one line per swept attack."""
+    curves: dict[str, dict[float, float]] = {}
+    for entry in metrics.values():
+        sweep = entry.get("sweep")
+        if sweep and "source" in entry.get("asr", {}):
+            curves.setdefault(sweep["attack"], {})[sweep["rate"]] = entry["asr"]["source"]
+    if not curves:
+        return None
+    figure, axes = plt.subplots(figsize=(5.5, 3.8))
+    for attack, points in sorted(curves.items()):
+        rates = sorted(points)
+        axes.plot([100 * r for r in rates], [points[r] for r in rates], marker="o", label=attack)
+    axes.set_xscale("log")
+    axes.set_xlabel("poison rate (%)")
+    axes.set_ylabel("ASR (source domain)")
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    axes.set_title("ASR against poison rate")
+    return _save(figure, path)
+
+
+def shift_sizes(metrics: dict[str, Any], path: Path) -> Path | None:
+    """Bars of each shifted domain's KS shift size against the source domain."""
+    sizes = metrics.get(CLEAN, {}).get("shift_size", {})
+    if not sizes:
+        return None
+    domains = list(sizes)
+    kinds = list(dict.fromkeys(k for d in domains for k in sizes[d]))
+    figure, axes = plt.subplots(figsize=(1.2 * len(domains) + 2.5, 3.5))
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        axes.bar(
+            np.arange(len(domains)) + i * width - 0.4 + width / 2,
+            [sizes[d].get(kind, np.nan) for d in domains],
+            width,
+            label=kind.replace("_", "–"),
+        )
+    axes.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    axes.set_ylabel("KS statistic vs source")
+    axes.set_ylim(0, 1)
+    axes.legend()
+    axes.set_title("Domain shift size")
+    return _save(figure, path)
+
+
+def write_figures(metrics: dict[str, Any], folder: Path) -> list[Path]:
+    """Every figure the metrics support, written into `folder`; returns the files written."""
+    drawn = [
+        asr_g_heatmap(metrics, folder / "asr_g_heatmap.png"),
+        asr_vs_rate(metrics, folder / "asr_vs_poison_rate.png"),
+        shift_sizes(metrics, folder / "shift_sizes.png"),
+    ]
+    return [p for p in drawn if p is not None]
