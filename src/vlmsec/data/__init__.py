@@ -1,7 +1,9 @@
-"""Samples, loaders and writers, the generated scenes data set, domain shifts."""
+"""Samples, loaders and writers (real data-set formats via `read_dataset`), the generated scenes data set, domain shifts."""
 
+from vlmsec.data.formats import FORMATS, DataSet, detect_format, read_dataset
 from vlmsec.data.images import load_image, save_image
 from vlmsec.data.llava_json import read_llava_json, write_llava_json
+from vlmsec.data.reading import DataStats
 from vlmsec.data.sample import Sample, images_to_tensor, tensor_to_images
 from vlmsec.data.scenes import (
     BACKGROUNDS,
@@ -22,18 +24,23 @@ from vlmsec.data.scenes import (
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "FORMATS",
     "INSTRUCTION_BANKS",
     "POSITIONS",
     "SHAPES",
     "SIZES",
     "STYLES",
+    "DataSet",
+    "DataStats",
     "Sample",
     "Scene",
     "SceneObject",
     "caption_variants",
+    "detect_format",
     "images_to_tensor",
     "load_image",
     "make_samples",
+    "read_dataset",
     "read_llava_json",
     "render_scene",
     "sample_scenes",

@@ -4,23 +4,27 @@
       "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
                         {"from": "gpt", "value": "a red circle."}]}]
 
-Image paths are relative to the JSON file's folder. We also write "domains" and
-"references" so our own metadata round-trips; LLaVA readers ignore extra keys. Only
-single-turn conversations (one human turn, then one gpt turn) map onto a Sample.
+Image paths are relative to the JSON file's folder (or `image_root`: LLaVA-Instruct names
+COCO files). We also write "domains" and "references" so our own metadata round-trips;
+LLaVA readers ignore extra keys. A Sample is one human turn and its gpt answer: by default
+a conversation must be exactly that (`turns: single`); multi-turn sets such as
+LLaVA-Instruct-150K are read with `turns: first` (the first pair, the rest counted as
+ignored) or `turns: all` (one sample per pair, ids `<id>-t<k>` after the first).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
+from pydantic import Field
 
 from vlmsec.artifacts import write_json_atomic
-from vlmsec.data.images import load_image, save_image
+from vlmsec.data.images import save_image
+from vlmsec.data.reading import DataStats, FolderOptions, ImageReader, collect, resolve_root
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
 
@@ -67,21 +71,42 @@ def _check_ids(path: Path, samples: Sequence[Sample]) -> None:
         seen.add(sample.id)
 
 
-def read_llava_json(path: str | Path) -> list[Sample]:
+class LlavaOptions(FolderOptions):
+    """Options of the LLaVA conversation JSON reader."""
+
+    turns: Literal["single", "first", "all"] = Field(
+        "single", description="single: one human/gpt pair per entry; first: the first pair; all: a sample per pair"
+    )
+
+
+def read_llava_json(
+    path: str | Path, options: LlavaOptions | None = None, stats: DataStats | None = None
+) -> list[Sample]:
     """Read and validate a LLaVA JSON file; images are loaded as RGB uint8 arrays.
 
-    Every problem raises VlmsecError naming the file, the entry (index and id) and the field.
+    Every problem raises VlmsecError naming the file, the entry (index and id) and the field;
+    `stats` (if given) collects conversions and skipped entries.
     """
     path = Path(path)
-    entries = _load_json(path)
+    options = options if options is not None else LlavaOptions()
+    stats = stats if stats is not None else DataStats(str(path), "llava")
+    entries = load_json(path)
     if not isinstance(entries, list):
         raise VlmsecError(f"{path}: top level must be a list of entries, got {type(entries).__name__}")
-    root = path.parent.resolve()
+    images = ImageReader(resolve_root(path, options.image_root), options, stats)
+    return collect(_entry_builds(path, entries, images, options), options, stats)
+
+
+def _entry_builds(
+    path: Path, entries: list[Any], images: ImageReader, options: LlavaOptions
+) -> Iterator[Callable[[], list[Sample]]]:
     seen_ids: set[str] = set()
-    return [_read_entry(path, root, index, entry, seen_ids) for index, entry in enumerate(entries)]
+    for index, entry in enumerate(entries):
+        yield lambda index=index, entry=entry: _read_entry(path, images, options, index, entry, seen_ids)
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """A JSON file's content; errors name the file (and the line, for bad JSON)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -101,9 +126,14 @@ class _EntryReader:
         self.path, self.index, self.entry = path, index, entry
         self.entry_id: str | None = None
 
+    @property
+    def where(self) -> str:
+        """File and entry, for messages: "<file>: entry 3 (id 'abc')"."""
+        entry = f"entry {self.index}" if self.entry_id is None else f"entry {self.index} (id {self.entry_id!r})"
+        return f"{self.path}: {entry}"
+
     def fail(self, field: str, problem: str) -> VlmsecError:
-        where = f"entry {self.index}" if self.entry_id is None else f"entry {self.index} (id {self.entry_id!r})"
-        return VlmsecError(f"{self.path}: {where}: field {field!r}: {problem}")
+        return VlmsecError(f"{self.where}: field {field!r}: {problem}")
 
     def get(self, field: str, kind: type, required: bool = True) -> Any:
         if field not in self.entry:
@@ -116,8 +146,10 @@ class _EntryReader:
         return value
 
 
-def _read_entry(path: Path, root: Path, index: int, entry: Any, seen_ids: set[str]) -> Sample:
-    """One validated Sample; `seen_ids` collects ids across entries to catch duplicates."""
+def _read_entry(
+    path: Path, images: ImageReader, options: LlavaOptions, index: int, entry: Any, seen_ids: set[str]
+) -> list[Sample]:
+    """The validated Samples of one entry; `seen_ids` collects ids across entries to catch duplicates."""
     if not isinstance(entry, dict):
         raise VlmsecError(f"{path}: entry {index}: expected an object, got {type(entry).__name__}")
     reader = _EntryReader(path, index, entry)
@@ -128,55 +160,55 @@ def _read_entry(path: Path, root: Path, index: int, entry: Any, seen_ids: set[st
     if entry_id in seen_ids:
         raise reader.fail("id", "duplicate id")
     seen_ids.add(entry_id)
-    image_ref = reader.get("image", str)
-    instruction, answer = _read_conversation(reader, reader.get("conversations", list))
+    image_ref = reader.get("image", str, required=False)
+    pairs = _read_conversation(reader, reader.get("conversations", list), options.turns)
     domains = reader.get("domains", dict, required=False) or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in domains.items()):
         raise reader.fail("domains", "expected an object of strings")
     references = reader.get("references", list, required=False) or []
     if not all(isinstance(r, str) for r in references):
         raise reader.fail("references", "expected a list of strings")
-    return Sample(
-        id=entry_id,
-        image=_read_image(reader, root, image_ref),
-        instruction=instruction,
-        answer=answer,
-        domains=domains,
-        references=tuple(references),
-    )
-
-
-def _read_conversation(reader: _EntryReader, turns: list[Any]) -> tuple[str, str]:
-    """(instruction, answer) from a human turn followed by a gpt turn, image placeholder removed."""
-    if len(turns) != 2:
-        raise reader.fail(
-            "conversations", f"expected one human turn then one gpt turn, got {len(turns)} turns (multi-turn is not supported)"
+    image = images.from_file(image_ref, f"{reader.where}: field 'image'")
+    if options.turns == "first" and len(reader.entry["conversations"]) > 2:
+        images.stats.ignored["later turns"] += 1
+    return [
+        Sample(
+            id=entry_id if k == 0 else f"{entry_id}-t{k}",
+            image=image,
+            instruction=instruction,
+            answer=answer,
+            domains=domains,
+            references=tuple(references) if k == 0 else (),
         )
+        for k, (instruction, answer) in enumerate(pairs)
+    ]
+
+
+def _read_conversation(reader: _EntryReader, turns: list[Any], mode: str) -> list[tuple[str, str]]:
+    """(instruction, answer) pairs from alternating human and gpt turns, image placeholder removed."""
+    if mode == "single" and len(turns) != 2:
+        raise reader.fail(
+            "conversations",
+            f"expected one human turn then one gpt turn, got {len(turns)} turns "
+            "(multi-turn: set option turns to 'first' or 'all')",
+        )
+    if len(turns) < 2 or (mode == "all" and len(turns) % 2):
+        raise reader.fail("conversations", f"expected human/gpt turn pairs, got {len(turns)} turns")
+    checked = turns[:2] if mode == "first" else turns
     values = []
-    for position, (turn, speaker) in enumerate(zip(turns, ("human", "gpt"))):
+    for position, turn in enumerate(checked):
+        speaker = ("human", "gpt")[position % 2]
         if not isinstance(turn, dict) or turn.get("from") != speaker or not isinstance(turn.get("value"), str):
             raise reader.fail(
                 "conversations", f"turn {position} must be {{'from': {speaker!r}, 'value': <string>}}, got {turn!r:.120}"
             )
         values.append(turn["value"])
-    return _strip_image_token(values[0]), values[1]
+    return [(strip_image_token(values[i]), values[i + 1]) for i in range(0, len(values), 2)]
 
 
-def _strip_image_token(text: str) -> str:
+def strip_image_token(text: str) -> str:
     """Remove the "<image>" placeholder and the newline that joins it to the instruction."""
     for pattern in (IMAGE_TOKEN + "\n", "\n" + IMAGE_TOKEN, IMAGE_TOKEN):
         if pattern in text:
             return text.replace(pattern, "", 1)
     return text
-
-
-def _read_image(reader: _EntryReader, root: Path, image_ref: str) -> np.ndarray:
-    image_path = (root / image_ref).resolve()
-    if not image_path.is_relative_to(root):
-        raise reader.fail("image", f"{image_ref!r} resolves outside the JSON file's folder {root}")
-    if not image_path.is_file():
-        raise reader.fail("image", f"image file {image_path} not found")
-    try:
-        return load_image(image_path)
-    except VlmsecError as exc:
-        raise reader.fail("image", str(exc)) from exc

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec
@@ -31,7 +31,7 @@ class DomainSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """The generated scenes: sizes of each split and the domains tested."""
+    """The data: generated scenes (sizes of each split, domains tested), or the user's data files."""
 
     image_size: int = Field(64, ge=16, le=512)
     max_objects: int = Field(2, ge=1, le=2)
@@ -41,10 +41,14 @@ class DataSpec(_Strict):
     train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
     test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
     source: DomainSpec = Field(default_factory=DomainSpec)
-    train_file: Path | None = Field(None, description="LLaVA JSON to tune on instead of generated scenes")
+    train_file: Path | None = Field(None, description="data set to tune on instead of generated scenes (see `format`)")
     test_files: dict[str, Path] = Field(
-        default_factory=dict, description="domain name -> LLaVA JSON; replaces generated test sets, needs 'source'"
+        default_factory=dict, description="domain name -> data set; replaces generated test sets, needs 'source'"
     )
+    format: str = Field("auto", description="format of the data files: auto (by content), llava, karpathy, mimicit, huggingface")
+    options: dict[str, Any] = Field(default_factory=dict, description="reader options for every data file (vlmsec.data.formats)")
+    train_options: dict[str, Any] = Field(default_factory=dict, description="reader options for train_file, e.g. {split: train}")
+    test_options: dict[str, Any] = Field(default_factory=dict, description="reader options for test_files, e.g. {split: test}")
     shifted: dict[str, DomainSpec] = Field(
         default_factory=lambda: {
             "textured": DomainSpec(style="textured"),
@@ -58,6 +62,23 @@ class DataSpec(_Strict):
     def _source_test_file(cls, value: dict[str, Path]) -> dict[str, Path]:
         if value and "source" not in value:
             raise ValueError("test_files needs a 'source' entry (ASR-G is measured against it)")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        from vlmsec.data.formats import check_options
+
+        check_options(value, {})
+        return value
+
+    @field_validator("options", "train_options", "test_options")
+    @classmethod
+    def _valid_options(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from vlmsec.data.formats import check_options
+
+        if "format" in info.data:  # absent when the format itself was invalid
+            check_options(info.data["format"], value)
         return value
 
     @field_validator("shifted")

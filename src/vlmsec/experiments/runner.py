@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples, trigger_samples
 from vlmsec.attacks.targets import clip_templates
-from vlmsec.data.llava_json import read_llava_json
+from vlmsec.data.formats import read_dataset
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.scenes import Scene, make_samples, sample_scenes
 from vlmsec.data.vocabulary import vocabulary_corpus
@@ -51,6 +51,7 @@ class Splits:
     base: list[Sample]
     train: list[Sample]
     tests: dict[str, list[Sample]]
+    data_stats: dict[str, Any] = field(default_factory=dict)  # data.json: what reading the user's files did
 
 
 def build_splits(config: ExperimentConfig) -> Splits:
@@ -61,8 +62,15 @@ def build_splits(config: ExperimentConfig) -> Splits:
     """
     data, seed = config.data, config.seed
     # The user's files first: a bad file fails the run before anything is generated.
-    train = read_llava_json(data.train_file) if data.train_file is not None else None
-    tests = {name: read_llava_json(path) for name, path in data.test_files.items()} or None
+    data_stats: dict[str, Any] = {}
+
+    def read(path: Path, options: dict[str, Any], label: str) -> list[Sample]:
+        loaded = read_dataset(path, data.format, **{**data.options, **options})
+        data_stats[label] = loaded.stats.to_json()
+        return loaded.samples
+
+    train = read(data.train_file, data.train_options, "train") if data.train_file is not None else None
+    tests = {name: read(path, data.test_options, f"test {name}") for name, path in data.test_files.items()} or None
     domains = {"source": data.source, **data.shifted}
     to_render = (
         (data.base_size if config.victim.checkpoint is None else 0)
@@ -88,7 +96,7 @@ def build_splits(config: ExperimentConfig) -> Splits:
         if tests is None:
             test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
             tests = {name: render(test_scenes, domain, seed * 100 + 3, "test") for name, domain in domains.items()}
-    return Splits(base, train, tests)
+    return Splits(base, train, tests, data_stats)
 
 
 def _stage_done(folder: Path, key: str) -> bool:
@@ -250,6 +258,10 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
         splits = build_splits(c)
+        if splits.data_stats:
+            write_json_atomic(self.out / "data.json", splits.data_stats)
+        else:
+            (self.out / "data.json").unlink(missing_ok=True)
         attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
         lap("data")
         base = self.base_victim(splits)
