@@ -58,6 +58,27 @@ def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
     return picked
 
 
+def _data_section(run_dir: Path) -> list[str]:
+    """What reading the user's data files did (data.json): samples, conversions, skipped entries."""
+    path = run_dir / "data.json"
+    if not path.exists():
+        return []
+    reads = _read_json(path)
+    if not isinstance(reads, dict) or not all(isinstance(r, dict) for r in reads.values()):
+        raise VlmsecError(f"{path}: expected an object of splits, each an object of counts")
+
+    def counts(value: Any) -> str:
+        return ", ".join(f"{kind} {n}" for kind, n in value.items()) if isinstance(value, dict) and value else "–"
+
+    lines = ["## Data", "", "| split | file | format | samples | converted | skipped | ignored |", "|---|---|---|---|---|---|---|"]
+    for split, r in reads.items():
+        lines.append(
+            f"| {split} | `{Path(str(r.get('file', '?'))).name}` | {r.get('format', '?')} | {r.get('samples', '?')} "
+            f"| {counts(r.get('converted'))} | {counts(r.get('skipped'))} | {counts(r.get('ignored'))} |"
+        )
+    return [*lines, ""]
+
+
 def render_report(run_dir: str | Path) -> str:
     """The Markdown report of a run folder."""
     run_dir = Path(run_dir)
@@ -89,6 +110,7 @@ def render_report(run_dir: str | Path) -> str:
         "- **CIDEr**, **BLEU-4**: clean captioning quality (×100). The clean model's ASR is measured on every attack's triggers.",
         "",
     ]
+    lines += _data_section(run_dir)
     header = "| model | " + " | ".join(domains) + " |"
     rule = "|---|" + "---|" * len(domains)
     sections = [
