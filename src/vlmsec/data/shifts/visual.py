@@ -190,7 +190,7 @@ class Palette(VisualShift):
         rotation[:, 0, 0] = 1.0
         rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
         # One 3 x 3 colour matrix per image: RGB -> YIQ -> rotate chroma -> RGB.
-        matrices = (_YIQ_TO_RGB.double() @ rotation @ _RGB_TO_YIQ.double()).to(images.dtype)
+        matrices = (_YIQ_TO_RGB.double() @ rotation @ _RGB_TO_YIQ.double()).to(images.device, images.dtype)
         return torch.einsum("bij,bjhw->bihw", matrices, images)
 
 
@@ -236,7 +236,7 @@ class Texture(VisualShift):
                 layer = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
                 layer = layer / layer.abs().max().clamp_min(1e-6)
             layers.append(layer)
-        texture = torch.stack(layers).unsqueeze(1).to(images.dtype)
+        texture = torch.stack(layers).unsqueeze(1).to(images.device, images.dtype)
         return images + p.strength * texture
 
 
