@@ -1,0 +1,429 @@
+"""OpenFlamingo / Otter victims: our loader of the released formats, masking, tuning, generation, save/load.
+
+The checkpoints here are tiny but written in the released layouts, with key names spelled
+out by hand from OpenFlamingo's and Otter's modules, not taken from our own model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import (
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MptConfig,
+    MptForCausalLM,
+)
+
+from vlmsec.data import Sample, make_samples, sample_scenes
+from vlmsec.errors import VlmsecError
+from vlmsec.victims.flamingo import (
+    ANSWER_TOKEN,
+    END_OF_CHUNK,
+    IMAGE_TOKEN,
+    FlamingoSpec,
+    FlamingoVictim,
+    load_flamingo,
+    load_otter,
+)
+from vlmsec.victims.flamingo_model import FlamingoConfig, FlamingoModel, OpenClipVisionTransformer, VisionConfig
+from vlmsec.victims.tokenizer import train_tokenizer
+
+VISION = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_width=64, output_dim=16)
+LANG_DIM, LANG_LAYERS = 32, 4
+# Small perceiver and cross-attention; every 2nd decoder layer (indices 1 and 3) gets a block.
+ARCH = dict(
+    cross_attn_every_n_layers=2,
+    perceiver_depth=2,
+    perceiver_heads=2,
+    perceiver_dim_head=16,
+    num_latents=4,
+    xattn_heads=2,
+    xattn_dim_head=16,
+)
+XATTN_LAYERS = (1, 3)
+
+
+def _ff(prefix: str, dim: int, mult: int = 4) -> dict[str, torch.Tensor]:
+    """OpenFlamingo's FeedForward weights (LayerNorm 0, Linear 1, GELU 2, Linear 3)."""
+    return {
+        f"{prefix}0.weight": 1 + 0.1 * torch.randn(dim),
+        f"{prefix}0.bias": 0.1 * torch.randn(dim),
+        f"{prefix}1.weight": 0.2 * torch.randn(dim * mult, dim),
+        f"{prefix}3.weight": 0.2 * torch.randn(dim, dim * mult),
+    }
+
+
+def _attn(prefix: str, dim: int, dim_kv: int, inner: int, norms: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}{n}.weight": 1 + 0.1 * torch.randn(d) for n, d in zip(norms, (dim, dim_kv))}
+    out.update({f"{prefix}{n}.bias": 0.1 * torch.randn(d) for n, d in zip(norms, (dim, dim_kv))})
+    out[f"{prefix}to_q.weight"] = 0.2 * torch.randn(inner, dim)
+    out[f"{prefix}to_kv.weight"] = 0.2 * torch.randn(2 * inner, dim_kv)
+    out[f"{prefix}to_out.weight"] = 0.2 * torch.randn(dim, inner)
+    return out
+
+
+def released_checkpoint(arch: FlamingoConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A `checkpoint.pt` as OpenFlamingo releases it: perceiver + gated cross-attention only, its names."""
+    torch.manual_seed(seed)
+    vis = VISION.width
+    ckpt = {"perceiver.latents": torch.randn(arch.num_latents, vis)}
+    inner = arch.perceiver_heads * arch.perceiver_dim_head
+    for i in range(arch.perceiver_depth):
+        ckpt.update(_attn(f"perceiver.layers.{i}.0.", vis, vis, inner, ("norm_latents", "norm_media")))
+        ckpt.update(_ff(f"perceiver.layers.{i}.1.", vis))
+    ckpt.update({"perceiver.norm.weight": 1 + 0.1 * torch.randn(vis), "perceiver.norm.bias": 0.1 * torch.randn(vis)})
+    for i in XATTN_LAYERS:
+        prefix = f"lang_encoder.gated_cross_attn_layers.{i}."
+        ckpt.update(_attn(prefix + "attn.", LANG_DIM, vis, arch.xattn_heads * arch.xattn_dim_head, ("norm",)))
+        ckpt.update(_ff(prefix + "ff.", LANG_DIM))
+        ckpt.update({prefix + "attn_gate": torch.tensor([0.7]), prefix + "ff_gate": torch.tensor([0.4])})
+    return ckpt
+
+
+def _lm_config(vocab: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=LANG_DIM,
+        intermediate_size=64,
+        num_hidden_layers=LANG_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    return make_samples(sample_scenes(6, seed=0), "flat", size=32)
+
+
+@pytest.fixture(scope="module")
+def parts(samples: list[Sample], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Released-format files: open_clip CLIP (safetensors and .pt), LM folder with tokenizer, checkpoint.pt."""
+    root = tmp_path_factory.mktemp("released")
+    tokenizer = train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], 300)
+    tokenizer.save_pretrained(root / "lm")
+    torch.manual_seed(1)
+    LlamaForCausalLM(_lm_config(len(tokenizer))).save_pretrained(root / "lm")
+    tower = {k: torch.randn_like(v) for k, v in OpenClipVisionTransformer(VISION).state_dict().items()}
+    clip = {f"visual.{k}": v for k, v in tower.items()}
+    clip.update(
+        {
+            "logit_scale": torch.tensor(4.6),
+            "positional_embedding": torch.randn(7, 16),
+            "transformer.resblocks.0.ln_1.weight": torch.ones(16),
+        }
+    )
+    save_file(clip, str(root / "open_clip_model.safetensors"))
+    torch.save(tower, root / "visual.pt")
+    ckpt = released_checkpoint(FlamingoConfig(**ARCH))
+    torch.save(ckpt, root / "checkpoint.pt")
+    spec = FlamingoSpec(
+        vision_checkpoint=root / "open_clip_model.safetensors",
+        vision_heads=VISION.heads,
+        lang_model=root / "lm",
+        checkpoint=root / "checkpoint.pt",
+        **ARCH,
+    )
+    return {"root": root, "tower": tower, "checkpoint": ckpt, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def victim(parts: dict) -> FlamingoVictim:
+    return load_flamingo(parts["spec"])
+
+
+def _spec(parts: dict, **changes: object) -> FlamingoSpec:
+    return parts["spec"].model_copy(update=changes)
+
+
+# ---- loading the released format ------------------------------------------------------------
+
+
+def test_released_checkpoint_round_trips_exactly(victim: FlamingoVictim, parts: dict) -> None:
+    state = victim.model.state_dict()
+    for key, value in parts["checkpoint"].items():
+        assert torch.equal(state[key], value), key
+    for key, value in parts["tower"].items():
+        assert torch.equal(state[f"vision_encoder.{key}"], value), key
+    lm = LlamaForCausalLM.from_pretrained(parts["root"] / "lm")
+    for key, value in lm.state_dict().items():
+        if "embed_tokens" not in key and "lm_head" not in key:
+            assert torch.equal(state[f"lang_encoder.{key}"], value), key
+    assert victim.model.cross_attn_layer_indices == list(XATTN_LAYERS)
+    assert {k.split(".")[0] for k in state} == {"vision_encoder", "perceiver", "lang_encoder"}
+    ids = victim.tokenizer.convert_tokens_to_ids([END_OF_CHUNK, IMAGE_TOKEN, ANSWER_TOKEN])
+    assert all(i < victim.model.lang_encoder.get_input_embeddings().num_embeddings for i in ids)
+
+
+def test_visual_only_pt_tower_and_trained_embeddings_load(parts: dict) -> None:
+    """A `.pt` tower without the `visual.` prefix; a checkpoint that also carries the LM's input embeddings."""
+    base = load_flamingo(parts["spec"])
+    rows = base.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN)  # OpenFlamingo's vocabulary ends before <answer>
+    embeddings = torch.randn(rows, LANG_DIM)
+    path = parts["root"] / "checkpoint_with_embeddings.pt"
+    torch.save({**parts["checkpoint"], "lang_encoder.model.embed_tokens.weight": embeddings}, path)
+    victim = load_flamingo(_spec(parts, vision_checkpoint=parts["root"] / "visual.pt", checkpoint=path))
+    assert torch.equal(victim.model.lang_encoder.get_input_embeddings().weight[:rows], embeddings)
+    assert torch.equal(victim.model.vision_encoder.conv1.weight, parts["tower"]["conv1.weight"])
+
+
+def test_missing_and_unexpected_keys_name_the_file_and_keys(parts: dict) -> None:
+    ckpt = dict(parts["checkpoint"])
+    del ckpt["perceiver.layers.1.1.3.weight"]
+    ckpt["lang_encoder.gated_cross_attn_layers.0.attn_gate"] = torch.zeros(1)
+    path = parts["root"] / "broken.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(VlmsecError) as err:
+        load_flamingo(_spec(parts, checkpoint=path))
+    message = str(err.value)
+    assert message.startswith(str(path))
+    assert "1 missing: perceiver.layers.1.1.3.weight" in message
+    assert "1 unexpected: lang_encoder.gated_cross_attn_layers.0.attn_gate" in message
+
+
+def test_wrong_cross_attention_interval_is_a_clear_error(parts: dict) -> None:
+    with pytest.raises(VlmsecError, match=r"checkpoint\.pt: .*missing: lang_encoder\.gated_cross_attn_layers\.0\."):
+        load_flamingo(_spec(parts, cross_attn_every_n_layers=1))
+
+
+def test_bad_vision_checkpoints_are_refused(parts: dict) -> None:
+    tower = dict(parts["tower"])
+    del tower["transformer.resblocks.1.attn.in_proj_weight"]
+    broken = parts["root"] / "broken_visual.pt"
+    torch.save(tower, broken)
+    with pytest.raises(
+        VlmsecError, match=r"broken_visual\.pt: .*missing: transformer\.resblocks\.1\.attn\.in_proj_weight"
+    ):
+        load_flamingo(_spec(parts, vision_checkpoint=broken))
+    pickled = parts["root"] / "pickled.pt"
+    torch.save({"conv1.weight": argparse.Namespace()}, pickled)
+    with pytest.raises(VlmsecError, match="weights_only"):
+        load_flamingo(_spec(parts, vision_checkpoint=pickled))
+
+
+# ---- the model --------------------------------------------------------------------------------
+
+
+def test_closed_gates_leave_the_language_model_unchanged(parts: dict, victim: FlamingoVictim) -> None:
+    lm = LlamaForCausalLM.from_pretrained(parts["root"] / "lm")
+    lm.resize_token_embeddings(len(victim.tokenizer))
+    ids = torch.tensor([victim.prompt_ids("What is in the picture?")])
+    with torch.no_grad():
+        plain = lm(input_ids=ids).logits
+        model = FlamingoModel(
+            OpenClipVisionTransformer(VISION), lm, FlamingoConfig(**ARCH), victim.model.media_token_id
+        )
+        flamingo = model(torch.randn(1, 1, 16, VISION.width), ids).logits
+    assert torch.equal(plain, flamingo)
+
+
+def test_text_attends_only_to_the_image_before_it(victim: FlamingoVictim) -> None:
+    before = victim.tokenizer("a caption first ", add_special_tokens=False).input_ids
+    ids = torch.tensor([before + victim.prompt_ids("What is in the picture?")])
+    image = ids[0].tolist().index(victim.model.media_token_id)
+    with torch.no_grad():
+        a = victim.model(torch.randn(1, 1, 16, VISION.width), ids).logits
+        b = victim.model(torch.randn(1, 1, 16, VISION.width), ids).logits
+    assert torch.equal(a[:, :image], b[:, :image])
+    assert not torch.allclose(a[:, image:], b[:, image:])
+
+
+def _assert_cached_generation_matches_full_recomputation(victim: FlamingoVictim, sample: Sample) -> None:
+    """Greedy `generate` (KV cache, one token per step) picks what a full forward over the sequence picks."""
+    features = victim.image_features([sample.image])[:, None]
+    ids = torch.tensor([victim.prompt_ids(sample.instruction)])
+    pad = victim.tokenizer.pad_token_id
+    generated = victim.model.generate(
+        features, ids, torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=pad
+    )
+    with torch.no_grad():
+        for token in generated[0, ids.shape[1] :]:
+            assert victim.model(features, ids).logits[0, -1].argmax() == token
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+
+
+def test_cached_generation_matches_full_recomputation(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    _assert_cached_generation_matches_full_recomputation(victim, samples[0])
+
+
+def test_mpt_language_model_with_tied_trained_embeddings(parts: dict, samples: list[Sample], tmp_path: Path) -> None:
+    """OpenFlamingo-9B's LM family: MPT, tied embeddings shipped in the checkpoint as `transformer.wte`."""
+    tokenizer = AutoTokenizer.from_pretrained(parts["root"] / "lm")
+    tokenizer.save_pretrained(tmp_path / "mpt")
+    torch.manual_seed(4)
+    config = MptConfig(d_model=LANG_DIM, n_heads=2, n_layers=LANG_LAYERS, vocab_size=len(tokenizer), max_seq_len=256)
+    MptForCausalLM(config).save_pretrained(tmp_path / "mpt")
+    wte = torch.randn(len(tokenizer) + 1, LANG_DIM)  # + <|endofchunk|>
+    torch.save({**parts["checkpoint"], "lang_encoder.transformer.wte.weight": wte}, tmp_path / "checkpoint.pt")
+    victim = load_flamingo(_spec(parts, lang_model=tmp_path / "mpt", checkpoint=tmp_path / "checkpoint.pt"))
+    lm = victim.model.lang_encoder
+    assert torch.equal(lm.get_input_embeddings().weight[: len(wte)], wte)
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    state = victim.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in parts["checkpoint"].items())
+    _assert_cached_generation_matches_full_recomputation(victim, samples[1])
+    victim.save(tmp_path / "saved")
+    loaded = FlamingoVictim.load(tmp_path / "saved")
+    images, instructions = [s.image for s in samples[:2]], [s.instruction for s in samples[:2]]
+    assert loaded.generate(images, instructions, 4) == victim.generate(images, instructions, 4)
+
+
+def test_generate_returns_one_string_per_pair(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    seen: list[int] = []
+    out = victim.generate(
+        [s.image for s in samples], [s.instruction for s in samples], 4, batch_size=4, on_batch=seen.append
+    )
+    assert len(out) == len(samples) and all(isinstance(t, str) for t in out)
+    assert seen == [4, 2]
+
+
+def test_training_labels_cover_the_answer_and_end_of_chunk_only(victim: FlamingoVictim) -> None:
+    batch = victim.encode_training(["Describe it.", "What is it?"], ["A red square.", "A blue ground with shapes."])
+    for row in range(2):
+        labels = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        ids = batch["input_ids"][row].tolist()
+        assert labels[-1] == victim.end_of_chunk_id
+        answer_start = ids.index(victim.tokenizer.convert_tokens_to_ids(ANSWER_TOKEN)) + 1
+        assert ids[answer_start : answer_start + len(labels)] == labels
+    assert victim.tokenizer.decode(batch["input_ids"][0]).startswith(
+        f"{IMAGE_TOKEN}User: Describe it. GPT:{ANSWER_TOKEN}"
+    )
+
+
+def test_cross_attention_tuning_trains_only_xattn_and_perceiver(parts: dict, samples: list[Sample]) -> None:
+    victim = load_flamingo(parts["spec"])
+    counts = victim.select_trainable("xattn")
+    tuned = {
+        k
+        for k, p in victim.model.named_parameters()
+        if k.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers."))
+    }
+    assert {k for k, p in victim.model.named_parameters() if p.requires_grad} == tuned
+    total = sum(p.numel() for p in victim.model.parameters())
+    assert counts.trainable == sum(p.numel() for k, p in victim.model.named_parameters() if k in tuned)
+    assert counts.trainable + counts.frozen == total
+    before = {k: v.clone() for k, v in victim.model.state_dict().items()}
+    features = victim.image_features([s.image for s in samples])
+    batch = victim.encode_training([s.instruction for s in samples], [s.answer for s in samples])
+    optimizer = torch.optim.AdamW([p for p in victim.model.parameters() if p.requires_grad], lr=1e-2)
+    victim.model.train()
+    losses = []
+    for _ in range(6):
+        loss = victim.loss(features, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    changed = {k for k, v in victim.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= tuned
+
+
+def test_save_and_load_round_trip(victim: FlamingoVictim, samples: list[Sample], tmp_path: Path) -> None:
+    victim.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+    loaded = FlamingoVictim.load(tmp_path / "saved")
+    ours, theirs = victim.model.state_dict(), loaded.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    images, instructions = [s.image for s in samples[:3]], [s.instruction for s in samples[:3]]
+    assert loaded.generate(images, instructions, 4) == victim.generate(images, instructions, 4)
+    with pytest.raises(VlmsecError, match="flamingo.json"):
+        FlamingoVictim.load(tmp_path)
+
+
+# ---- Otter -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def otter_folder(samples: list[Sample], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, CLIPVisionModel]:
+    """A tiny Otter-Image folder as Otter saves it: config.json and weights in Otter's own names."""
+    root = tmp_path_factory.mktemp("otter")
+    tokenizer = train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], 300)
+    tokenizer.save_pretrained(root / "tokenizer")
+    torch.manual_seed(2)
+    # Otter's tokenizer gains <|endofchunk|> and <answer> (this one already has <image> and a pad token).
+    lm_config = _lm_config(len(tokenizer) + 2)
+    lm = LlamaForCausalLM(lm_config)
+    vision_config = CLIPVisionConfig(
+        hidden_size=VISION.width,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    clip = CLIPVisionModel(vision_config).eval()
+    weights = {f"vision_encoder.vision_model.{k}": v for k, v in clip.state_dict().items()}
+    # Otter's architecture is fixed at OpenFlamingo's defaults; its names differ.
+    for key, value in released_checkpoint(FlamingoConfig(cross_attn_every_n_layers=2), seed=3).items():
+        if m := re.fullmatch(r"perceiver\.layers\.(\d+)\.0\.(.+)", key):
+            key = f"perceiver.layers.{m[1]}.{m[2]}"
+        elif m := re.fullmatch(r"perceiver\.layers\.(\d+)\.1\.(.+)", key):
+            key = f"perceiver.layers.{m[1]}.feed_forward.{m[2]}"
+        elif m := re.fullmatch(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)", key):
+            key = f"lang_encoder.model.layers.{m[1]}.gated_cross_attn_layer.{re.sub(r'^ff[.]', 'feed_forward.', m[2])}"
+        weights[key] = value
+    for key, value in lm.state_dict().items():
+        weights["lang_encoder." + re.sub(r"^model\.layers\.(\d+)\.", r"model.layers.\1.decoder_layer.", key)] = value
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(root / "model.safetensors"))
+    config = {
+        "model_type": "otter",
+        "cross_attn_every_n_layers": ARCH["cross_attn_every_n_layers"],
+        "text_config": lm_config.to_dict(),
+        "vision_config": vision_config.to_dict(),
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    return root, weights, clip
+
+
+def test_otter_folder_loads_with_its_names_mapped(otter_folder: tuple[Path, dict, CLIPVisionModel]) -> None:
+    root, weights, clip = otter_folder
+    victim = load_otter(root, root / "tokenizer")
+    state = victim.model.state_dict()
+    xattn, layers = "lang_encoder.gated_cross_attn_layers", "lang_encoder.model.layers"
+    pairs = {
+        "perceiver.layers.1.feed_forward.3.weight": "perceiver.layers.1.1.3.weight",
+        "perceiver.layers.0.to_kv.weight": "perceiver.layers.0.0.to_kv.weight",
+        f"{layers}.3.gated_cross_attn_layer.feed_forward.1.weight": f"{xattn}.3.ff.1.weight",
+        f"{layers}.1.gated_cross_attn_layer.attn_gate": f"{xattn}.1.attn_gate",
+        f"{layers}.2.decoder_layer.self_attn.q_proj.weight": f"{layers}.2.self_attn.q_proj.weight",
+        "vision_encoder.vision_model.embeddings.patch_embedding.weight": "vision_encoder.conv1.weight",
+    }
+    for otter_key, our_key in pairs.items():
+        assert torch.equal(weights[otter_key], state[our_key]), otter_key
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = clip(pixel_values=pixels).last_hidden_state[:, 1:]  # what Otter feeds its perceiver
+    torch.testing.assert_close(victim.model.encode_images(pixels), reference, rtol=1e-5, atol=1e-5)
+    ids = victim.tokenizer.convert_tokens_to_ids([END_OF_CHUNK, IMAGE_TOKEN, ANSWER_TOKEN])
+    assert len(set(ids)) == 3
+
+
+def test_otter_folder_with_a_missing_key_is_refused(
+    otter_folder: tuple[Path, dict, CLIPVisionModel], tmp_path: Path
+) -> None:
+    root, weights, _ = otter_folder
+    broken = tmp_path / "otter"
+    broken.mkdir()
+    (broken / "config.json").write_text((root / "config.json").read_text())
+    save_file(
+        {k: v.contiguous() for k, v in weights.items() if "layers.3.gated_cross_attn_layer.ff_gate" not in k},
+        str(broken / "model.safetensors"),
+    )
+    with pytest.raises(
+        VlmsecError,
+        match=r"otter: not an Otter-Image checkpoint.*missing: lang_encoder\.gated_cross_attn_layers\.3\.ff_gate",
+    ):
+        load_otter(broken, root / "tokenizer")
