@@ -21,6 +21,7 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from typer.testing import CliRunner
 
+import vlmsec.experiments.runner as runner_module
 from vlmsec.cli import app
 from vlmsec.data.formats import FORMATS, check_options, detect_format, read_dataset
 from vlmsec.data.mimicit import _decoded_bytes
@@ -516,6 +517,28 @@ def test_runner_reads_configured_format_and_keeps_stats(tmp_path: Path) -> None:
     assert "| train | `dataset_coco.json` | karpathy | 3 | cmyk 2 | no image 1 | – |" in report
     (run / "data.json").unlink()
     assert "## Data" not in render_report(run)
+
+
+def test_run_writes_data_json_before_any_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stop(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("stopped after the data stage")
+
+    monkeypatch.setattr(runner_module.Runner, "base_victim", stop)
+    runner = runner_module.Runner(load_config(karpathy_config(tmp_path)), tmp_path / "run", cache_dir=tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="stopped after the data stage"):
+        runner.run()
+    written = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert set(written) == {"train", "test source"}
+    assert written["test source"]["samples"] == 2 and written["train"]["file"].endswith("dataset_coco.json")
+
+
+def test_runner_asks_for_one_image_size(tmp_path: Path) -> None:
+    path = karpathy_config(tmp_path)
+    rgb((1, 2, 3), size=(9, 9)).save(tmp_path / "coco" / "images" / "val2014" / "img1.png")
+    with pytest.raises(VlmsecError, match=r"dataset_coco\.json: images come in 2 sizes; set data\.options\.image_size"):
+        build_splits(load_config(path))
+    config = load_config(karpathy_config(tmp_path, options={"image_root": "images", "image_size": 12}))
+    assert {s.image.shape for s in build_splits(config).tests["source"]} == {(12, 12, 3)}
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from vlmsec.data.llava_json import load_json
-from vlmsec.data.reading import CaptionOptions, DataStats, FolderOptions, ImageReader, collect, resolve_root
+from vlmsec.data.reading import CaptionOptions, DataStats, FolderOptions, ImageReader, collect, load_json, resolve_root
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
 
@@ -62,12 +61,13 @@ def _builds(
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise VlmsecError(f"{path}: images[{index}]: expected an object, got {type(entry).__name__}")
-        if entry.get("split") in wanted:
+        if isinstance(entry.get("split"), str) and entry["split"] in wanted:
             yield lambda index=index, entry=entry: [_sample(path, name, index, entry, images, options)]
 
 
 def _sample(path: Path, name: str, index: int, entry: dict[str, Any], images: ImageReader, options: KarpathyOptions) -> Sample:
-    number = entry.get("cocoid", entry.get("imgid", index))
+    number = entry.get("cocoid", entry.get("imgid"))
+    number = number if isinstance(number, (int, str)) else index
     sample_id = f"{name}-{number}"
     where = f"{path}: images[{index}] (id {sample_id!r})"
     captions = _captions(where, entry.get("sentences"))

@@ -14,7 +14,6 @@ ignored) or `turns: all` (one sample per pair, ids `<id>-t<k>` after the first).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from pydantic import Field
 
 from vlmsec.artifacts import write_json_atomic
 from vlmsec.data.images import save_image
-from vlmsec.data.reading import DataStats, FolderOptions, ImageReader, collect, resolve_root
+from vlmsec.data.reading import DataStats, FolderOptions, ImageReader, collect, load_json, resolve_root
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
 
@@ -103,20 +102,6 @@ def _entry_builds(
     seen_ids: set[str] = set()
     for index, entry in enumerate(entries):
         yield lambda index=index, entry=entry: _read_entry(path, images, options, index, entry, seen_ids)
-
-
-def load_json(path: Path) -> Any:
-    """A JSON file's content; errors name the file (and the line, for bad JSON)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise VlmsecError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VlmsecError(f"{path}: cannot read file: {exc}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VlmsecError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
 
 
 class _EntryReader:

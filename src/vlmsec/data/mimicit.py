@@ -24,7 +24,6 @@ from typing import Any
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from vlmsec.data.llava_json import load_json
 from vlmsec.data.reading import (
     IMAGE_NOT_FOUND,
     NO_IMAGE,
@@ -34,6 +33,7 @@ from vlmsec.data.reading import (
     MissingImage,
     ReadOptions,
     collect,
+    load_json,
 )
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError

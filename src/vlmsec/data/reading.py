@@ -8,6 +8,7 @@ lazily, so a `limit` on a large data set never decodes the images it does not ke
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -137,7 +138,10 @@ class ImageReader:
         """The image at `reference` (relative to the root, or absolute inside it); `where` names entry and field."""
         if not reference:
             raise MissingImage(f"{where}: missing", NO_IMAGE)
-        path = (self.root / reference).resolve()
+        try:
+            path = (self.root / reference).resolve()
+        except (OSError, ValueError) as exc:  # e.g. a NUL byte in the path
+            raise MissingImage(f"{where}: {reference!r} is not a usable path: {exc}", IMAGE_NOT_FOUND) from exc
         if not path.is_relative_to(self.root):
             raise MissingImage(f"{where}: {reference!r} resolves outside the data folder {self.root}", OUTSIDE_DATA_FOLDER)
         if not path.is_file():
@@ -171,6 +175,20 @@ def resolve_root(data_path: Path, image_root: Path | None) -> Path:
     if not root.is_dir():
         raise VlmsecError(f"{data_path}: option 'image_root': folder {root} not found")
     return root
+
+
+def load_json(path: Path) -> Any:
+    """A JSON file's content; errors name the file (and the line, for bad JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VlmsecError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlmsecError(f"{path}: cannot read file: {exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlmsecError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
 
 
 def collect(builds: Iterable[Callable[[], list[Sample]]], options: ReadOptions, stats: DataStats) -> list[Sample]:

@@ -25,6 +25,7 @@ from vlmsec.data.formats import read_dataset
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.scenes import Scene, make_samples, sample_scenes
 from vlmsec.data.vocabulary import vocabulary_corpus
+from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import console, progress_bar
@@ -66,6 +67,9 @@ def build_splits(config: ExperimentConfig) -> Splits:
 
     def read(path: Path, options: dict[str, Any], label: str) -> list[Sample]:
         loaded = read_dataset(path, data.format, **{**data.options, **options})
+        sizes = {s.image.shape[:2] for s in loaded.samples}
+        if len(sizes) > 1:  # the victim stacks a batch's images into one tensor
+            raise VlmsecError(f"{path}: images come in {len(sizes)} sizes; set data.options.image_size to resize them to one")
         data_stats[label] = loaded.stats.to_json()
         return loaded.samples
 
