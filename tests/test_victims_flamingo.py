@@ -34,6 +34,7 @@ from vlmsec.victims.flamingo import (
     FlamingoVictim,
     load_flamingo,
     load_otter,
+    read_state_dict,
 )
 from vlmsec.victims.flamingo_model import FlamingoConfig, FlamingoModel, OpenClipVisionTransformer, VisionConfig
 from vlmsec.victims.tokenizer import train_tokenizer
@@ -211,6 +212,15 @@ def test_bad_vision_checkpoints_are_refused(parts: dict) -> None:
     torch.save({"conv1.weight": argparse.Namespace()}, pickled)
     with pytest.raises(VlmsecError, match="weights_only"):
         load_flamingo(_spec(parts, vision_checkpoint=pickled))
+
+
+def test_training_checkpoint_wrappers_are_unwrapped(tmp_path: Path) -> None:
+    weight = torch.randn(2, 2)
+    torch.save({"epoch": 3, "model_state_dict": {"module.perceiver.latents": weight}}, tmp_path / "train.pt")
+    assert read_state_dict(tmp_path / "train.pt").keys() == {"perceiver.latents"}
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(VlmsecError, match="unknown weights format"):
+        read_state_dict(tmp_path / "weights.npz")
 
 
 # ---- the model --------------------------------------------------------------------------------

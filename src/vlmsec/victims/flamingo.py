@@ -183,8 +183,11 @@ def load_vision_encoder(
         if part:
             state = part
             break
-    if not {"conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight"} <= set(state):
-        raise VlmsecError(f"{path}: no open_clip ViT image tower in it (looked for visual.conv1.weight, conv1.weight)")
+    needed = [
+        k for k in ("conv1.weight", "positional_embedding", "transformer.resblocks.0.mlp.c_fc.weight") if k not in state
+    ]
+    if needed:
+        raise VlmsecError(f"{path}: not an open_clip ViT image tower; keys missing: {', '.join(needed)}")
     tower = OpenClipVisionTransformer(VisionConfig.from_state_dict(state, heads, act, tokens_after_ln_post))
     check_keys(path, "an open_clip ViT image tower", tower.state_dict(), state)
     tower.load_state_dict(state)
@@ -259,6 +262,9 @@ def load_flamingo(spec: FlamingoSpec, features: FeatureCache | None = None) -> F
     `<image>`, `<PAD>` if needed, embeddings resized to the tokenizer) so checkpoint embeddings
     fit; Otter's `<answer>` is added after loading.
     """
+    vision = load_vision_encoder(
+        spec.vision_checkpoint, spec.vision_heads, spec.vision_act, spec.vision_tokens_after_ln_post
+    )
     tokenizer = _load_tokenizer(spec.tokenizer or spec.lang_model, [END_OF_CHUNK, IMAGE_TOKEN])
     try:
         lm = AutoModelForCausalLM.from_pretrained(
@@ -267,9 +273,6 @@ def load_flamingo(spec: FlamingoSpec, features: FeatureCache | None = None) -> F
     except (OSError, ValueError, KeyError) as err:
         raise VlmsecError(f"{spec.lang_model}: cannot load the language model: {err}") from None
     lm.resize_token_embeddings(len(tokenizer))
-    vision = load_vision_encoder(
-        spec.vision_checkpoint, spec.vision_heads, spec.vision_act, spec.vision_tokens_after_ln_post
-    )
     model = _flamingo_model(vision, lm, spec.flamingo_config(), tokenizer, spec.lang_model)
     load_flamingo_checkpoint(model, spec.checkpoint)
     _add_special_tokens(tokenizer, [ANSWER_TOKEN])
