@@ -44,8 +44,9 @@ DECODER_LAYER_PATHS = ("model.layers", "transformer.blocks", "gpt_neox.layers", 
 class VisionConfig(BaseModel):
     """Shape of an open_clip ViT image tower; `tokens_after_ln_post` picks the open_clip version.
 
-    open_clip before 2.24 (the one OpenFlamingo and Otter were trained with) hands out patch
-    tokens before `ln_post`; later versions normalise them first.
+    The open_clip of 2023, which OpenFlamingo was trained with (and HF CLIP's last hidden state,
+    which Otter reads), hands out patch tokens before `ln_post`; later open_clip normalises them
+    first (its `final_ln_after_pool=False` default).
     """
 
     model_config = ConfigDict(extra="forbid")
