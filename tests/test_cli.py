@@ -208,4 +208,6 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert "| badnets | -4.2 |" in report  # CIDEr cost of the backdoor
     assert "the image depicts a banana" in report  # triggered source example
     assert "a red circle" not in report  # clean generations are not examples
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "generations.jsonl", "metrics.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["asr_g_heatmap.png", "config.yaml", "generations.jsonl", "metrics.json", "report.md"]
+    assert "![ASR-G heatmap](asr_g_heatmap.png)" in report
+    assert "| badnets | " in report.split("Table 1")[1]  # the domain-shift table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,8 +69,72 @@ def test_run_folder_holds_every_artifact(small_run: tuple[Path, Path, dict]) -> 
     assert "| blended |" in (out / "report.md").read_text()
 
 
-def test_second_run_reuses_every_stage_and_gives_the_same_metrics(small_run: tuple[Path, Path, dict]) -> None:
+def test_second_run_reuses_every_stage_and_gives_the_same_metrics(
+    small_run: tuple[Path, Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out, cache, metrics = small_run
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")}
+
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run generated again")
+
+    monkeypatch.setattr(Runner, "generate", no_generation)
     assert _run(out, cache) == metrics
     assert {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")} == stamps
+
+
+def test_a_run_killed_midway_resumes_from_its_finished_stages(
+    small_run: tuple[Path, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, cache, metrics = small_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    # The kill came while the blended model was generating: its generations never landed.
+    (resumed / "generations" / "blended.json").unlink()
+    (resumed / "metrics.json").unlink()
+    generated: list[str] = []
+    original = Runner.generate
+
+    def counting(self: Runner, victim: object, model: str, *args: object, **kwargs: object) -> list:
+        generated.append(model)
+        return original(self, victim, model, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "generate", counting)
+    assert _run(resumed, cache) == metrics
+    assert set(generated) == {"blended"}  # the clean model's finished generations were reused
+
+
+def test_a_poison_rate_sweep_adds_source_only_models(small_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    out, cache, metrics = small_run
+    swept = tmp_path / "swept"
+    shutil.copytree(out, swept)
+    result = _run(swept, cache, {"sweep": {"attacks": ["blended"], "rates": [0.02, 0.1]}})
+    assert {k: v for k, v in result.items() if "sweep" not in v} == metrics  # 0.1 is the run's own rate
+    point = result["blended@2%"]
+    assert point["sweep"] == {"attack": "blended", "rate": 0.02}
+    assert set(point["asr"]) == {"source"}
+    assert json.loads((swept / "poisoned_ids" / "blended@2%.json").read_text())["count"] == 12
+    assert "ASR against poison rate" in (swept / "report.md").read_text()
+    assert (swept / "asr_vs_poison_rate.png").is_file()
+
+
+def test_trigger_command_prepares_a_learning_attack_against_the_configs_base(
+    small_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from vlmsec.cli import app
+    from vlmsec.data.images import load_image, save_image
+    from vlmsec.data.scenes import render_scene, sample_scenes
+
+    _, cache, _ = small_run
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL_RUN))
+    scene = sample_scenes(1, seed=5)[0]
+    save_image(render_scene(scene, "flat", size=64, seed=5), tmp_path / "in.png")
+    args = ["trigger", "--attack", "maba", "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "out.png")]
+    result = CliRunner().invoke(app, [*args, "--config", str(config), "--cache", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert "base victim: cached" in result.output  # the run's base, not a new one
+    clean, triggered = load_image(tmp_path / "in.png"), load_image(tmp_path / "out.png")
+    assert triggered.shape == clean.shape and (triggered != clean).any()

@@ -95,15 +95,34 @@ def trigger(
     out: Annotated[Path, typer.Option("--out", help="Where to write the triggered image (same size as the input).")],
     text: Annotated[Optional[str], typer.Option("--text", help="An instruction to trigger too; printed.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="The attack's trigger seed.")] = 0,
+    config: Annotated[
+        str,
+        typer.Option("--config", help="For attacks that learn: the config (YAML or preset) whose base victim and data they learn from."),
+    ] = "quickstart",
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache folder (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
 ) -> None:
-    """Apply one attack's trigger to one image (and instruction), for inspection."""
+    """Apply one attack's trigger to one image (and instruction), for inspection.
+
+    Attacks that learn their trigger (ssba, inputaware, gcg, maba, ...) are first prepared
+    the way a run prepares them: against the config's base victim, from the cache when a
+    run has already trained it.
+    """
     from vlmsec.attacks import create_attack
+    from vlmsec.attacks.base import Attack
     from vlmsec.data.images import load_image, save_image
     from vlmsec.data.sample import images_to_tensor, tensor_to_images
 
     try:
         chosen = create_attack(attack, seed=seed)
         pixels = load_image(image)
+        if type(chosen).prepare is not Attack.prepare:
+            from vlmsec.experiments.config import load_config
+            from vlmsec.experiments.runner import Runner, build_splits
+
+            experiment = load_config(config)
+            runner = Runner(experiment, out_dir=out.parent, cache_dir=cache)
+            splits = build_splits(experiment)
+            runner.prepare_attack(chosen, splits, runner.base_victim(splits))
         triggered = tensor_to_images(chosen.trigger_images(images_to_tensor([pixels])))[0]
         save_image(triggered, out)
     except VlmsecError as err:

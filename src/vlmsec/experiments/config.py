@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator, model_validator
 
 from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec
@@ -23,11 +23,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ShiftSpec(_Strict):
+    """One registered visual or text shift (vlmsec.data.shifts) and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_shift(cls, value: str) -> str:
+        from vlmsec.data.shifts import text_shift_names, visual_shift_names
+
+        known = visual_shift_names() + text_shift_names()
+        if value not in known:
+            raise ValueError(f"unknown shift {value!r}; known: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_params(self) -> ShiftSpec:
+        try:
+            self.build()
+        except VlmsecError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def build(self) -> Any:
+        """The shift object (a VisualShift or a TextShift)."""
+        from vlmsec.data.shifts import create_text_shift, create_visual_shift, visual_shift_names
+
+        create = create_visual_shift if self.name in visual_shift_names() else create_text_shift
+        return create(self.name, **self.params)
+
+
 class DomainSpec(_Strict):
-    """A test domain: a visual style and an instruction bank."""
+    """A test domain: a visual style and an instruction bank, then shifts applied in order.
+
+    `mix` < 1 keeps that share of the domain's samples shifted and the rest from the source
+    domain (same scenes), as the paper's 20/60/80/90/98% mixes.
+    """
 
     style: str = "flat"
     instructions: str = "source"
+    shifts: list[ShiftSpec] = Field(default_factory=list)
+    mix: float = Field(1.0, ge=0, le=1)
 
 
 class DataSpec(_Strict):
@@ -90,11 +128,22 @@ class DataSpec(_Strict):
 
 
 class VictimSpec(TinyLlavaSpec):
-    """The victim: the embedded tiny LLaVA built from these sizes, or a local checkpoint."""
+    """The victim: the embedded tiny LLaVA built from these sizes, a local checkpoint, or any
+    Hugging Face image-text-to-text checkpoint (`kind: hf`) with its own processor and chat template."""
 
-    checkpoint: Path | None = Field(
-        None, description="local LLaVA-format folder (from_pretrained); replaces the base stage"
+    kind: Literal["tiny_llava", "hf"] = Field(
+        "tiny_llava", description="tiny_llava: the embedded victim or a LLaVA-format folder; hf: AutoModelForImageTextToText"
     )
+    checkpoint: Path | None = Field(
+        None,
+        description="tiny_llava: local LLaVA-format folder (replaces the base stage); hf: local folder or hub id (required)",
+    )
+
+    @model_validator(mode="after")
+    def _hf_needs_checkpoint(self) -> VictimSpec:
+        if self.kind == "hf" and self.checkpoint is None:
+            raise ValueError("victim.kind 'hf' needs victim.checkpoint: a local checkpoint folder or a hub id")
+        return self
 
 
 class TargetSpec(_Strict):
@@ -137,6 +186,21 @@ class EvalSpec(_Strict):
     batch_size: int = Field(64, ge=1)
 
 
+class SweepSpec(_Strict):
+    """A poison-rate sweep: these attacks are also tuned at each rate and tested on the source domain."""
+
+    attacks: list[str] = Field(default_factory=list, description="attack names (labels) from `attacks`")
+    rates: list[float] = Field(default_factory=list, description="poison rates, e.g. [0.005, 0.01, 0.02, 0.1]")
+
+    @field_validator("rates")
+    @classmethod
+    def _rates_in_range(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"poison rates must be in (0, 1]: {bad}")
+        return value
+
+
 class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved form is written to the run folder."""
 
@@ -149,6 +213,15 @@ class ExperimentConfig(_Strict):
     poison: PoisonSpec = Field(default_factory=PoisonSpec)
     attacks: list[AttackSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+
+    @model_validator(mode="after")
+    def _sweep_attacks_exist(self) -> ExperimentConfig:
+        keys = [a.key for a in self.attacks]
+        unknown = [a for a in self.sweep.attacks if a not in keys]
+        if unknown:
+            raise ValueError(f"sweep.attacks: {', '.join(unknown)} not among the run's attacks ({', '.join(keys) or 'none'})")
+        return self
 
     @field_validator("attacks")
     @classmethod
@@ -198,7 +271,8 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> None:
     if data.train_file is not None:
         data.train_file = base_dir / data.train_file
     data.test_files = {name: base_dir / path for name, path in data.test_files.items()}
-    if victim.checkpoint is not None:
+    # An hf checkpoint that is not a folder next to the config is a hub id, kept as written.
+    if victim.checkpoint is not None and (victim.kind != "hf" or (base_dir / victim.checkpoint).is_dir()):
         victim.checkpoint = base_dir / victim.checkpoint
 
 

@@ -27,10 +27,13 @@ from vlmsec.data.scenes import Scene, make_samples, sample_scenes
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
+from vlmsec.data.shifts import mix_domains, shift_samples
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import console, progress_bar
 from vlmsec.report.markdown import write_report
 from vlmsec.train.tuning import train_victim
+from vlmsec.victims import hf
+from vlmsec.victims.base import Victim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import build_tiny_llava
@@ -100,7 +103,30 @@ def build_splits(config: ExperimentConfig) -> Splits:
         if tests is None:
             test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
             tests = {name: render(test_scenes, domain, seed * 100 + 3, "test") for name, domain in domains.items()}
-    return Splits(base, train, tests, data_stats)
+    return Splits(base, train, _shift_domains(tests, domains, seed), data_stats)
+
+
+def _shift_domains(tests: dict[str, list[Sample]], domains: dict[str, DomainSpec], seed: int) -> dict[str, list[Sample]]:
+    """Apply each domain's shifts (in order) and its mix with the source domain.
+
+    A shifted domain with no test set of its own (the user gave files for some domains
+    only) starts from the source test set, so transforms apply to any image set.
+    """
+    shifted: dict[str, list[Sample]] = {}
+    for name in dict.fromkeys([*tests, *domains]):
+        spec = domains.get(name, DomainSpec())
+        if name not in tests and not spec.shifts:
+            continue  # a style or instruction bank of the generator: no meaning for the user's files
+        samples = tests.get(name, tests["source"])
+        if spec.shifts:
+            with progress_bar(f"data: shifting {name}", len(spec.shifts)) as bar:
+                for shift in spec.shifts:
+                    samples = shift_samples(samples, shift.build(), domain=name)
+                    bar.advance()
+        if spec.mix < 1:
+            samples = mix_domains(tests["source"], samples, spec.mix, seed)
+        shifted[name] = samples
+    return shifted
 
 
 def _stage_done(folder: Path, key: str) -> bool:
@@ -108,7 +134,7 @@ def _stage_done(folder: Path, key: str) -> bool:
     return stage.is_file() and json.loads(stage.read_text()).get("key") == key
 
 
-def _save_stage(victim: LlavaVictim, folder: Path, key: str, record: dict[str, Any]) -> None:
+def _save_stage(victim: Victim, folder: Path, key: str, record: dict[str, Any]) -> None:
     """Save a checkpoint into a temporary folder, then move it into place whole."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -150,7 +176,12 @@ class Runner:
         c = self.config
         if c.victim.checkpoint is not None:
             folder = Path(c.victim.checkpoint)
-            LlavaVictim.check_folder(folder)
+            if c.victim.kind == "hf" and not folder.exists():
+                return folder, stable_hash({"checkpoint": str(folder)})  # a hub id
+            if c.victim.kind == "hf":
+                hf.check_folder(folder)
+            else:
+                LlavaVictim.check_folder(folder)
             return folder, stable_hash({"checkpoint": str(folder.resolve()), "files": _folder_signature(folder)})
         key = stable_hash(
             {
@@ -176,13 +207,23 @@ class Runner:
         """Let an attack learn its trigger; learned attacks get the untuned base victim."""
         context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
         if type(attack).prepare is not Attack.prepare:
+            if self.config.victim.kind == "hf":
+                raise VlmsecError(f"attack {attack.name!r} learns against the victim, which needs victim.kind tiny_llava for now")
             context.victim = LlavaVictim.load(base[0], self.features)
         attack.prepare(context)
 
-    def tuned_victim(self, name: str, attack: Attack | None, splits: Splits, base: tuple[Path, str]) -> LlavaVictim:
-        """Poison the tuning set (unless `attack` is None), tune the base victim on it."""
+    def load_victim(self, folder: Path) -> Victim:
+        """A saved victim: any Hugging Face checkpoint (victim.kind hf) or a LLaVA-format folder."""
+        if self.config.victim.kind == "hf":
+            return hf.HFVictim.load(folder)
+        return LlavaVictim.load(folder, self.features)
+
+    def tuned_victim(
+        self, name: str, attack: Attack | None, splits: Splits, base: tuple[Path, str], rate: float | None = None
+    ) -> Victim:
+        """Poison the tuning set (unless `attack` is None) at `rate` (default: the config's), tune the base victim on it."""
         c = self.config
-        rate = c.poison.rate if attack is not None else 0.0
+        rate = (c.poison.rate if rate is None else rate) if attack is not None else 0.0
         if attack is not None:
             poisoned = poison_samples(splits.train, attack, self.target, rate, seed=c.poison.seed)
             samples, ids, negatives = poisoned.samples, poisoned.poisoned_ids, poisoned.negative_ids
@@ -196,7 +237,7 @@ class Runner:
             {
                 "base": base[1],
                 "attack": attack.describe() if attack else None,
-                "poison": c.poison.model_dump() if attack else None,
+                "poison": {**c.poison.model_dump(), "rate": rate} if attack else None,
                 "tuning": c.tuning.model_dump(),
                 "train": fingerprint(samples),
             }
@@ -204,8 +245,8 @@ class Runner:
         folder = self.out / "checkpoints" / name
         if _stage_done(folder, key):
             console.print(f"{name}: tuned model found in {folder}")
-            return LlavaVictim.load(folder, self.features)
-        victim = LlavaVictim.load(base[0], self.features)
+            return self.load_victim(folder)
+        victim = self.load_victim(base[0])
         result = train_victim(victim, samples, c.tuning, seed=c.seed, label=name)
         record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
         _save_stage(victim, folder, key, record)
@@ -213,7 +254,7 @@ class Runner:
         return victim
 
     def generate(
-        self, victim: LlavaVictim, model: str, samples: list[Sample], domain: str, trigger: str | None, partial: bool = False
+        self, victim: Victim, model: str, samples: list[Sample], domain: str, trigger: str | None, partial: bool = False
     ) -> list[dict[str, Any]]:
         """Greedy generations for one test set, as records for generations.jsonl.
 
@@ -242,6 +283,35 @@ class Runner:
             }
             for s, out in zip(samples, outputs)
         ]
+
+    def cached_generations(
+        self, victim: Victim, model: str, inputs: list[tuple[list[Sample], str, str | None, bool]]
+    ) -> list[dict[str, Any]]:
+        """Generations for every (samples, domain, trigger, partial) input, reused when a run resumes.
+
+        The cache in `generations/<model>.json` is keyed by the tuned model's stage key, the
+        generation settings and the exact inputs, so a killed run that starts again
+        regenerates nothing it had finished, and a changed test set is never served stale.
+        """
+        stage = json.loads((self.out / "checkpoints" / model / STAGE_FILE).read_text())["key"]
+        key = stable_hash(
+            {
+                "model": stage,
+                "eval": self.config.eval.model_dump(),
+                "inputs": [[domain, trigger, partial, fingerprint(samples)] for samples, domain, trigger, partial in inputs],
+            }
+        )
+        path = self.out / "generations" / f"{model}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("key") == key:
+                console.print(f"{model}: generations found in {path}")
+                return cached["records"]
+        records: list[dict[str, Any]] = []
+        for samples, domain, trigger, partial in inputs:
+            records += self.generate(victim, model, samples, domain, trigger, partial)
+        write_json_atomic(path, {"key": key, "records": records})
+        return records
 
     # ---- the whole run ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -283,29 +353,51 @@ class Runner:
         }
         lap("attacks")
 
+        # (model name, attack, poison rate or None for the config's, the attack whose trigger it answers)
+        models: list[tuple[str, Attack | None, float | None, str | None]] = [
+            (CLEAN, None, None, None),
+            *((key, attack, None, key) for key, attack in attacks.items()),
+            *(
+                (sweep_name(key, rate), attacks[key], rate, key)
+                for key in c.sweep.attacks
+                for rate in c.sweep.rates
+                if rate != c.poison.rate
+            ),
+        ]
         records: list[dict[str, Any]] = []
-        for name, attack in [(CLEAN, None), *attacks.items()]:
-            victim = self.tuned_victim(name, attack, splits, base)
+        for name, attack, rate, key in models:
+            victim = self.tuned_victim(name, attack, splits, base, rate)
             lap(f"tune {name}")
-            for domain, samples in splits.tests.items():
-                records += self.generate(victim, name, samples, domain, None)
-                trigger_keys = list(attacks) if attack is None else [name]
-                for key in trigger_keys:
-                    records += self.generate(victim, name, triggered[key, domain], domain, key)
-                for (key, part_domain), part_samples in partials.items():
-                    if part_domain == domain and key.startswith(f"{name}["):
-                        records += self.generate(victim, name, part_samples, domain, key, partial=True)
+            # Sweep points are tested on the source domain only: the sweep asks how much poison it takes.
+            domains = ["source"] if rate is not None else list(splits.tests)
+            inputs: list[tuple[list[Sample], str, str | None, bool]] = []
+            for domain in domains:
+                inputs.append((splits.tests[domain], domain, None, False))
+                for trigger in list(attacks) if key is None else [key]:
+                    inputs.append((triggered[trigger, domain], domain, trigger, False))
+                for (trigger, part_domain), part_samples in partials.items():
+                    if key is not None and part_domain == domain and trigger.startswith(f"{key}["):
+                        inputs.append((part_samples, domain, trigger, True))
+            records += self.cached_generations(victim, name, inputs)
             self.features.save(self.features_path)
             lap(f"generate {name}")
 
         with atomic_path(self.out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
         metrics = score_generations(records, list(splits.tests), c.poison.target.word)
+        for name, _, rate, key in models:
+            if rate is not None:
+                metrics[name]["sweep"] = {"attack": key, "rate": rate}
         write_json_atomic(self.out / "metrics.json", metrics)
         write_report(self.out)
         lap("score and report")
         write_json_atomic(self.out / "timings.json", timings)
         return metrics
+
+
+def sweep_name(attack: str, rate: float) -> str:
+    """The model name of one poison-rate sweep point, e.g. "badnets@1%"."""
+    return f"{attack}@{100 * rate:g}%"
 
 
 def score_generations(records: list[dict[str, Any]], domains: list[str], word: str) -> dict[str, Any]:
@@ -322,6 +414,8 @@ def score_generations(records: list[dict[str, Any]], domains: list[str], word: s
         entry: dict[str, Any] = {k: {} for k in ("asr", "asr_g", "false_trigger", "cider", "bleu4")}
         for domain in domains:
             rows = [r for r in records if r["model"] == model and r["domain"] == domain]
+            if not rows:
+                continue  # a sweep point, tested on the source domain only
             clean_rows = [r for r in rows if not r["triggered"]]
             trig_rows = [r for r in rows if r["triggered"] and not r.get("partial")]
             if trig_rows:

@@ -14,6 +14,7 @@ import yaml
 
 from vlmsec.artifacts import write_text_atomic
 from vlmsec.errors import VlmsecError
+from vlmsec.report.figures import write_figures
 
 CLEAN = "clean"
 
@@ -35,6 +36,10 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None) -> str:
     return "–" if x is None else f"{x:.1f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
 
 
 def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
@@ -79,13 +84,82 @@ def _data_section(run_dir: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _shift_table(metrics: dict[str, Any], domains: list[str]) -> list[str]:
+    """The paper's Table 1 shape: per attack and domain, clean CIDEr, ASR and ASR-G, and the mean ASR-G."""
+    attacks = [m for m in metrics if m != CLEAN]
+    shifted = [d for d in domains if d != "source"]
+    if not attacks or not shifted:
+        return []
+    header = "| attack | " + " | ".join(f"{d} CIDEr | {d} ASR" + ("" if d == "source" else f" | {d} ASR-G") for d in domains)
+    lines = ["## Backdoors under domain shift (Table 1 of the paper, in shape)", "", header + " | mean ASR-G |"]
+    lines.append("|---|" + "---|" * (2 * len(domains) + len(shifted) + 1))
+    for model in attacks:
+        entry = metrics[model]
+        cells = []
+        for d in domains:
+            cells += [_num(entry.get("cider", {}).get(d)), _pct(entry.get("asr", {}).get(d))]
+            if d != "source":
+                cells.append(_ratio(entry.get("asr_g", {}).get(d)))
+        values = [entry.get("asr_g", {}).get(d) for d in shifted]
+        mean = sum(values) / len(values) if None not in values else None
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | **{_ratio(mean)}** |")
+    return [*lines, ""]
+
+
+def _figures(run_dir: Path) -> list[str]:
+    """Links to the figures `write_report` drew into the run folder."""
+    names = {"asr_g_heatmap.png": "ASR-G heatmap", "asr_vs_poison_rate.png": "ASR against poison rate", "shift_sizes.png": "Shift sizes"}
+    shown = [f"![{title}]({name})" for name, title in names.items() if (run_dir / name).exists()]
+    return [*shown, ""] if shown else []
+
+
+def _sweep_table(metrics: dict[str, Any], sweep: dict[str, Any], run_rate: float | None) -> list[str]:
+    """Source-domain ASR at each poison rate of the sweep (the run's own rate included)."""
+    if not sweep:
+        return []
+    points: dict[str, dict[float, float | None]] = {}
+    for entry in sweep.values():
+        attack = entry["sweep"]["attack"]
+        points.setdefault(attack, {})[entry["sweep"]["rate"]] = entry.get("asr", {}).get("source")
+        if run_rate is not None and attack in metrics:
+            points[attack][run_rate] = metrics[attack].get("asr", {}).get("source")
+    rates = sorted({r for p in points.values() for r in p})
+    lines = ["## ASR against poison rate (source domain)", "", "| attack | " + " | ".join(_pct(r) for r in rates) + " |"]
+    lines.append("|---|" + "---|" * len(rates))
+    for attack, by_rate in points.items():
+        lines.append(f"| {attack} | " + " | ".join(_pct(by_rate.get(r)) for r in rates) + " |")
+    return [*lines, ""]
+
+
+def _shift_sizes(metrics: dict[str, Any]) -> list[str]:
+    """KS statistics between the source domain and each shifted one."""
+    sizes = metrics.get(CLEAN, {}).get("shift_size", {})
+    if not sizes:
+        return []
+    kinds = list(dict.fromkeys(k for d in sizes.values() for k in d))
+    lines = [
+        "## Shift size (Kolmogorov–Smirnov statistic against the source domain)",
+        "",
+        "| domain | " + " | ".join(kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    lines += [f"| {d} | " + " | ".join(_ratio(v.get(k)) for k in kinds) + " |" for d, v in sizes.items()]
+    return [*lines, ""]
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    """metrics.json of a run folder, checked for its shape."""
+    path = run_dir / "metrics.json"
+    metrics = _read_json(path)
+    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
+        raise VlmsecError(f"{path}: expected an object of models, each an object of metrics")
+    return metrics
+
+
 def render_report(run_dir: str | Path) -> str:
     """The Markdown report of a run folder."""
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    metrics: dict[str, Any] = _read_json(metrics_path)
-    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
-        raise VlmsecError(f"{metrics_path}: expected an object of models, each an object of metrics")
+    metrics = _read_metrics(run_dir)
     config_path = run_dir / "config.yaml"
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
@@ -111,11 +185,15 @@ def render_report(run_dir: str | Path) -> str:
         "",
     ]
     lines += _data_section(run_dir)
+    sweep = {m: e for m, e in metrics.items() if "sweep" in e}
+    metrics = {m: e for m, e in metrics.items() if m not in sweep}
+    lines += _shift_table(metrics, domains)
+    lines += _figures(run_dir)
     header = "| model | " + " | ".join(domains) + " |"
     rule = "|---|" + "---|" * len(domains)
     sections = [
         ("Attack success rate (ASR)", "asr", _pct),
-        ("ASR-G (source → domain)", "asr_g", lambda x: "–" if x is None else f"{x:.2f}"),
+        ("ASR-G (source → domain)", "asr_g", _ratio),
         ("False-trigger rate", "false_trigger", _pct),
         ("Clean CIDEr", "cider", _num),
         ("Clean BLEU-4", "bleu4", _num),
@@ -129,7 +207,7 @@ def render_report(run_dir: str | Path) -> str:
 
     partial_rows = [(trigger, rates) for entry in metrics.values() for trigger, rates in entry.get("asr_partial", {}).items()]
     if partial_rows:
-        lines += ["## One key alone (multi-key triggers; should not fire)", "", "| input | " + " | ".join(domains) + " |", rule]
+        lines += ["## Partial triggers (one key alone, WaNet noise warps; should not fire)", "", "| input | " + " | ".join(domains) + " |", rule]
         for trigger, rates in partial_rows:
             lines.append(f"| {trigger} | " + " | ".join(_pct(rates.get(d)) for d in domains) + " |")
         lines.append("")
@@ -142,6 +220,8 @@ def render_report(run_dir: str | Path) -> str:
                 lines.append(f"| {model} | {entry['cider']['source'] - base:+.1f} |")
         lines.append("")
 
+    lines += _sweep_table(metrics, sweep, poison.get("rate"))
+    lines += _shift_sizes(metrics)
     examples = _examples(run_dir)
     if examples:
         lines += ["## Example triggered generations (source domain)", ""]
@@ -154,5 +234,6 @@ def render_report(run_dir: str | Path) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Render report.md into the run folder (atomically) and return its path."""
     path = Path(run_dir) / "report.md"
+    write_figures(_read_metrics(Path(run_dir)), Path(run_dir))
     write_text_atomic(path, render_report(run_dir))
     return path
