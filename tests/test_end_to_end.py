@@ -67,6 +67,10 @@ def test_run_folder_holds_every_artifact(small_run: tuple[Path, Path, dict]) -> 
     assert len(rows) == 2 * 2 * 80
     assert {"id", "domain", "triggered", "prompt", "output"} <= set(rows[0])
     assert "| blended |" in (out / "report.md").read_text()
+    sizes = metrics["clean"]["shift_size"]["textured"]
+    assert set(sizes) == {"image_text", "text_text"}
+    assert 0 < sizes["image_text"] <= 1  # restyled images move the image-text similarities
+    assert sizes["text_text"] == 0.0  # same instructions and answers: no text shift
 
 
 def test_second_run_reuses_every_stage_and_gives_the_same_metrics(

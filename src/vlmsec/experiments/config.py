@@ -184,6 +184,7 @@ class EvalSpec(_Strict):
 
     max_new_tokens: int = Field(40, ge=1)
     batch_size: int = Field(64, ge=1)
+    shift_size: bool = Field(True, description="KS shift size of each domain against the source (clean model, MiniLM)")
 
 
 class SweepSpec(_Strict):

@@ -28,6 +28,7 @@ from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
 from vlmsec.data.shifts import mix_domains, shift_samples
+from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import console, progress_bar
 from vlmsec.report.markdown import write_report
@@ -313,6 +314,21 @@ class Runner:
         write_json_atomic(path, {"key": key, "records": records})
         return records
 
+    def shift_sizes(self, victim: Victim, splits: Splits) -> dict[str, dict[str, float]]:
+        """KS shift size of each domain against the source: image-text with the victim's own
+        encoders (the embedded LLaVA), text-text with the packaged MiniLM."""
+        source = splits.tests["source"]
+        sizes: dict[str, dict[str, float]] = {}
+        shifted = [d for d in splits.tests if d != "source"]
+        with progress_bar("shift size (KS)", len(shifted)) as bar:
+            for domain in shifted:
+                samples = splits.tests[domain]
+                sizes[domain] = {"text_text": shift_size(source, samples, measure="text_text")}
+                if isinstance(victim, LlavaVictim):
+                    sizes[domain]["image_text"] = shift_size(source, samples, victim, measure="image_text")
+                bar.advance()
+        return sizes
+
     # ---- the whole run ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run every stage; returns the metrics also written to metrics.json.
@@ -365,6 +381,7 @@ class Runner:
             ),
         ]
         records: list[dict[str, Any]] = []
+        shift_sizes: dict[str, dict[str, float]] = {}
         for name, attack, rate, key in models:
             victim = self.tuned_victim(name, attack, splits, base, rate)
             lap(f"tune {name}")
@@ -379,6 +396,8 @@ class Runner:
                     if key is not None and part_domain == domain and trigger.startswith(f"{key}["):
                         inputs.append((part_samples, domain, trigger, True))
             records += self.cached_generations(victim, name, inputs)
+            if name == CLEAN and c.eval.shift_size:
+                shift_sizes = self.shift_sizes(victim, splits)
             self.features.save(self.features_path)
             lap(f"generate {name}")
 
@@ -388,6 +407,8 @@ class Runner:
         for name, _, rate, key in models:
             if rate is not None:
                 metrics[name]["sweep"] = {"attack": key, "rate": rate}
+        if shift_sizes:
+            metrics[CLEAN]["shift_size"] = shift_sizes
         write_json_atomic(self.out / "metrics.json", metrics)
         write_report(self.out)
         lap("score and report")
