@@ -23,6 +23,7 @@ import transformers as hf_models
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
+from vlmsec.attacks import create_attack
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
@@ -539,6 +540,8 @@ def test_runner_tunes_and_reloads_an_hf_checkpoint(built, samples, tmp_path: Pat
     again = runner.tuned_victim("clean", None, splits, base)  # the finished stage is loaded, not retrained
     assert isinstance(again, HFVictim)
     assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), again.model.state_dict().values()))
+    with pytest.raises(VlmsecError, match="white-box"):  # white-box attacks get no HF victim yet
+        runner.prepare_attack(create_attack("gcg"), splits, base)
     hub = parse_config({"victim": {"kind": "hf", "checkpoint": "org/model"}}, "test", base_dir=tmp_path)
     assert str(hub.victim.checkpoint) == "org/model"  # not a folder here: a hub id, kept as written
     with pytest.raises(VlmsecError, match="needs victim.checkpoint"):

@@ -208,9 +208,10 @@ class Runner:
         """Let an attack learn its trigger; learned attacks get the untuned base victim."""
         context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
         if type(attack).prepare is not Attack.prepare:
-            if self.config.victim.kind == "hf":
-                raise VlmsecError(f"attack {attack.name!r} learns against the victim, which needs victim.kind tiny_llava for now")
-            context.victim = LlavaVictim.load(base[0], self.features)
+            if self.config.victim.kind == "hf":  # white-box learning reads the embedded LLaVA's internals
+                console.print(f"{attack.name}: learns without the victim (white-box learning needs victim.kind tiny_llava)")
+            else:
+                context.victim = LlavaVictim.load(base[0], self.features)
         attack.prepare(context)
 
     def load_victim(self, folder: Path) -> Victim:
