@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
@@ -26,6 +27,9 @@ from transformers import (
 
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
+from vlmsec.experiments.config import load_config, parse_config
+from vlmsec.experiments.runner import Runner, build_splits
+from vlmsec.train.tuning import TrainingSpec
 from vlmsec.victims.flamingo import (
     ANSWER_TOKEN,
     END_OF_CHUNK,
@@ -314,7 +318,7 @@ def test_training_labels_cover_the_answer_and_end_of_chunk_only(victim: Flamingo
 
 def test_cross_attention_tuning_trains_only_xattn_and_perceiver(parts: dict, samples: list[Sample]) -> None:
     victim = load_flamingo(parts["spec"])
-    counts = victim.select_trainable("xattn")
+    assert victim.select_trainable(TrainingSpec(mode="xattn")) is None  # no peft wrapper to merge
     tuned = {
         k
         for k, p in victim.model.named_parameters()
@@ -322,8 +326,12 @@ def test_cross_attention_tuning_trains_only_xattn_and_perceiver(parts: dict, sam
     }
     assert {k for k, p in victim.model.named_parameters() if p.requires_grad} == tuned
     total = sum(p.numel() for p in victim.model.parameters())
-    assert counts.trainable == sum(p.numel() for k, p in victim.model.named_parameters() if k in tuned)
-    assert counts.trainable + counts.frozen == total
+    counts = {m.mode: m for m in victim.tuning_modes(TrainingSpec())}
+    assert counts["xattn"].trainable == sum(p.numel() for k, p in victim.model.named_parameters() if k in tuned)
+    assert counts["xattn"].trainable + counts["xattn"].frozen == total
+    tower = sum(p.numel() for p in victim.model.vision_encoder.parameters())
+    assert (counts["full"].trainable, counts["full"].frozen) == (total - tower, tower)
+    assert counts["projector"].trainable is None and counts["lora"].trainable is None
     before = {k: v.clone() for k, v in victim.model.state_dict().items()}
     features = victim.image_features([s.image for s in samples])
     batch = victim.encode_training([s.instruction for s in samples], [s.answer for s in samples])
@@ -339,6 +347,19 @@ def test_cross_attention_tuning_trains_only_xattn_and_perceiver(parts: dict, sam
     assert losses[-1] < losses[0] - 0.05
     changed = {k for k, v in victim.model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= tuned
+
+
+def test_full_tuning_trains_everything_but_the_vision_encoder(parts: dict) -> None:
+    victim = load_flamingo(parts["spec"])
+    victim.select_trainable(TrainingSpec(mode="full"))
+    frozen = {k for k, p in victim.model.named_parameters() if not p.requires_grad}
+    assert frozen == {k for k, _ in victim.model.named_parameters() if k.startswith("vision_encoder.")}
+
+
+@pytest.mark.parametrize("mode", ["projector", "lora"])
+def test_projector_and_lora_modes_are_refused_naming_mode_and_architecture(victim: FlamingoVictim, mode: str) -> None:
+    with pytest.raises(VlmsecError, match=rf"tuning mode '{mode}' is not available for Flamingo.*use xattn"):
+        victim.select_trainable(TrainingSpec(mode=mode))
 
 
 def test_save_and_load_round_trip(victim: FlamingoVictim, samples: list[Sample], tmp_path: Path) -> None:
@@ -437,3 +458,150 @@ def test_otter_folder_with_a_missing_key_is_refused(
         match=r"otter: not an Otter-Image checkpoint.*missing: lang_encoder\.gated_cross_attn_layers\.3\.ff_gate",
     ):
         load_otter(broken, root / "tokenizer")
+
+
+# ---- in runs -----------------------------------------------------------------------------------
+
+FLAMINGO_RUN = {
+    "name": "flamingo-small",
+    "seed": 0,
+    "data": {
+        "image_size": 32,
+        "base_size": 1,
+        "train_size": 60,
+        "test_size": 8,
+        "shifted": {"painted": {"style": "painted"}},
+    },
+    "victim": {
+        "kind": "flamingo",
+        "checkpoint": "checkpoint.pt",
+        "flamingo": {
+            "vision_checkpoint": "open_clip_model.safetensors",
+            "vision_heads": VISION.heads,
+            "lang_model": "lm",
+            **ARCH,
+        },
+    },
+    "tuning": {"mode": "xattn", "epochs": 2, "batch_size": 16, "learning_rate": 0.01},
+    "poison": {"rate": 0.1},
+    "attacks": [{"name": "blended"}],
+    "eval": {"max_new_tokens": 8, "batch_size": 16, "shift_size": False},
+}
+
+
+def _write_config(folder: Path, config: dict, name: str = "run.yaml") -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def flamingo_run(parts: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A small run of an OpenFlamingo victim, its files named relative to the config (in the parts' folder)."""
+    out = tmp_path_factory.mktemp("flamingo_run")
+    config = load_config(_write_config(parts["root"], FLAMINGO_RUN))
+    return out / "run", out / "cache", Runner(config, out / "run", out / "cache").run()
+
+
+def test_run_tunes_cross_attention_and_writes_metrics(flamingo_run: tuple[Path, Path, dict]) -> None:
+    out, _, metrics = flamingo_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert set(metrics) == {"clean", "blended"}
+    assert set(metrics["blended"]["asr"]) == {"source", "painted"}
+    stage = json.loads((out / "checkpoints" / "blended" / "stage.json").read_text())
+    assert 0 < stage["trainable_parameters"] < stage["frozen_parameters"]
+    assert json.loads((out / "poisoned_ids" / "blended.json").read_text())["count"] == 6
+    rows = (out / "generations.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 2 * 16  # 2 models x 2 domains x (8 clean + 8 triggered)
+    assert json.loads(rows[0])["prompt"].startswith(f"{IMAGE_TOKEN}User: ")
+
+
+def test_tuned_checkpoints_differ_from_the_base_only_in_xattn_and_perceiver(
+    flamingo_run: tuple[Path, Path, dict], parts: dict
+) -> None:
+    out, _, _ = flamingo_run
+    base = load_flamingo(parts["spec"]).model.state_dict()
+    for model in ("clean", "blended"):
+        tuned = FlamingoVictim.load(out / "checkpoints" / model).model.state_dict()
+        assert tuned.keys() == base.keys()
+        changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+        assert changed, model
+        assert all(k.startswith(("perceiver.", "lang_encoder.gated_cross_attn_layers.")) for k in changed), model
+
+
+def test_second_run_reloads_the_tuned_models_and_gives_the_same_metrics(
+    flamingo_run: tuple[Path, Path, dict], parts: dict
+) -> None:
+    out, cache, metrics = flamingo_run
+    runner = Runner(load_config(parts["root"] / "run.yaml"), out, cache)
+    assert isinstance(runner.load_victim(out / "checkpoints" / "blended"), FlamingoVictim)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")}
+    assert runner.run() == metrics
+    assert {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")} == stamps
+
+
+def test_flamingo_features_have_their_own_cache_file(flamingo_run: tuple[Path, Path, dict], parts: dict) -> None:
+    out, cache, _ = flamingo_run
+    flamingo = Runner(load_config(parts["root"] / "run.yaml"), out, cache).features_path
+    assert [p.name for p in (cache / "features").iterdir()] == [flamingo.name]
+    assert Runner(parse_config({}, "default"), out, cache).features_path != flamingo
+    vision = {**FLAMINGO_RUN["victim"]["flamingo"], "vision_checkpoint": "visual.pt"}
+    other = {**FLAMINGO_RUN, "victim": {**FLAMINGO_RUN["victim"], "flamingo": vision}}
+    other_tower = _write_config(parts["root"], other, "other.yaml")
+    assert Runner(load_config(other_tower), out, cache).features_path != flamingo
+    tokens = (VISION.image_size // VISION.patch_size) ** 2
+    assert {tuple(v.shape) for v in load_file(str(flamingo)).values()} == {(tokens, VISION.width)}
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+def test_relative_flamingo_paths_resolve_against_the_config_folder(parts: dict) -> None:
+    victim = load_config(_write_config(parts["root"], FLAMINGO_RUN)).victim
+    spec = victim.flamingo_spec()
+    assert spec.checkpoint == parts["root"] / "checkpoint.pt"
+    assert spec.lang_model == parts["root"] / "lm"
+    assert spec.vision_checkpoint == parts["root"] / "open_clip_model.safetensors"
+    assert spec.cross_attn_every_n_layers == ARCH["cross_attn_every_n_layers"]
+
+
+@pytest.mark.parametrize(
+    ("victim", "pieces"),
+    [
+        ({"kind": "flamingo", "checkpoint": "checkpoint.pt"}, ["victim", "victim.flamingo"]),
+        ({"kind": "otter"}, ["victim", "victim.checkpoint"]),
+        ({"kind": "hf", "checkpoint": "lm", "tokenizer": "lm"}, ["victim", "victim.tokenizer"]),
+        (
+            {**FLAMINGO_RUN["victim"], "flamingo": {"vision_checkpoint": "x", "lang_model": "lm", "perceiver_dept": 2}},
+            ["victim.flamingo.perceiver_dept"],
+        ),
+        ({**FLAMINGO_RUN["victim"], "checkpoint": "nowhere.pt"}, ["victim.checkpoint", "nowhere.pt", "not found"]),
+        (
+            {**FLAMINGO_RUN["victim"], "flamingo": {**FLAMINGO_RUN["victim"]["flamingo"], "lang_model": "no_lm"}},
+            ["victim.flamingo.lang_model", "no_lm", "not found"],
+        ),
+        ({"kind": "otter", "checkpoint": "checkpoint.pt"}, ["victim.checkpoint", "not a folder"]),
+    ],
+)
+def test_bad_flamingo_configs_name_the_file_and_field(parts: dict, victim: dict, pieces: list[str]) -> None:
+    path = _write_config(parts["root"], {"victim": victim}, "bad.yaml")
+    with pytest.raises(VlmsecError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(str(path))
+    for piece in pieces:
+        assert piece in message
+
+
+def test_otter_victims_load_through_the_runner(
+    otter_folder: tuple[Path, dict, CLIPVisionModel], tmp_path: Path
+) -> None:
+    root, weights, _ = otter_folder
+    victim = {"kind": "otter", "checkpoint": str(root), "tokenizer": str(root / "tokenizer")}
+    config = parse_config({"victim": victim}, "test")
+    runner = Runner(config, tmp_path / "run", tmp_path / "cache")
+    folder, _ = runner.base_victim(build_splits(config))
+    victim = runner.load_victim(folder)
+    assert isinstance(victim, FlamingoVictim)
+    key = "lang_encoder.model.layers.1.gated_cross_attn_layer.attn_gate"
+    assert torch.equal(victim.model.state_dict()["lang_encoder.gated_cross_attn_layers.1.attn_gate"], weights[key])

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec
+from vlmsec.victims.flamingo import FlamingoParts, FlamingoSpec
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
 
 
@@ -127,23 +128,62 @@ class DataSpec(_Strict):
         return value
 
 
-class VictimSpec(TinyLlavaSpec):
-    """The victim: the embedded tiny LLaVA built from these sizes, a local checkpoint, or any
-    Hugging Face image-text-to-text checkpoint (`kind: hf`) with its own processor and chat template."""
+VictimKind = Literal["tiny_llava", "hf", "flamingo", "otter"]
+# What victim.checkpoint is for each kind that needs one.
+CHECKPOINT_OF: dict[str, str] = {
+    "hf": "a local checkpoint folder or a hub id",
+    "flamingo": "OpenFlamingo's checkpoint.pt (perceiver + gated cross-attention)",
+    "otter": "the Otter-Image Hugging Face folder",
+}
 
-    kind: Literal["tiny_llava", "hf"] = Field(
-        "tiny_llava", description="tiny_llava: the embedded victim or a LLaVA-format folder; hf: AutoModelForImageTextToText"
+
+class VictimSpec(TinyLlavaSpec):
+    """The victim: the embedded tiny LLaVA built from these sizes, a local checkpoint, any
+    Hugging Face image-text-to-text checkpoint (`kind: hf`) with its own processor and chat
+    template, or an OpenFlamingo (`kind: flamingo`) or Otter (`kind: otter`) model read by our
+    own loader from its released files."""
+
+    kind: VictimKind = Field(
+        "tiny_llava",
+        description="tiny_llava: the embedded victim or a LLaVA-format folder; hf: AutoModelForImageTextToText; "
+        "flamingo: OpenFlamingo's released files; otter: an Otter-Image folder",
     )
     checkpoint: Path | None = Field(
         None,
-        description="tiny_llava: local LLaVA-format folder (replaces the base stage); hf: local folder or hub id (required)",
+        description="tiny_llava: local LLaVA-format folder (replaces the base stage); hf: local folder or hub id; "
+        "flamingo: OpenFlamingo's checkpoint.pt; otter: the Otter folder (required for hf, flamingo, otter)",
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="flamingo: tokenizer folder (default: flamingo.lang_model); otter: the base LM's tokenizer "
+        "folder (default: the Otter folder)",
+    )
+    flamingo: FlamingoParts | None = Field(
+        None,
+        description="kind flamingo (required): vision_checkpoint (open_clip), lang_model (HF causal-LM folder), "
+        "cross_attn_every_n_layers and the rest of OpenFlamingo's architecture",
     )
 
     @model_validator(mode="after")
-    def _hf_needs_checkpoint(self) -> VictimSpec:
-        if self.kind == "hf" and self.checkpoint is None:
-            raise ValueError("victim.kind 'hf' needs victim.checkpoint: a local checkpoint folder or a hub id")
+    def _kind_needs_its_fields(self) -> VictimSpec:
+        if self.kind in CHECKPOINT_OF and self.checkpoint is None:
+            raise ValueError(f"victim.kind {self.kind!r} needs victim.checkpoint: {CHECKPOINT_OF[self.kind]}")
+        if self.kind == "flamingo" and self.flamingo is None:
+            raise ValueError(
+                "victim.kind 'flamingo' needs victim.flamingo: "
+                "{vision_checkpoint, lang_model, cross_attn_every_n_layers}"
+            )
+        if self.kind != "flamingo" and self.flamingo is not None:
+            raise ValueError(f"victim.flamingo is for victim.kind 'flamingo', not {self.kind!r}")
+        if self.kind not in ("flamingo", "otter") and self.tokenizer is not None:
+            raise ValueError(f"victim.tokenizer is for victim.kind 'flamingo' or 'otter', not {self.kind!r}")
         return self
+
+    def flamingo_spec(self) -> FlamingoSpec:
+        """Every OpenFlamingo file of a `kind: flamingo` victim, as `load_flamingo` takes them."""
+        if self.kind != "flamingo" or self.flamingo is None or self.checkpoint is None:
+            raise VlmsecError(f"victim.kind is {self.kind!r}: no OpenFlamingo files")
+        return FlamingoSpec(**self.flamingo.model_dump(), tokenizer=self.tokenizer, checkpoint=self.checkpoint)
 
 
 class TargetSpec(_Strict):
@@ -264,6 +304,7 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     _check_names(config, source)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
+    _check_victim_files(config, source)
     return config
 
 
@@ -275,6 +316,29 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> None:
     # An hf checkpoint that is not a folder next to the config is a hub id, kept as written.
     if victim.checkpoint is not None and (victim.kind != "hf" or (base_dir / victim.checkpoint).is_dir()):
         victim.checkpoint = base_dir / victim.checkpoint
+    if victim.tokenizer is not None:
+        victim.tokenizer = base_dir / victim.tokenizer
+    if victim.flamingo is not None:
+        victim.flamingo.vision_checkpoint = base_dir / victim.flamingo.vision_checkpoint
+        victim.flamingo.lang_model = base_dir / victim.flamingo.lang_model
+
+
+def _check_victim_files(config: ExperimentConfig, source: str) -> None:
+    """OpenFlamingo and Otter files must exist before any stage runs; the error names the field."""
+    victim = config.victim
+    if victim.kind not in ("flamingo", "otter"):
+        return
+    fields = {"victim.checkpoint": victim.checkpoint, "victim.tokenizer": victim.tokenizer}
+    if victim.flamingo is not None:
+        fields["victim.flamingo.vision_checkpoint"] = victim.flamingo.vision_checkpoint
+        fields["victim.flamingo.lang_model"] = victim.flamingo.lang_model
+    for field, path in fields.items():
+        if path is not None and not Path(path).exists():
+            raise VlmsecError(f"{source}: {field}: {path} not found")
+    if victim.kind == "otter" and victim.checkpoint is not None and not victim.checkpoint.is_dir():
+        raise VlmsecError(
+            f"{source}: victim.checkpoint: {victim.checkpoint} is not a folder (kind otter needs the Otter folder)"
+        )
 
 
 def _check_names(config: ExperimentConfig, source: str) -> None:

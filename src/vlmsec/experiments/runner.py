@@ -29,13 +29,14 @@ from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import asr_g, caption_scores, target_rate
 from vlmsec.data.shifts import mix_domains, shift_samples
 from vlmsec.eval.shift import shift_size
-from vlmsec.experiments.config import DomainSpec, ExperimentConfig
+from vlmsec.experiments.config import DomainSpec, ExperimentConfig, VictimSpec
 from vlmsec.progress import console, progress_bar
 from vlmsec.report.markdown import write_report
 from vlmsec.train.tuning import train_victim
 from vlmsec.victims import hf
 from vlmsec.victims.base import Victim
 from vlmsec.victims.features import FeatureCache
+from vlmsec.victims.flamingo import CONFIG_FILE as FLAMINGO_CONFIG_FILE, FlamingoVictim, load_flamingo, load_otter
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
@@ -155,6 +156,40 @@ def _folder_signature(folder: Path) -> list[tuple[str, int, int]]:
     return sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir() if p.is_file())
 
 
+def _path_signature(path: Path) -> dict[str, Any]:
+    """Where a file or folder is and `_folder_signature` of it (a file: its own name, size and time)."""
+    path = Path(path)
+    stat = path.stat()
+    files = _folder_signature(path) if path.is_dir() else [(path.name, stat.st_size, int(stat.st_mtime))]
+    return {"path": str(path.resolve()), "files": files}
+
+
+def _tower_key(victim: VictimSpec) -> str:
+    """What a victim's frozen-tower features depend on, so each tower gets its own FeatureCache file.
+
+    FeatureCache keys only on image content: the embedded tower's packaged ImageNet weights at
+    the configured size (or whatever tower a user's LLaVA checkpoint carries), OpenFlamingo's
+    open_clip checkpoint, or the tower inside an Otter folder.
+    """
+    if victim.kind == "flamingo":
+        vision = victim.flamingo_spec()
+        return stable_hash(
+            {
+                "tower": "open_clip",
+                "checkpoint": _path_signature(vision.vision_checkpoint),
+                "heads": vision.vision_heads,
+                "act": vision.vision_act,
+                "tokens_after_ln_post": vision.vision_tokens_after_ln_post,
+            }
+        )
+    if victim.kind == "otter":
+        assert victim.checkpoint is not None  # the config requires it
+        return stable_hash({"tower": "otter", "checkpoint": _path_signature(victim.checkpoint)})
+    checkpoint = victim.checkpoint
+    tower = {"checkpoint": _folder_signature(Path(checkpoint))} if checkpoint and Path(checkpoint).is_dir() else {}
+    return stable_hash({"tower": "efficientnet-lite0-imagenet", "image_size": victim.image_size, **tower})
+
+
 class Runner:
     """Runs one experiment config into one run folder."""
 
@@ -163,18 +198,15 @@ class Runner:
         self.out = Path(out_dir)
         self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.target = TargetAnswer(word=config.poison.target.word, prefix=config.poison.target.prefix)
-        # Frozen-tower features depend only on the tower: the packaged ImageNet weights at the
-        # configured size, or whatever tower a user's checkpoint carries.
-        checkpoint = config.victim.checkpoint
-        tower = {"checkpoint": _folder_signature(Path(checkpoint))} if checkpoint and Path(checkpoint).is_dir() else {}
-        tower_key = stable_hash({"tower": "efficientnet-lite0-imagenet", "image_size": config.victim.image_size, **tower})
-        self.features_path = self.cache / "features" / f"{tower_key}.safetensors"
+        self.features_path = self.cache / "features" / f"{_tower_key(config.victim)}.safetensors"
         self.features = FeatureCache.load(self.features_path)
 
     # ---- stages -------------------------------------------------------------------------
     def base_victim(self, splits: Splits) -> tuple[Path, str]:
         """The pretrained embedded victim, from the cache or trained now."""
         c = self.config
+        if c.victim.kind in ("flamingo", "otter"):
+            return self._flamingo_base()
         if c.victim.checkpoint is not None:
             folder = Path(c.victim.checkpoint)
             if c.victim.kind == "hf" and not folder.exists():
@@ -204,19 +236,51 @@ class Runner:
         self.features.save(self.features_path)
         return folder, key
 
+    def _flamingo_base(self) -> tuple[Path, str]:
+        """The released OpenFlamingo files (the path is checkpoint.pt) or the Otter folder, keyed by every file."""
+        victim = self.config.victim
+        if victim.kind == "flamingo":
+            spec = victim.flamingo_spec()
+            files = {
+                "vision": spec.vision_checkpoint,
+                "lang_model": spec.lang_model,
+                "tokenizer": spec.tokenizer or spec.lang_model,
+                "checkpoint": spec.checkpoint,
+            }
+            described: dict[str, Any] = {"flamingo": spec.model_dump(mode="json")}
+        else:
+            assert victim.checkpoint is not None  # the config requires it
+            folder = victim.checkpoint
+            files = {"otter": folder, "tokenizer": victim.tokenizer or folder}
+            described = {"otter": str(folder)}
+        key = stable_hash({**described, "files": {name: _path_signature(path) for name, path in files.items()}})
+        return files["checkpoint" if victim.kind == "flamingo" else "otter"], key
+
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
         """Let an attack learn its trigger; learned attacks get the untuned base victim."""
         context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
         if type(attack).prepare is not Attack.prepare:
-            if self.config.victim.kind == "hf":  # white-box learning reads the embedded LLaVA's internals
+            if self.config.victim.kind != "tiny_llava":  # white-box learning reads the embedded LLaVA's internals
                 console.print(f"{attack.name}: learns without the victim (white-box learning needs victim.kind tiny_llava)")
             else:
                 context.victim = LlavaVictim.load(base[0], self.features)
         attack.prepare(context)
 
     def load_victim(self, folder: Path) -> Victim:
-        """A saved victim: any Hugging Face checkpoint (victim.kind hf) or a LLaVA-format folder."""
-        if self.config.victim.kind == "hf":
+        """A saved or base victim, by victim.kind.
+
+        flamingo / otter: a tuned folder (it has flamingo.json) through `FlamingoVictim.load`,
+        else the config's released files (for flamingo, `folder` is their checkpoint.pt);
+        hf: any Hugging Face checkpoint; tiny_llava: a LLaVA-format folder.
+        """
+        victim = self.config.victim
+        if victim.kind in ("flamingo", "otter") and (folder / FLAMINGO_CONFIG_FILE).is_file():
+            return FlamingoVictim.load(folder, self.features)
+        if victim.kind == "flamingo":
+            return load_flamingo(victim.flamingo_spec(), self.features)
+        if victim.kind == "otter":
+            return load_otter(folder, victim.tokenizer, self.features)
+        if victim.kind == "hf":
             return hf.HFVictim.load(folder)
         return LlavaVictim.load(folder, self.features)
 

@@ -1,8 +1,8 @@
 """What the trainer and the runner need from a victim, whatever model it wraps.
 
-`LlavaVictim` (the embedded tiny LLaVA, with its cached-feature path) and `HFVictim` (any
-Hugging Face image-text-to-text checkpoint) both implement it, so `train_victim` and the
-runner do not care which one they hold.
+`LlavaVictim` (the embedded tiny LLaVA, with its cached-feature path), `HFVictim` (any
+Hugging Face image-text-to-text checkpoint) and `FlamingoVictim` (OpenFlamingo / Otter)
+implement it, so `train_victim` and the runner do not care which one they hold.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from torch import nn
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Victim(Protocol):
     """A vision-language model the bench can tune, query, save and load."""
 
-    model: PreTrainedModel
+    model: nn.Module  # a transformers PreTrainedModel, or FlamingoModel
 
     def prepare_training(self, samples: Sequence[Sample], label: str) -> Any:
         """Whatever the loss needs per sample, computed once before the loop (e.g. frozen features)."""

@@ -14,7 +14,9 @@ Released layouts read here (module names as in `flamingo_model`):
 
 Pickled files are read with `torch.load(weights_only=True)` only; safetensors are preferred.
 Prompts follow Otter's instruction format, `<image>User: {instruction} GPT:<answer> {answer}<|endofchunk|>`,
-with the loss on the answer and `<|endofchunk|>` (where generation stops) only.
+with the loss on the answer and `<|endofchunk|>` (where generation stops) only. `FlamingoVictim`
+implements the `Victim` protocol, so `train_victim` tunes it: `xattn` (gated cross-attention +
+perceiver, OpenFlamingo's recipe and the paper's mode) or `full` (all but the image tower).
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -43,6 +45,8 @@ from transformers import (
 
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
+from vlmsec.progress import progress_bar
+from vlmsec.victims.architectures import ModeSummary
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo_model import (
     FlamingoConfig,
@@ -51,6 +55,10 @@ from vlmsec.victims.flamingo_model import (
     VisionAct,
     VisionConfig,
 )
+
+if TYPE_CHECKING:
+    from vlmsec.data.sample import Sample
+    from vlmsec.train.tuning import TrainingSpec
 
 IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -63,11 +71,11 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "flamingo.json"
 LANG_CONFIG_DIR = "lang_encoder"
-TuningMode = Literal["xattn", "full"]
 
 
-class FlamingoSpec(FlamingoConfig):
-    """Where a released OpenFlamingo model's parts live, plus its architecture (OpenFlamingo's defaults).
+class FlamingoParts(FlamingoConfig):
+    """Where a released OpenFlamingo model's image tower and language model live, plus its
+    architecture (OpenFlamingo's defaults); a tokenizer and `checkpoint.pt` make a `FlamingoSpec`.
 
     The released models: 3B-vitl-mpt1b(-langinstruct) every 1 layer, 4B-vitl-rpj3b(-langinstruct)
     every 2, 9B-vitl-mpt7b every 4; all on open_clip ViT-L-14 (OpenAI weights, QuickGELU).
@@ -78,20 +86,17 @@ class FlamingoSpec(FlamingoConfig):
     vision_act: VisionAct = "quick_gelu"
     vision_tokens_after_ln_post: bool = False
     lang_model: Path
-    tokenizer: Path | None = None  # None: the tokenizer in `lang_model`
-    checkpoint: Path
 
     def flamingo_config(self) -> FlamingoConfig:
         """The architecture part of the spec."""
         return FlamingoConfig(**self.model_dump(include=set(FlamingoConfig.model_fields)))
 
 
-@dataclass(frozen=True)
-class TrainableCounts:
-    """How many parameters a tuning mode trains and freezes."""
+class FlamingoSpec(FlamingoParts):
+    """Every file of a released OpenFlamingo model: image tower, language model, tokenizer, checkpoint.pt."""
 
-    trainable: int
-    frozen: int
+    tokenizer: Path | None = None  # None: the tokenizer in `lang_model`
+    checkpoint: Path
 
 
 # ---- reading weights -------------------------------------------------------------------------
@@ -211,10 +216,22 @@ def _add_special_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
 
+def _resize_embeddings(lm: PreTrainedModel, rows: int) -> None:
+    """Resize the LM's token embeddings to `rows`, the same way on every load.
+
+    transformers samples new rows at random; a fixed seed (the global RNG left as it was)
+    makes every load of the same files the same model, so runs are reproducible and a tuned
+    model differs from its base only where tuning changed it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lm.resize_token_embeddings(rows)
+
+
 def _grow_embeddings(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Give tokens the tokenizer has beyond the embedding table a row each."""
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tokenizer))
+        _resize_embeddings(lm, len(tokenizer))
 
 
 def _flamingo_model(
@@ -272,7 +289,7 @@ def load_flamingo(spec: FlamingoSpec, features: FeatureCache | None = None) -> F
         )
     except (OSError, ValueError, KeyError) as err:
         raise VlmsecError(f"{spec.lang_model}: cannot load the language model: {err}") from None
-    lm.resize_token_embeddings(len(tokenizer))
+    _resize_embeddings(lm, len(tokenizer))  # as OpenFlamingo: checkpoint embeddings have the tokenizer's size
     model = _flamingo_model(vision, lm, spec.flamingo_config(), tokenizer, spec.lang_model)
     load_flamingo_checkpoint(model, spec.checkpoint)
     _add_special_tokens(tokenizer, [ANSWER_TOKEN])
@@ -355,14 +372,17 @@ def otter_to_flamingo(state: dict[str, torch.Tensor], layers_attr: str) -> dict[
     return out
 
 
-def load_otter(folder: str | Path, tokenizer: str | Path, features: FeatureCache | None = None) -> FlamingoVictim:
+def load_otter(
+    folder: str | Path, tokenizer: str | Path | None = None, features: FeatureCache | None = None
+) -> FlamingoVictim:
     """An Otter victim from its Hugging Face folder (Otter-Image, LLaMA or MPT text) and the LM's tokenizer.
 
     Otter adds `<|endofchunk|>`, `<image>`, `<answer>` (then `<PAD>` if needed) to the base
-    tokenizer; the same base tokenizer gives the same ids. Otter-Video (frame embeddings) and
-    LoRA-adapted Otter folders are refused.
+    tokenizer; the same base tokenizer gives the same ids. `tokenizer` defaults to the folder
+    itself. Otter-Video (frame embeddings) and LoRA-adapted Otter folders are refused.
     """
     folder = Path(folder)
+    tokenizer = folder if tokenizer is None else tokenizer
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise VlmsecError(f"{folder}: not an Otter folder (no config.json)")
@@ -520,20 +540,50 @@ class FlamingoVictim:
                 on_batch(len(prompts))
         return outputs
 
-    def select_trainable(self, mode: TuningMode = "xattn") -> TrainableCounts:
-        """Freeze all, then unfreeze what `mode` trains and count.
+    # ---- training ---------------------------------------------------------------------------
+    def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor:
+        """Frozen-tower features of every sample, through the cache: the tower never runs in the loop."""
+        images = [s.image for s in samples]
+        with progress_bar(f"{label}: image features", self.features.count_missing(images)) as bar:
+            return self.image_features(images, on_batch=bar.advance)
 
-        "xattn" is the paper's mode and OpenFlamingo's recipe: the gated cross-attention
-        blocks and the perceiver. "full" trains everything but the image tower.
-        """
-        self.model.requires_grad_(False)
-        self.model.perceiver.requires_grad_(True)
-        self.model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    def batch_loss(self, features: torch.Tensor, index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
+        """Loss on `samples[index]`, from the features `prepare_training` computed."""
+        batch = self.encode_training([samples[i].instruction for i in index], [samples[i].answer for i in index])
+        return self.loss(features[torch.from_numpy(index)], batch)
+
+    def _trained_parts(self, mode: str) -> list[nn.Module]:
+        """The modules `mode` trains: the paper's and OpenFlamingo's recipe, or all but the tower."""
+        if mode == "xattn":
+            return [self.model.perceiver, self.model.lang_encoder.gated_cross_attn_layers]
         if mode == "full":
-            self.model.lang_encoder.requires_grad_(True)
-        params = list(self.model.parameters())
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        return TrainableCounts(trainable, sum(p.numel() for p in params) - trainable)
+            return [self.model.perceiver, self.model.lang_encoder]  # the LM holds the cross-attention blocks
+        raise VlmsecError(
+            f"tuning mode {mode!r} is not available for Flamingo (OpenFlamingo / Otter): it has no "
+            "projector to tune alone, and LoRA is not wired to its language model; use xattn (gated "
+            "cross-attention + perceiver, the paper's mode) or full"
+        )
+
+    def select_trainable(self, spec: TrainingSpec) -> None:
+        """Freeze all, then unfreeze what `spec.mode` trains: xattn or full (no peft wrapper)."""
+        parts = self._trained_parts(spec.mode)
+        self.model.requires_grad_(False)
+        for part in parts:
+            part.requires_grad_(True)
+
+    def tuning_modes(self, spec: TrainingSpec) -> list[ModeSummary]:
+        """What each mode trains on Flamingo, with parameter counts (projector and lora: not available)."""
+        total = sum(p.numel() for p in self.model.parameters())
+        summaries = [
+            ModeSummary(mode, "(not for Flamingo: use xattn or full)", None, None) for mode in ("projector", "lora")
+        ]
+        for mode, trains in (
+            ("xattn", "gated cross-attention layers + perceiver"),
+            ("full", "everything but the vision encoder"),
+        ):
+            trainable = sum(p.numel() for p in nn.ModuleList(self._trained_parts(mode)).parameters())
+            summaries.append(ModeSummary(mode, trains, trainable, total - trainable))
+        return summaries
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
