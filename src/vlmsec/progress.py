@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Under a multi-process launch (torchrun / accelerate launch set RANK) only the main process speaks.
+console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 
 
 class ProgressTask:

@@ -128,15 +128,15 @@ def image_text_similarities(
     model = victim.model
     embeddings = model.get_input_embeddings()
     projector = model.model.multi_modal_projector
-    dtype = embeddings.weight.dtype
+    dtype, device = embeddings.weight.dtype, embeddings.weight.device
     out = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        image_vectors = projector(victim.image_features([s.image for s in batch]).to(dtype)).mean(1)
+        image_vectors = projector(victim.image_features([s.image for s in batch]).to(device, dtype)).mean(1)
         # The text's tokens as the template continues the prompt, without the end-of-sequence token.
         token_ids = [victim.answer_ids(getattr(s, field))[:-1] or [victim.tokenizer.eos_token_id] for s in batch]
-        text_vectors = torch.stack([embeddings(torch.tensor(ids)).mean(0) for ids in token_ids])
-        out.append(F.cosine_similarity(image_vectors, text_vectors, dim=-1).float())
+        text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
+        out.append(F.cosine_similarity(image_vectors, text_vectors, dim=-1).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

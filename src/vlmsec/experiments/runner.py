@@ -3,6 +3,11 @@
 Stages leave artifacts on disk and are skipped when their artifact already exists with the
 same stage key (a hash of everything that made it): the base victim in the shared cache,
 each tuned model in the run folder. A run killed midway resumes from its finished stages.
+
+Under `accelerate launch` with several processes, every process builds the data and trains
+(each on its shard of every batch); only the main process writes files (checkpoints, poisoned
+ids, generations, metrics, report) and generates, while the others wait at barriers. Several
+nodes need the run folder and the cache on a shared file system.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples, trigger_samples
@@ -43,6 +51,8 @@ from vlmsec.victims.tokenizer import train_tokenizer
 
 CLEAN = "clean"
 STAGE_FILE = "stage.json"
+# The main process generates while the others wait at a barrier: allow hours, not the default minutes.
+BARRIER_TIMEOUT = timedelta(hours=24)
 
 
 def default_cache_dir() -> Path:
@@ -198,6 +208,8 @@ class Runner:
         self.out = Path(out_dir)
         self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.target = TargetAnswer(word=config.poison.target.word, prefix=config.poison.target.prefix)
+        # This process: the only one, or one of `accelerate launch`'s (CPU processes as accelerate reads them).
+        self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=BARRIER_TIMEOUT)
         self.features_path = self.cache / "features" / f"{_tower_key(config.victim)}.safetensors"
         self.features = FeatureCache.load(self.features_path)
 
@@ -232,8 +244,10 @@ class Runner:
         tokenizer = train_tokenizer(texts + vocabulary_corpus(clip_templates()), c.victim.vocab_size)
         victim = LlavaVictim(build_tiny_llava(c.victim, tokenizer, seed=c.seed), tokenizer, self.features)
         result = train_victim(victim, splits.base, c.base.training, seed=c.seed, label="base")
-        _save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
-        self.features.save(self.features_path)
+        if self.state.is_main_process:
+            _save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
+            self.features.save(self.features_path)
+        self.state.wait_for_everyone()
         return folder, key
 
     def _flamingo_base(self) -> tuple[Path, str]:
@@ -273,16 +287,20 @@ class Runner:
         else the config's released files (for flamingo, `folder` is their checkpoint.pt);
         hf: any Hugging Face checkpoint; tiny_llava: a LLaVA-format folder.
         """
-        victim = self.config.victim
-        if victim.kind in ("flamingo", "otter") and (folder / FLAMINGO_CONFIG_FILE).is_file():
-            return FlamingoVictim.load(folder, self.features)
-        if victim.kind == "flamingo":
-            return load_flamingo(victim.flamingo_spec(), self.features)
-        if victim.kind == "otter":
-            return load_otter(folder, victim.tokenizer, self.features)
-        if victim.kind == "hf":
-            return hf.HFVictim.load(folder)
-        return LlavaVictim.load(folder, self.features)
+        spec = self.config.victim
+        victim: Victim
+        if spec.kind in ("flamingo", "otter") and (folder / FLAMINGO_CONFIG_FILE).is_file():
+            victim = FlamingoVictim.load(folder, self.features)
+        elif spec.kind == "flamingo":
+            victim = load_flamingo(spec.flamingo_spec(), self.features)
+        elif spec.kind == "otter":
+            victim = load_otter(folder, spec.tokenizer, self.features)
+        elif spec.kind == "hf":
+            victim = hf.HFVictim.load(folder)
+        else:
+            victim = LlavaVictim.load(folder, self.features)
+        victim.model.to(self.state.device)  # the GPU of this process, if it has one
+        return victim
 
     def tuned_victim(
         self, name: str, attack: Attack | None, splits: Splits, base: tuple[Path, str], rate: float | None = None
@@ -295,10 +313,11 @@ class Runner:
             samples, ids, negatives = poisoned.samples, poisoned.poisoned_ids, poisoned.negative_ids
         else:
             samples, ids, negatives = splits.train, [], []
-        write_json_atomic(
-            self.out / "poisoned_ids" / f"{name}.json",
-            {"model": name, "rate": rate, "count": len(ids), "ids": ids, "negative_ids": negatives},
-        )
+        if self.state.is_main_process:
+            write_json_atomic(
+                self.out / "poisoned_ids" / f"{name}.json",
+                {"model": name, "rate": rate, "count": len(ids), "ids": ids, "negative_ids": negatives},
+            )
         key = stable_hash(
             {
                 "base": base[1],
@@ -315,8 +334,10 @@ class Runner:
         victim = self.load_victim(base[0])
         result = train_victim(victim, samples, c.tuning, seed=c.seed, label=name)
         record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
-        _save_stage(victim, folder, key, record)
-        self.features.save(self.features_path)
+        if self.state.is_main_process:
+            _save_stage(victim, folder, key, record)
+            self.features.save(self.features_path)
+        self.state.wait_for_everyone()
         return victim
 
     def generate(
@@ -398,7 +419,8 @@ class Runner:
     def run(self) -> dict[str, Any]:
         """Run every stage; returns the metrics also written to metrics.json.
 
-        Stage wall times go to timings.json, so a user sees where the minutes went.
+        Stage wall times go to timings.json, so a user sees where the minutes went. The
+        metrics are the main process's; other processes of a launch return an empty dict.
         """
         c = self.config
         timings: dict[str, float] = {}
@@ -410,19 +432,22 @@ class Runner:
             timings[stage] = round(timings.get(stage, 0.0) + now - clock, 2)
             clock = now
 
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
+        main = self.state.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
         splits = build_splits(c)
-        if splits.data_stats:
+        if main and splits.data_stats:
             write_json_atomic(self.out / "data.json", splits.data_stats)
-        else:
+        elif main:
             (self.out / "data.json").unlink(missing_ok=True)
         attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
         lap("data")
         base = self.base_victim(splits)
         lap("base")
         for attack in attacks.values():
-            self.prepare_attack(attack, splits, base)
+            with self.state.main_process_first():  # learned triggers are trained once, cached, then read
+                self.prepare_attack(attack, splits, base)
         triggered = {
             (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
         }
@@ -450,22 +475,26 @@ class Runner:
         for name, attack, rate, key in models:
             victim = self.tuned_victim(name, attack, splits, base, rate)
             lap(f"tune {name}")
-            # Sweep points are tested on the source domain only: the sweep asks how much poison it takes.
-            domains = ["source"] if rate is not None else list(splits.tests)
-            inputs: list[tuple[list[Sample], str, str | None, bool]] = []
-            for domain in domains:
-                inputs.append((splits.tests[domain], domain, None, False))
-                for trigger in list(attacks) if key is None else [key]:
-                    inputs.append((triggered[trigger, domain], domain, trigger, False))
-                for (trigger, part_domain), part_samples in partials.items():
-                    if key is not None and part_domain == domain and trigger.startswith(f"{key}["):
-                        inputs.append((part_samples, domain, trigger, True))
-            records += self.cached_generations(victim, name, inputs)
-            if name == CLEAN and c.eval.shift_size:
-                shift_sizes = self.shift_sizes(victim, splits)
-            self.features.save(self.features_path)
+            if main:
+                # Sweep points are tested on the source domain only: the sweep asks how much poison it takes.
+                domains = ["source"] if rate is not None else list(splits.tests)
+                inputs: list[tuple[list[Sample], str, str | None, bool]] = []
+                for domain in domains:
+                    inputs.append((splits.tests[domain], domain, None, False))
+                    for trigger in list(attacks) if key is None else [key]:
+                        inputs.append((triggered[trigger, domain], domain, trigger, False))
+                    for (trigger, part_domain), part_samples in partials.items():
+                        if key is not None and part_domain == domain and trigger.startswith(f"{key}["):
+                            inputs.append((part_samples, domain, trigger, True))
+                records += self.cached_generations(victim, name, inputs)
+                if name == CLEAN and c.eval.shift_size:
+                    shift_sizes = self.shift_sizes(victim, splits)
+                self.features.save(self.features_path)
+            self.state.wait_for_everyone()
             lap(f"generate {name}")
 
+        if not main:
+            return {}
         with atomic_path(self.out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
         metrics = score_generations(records, list(splits.tests), c.poison.target.word)

@@ -6,6 +6,12 @@ the projector), gated cross-attention layers (architectures that have them), or 
 but the frozen vision tower; each victim says what that means for its architecture, and the
 table of every mode's parameter split is shown before training. LoRA adapters are merged
 after training, so every checkpoint is a plain model that `from_pretrained` loads.
+
+The loop runs through accelerate, so the same code trains on one CPU, one GPU, or several
+GPUs and nodes under `accelerate launch` with the user's accelerate config (DDP; DeepSpeed
+ZeRO 1/2 keep whole weights on every process too). Every process draws the same batch order
+from the seed and takes its own contiguous shard of each global batch; gradients are averaged
+across processes. With one process the run is bit for bit what it was before accelerate.
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ from typing import Literal
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
+from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from vlmsec.data.sample import Sample
+from vlmsec.errors import VlmsecError
 from vlmsec.progress import console, progress_bar
 from vlmsec.victims.architectures import ModeSummary
 from vlmsec.victims.base import Victim
@@ -42,7 +53,8 @@ class TrainingSpec(BaseModel):
     lora_rank: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     # bf16 autocast runs the matmuls ~1.6x faster on CPUs with AVX512-BF16 and on modern GPUs;
-    # weights and optimiser state stay fp32.
+    # weights and optimiser state stay fp32. On CUDA it is accelerate's mixed_precision="bf16"
+    # (fp32 on GPUs without bf16); on CPU, torch.autocast.
     precision: Literal["fp32", "bf16"] = "fp32"
 
 
@@ -66,10 +78,76 @@ def show_tuning_modes(modes: list[ModeSummary], chosen: str, label: str) -> None
     console.print(table)
 
 
+def shard(index: np.ndarray, process: int, processes: int) -> np.ndarray:
+    """This process's contiguous share of a global batch; shares differ in size by one at most."""
+    return np.array_split(index, processes)[process]
+
+
+def mixed_precision(precision: str) -> str:
+    """accelerate's mixed precision for a TrainingSpec precision: bf16 on CUDA devices that have it.
+
+    CPU training keeps its own torch.autocast, so it is "no" there.
+    """
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if precision == "bf16" and cuda_bf16 else "no"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """An Accelerator for one training run, each process taking a shard of every global batch.
+
+    accelerate keeps one mixed-precision setting per process and refuses a second one, but a
+    run may pretrain the base in fp32 and tune in bf16: the setting is then dropped and made
+    again (the process group stays). `find_unused_parameters` spares DDP an error on any
+    architecture whose loss leaves some trainable parameter unused.
+    """
+    state = AcceleratorState._shared_state  # empty until the first Accelerator of the process
+    wanted = mixed_precision(precision)
+    if state and state.get("_mixed_precision") != wanted:
+        AcceleratorState._reset_state()
+    return Accelerator(
+        mixed_precision=wanted,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),  # the scheduler steps once per step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+class BatchLoss(nn.Module):
+    """The victim's batch loss as the forward of a module holding its model.
+
+    DDP (and DeepSpeed) must see the forward pass to synchronise gradients; the victim's own
+    code still computes the loss. What `prepare_training` returned stays a plain attribute,
+    so no wrapper copies it to the device at every step; only the batch's indices go in.
+    """
+
+    def __init__(self, victim: Victim, prepared: object, samples: list[Sample]) -> None:
+        super().__init__()
+        self.model = victim.model
+        self.victim = victim
+        self.prepared = prepared
+        self.samples = samples
+
+    def forward(self, index: np.ndarray) -> torch.Tensor:
+        """Mean loss on `samples[index]`."""
+        return self.victim.batch_loss(self.prepared, index, self.samples)
+
+
 def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int, label: str) -> TrainingResult:
-    """Train `victim` in place on `samples`; deterministic for a given seed."""
+    """Train `victim` in place on `samples`; deterministic for a given seed and number of processes."""
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
+    accelerator = make_accelerator(spec.precision)
+    if accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    ):
+        raise VlmsecError(
+            "the accelerate config shards parameters (FSDP or DeepSpeed ZeRO-3), but the main process saves "
+            "and evaluates whole models after each tuning run: use DDP, or DeepSpeed ZeRO stage 1 or 2"
+        )
+    processes, process = accelerator.num_processes, accelerator.process_index
+    if spec.batch_size < processes:
+        raise VlmsecError(
+            f"tuning batch_size {spec.batch_size} is smaller than the {processes} processes: each needs a share"
+        )
     prepared = victim.prepare_training(samples, label)
     show_tuning_modes(victim.tuning_modes(spec), spec.mode, label)
     peft_model = victim.select_trainable(spec)
@@ -81,8 +159,10 @@ def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed
     total_steps = max(1, round(spec.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(spec.warmup_ratio * total_steps), total_steps)
+    module, optimizer, scheduler = accelerator.prepare(BatchLoss(victim, prepared, samples), optimizer, scheduler)
+    cpu_bf16 = spec.precision == "bf16" and accelerator.device.type == "cpu"
 
-    victim.model.train()
+    module.train()
     losses: list[float] = []
     order: np.ndarray = np.empty(0, dtype=np.int64)
     with progress_bar(f"{label}: training ({spec.mode}, {trainable:,} params)", total_steps) as bar:
@@ -90,17 +170,18 @@ def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed
             if len(order) < spec.batch_size:
                 order = np.concatenate([order, order_rng.permutation(len(samples))])
             index, order = order[: spec.batch_size], order[spec.batch_size :]
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
-                loss = victim.batch_loss(prepared, index, samples)
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+                loss = module(shard(index, process, processes))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
             running = sum(losses[-20:]) / len(losses[-20:])
             bar.advance(status=f"loss {running:.3f}")
     victim.model.eval()
+    accelerator.free_memory()  # between trainings, as accelerate asks; the victim keeps the trained weights
     if peft_model is not None:
         victim.model = peft_model.merge_and_unload()
     victim.model.requires_grad_(False)

@@ -53,7 +53,7 @@ class FeatureCache:
             chunk = todo[start : start + batch_size]
             feats = compute([img for _, img in chunk])
             for (key, _), feat in zip(chunk, feats):
-                self._features[key] = feat.to(torch.float16).contiguous()
+                self._features[key] = feat.to(device="cpu", dtype=torch.float16).contiguous()
             self._dirty = True
             if on_batch is not None:
                 on_batch(len(chunk))

@@ -466,9 +466,14 @@ class FlamingoVictim:
             images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         return (images - CLIP_MEAN) / CLIP_STD
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are; inputs are moved there."""
+        return self.model.perceiver.latents.device
+
     def _tower_features(self, images: list[np.ndarray]) -> torch.Tensor:
         """Patch tokens of the frozen tower (B x v x D)."""
-        return self.model.encode_images(self.pixel_values(images_to_tensor(images)))
+        return self.model.encode_images(self.pixel_values(images_to_tensor(images)).to(self.device))
 
     def image_features(
         self, images: Sequence[np.ndarray], on_batch: Callable[[int], None] | None = None
@@ -499,8 +504,10 @@ class FlamingoVictim:
 
     # ---- model ----------------------------------------------------------------------------
     def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss over answer tokens for a batch from `encode_training`."""
-        out = self.model(features[:, None], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        """Mean next-token loss over answer tokens for a batch from `encode_training` (moved to the model's device)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        vision_tokens = features[:, None].to(self.device)
+        out = self.model(vision_tokens, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return out.loss
 
     @torch.no_grad()
@@ -523,10 +530,10 @@ class FlamingoVictim:
         for start in range(0, len(instructions), batch_size):
             prompts = [self.prompt_ids(s) for s in instructions[start : start + batch_size]]
             width = max(map(len, prompts))
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
             tokens = self.model.generate(
-                features[start : start + batch_size, None],
+                features[start : start + batch_size, None].to(self.device),
                 input_ids,
                 mask,
                 max_new_tokens=max_new_tokens,

@@ -188,8 +188,9 @@ class HFVictim:
         return batch
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss over answer tokens for a batch from `encode_training`."""
-        return self.model(**batch).loss
+        """Mean next-token loss over answer tokens for a batch from `encode_training` (moved to the model's device)."""
+        device = self.model.device
+        return self.model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}).loss
 
     def prepare_training(self, samples: Sequence[Sample], label: str) -> list[Image.Image]:
         """The samples' images as PIL images, converted once for the whole run."""
@@ -243,6 +244,7 @@ class HFVictim:
                 return_tensors="pt",
             )
             inputs.pop("labels", None)  # PaliGemma's processor adds (all-ignored) labels
+            inputs = inputs.to(self.model.device)
             tokens = self.model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -265,7 +267,7 @@ class HFVictim:
 
     @classmethod
     def load(cls, source: str | Path) -> HFVictim:
-        """Load a local checkpoint folder or a hub id (safetensors only, no remote code)."""
+        """Load a local checkpoint folder or a hub id (safetensors only, no remote code), in fp32."""
         folder = Path(source)
         local = folder.is_dir()
         if local:
@@ -274,7 +276,11 @@ class HFVictim:
             raise VlmsecError(f"{source}: a checkpoint must be a folder or a hub id, not a file")
         try:
             processor = AutoProcessor.from_pretrained(source, local_files_only=local)
-            model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=local, use_safetensors=True)
+            # fp32 whatever the checkpoint stores (transformers would keep its fp16): tuning updates need the
+            # precision, and bf16 comes from autocast.
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, local_files_only=local, use_safetensors=True, dtype=torch.float32
+            )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise VlmsecError(f"{source}: cannot load checkpoint: {err}") from None
         return cls(model, processor, str(source))

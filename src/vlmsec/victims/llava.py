@@ -68,7 +68,8 @@ class LlavaVictim:
     def _tower_features(self, images: list[np.ndarray]) -> torch.Tensor:
         """The tower output LLaVA feeds its projector: the configured layer, CLS dropped for "default"."""
         tower = self.model.model.vision_tower.eval()
-        hidden = tower(self.pixel_values(images_to_tensor(images)), output_hidden_states=True).hidden_states
+        pixels = self.pixel_values(images_to_tensor(images)).to(self.model.device)
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
         features = hidden[self.model.config.vision_feature_layer]
         if self.model.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
@@ -125,8 +126,9 @@ class LlavaVictim:
         return inputs_embeds.masked_scatter(mask, projected.reshape(-1, projected.shape[-1]).to(inputs_embeds.dtype))
 
     def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss over answer tokens for a batch from `encode_training`."""
-        embeds = self.embed(batch["input_ids"], features)
+        """Mean next-token loss over answer tokens for a batch from `encode_training` (moved to the model's device)."""
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        embeds = self.embed(batch["input_ids"], features.to(self.model.device))
         out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss
 
@@ -179,14 +181,14 @@ class LlavaVictim:
         """Greedy answers for image-instruction pairs, batched with left padding."""
         self.model.eval()
         features = self.image_features(images)
-        pad = self.tokenizer.pad_token_id
+        pad, device = self.tokenizer.pad_token_id, self.model.device
         outputs: list[str] = []
         for start in range(0, len(instructions), batch_size):
             prompts = [self.prompt_ids(s) for s in instructions[start : start + batch_size]]
             width = max(map(len, prompts))
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-            embeds = self.embed(input_ids, features[start : start + batch_size])
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            embeds = self.embed(input_ids, features[start : start + batch_size].to(device))
             new_tokens = self.model.generate(
                 inputs_embeds=embeds,
                 attention_mask=mask,
