@@ -20,6 +20,7 @@ import math
 from typing import ClassVar
 
 import numpy as np
+import skimage.data
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -112,15 +113,11 @@ def decoder(bits: int) -> nn.Sequential:
 
 def photo_crops(seed: int) -> torch.Tensor:
     """Seeded internal-size crops of scikit-image's photos (short side scaled to twice the
-    crop); an empty batch if scikit-image is not installed (it is a test dependency only)."""
-    try:
-        from skimage import data
-    except ImportError:
-        return torch.empty(0, 3, INTERNAL_SIZE, INTERNAL_SIZE)
+    crop)."""
     generator = torch.Generator().manual_seed(seed)
     crops = []
     for name in PHOTOS:
-        photo = np.asarray(getattr(data, name)())
+        photo = np.asarray(getattr(skimage.data, name)())
         rgb = np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
         image = images_to_tensor([np.ascontiguousarray(rgb)])
         height, width = image.shape[-2:]
