@@ -412,6 +412,6 @@ def test_image_text_similarity_uses_the_victims_encoders(victim: LlavaVictim, sa
     assert shift_size(samples, samples, victim) == 0.0
     inverted = [s.with_changes(image=255 - s.image) for s in samples]
     assert shift_size(samples, inverted, victim) > 0.0
-    assert np.array_equal(similarity_distribution(samples, "image_text", victim), values)
+    assert np.allclose(similarity_distribution(samples, "image_text", victim), values, atol=1e-6)  # other batching
     with pytest.raises(VlmsecError, match="needs a victim"):
         shift_size(samples, samples)

@@ -287,8 +287,11 @@ def decoder_layers(lm: nn.Module, attr: str | None) -> tuple[str, nn.ModuleList]
 
 
 def _past_length(kwargs: dict[str, Any]) -> int:
-    """How many tokens the LM has already cached in this call's `past_key_values`."""
-    past = kwargs.get("past_key_values")
+    """How many tokens the LM has already cached in this call's cache (`cache` since
+    transformers 5.2x, `past_key_values` before)."""
+    past = kwargs.get("cache")
+    if past is None:
+        past = kwargs.get("past_key_values")
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
