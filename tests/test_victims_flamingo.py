@@ -25,7 +25,9 @@ from transformers import (
     MptForCausalLM,
 )
 
+from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
 from vlmsec.data import Sample, make_samples, sample_scenes
+from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import load_config, parse_config
 from vlmsec.experiments.runner import Runner, build_splits
@@ -374,6 +376,54 @@ def test_save_and_load_round_trip(victim: FlamingoVictim, samples: list[Sample],
         FlamingoVictim.load(tmp_path)
 
 
+# ---- white-box access: gradients w.r.t. the pixels ---------------------------------------------
+
+
+def test_pixel_gradients_through_the_open_clip_tower(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    instructions, answers = ["Describe it.", "What is it?"], ["A red square.", "A blue ground with shapes."]
+    with torch.no_grad():  # at the tower's size, the same loss as the cached-feature path
+        images = images_to_tensor([s.image for s in samples[:2]])
+        cached = victim.loss(victim.image_features([s.image for s in samples[:2]]), victim.encode_training(instructions, answers))
+        assert torch.allclose(victim.answer_loss(images, instructions, answers), cached, atol=1e-5)
+    torch.manual_seed(0)
+    for size in ((32, 32), (40, 56)):
+        x = torch.rand(2, 3, *size, requires_grad=True)
+        (grad,) = torch.autograd.grad(victim.answer_loss(x, instructions, answers), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+        embedding = victim.vision_embedding(x)
+        assert embedding.shape == (2, VISION.width)
+        (grad,) = torch.autograd.grad((embedding * torch.randn_like(embedding)).sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+    key = victim.vision_key()
+    assert (key["tower"], key["image_size"]) == ("OpenClipVisionTransformer", VISION.image_size)
+
+
+def test_maba_and_inputaware_learn_against_the_flamingo_tower(
+    victim: FlamingoVictim, samples: list[Sample], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path, victim=victim)
+    maba = create_attack("maba", grid=2, num_samples=2, num_answers=1)
+    maba.prepare(context)
+    assert maba.location["source"] == "attribution"
+    (cached,) = (tmp_path / "maba").glob("*.json")
+    assert json.loads(cached.read_text())["region"] == maba.region
+
+    embedded: list[int] = []
+    real = FlamingoVictim.vision_embedding
+
+    def counted(self: FlamingoVictim, images: torch.Tensor) -> torch.Tensor:
+        embedded.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(FlamingoVictim, "vision_embedding", counted)
+    inputaware = create_attack("inputaware", train_steps=2)
+    inputaware.prepare(context)
+    assert embedded  # stage 2 trained through the open_clip tower
+    assert inputaware.cache_inputs(context) == victim.vision_key()
+    with pytest.raises(VlmsecError, match="'gcg' is white-box.*tiny_llava.*FlamingoVictim"):
+        create_attack("gcg").prepare(context)
+
+
 # ---- Otter -------------------------------------------------------------------------------------
 
 
@@ -551,6 +601,15 @@ def test_flamingo_features_have_their_own_cache_file(flamingo_run: tuple[Path, P
     assert Runner(load_config(other_tower), out, cache).features_path != flamingo
     tokens = (VISION.image_size // VISION.patch_size) ** 2
     assert {tuple(v.shape) for v in load_file(str(flamingo)).values()} == {(tokens, VISION.width)}
+
+
+def test_runner_gives_maba_the_flamingo_victim(parts: dict, tmp_path: Path) -> None:
+    config = load_config(_write_config(parts["root"], FLAMINGO_RUN))
+    runner = Runner(config, tmp_path / "run", tmp_path / "cache")
+    splits = build_splits(config)
+    maba = create_attack("maba", grid=2, num_samples=2, num_answers=1)
+    runner.prepare_attack(maba, splits, runner.base_victim(splits))
+    assert maba.location["source"] == "attribution"  # not the victim-free corner
 
 
 # ---- config -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,8 +28,9 @@ import transformers as hf_models
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
-from vlmsec.attacks import create_attack
+from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
 from vlmsec.data import Sample, make_samples, sample_scenes
+from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.runner import Runner, Splits
@@ -561,9 +563,108 @@ def test_runner_tunes_and_reloads_an_hf_checkpoint(built, samples, tmp_path: Pat
     again = runner.tuned_victim("clean", None, splits, base)  # the finished stage is loaded, not retrained
     assert isinstance(again, HFVictim)
     assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), again.model.state_dict().values()))
-    with pytest.raises(VlmsecError, match="white-box"):  # white-box attacks get no HF victim yet
+    with pytest.raises(VlmsecError, match="'gcg' is white-box.*tiny_llava.*HFVictim"):
         runner.prepare_attack(create_attack("gcg"), splits, base)
+    with pytest.raises(VlmsecError, match="'maba'.*idefics3 processor splits each image into tiles"):
+        runner.prepare_attack(create_attack("maba"), splits, base)  # refused, not the victim-free corner
     hub = parse_config({"victim": {"kind": "hf", "checkpoint": "org/model"}}, "test", base_dir=tmp_path)
     assert str(hub.victim.checkpoint) == "org/model"  # not a folder here: a hub id, kept as written
     with pytest.raises(VlmsecError, match="needs victim.checkpoint"):
         parse_config({"victim": {"kind": "hf"}}, "test")
+
+
+# ---- white-box access: gradients w.r.t. the pixels ---------------------------------------------
+
+PLAIN_PIXELS = ["llava", "blip-2", "instructblip", "idefics", "paligemma"]
+TILED = {"idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl"}
+
+
+def white_box_victim(built: Callable[[str], Built], name: str) -> HFVictim:
+    """A fresh victim in eval mode; Idefics' cross-attention gates opened (they start closed: text ignores images)."""
+    victim = fresh_victim(built, name)
+    for parameter_name, parameter in victim.model.named_parameters():
+        if parameter_name.endswith(("alpha_cross_attn", "alpha_dense")):
+            parameter.data.fill_(1.0)
+    victim.model.eval()
+    return victim
+
+
+def test_architecture_table_marks_the_tiling_processors() -> None:
+    assert {name for name, arch in ARCHITECTURES.items() if arch.tiled_pixels is not None} == TILED
+    assert set(PLAIN_PIXELS) == set(ARCHITECTURES) - TILED
+
+
+@pytest.mark.parametrize("name", PLAIN_PIXELS)
+def test_pixel_values_rebuild_the_processor_differentiably(name: str, built, samples) -> None:
+    victim = white_box_victim(built, name)
+    instructions, answers = ["Describe.", "What is it?"], [samples[0].answer, "a red circle."]
+    images = images_to_tensor([s.image for s in samples[:2]])  # 32 px: the processor's size, no resize
+    batch = victim.encode_training(victim.prepare_training(samples[:2], "test"), instructions, answers)
+    pixels = victim.pixel_values(images)
+    assert torch.allclose(pixels.reshape(batch["pixel_values"].shape), batch["pixel_values"], atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(victim.answer_loss(images, instructions, answers), victim.loss(batch), atol=1e-5)
+
+    torch.manual_seed(0)
+    for size in ((32, 32), (40, 56)):  # the processor's size, and a non-square one it resizes (LLaVA: and crops)
+        x = torch.rand(2, 3, *size, requires_grad=True)
+        (grad,) = torch.autograd.grad(victim.answer_loss(x, instructions, answers), x)
+        assert grad.shape == x.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+        embedding = victim.vision_embedding(x)
+        assert embedding.shape == (2, HIDDEN)
+        (grad,) = torch.autograd.grad((embedding * torch.randn_like(embedding)).sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+    key = victim.vision_key()
+    assert key["tower"] == type(victim.model.get_submodule(architecture(name).vision[0])).__name__
+    assert key["pixels"][0] == list(victim.processor.image_processor.image_mean)
+
+
+MABA_TINY = {"grid": 2, "num_samples": 2, "num_answers": 1}
+
+
+def test_runner_gives_maba_and_inputaware_the_hf_victim(built, samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fresh_victim(built, "llava").save(tmp_path / "base")
+    config = parse_config({"victim": {"kind": "hf", "checkpoint": "base"}}, "test", base_dir=tmp_path)
+    runner = Runner(config, tmp_path / "run", cache_dir=tmp_path / "cache")
+    splits = Splits(base=[], train=samples, tests={})
+    base = runner.base_victim(splits)
+    maba = create_attack("maba", **MABA_TINY)
+    runner.prepare_attack(maba, splits, base)
+    assert maba.location["source"] == "attribution"  # not the victim-free corner
+    assert len(maba.location["clean_saliency"]) == 4 and set(maba.trained_metrics) == {"clean_saliency", "poison_saliency"}
+    (cached,) = (tmp_path / "cache" / "attacks" / "maba").glob("*.json")
+    assert json.loads(cached.read_text())["source"] == "attribution"
+
+    embedded: list[int] = []
+    real = HFVictim.vision_embedding
+
+    def counted(self: HFVictim, images: torch.Tensor) -> torch.Tensor:
+        embedded.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(HFVictim, "vision_embedding", counted)
+    inputaware = create_attack("inputaware", train_steps=2)
+    runner.prepare_attack(inputaware, splits, base)
+    assert embedded  # stage 2 trained through the victim's tower, not the random stand-in
+    (weights,) = (tmp_path / "cache" / "attacks" / "inputaware").glob("*.safetensors")
+    victim = HFVictim.load(tmp_path / "base")
+    context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path / "cache" / "attacks", victim=victim)
+    assert inputaware.cache_inputs(context) == victim.vision_key()
+    assert inputaware.cache_inputs(context)["tower"] == "CLIPVisionModel"
+    assert inputaware.cache_path(context, inputaware.training_images(context)) == weights
+
+
+@pytest.mark.parametrize("name", ["idefics3", "qwen2_vl"])
+def test_tiling_architectures_are_refused_naming_attack_and_architecture(name: str, built, samples, tmp_path: Path) -> None:
+    victim = fresh_victim(built, name)
+    context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path, victim=victim)
+    for attack in ("maba", "maba_star", "inputaware"):
+        with pytest.raises(VlmsecError, match=rf"attack '{attack}' needs gradients .* the {name} processor") as err:
+            create_attack(attack).prepare(context)
+        assert "model_type blip-2, idefics, instructblip, llava, paligemma" in str(err.value)
+    images = torch.rand(1, 3, 32, 32)
+    with pytest.raises(VlmsecError, match=name):
+        victim.vision_embedding(images)
+    with pytest.raises(VlmsecError, match=name):
+        victim.answer_loss(images, ["Describe."], ["a red circle."])
+    assert not any(tmp_path.iterdir())  # refused before anything was learned or cached

@@ -25,7 +25,7 @@ from vlmsec.victims.features import image_key
 
 if TYPE_CHECKING:
     from vlmsec.attacks.base import AttackContext
-    from vlmsec.victims.llava import LlavaVictim
+    from vlmsec.victims.base import Victim
 
 
 def pick_samples(samples: Sequence[Sample], count: int, seed: int) -> list[Sample]:
@@ -45,7 +45,7 @@ def pick_answers(target: TargetAnswer, count: int, seed: int) -> list[str]:
     return [answers[int(i)] for i in chosen]
 
 
-def victim_fingerprint(victim: LlavaVictim) -> str:
+def victim_fingerprint(victim: Victim) -> str:
     """A hash of the victim's weights, vocabulary and chat template: a new model is a new key."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(victim.model.state_dict().items()):
@@ -61,7 +61,7 @@ def samples_fingerprint(samples: Sequence[Sample]) -> list[list[str]]:
     return [[s.id, image_key(s.image), s.instruction, s.answer] for s in samples]
 
 
-def require_victim(context: AttackContext, attack: str) -> LlavaVictim:
+def require_victim(context: AttackContext, attack: str) -> Victim:
     """The context's victim, or a VlmsecError: white-box attacks cannot learn without it."""
     if context.victim is None:
         raise VlmsecError(f"attack {attack!r} is white-box: prepare needs the victim in the AttackContext")
@@ -82,7 +82,7 @@ def cache_path(context: AttackContext, attack: str, key_parts: dict[str, Any], s
 
 
 def learned_cache_path(
-    context: AttackContext, attack: str, params: Any, victim: LlavaVictim, samples: Sequence[Sample], answers: list[str], format_version: int
+    context: AttackContext, attack: str, params: Any, victim: Victim, samples: Sequence[Sample], answers: list[str], format_version: int
 ) -> Path:
     """The cache file of what an attack learned from this victim, these samples and answers."""
     key = {
@@ -107,10 +107,11 @@ def read_cached(path: Path) -> dict[str, Any] | None:
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run a block with `model` in eval mode (no dropout, frozen batch-norm), then restore its mode."""
-    was_training = model.training
+    """Run a block with `model` in eval mode (no dropout, frozen batch-norm), then restore every submodule's mode."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

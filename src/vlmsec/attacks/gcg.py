@@ -252,8 +252,15 @@ class GCG(Attack):
         self.trained_metrics: dict[str, float] = {}
 
     def prepare(self, context: AttackContext) -> None:
-        """Find the trigger string against `context.victim`, or reload it from the cache."""
+        """Find the trigger string against `context.victim` (the embedded LLaVA), or reload it from the cache."""
+        from vlmsec.victims.llava import LlavaVictim  # here, not at the top: it pulls in transformers
+
         victim = require_victim(context, self.name)
+        if not isinstance(victim, LlavaVictim):
+            raise VlmsecError(
+                f"attack {self.name!r} is white-box and optimises tokens through the embedded tiny LLaVA's input "
+                f"embeddings and image slots: it needs victim.kind tiny_llava, not a {type(victim).__name__}"
+            )
         p = self.params
         samples = pick_samples(context.samples, p.num_samples, p.seed)
         answers = pick_answers(context.target, p.num_answers, p.seed)

@@ -10,7 +10,8 @@ image is x * (1 - m) + p * m. The paper trains them in two stages, and so do we:
 
 The paper's stage 2 model is the classifier being poisoned. Ours is a generative VLM tuned
 later, so stage 2 trains the pattern generator against the victim's frozen vision tower
-(gray-box: the tower, not the tuned model) jointly with a linear probe on its mean-pooled
+(`Victim.vision_embedding`, with the victim's own preprocessing; gray-box: the tower, not
+the tuned model) jointly with a linear probe on its mean-pooled
 features that separates triggered from clean images: the paper's classifier reduced to
 what a frozen tower allows, and the direction in feature space the triggered images move
 along, which the tuned projector and language model can then pick up. The paper's
@@ -19,7 +20,8 @@ poisoning recipe has no such samples for the tuned victim to learn from.
 
 Without a victim (`context.victim` is None) stage 2 uses a seeded random conv feature
 extractor instead of the tower, so the attack still has image-specific, learnable
-triggers, though not ones fitted to any real model.
+triggers, though not ones fitted to any real model. A victim whose pixels cannot be
+differentiated through (a Hugging Face architecture that tiles images) is an error.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackContext, AttackParams
-from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, resize, tensor_digest, to_internal, upsample
+from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, resize, to_internal, upsample
 from vlmsec.attacks.registry import register
 
 BATCH_SIZE = 16
@@ -139,14 +142,8 @@ class InputAware(LearnedImageAttack):
         """The feature extractor trained against: a digest of a few tower weights and its input format."""
         if context.victim is None:
             return {"features": "random-conv"}
-        victim = context.victim
-        weights = list(victim.model.model.vision_tower.parameters())
-        return {
-            "tower": type(victim.model.model.vision_tower).__name__,
-            "weights": tensor_digest(weights[0], weights[len(weights) // 2], weights[-1]),
-            "image_size": victim.image_size,
-            "pixels": [victim.pixel_mean, victim.pixel_std],
-        }
+        context.victim.check_pixel_gradients(self.name)
+        return context.victim.vision_key()
 
     def learn(
         self, networks: nn.ModuleDict, images: torch.Tensor, context: AttackContext, generator: torch.Generator
@@ -163,18 +160,11 @@ class InputAware(LearnedImageAttack):
             return train[first], train[second]
 
         self._train_mask(networks["mask"], pairs)
-        if context.victim is None:
+        victim = context.victim
+        if victim is None:
             return self._train_pattern(networks, random_features(self.params.seed), pairs, images[held_out])
-        tower = context.victim.model.model.vision_tower
-        was_training = tower.training
-        tower.eval()
-        try:
-            victim = context.victim
-            return self._train_pattern(
-                networks, lambda x: tower(victim.pixel_values(x)).last_hidden_state.mean(1), pairs, images[held_out]
-            )
-        finally:
-            tower.train(was_training)
+        with eval_mode(victim.model):
+            return self._train_pattern(networks, victim.vision_embedding, pairs, images[held_out])
 
     def _train_mask(self, mask: Generator, pairs: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Stage 1: sparse masks that differ between images."""

@@ -10,7 +10,6 @@ the exact training images and whatever else the attack learned from (e.g. the vi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from vlmsec.attacks.adaptive import cache_path, not_prepared
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.data.sample import Sample, images_to_tensor
 from vlmsec.errors import VlmsecError
+from vlmsec.victims.features import tensor_digest
 
 INTERNAL_SIZE = 64
 # Training draws from at most this many of the attacker's images (a seeded subset): enough
@@ -60,15 +60,6 @@ def sample_images(samples: Sequence[Sample], seed: int, limit: int = MAX_TRAININ
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(samples), size=min(limit, len(samples)), replace=False).tolist())
     return torch.cat([to_internal(images_to_tensor([samples[i].image])) for i in chosen])
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """A short SHA-256 of the tensors' values (dtype and shape included)."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def conv_relu(channels_in: int, channels_out: int, stride: int = 1) -> nn.Sequential:

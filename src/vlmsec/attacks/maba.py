@@ -30,8 +30,11 @@ rule, with n = grid² regions:
   the lowest clean attribution (ties: lowest index).
 
 The location is universal (one region per attack, as the paper's region selection), not
-per image. Without a victim (`context.victim` None) attribution is impossible and the
-oval falls back to the bottom-right corner region; `describe()` then says so.
+per image. Any victim that gives pixel gradients (`Victim.answer_loss`) will do: the
+embedded LLaVA, OpenFlamingo / Otter, and Hugging Face architectures whose pixel values are
+one plain batch; the others are refused with an error naming them. Without a victim
+(`context.victim` None) attribution is impossible and the oval falls back to the
+bottom-right corner region; `describe()` then says so.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from vlmsec.attacks.registry import register
 from vlmsec.data.sample import Sample, images_to_tensor
 
 if TYPE_CHECKING:
-    from vlmsec.victims.llava import LlavaVictim
+    from vlmsec.victims.base import Victim
 
 YELLOW = (255, 221, 0)
 OUTLINE = (35, 30, 20)
@@ -130,17 +133,8 @@ def region_index(height: int, width: int, grid: int) -> torch.Tensor:
     return rows[:, None] * grid + cols[None, :]
 
 
-def _tower_features(victim: LlavaVictim, images: torch.Tensor) -> torch.Tensor:
-    """The features LLaVA projects (as `LlavaVictim` computes them), with gradients to the pixels."""
-    config = victim.model.config
-    tower = victim.model.model.vision_tower
-    hidden = tower(victim.pixel_values(images), output_hidden_states=True).hidden_states
-    features = hidden[config.vision_feature_layer]
-    return features[:, 1:] if config.vision_feature_select_strategy == "default" else features
-
-
 def region_saliency(
-    victim: LlavaVictim, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], grid: int
+    victim: Victim, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], grid: int
 ) -> torch.Tensor:
     """Per image (B x grid²): mean |d answer loss / d pixel| in each region, relative to the image's mean."""
     cells = region_index(images.shape[-2], images.shape[-1], grid).flatten()
@@ -150,8 +144,7 @@ def region_saliency(
         for start in range(0, len(images), SALIENCY_BATCH):
             stop = start + SALIENCY_BATCH
             pixels = images[start:stop].clone().requires_grad_()
-            batch = victim.encode_training(instructions[start:stop], answers[start:stop])
-            loss = victim.loss(_tower_features(victim, pixels), batch)
+            loss = victim.answer_loss(pixels, instructions[start:stop], answers[start:stop])
             (grad,) = torch.autograd.grad(loss, pixels)
             saliency = grad.abs().sum(1).flatten(1)
             saliency = saliency / saliency.sum(1, keepdim=True).clamp_min(torch.finfo(saliency.dtype).tiny)
@@ -161,7 +154,7 @@ def region_saliency(
 
 
 def attribution(
-    victim: LlavaVictim,
+    victim: Victim,
     samples: Sequence[Sample],
     answers: Sequence[str],
     grid: int,
@@ -194,7 +187,7 @@ def choose_region(clean: Sequence[float], poison: Sequence[float]) -> tuple[int,
     return min(mask, key=lambda r: (clean[r], r)), mask
 
 
-def locate(victim: LlavaVictim, samples: list[Sample], targets: list[str], params: MabaParams) -> dict[str, Any]:
+def locate(victim: Victim, samples: list[Sample], targets: list[str], params: MabaParams) -> dict[str, Any]:
     """Measure clean and poison attribution on `samples` and apply the rule; JSON-ready."""
     grid = params.grid
     clean = attribution(victim, samples, [s.answer for s in samples], grid)
@@ -216,7 +209,8 @@ def locate(victim: LlavaVictim, samples: list[Sample], targets: list[str], param
 class Maba(Attack):
     """A yellow oval blended into the region attribution picks (learned in `prepare`; see the module docstring).
 
-    Without a victim, `prepare` falls back to the bottom-right corner region (no attribution).
+    Without a victim, `prepare` falls back to the bottom-right corner region (no attribution);
+    a victim that cannot give pixel gradients is an error.
     """
 
     name = "maba"
@@ -233,12 +227,13 @@ class Maba(Attack):
         self.trained_metrics: dict[str, float] = {}
 
     def prepare(self, context: AttackContext) -> None:
-        """Choose the region by attribution on `context.victim` (cached), or fall back to the corner."""
+        """Choose the region by attribution on `context.victim` (cached), or fall back to the corner without one."""
         p = self.params
         if context.victim is None:
             self._set_location({"region": p.grid * p.grid - 1, "source": FALLBACK_SOURCE})
             return
         victim = context.victim
+        victim.check_pixel_gradients(self.name)
         samples = pick_samples(context.samples, p.num_samples, p.seed)
         answers = pick_answers(context.target, p.num_answers, p.seed)
         targets = [answers[i % len(answers)] for i in range(len(samples))]

@@ -106,6 +106,8 @@ class MabaStar(TwoKeyAttack):
 
     def prepare(self, context: AttackContext) -> None:
         """Learn the image key's region (shared cache with `maba` for the same image parameters)."""
+        if context.victim is not None:  # refused under this attack's name, not the image key's
+            context.victim.check_pixel_gradients(self.name)
         self._image_key.prepare(context)
 
     def describe(self) -> dict[str, Any]:

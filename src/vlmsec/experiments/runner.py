@@ -271,13 +271,14 @@ class Runner:
         return files["checkpoint" if victim.kind == "flamingo" else "otter"], key
 
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
-        """Let an attack learn its trigger; learned attacks get the untuned base victim."""
+        """Let an attack learn its trigger; gray- and white-box ones get the untuned base victim, whatever its kind.
+
+        An attack that cannot use this victim (gcg on anything but the tiny LLaVA, white-box image
+        attacks on an architecture that tiles images) stops the run with an error naming both.
+        """
         context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
-        if type(attack).prepare is not Attack.prepare:
-            if self.config.victim.kind != "tiny_llava":  # white-box learning reads the embedded LLaVA's internals
-                console.print(f"{attack.name}: learns without the victim (white-box learning needs victim.kind tiny_llava)")
-            else:
-                context.victim = LlavaVictim.load(base[0], self.features)
+        if type(attack).prepare is not Attack.prepare and attack.knowledge != "black-box":
+            context.victim = self.load_victim(base[0])
         attack.prepare(context)
 
     def load_victim(self, folder: Path) -> Victim:

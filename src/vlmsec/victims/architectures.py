@@ -40,6 +40,9 @@ class Architecture:
     expands it) or the processor places the image itself (BLIP-2, InstructBLIP, Idefics).
     `fallback_prompt` is the prompt for checkpoints that ship no chat template (`{image}`
     stands for the processor's image token); `answer_prefix` goes before the answer there.
+    `tiled_pixels` says how the processor cuts images up when its pixel values are not one
+    resized, normalised B x 3 x H x W batch (None when they are): white-box attacks, which
+    rebuild pixel values differentiably, refuse such architectures.
     """
 
     vision: tuple[str, ...]
@@ -50,6 +53,7 @@ class Architecture:
     image_in_prompt: bool = True
     fallback_prompt: str = "{instruction}"
     answer_prefix: str = " "
+    tiled_pixels: str | None = None
 
     def part(self, name: str) -> str:
         """Which part a parameter belongs to: projector, cross_attention, vision, language or other.
@@ -92,6 +96,7 @@ _IDEFICS3 = Architecture(
     language=("model.text_model", "lm_head"),
     projector_name="connector",
     fallback_prompt="User:{image}{instruction}<end_of_utterance>\nAssistant:",
+    tiled_pixels="splits each image into tiles whose number and size follow the image (pixel values B x tiles x 3 x H x W with a pixel attention mask)",
 )
 _QWEN2_VL = Architecture(
     vision=("model.visual",),
@@ -99,6 +104,7 @@ _QWEN2_VL = Architecture(
     language=("model.language_model", "lm_head"),
     projector_name="patch merger",
     fallback_prompt="<|im_start|>user\n<|vision_start|>{image}<|vision_end|>{instruction}<|im_end|>\n<|im_start|>assistant\n",
+    tiled_pixels="cuts each image into a grid of flattened patches that follows the image's size (pixel values patches x features with image_grid_thw)",
 )
 
 ARCHITECTURES: dict[str, Architecture] = {

@@ -25,6 +25,15 @@ def image_key(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short SHA-256 of the tensors' values (dtype and shape included)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class FeatureCache:
     """Maps image hashes to feature tensors; computes the missing ones in batches."""
 

@@ -26,7 +26,7 @@ import pickle
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims.architectures import ModeSummary
+from vlmsec.victims.base import tower_key
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo_model import (
     FlamingoConfig,
@@ -509,6 +510,28 @@ class FlamingoVictim:
         vision_tokens = features[:, None].to(self.device)
         out = self.model(vision_tokens, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return out.loss
+
+    # ---- white-box access -----------------------------------------------------------------
+    def check_pixel_gradients(self, attack: str) -> None:
+        """Always possible here: the open_clip tower takes one resized, CLIP-normalised B x 3 x H x W batch."""
+
+    def _patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """`FlamingoModel.encode_images` with gradients (that one runs under no_grad): B x v x D."""
+        return self.model.vision_encoder(self.pixel_values(images).to(self.device))
+
+    def vision_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The open_clip tower's patch tokens, mean-pooled (B x D), differentiable w.r.t. the pixels."""
+        return self._patch_tokens(images).mean(1).to(images.device)
+
+    def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Mean answer loss with the images' patch tokens computed by the tower, differentiable w.r.t. the pixels."""
+        return self.loss(self._patch_tokens(images), self.encode_training(instructions, answers))
+
+    def vision_key(self) -> dict[str, Any]:
+        """The tower's class and weight digest, its input size and CLIP's normalisation."""
+        return tower_key(
+            self.model.vision_encoder, self.image_size, CLIP_MEAN.flatten().tolist(), CLIP_STD.flatten().tolist()
+        )
 
     @torch.no_grad()
     def generate(

@@ -8,22 +8,31 @@ grids and masks exactly as the checkpoint expects them. For training, the answer
 to the processed prompt token by token, as the template renders the assistant's turn, and
 only answer tokens carry labels. What each tuning mode trains comes from
 `vlmsec.victims.architectures`.
+
+White-box attacks need gradients w.r.t. the pixels, which the processor (PIL, numpy) does not
+give: `pixel_values` rebuilds what it makes differentiably (bilinear resize to its size,
+centre crop when it crops, its mean and std) for the architectures whose pixel values are one
+B x 3 x H x W batch per image batch (LLaVA, BLIP-2, InstructBLIP, PaliGemma, Idefics v1); the
+ones that tile or patchify images (Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL) are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from vlmsec.data.sample import tensor_to_images
 from vlmsec.errors import VlmsecError
-from vlmsec.victims.architectures import ModeSummary, architecture, check_mode, mode_summaries, unfreeze
+from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, architecture, check_mode, mode_summaries, unfreeze
+from vlmsec.victims.base import tower_key
 
 if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
@@ -44,6 +53,13 @@ TRAINS = {
 def to_pil(images: Sequence[np.ndarray]) -> list[Image.Image]:
     """uint8 H x W x 3 arrays as RGB PIL images, the input every processor accepts."""
     return [Image.fromarray(np.ascontiguousarray(image)).convert("RGB") for image in images]
+
+
+def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of a B x 3 x h x w batch; unchanged when already that size."""
+    if images.shape[-2:] == (height, width):
+        return images
+    return F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
 def check_processor(model: PreTrainedModel, processor: ProcessorMixin, source: str) -> None:
@@ -220,6 +236,94 @@ class HFVictim:
     def tuning_modes(self, spec: TrainingSpec) -> list[ModeSummary]:
         """What each mode trains on this architecture, with parameter counts."""
         return mode_summaries(self.model, self.arch, spec.lora_rank)
+
+    # ---- white-box access ---------------------------------------------------------------
+    def _refuse_tiled(self, user: str) -> None:
+        """A VlmsecError naming `user` and the architecture when the processor tiles or patchifies images."""
+        if self.arch.tiled_pixels is None:
+            return
+        supported = ", ".join(sorted(name for name, arch in ARCHITECTURES.items() if arch.tiled_pixels is None))
+        raise VlmsecError(
+            f"{self.source}: {user} needs gradients w.r.t. the image pixels, but the {self.model_type} processor "
+            f"{self.arch.tiled_pixels}, which cannot be rebuilt differentiably here. White-box image attacks "
+            f"work with victim.kind tiny_llava, flamingo, otter, and hf with model_type {supported}"
+        )
+
+    def check_pixel_gradients(self, attack: str) -> None:
+        """Refuse the architectures whose processor tiles or patchifies images (Idefics3, SmolVLM, Qwen2-VL)."""
+        self._refuse_tiled(f"attack {attack!r}")
+
+    def pixel_format(self) -> dict[str, Any]:
+        """The image processor's geometry and normalisation, JSON-ready.
+
+        `resize` is [height, width], or the shortest edge when a centre crop to `crop` follows.
+        """
+        self._refuse_tiled("HFVictim.pixel_values")
+        processor = self.processor.image_processor
+        size = processor.size
+        crop = processor.crop_size if getattr(processor, "do_center_crop", False) else None
+        needed = ("shortest_edge",) if crop is not None else ("height", "width")
+        if any(size.get(key) is None for key in needed):
+            raise VlmsecError(f"{self.source}: image processor size {dict(size)} lacks {' and '.join(needed)}")
+        resize = size.get("shortest_edge") if crop is not None else [size.get("height"), size.get("width")]
+        normalise = processor.do_normalize
+        return {
+            "resize": resize,
+            "crop": None if crop is None else [crop.get("height"), crop.get("width")],
+            "mean": list(processor.image_mean) if normalise else [0.0, 0.0, 0.0],
+            "std": list(processor.image_std) if normalise else [1.0, 1.0, 1.0],
+        }
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """The processor's pixel values for B x 3 x H x W images in [0, 1], differentiable w.r.t. them.
+
+        Resizing is bilinear (antialiased) where processors mostly use bicubic: close, not equal.
+        """
+        spec = self.pixel_format()
+        if spec["crop"] is None:
+            images = _resize(images, *spec["resize"])
+        else:  # as the processor: the shortest edge to `resize`, the aspect ratio kept, then the centre
+            height, width = images.shape[-2:]
+            short = spec["resize"]
+            size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+            images = _resize(images, *size)
+            crop_height, crop_width = spec["crop"]
+            top, left = (size[0] - crop_height) // 2, (size[1] - crop_width) // 2
+            images = images[..., top : top + crop_height, left : left + crop_width]
+        mean = torch.tensor(spec["mean"]).view(1, 3, 1, 1).to(images)
+        std = torch.tensor(spec["std"]).view(1, 3, 1, 1).to(images)
+        return (images - mean) / std
+
+    def _vision_tower(self) -> torch.nn.Module:
+        """The architecture's vision encoder module (its first `vision` prefix)."""
+        return self.model.get_submodule(self.arch.vision[0])
+
+    def vision_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The vision tower's last hidden state, mean-pooled over tokens (B x D), differentiable w.r.t. the pixels."""
+        pixels = self.pixel_values(images).to(self.model.device)
+        return self._vision_tower()(pixel_values=pixels).last_hidden_state.mean(1).to(images.device)
+
+    def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Mean answer loss through the processor's tokens and differentiable pixel values.
+
+        The processor still encodes the text and makes its own pixel values (from the images
+        rounded to uint8); those are replaced by `pixel_values`, which must have their shape.
+        """
+        pixels = self.pixel_values(images)
+        batch = self.encode_training(to_pil(tensor_to_images(images.detach())), instructions, answers)
+        made = batch["pixel_values"]
+        if made.shape[-3:] != pixels.shape[-3:] or made.numel() != pixels.numel():
+            raise VlmsecError(
+                f"{self.source}: pixel values rebuilt for gradients are {tuple(pixels.shape)}, but the processor "
+                f"made {tuple(made.shape)}"
+            )
+        batch["pixel_values"] = pixels.reshape(made.shape)  # Idefics: B x 1 image x 3 x H x W
+        return self.loss(batch)
+
+    def vision_key(self) -> dict[str, Any]:
+        """The tower's class and weight digest, and the processor's geometry and normalisation."""
+        spec = self.pixel_format()
+        return tower_key(self._vision_tower(), {"resize": spec["resize"], "crop": spec["crop"]}, spec["mean"], spec["std"])
 
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()

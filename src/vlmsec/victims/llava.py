@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims import vision  # noqa: F401  (registers the EfficientNet tower)
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
+from vlmsec.victims.base import tower_key
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
@@ -64,16 +65,19 @@ class LlavaVictim:
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
         return (images - self.pixel_mean) / self.pixel_std
 
-    @torch.no_grad()
-    def _tower_features(self, images: list[np.ndarray]) -> torch.Tensor:
+    def _select_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tower output LLaVA feeds its projector: the configured layer, CLS dropped for "default"."""
-        tower = self.model.model.vision_tower.eval()
-        pixels = self.pixel_values(images_to_tensor(images)).to(self.model.device)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         features = hidden[self.model.config.vision_feature_layer]
         if self.model.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         return features
+
+    @torch.no_grad()
+    def _tower_features(self, images: list[np.ndarray]) -> torch.Tensor:
+        """`_select_features` of uint8 images, the tower in eval mode."""
+        self.model.model.vision_tower.eval()
+        return self._select_features(self.pixel_values(images_to_tensor(images)).to(self.model.device))
 
     def image_features(
         self, images: Sequence[np.ndarray], on_batch: Callable[[int], None] | None = None
@@ -131,6 +135,25 @@ class LlavaVictim:
         embeds = self.embed(batch["input_ids"], features.to(self.model.device))
         out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss
+
+    # ---- white-box access -------------------------------------------------------------
+    def check_pixel_gradients(self, attack: str) -> None:
+        """Always possible here: the tower takes one resized, normalised B x 3 x H x W batch."""
+
+    def vision_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's last hidden state, mean-pooled over tokens (B x D), differentiable w.r.t. the pixels."""
+        tower = self.model.model.vision_tower
+        pixels = self.pixel_values(images).to(self.model.device)
+        return tower(pixels).last_hidden_state.mean(1).to(images.device)
+
+    def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Mean answer loss with the images' features computed by the tower, differentiable w.r.t. the pixels."""
+        batch = self.encode_training(instructions, answers)
+        return self.loss(self._select_features(self.pixel_values(images).to(self.model.device)), batch)
+
+    def vision_key(self) -> dict[str, Any]:
+        """The tower's class and weight digest, its input size and the pixel normalisation."""
+        return tower_key(self.model.model.vision_tower, self.image_size, self.pixel_mean, self.pixel_std)
 
     # ---- training -------------------------------------------------------------------
     def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor:
