@@ -18,6 +18,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec
 from vlmsec.victims.flamingo import FlamingoParts, FlamingoSpec
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
+from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoint
 
 
 class _Strict(BaseModel):
@@ -177,6 +178,11 @@ class VictimSpec(TinyLlavaSpec):
             raise ValueError(f"victim.flamingo is for victim.kind 'flamingo', not {self.kind!r}")
         if self.kind not in ("flamingo", "otter") and self.tokenizer is not None:
             raise ValueError(f"victim.tokenizer is for victim.kind 'flamingo' or 'otter', not {self.kind!r}")
+        if self.vision.kind != "efficientnet_lite0" and (self.kind != "tiny_llava" or self.checkpoint is not None):
+            raise ValueError(
+                "victim.vision picks the embedded tiny_llava's tower; it has no effect with "
+                f"victim.kind {self.kind!r}{' and a victim.checkpoint' if self.checkpoint is not None else ''}"
+            )
         return self
 
     def flamingo_spec(self) -> FlamingoSpec:
@@ -321,11 +327,18 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> None:
     if victim.flamingo is not None:
         victim.flamingo.vision_checkpoint = base_dir / victim.flamingo.vision_checkpoint
         victim.flamingo.lang_model = base_dir / victim.flamingo.lang_model
+    if isinstance(victim.vision, OpenClipTowerSpec | HFTowerSpec):
+        victim.vision.checkpoint = base_dir / victim.vision.checkpoint
 
 
 def _check_victim_files(config: ExperimentConfig, source: str) -> None:
-    """OpenFlamingo and Otter files must exist before any stage runs; the error names the field."""
+    """A pretrained tower's, OpenFlamingo's and Otter's files must exist before any stage runs; the error names the field."""
     victim = config.victim
+    if isinstance(victim.vision, OpenClipTowerSpec | HFTowerSpec):
+        try:
+            check_checkpoint(victim.vision)
+        except VlmsecError as err:
+            raise VlmsecError(f"{source}: victim.{err}") from None
     if victim.kind not in ("flamingo", "otter"):
         return
     fields = {"victim.checkpoint": victim.checkpoint, "victim.tokenizer": victim.tokenizer}

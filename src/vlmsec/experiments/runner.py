@@ -178,8 +178,9 @@ def _tower_key(victim: VictimSpec) -> str:
     """What a victim's frozen-tower features depend on, so each tower gets its own FeatureCache file.
 
     FeatureCache keys only on image content: the embedded tower's packaged ImageNet weights at
-    the configured size (or whatever tower a user's LLaVA checkpoint carries), OpenFlamingo's
-    open_clip checkpoint, or the tower inside an Otter folder.
+    the configured size (or whatever tower a user's LLaVA checkpoint carries), the embedded
+    victim's other towers (`victim.vision`, with their checkpoint), OpenFlamingo's open_clip
+    checkpoint, or the tower inside an Otter folder.
     """
     if victim.kind == "flamingo":
         vision = victim.flamingo_spec()
@@ -195,9 +196,19 @@ def _tower_key(victim: VictimSpec) -> str:
     if victim.kind == "otter":
         assert victim.checkpoint is not None  # the config requires it
         return stable_hash({"tower": "otter", "checkpoint": _path_signature(victim.checkpoint)})
+    if victim.vision.kind != "efficientnet_lite0":
+        # Another tower of the embedded victim; a ViT's entries also carry its trained weights (LlavaVictim).
+        vision = {"vision": victim.vision.model_dump(mode="json"), **_vision_files(victim)}
+        return stable_hash({"tower": victim.vision.kind, "image_size": victim.image_size, **vision})
     checkpoint = victim.checkpoint
     tower = {"checkpoint": _folder_signature(Path(checkpoint))} if checkpoint and Path(checkpoint).is_dir() else {}
     return stable_hash({"tower": "efficientnet-lite0-imagenet", "image_size": victim.image_size, **tower})
+
+
+def _vision_files(victim: VictimSpec) -> dict[str, Any]:
+    """`_path_signature` of the embedded victim's tower checkpoint, if its tower has one (else nothing)."""
+    checkpoint = getattr(victim.vision, "checkpoint", None)
+    return {"vision_files": _path_signature(checkpoint)} if checkpoint is not None else {}
 
 
 class Runner:
@@ -234,6 +245,7 @@ class Runner:
                 "victim": c.victim.model_dump(mode="json"),
                 "training": c.base.training.model_dump(),
                 "seed": c.seed,
+                **_vision_files(c.victim),
             }
         )
         folder = self.cache / "base" / key
@@ -242,7 +254,8 @@ class Runner:
             return folder, key
         texts = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
         tokenizer = train_tokenizer(texts + vocabulary_corpus(clip_templates()), c.victim.vocab_size)
-        victim = LlavaVictim(build_tiny_llava(c.victim, tokenizer, seed=c.seed), tokenizer, self.features)
+        model = build_tiny_llava(c.victim, tokenizer, seed=c.seed)
+        victim = LlavaVictim(model, tokenizer, self.features, train_tower=c.victim.vision.from_scratch)
         result = train_victim(victim, splits.base, c.base.training, seed=c.seed, label="base")
         if self.state.is_main_process:
             _save_stage(victim, folder, key, {"final_loss": result.losses[-1]})

@@ -2,7 +2,9 @@
 
 A frozen tower gives the same features for the same pixels, so every stage that sees an
 image (pretraining, every tuning run, every evaluation) can share one forward pass. Keys
-are a hash of the image's bytes; the cache persists as safetensors.
+are a hash of the image's bytes, prefixed by a scope when the caller's features depend on
+more than the file the cache belongs to (a tower trained from scratch: its weights); the
+cache persists as safetensors.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def _scoped(scope: str, image: np.ndarray) -> str:
+    """The cache key of `image` in `scope` (the bare image key in the default scope)."""
+    return f"{scope}/{image_key(image)}" if scope else image_key(image)
+
+
 class FeatureCache:
     """Maps image hashes to feature tensors; computes the missing ones in batches."""
 
@@ -50,9 +57,10 @@ class FeatureCache:
         compute: Callable[[list[np.ndarray]], torch.Tensor],
         batch_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        scope: str = "",
     ) -> torch.Tensor:
-        """Features for `images` (stacked), computing the uncached ones with `compute`."""
-        keys = [image_key(img) for img in images]
+        """Features for `images` (stacked) in `scope`, computing the uncached ones with `compute`."""
+        keys = [_scoped(scope, img) for img in images]
         missing: dict[str, np.ndarray] = {}
         for key, img in zip(keys, images):
             if key not in self._features and key not in missing:
@@ -68,9 +76,9 @@ class FeatureCache:
                 on_batch(len(chunk))
         return torch.stack([self._features[k] for k in keys]).float()
 
-    def count_missing(self, images: Sequence[np.ndarray]) -> int:
-        """How many distinct images in `images` are not cached yet."""
-        return len({k for k in map(image_key, images) if k not in self._features})
+    def count_missing(self, images: Sequence[np.ndarray], scope: str = "") -> int:
+        """How many distinct images in `images` are not cached yet in `scope`."""
+        return len({k for k in (_scoped(scope, img) for img in images) if k not in self._features})
 
     def save(self, path: str | Path) -> None:
         """Persist the cache (atomically) if anything was added since load."""

@@ -4,7 +4,9 @@
 by the tokenizer's chat template, the same at training and at evaluation. When the vision
 tower is frozen its features come from a `FeatureCache`, so a distinct image is seen by
 the tower once per run; the projected features are scattered into the `<image>` slots of
-the text embeddings exactly as LLaVA does.
+the text embeddings exactly as LLaVA does. A tower that trains (a ViT from scratch in the
+base stage, `train_tower`) runs in the loop instead and nothing is cached for it; once
+trained, its features are cached under a digest of its weights, which no file fixes.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTraine
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
-from vlmsec.victims import vision  # noqa: F401  (registers the EfficientNet tower)
+from vlmsec.victims import vision  # registers the EfficientNet and open_clip towers
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
 from vlmsec.victims.base import tower_key
-from vlmsec.victims.features import FeatureCache
+from vlmsec.victims.features import FeatureCache, tensor_digest
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
 if TYPE_CHECKING:
@@ -38,24 +40,29 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 
 class LlavaVictim:
-    """A LLaVA model plus tokenizer, with the one prompt format used everywhere."""
+    """A LLaVA model plus tokenizer, with the one prompt format used everywhere.
+
+    `train_tower`: the vision tower trains too, whatever the mode (the base stage of a tower
+    trained from scratch); otherwise it stays frozen and its features are cached.
+    """
 
     def __init__(
         self,
         model: LlavaForConditionalGeneration,
         tokenizer: PreTrainedTokenizerBase,
         features: FeatureCache | None = None,
+        train_tower: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.features = features if features is not None else FeatureCache()
+        self.train_tower = train_tower
         vision_config = model.config.vision_config
         self.image_size: int = vision_config.image_size
         self.num_image_tokens: int = model.config.image_seq_length
         self.image_token_id: int = model.config.image_token_index
-        self.pixel_mean = vision.PIXEL_MEAN
-        self.pixel_std = vision.PIXEL_STD
-        self.model.model.vision_tower.requires_grad_(False)
+        self.pixel_mean, self.pixel_std = vision.pixel_normalisation(vision_config)
+        self.model.model.vision_tower.requires_grad_(train_tower)
 
     # ---- images ---------------------------------------------------------------------
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,8 @@ class LlavaVictim:
         size = (self.image_size, self.image_size)
         if images.shape[-2:] != size:
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return (images - self.pixel_mean) / self.pixel_std
+        mean, std = (torch.as_tensor(v, dtype=images.dtype).view(-1, 1, 1) for v in (self.pixel_mean, self.pixel_std))
+        return (images - mean.to(images.device)) / std.to(images.device)
 
     def _select_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The tower output LLaVA feeds its projector: the configured layer, CLS dropped for "default"."""
@@ -79,11 +87,22 @@ class LlavaVictim:
         self.model.model.vision_tower.eval()
         return self._select_features(self.pixel_values(images_to_tensor(images)).to(self.model.device))
 
+    def _cache_scope(self) -> str:
+        """What cached features depend on besides the image: a digest of a tower trained from scratch, else nothing.
+
+        The runner keys its cache file by the tower's source (package, checkpoint); a ViT trained
+        in the base stage has no such source, so its entries carry its weights.
+        """
+        if not vision.trained_from_scratch(self.model.config.vision_config):
+            return ""
+        return tensor_digest(*self.model.model.vision_tower.parameters())
+
     def image_features(
         self, images: Sequence[np.ndarray], on_batch: Callable[[int], None] | None = None
     ) -> torch.Tensor:
-        """Frozen-tower features (B x tokens x dim) for uint8 images, through the cache."""
-        return self.features.get(images, self._tower_features, on_batch=on_batch)
+        """Tower features (B x tokens x dim) for uint8 images: through the cache, unless the tower trains."""
+        cache = FeatureCache() if self.train_tower else self.features
+        return cache.get(images, self._tower_features, on_batch=on_batch, scope=self._cache_scope())
 
     # ---- text -----------------------------------------------------------------------
     def prompt(self, instruction: str) -> str:
@@ -156,23 +175,32 @@ class LlavaVictim:
         return tower_key(self.model.model.vision_tower, self.image_size, self.pixel_mean, self.pixel_std)
 
     # ---- training -------------------------------------------------------------------
-    def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor:
-        """Frozen-tower features of every sample, through the cache: the tower never runs in the loop."""
+    def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor | None:
+        """Frozen-tower features of every sample, through the cache: the tower never runs in the loop.
+
+        None when the tower trains: `batch_loss` then runs it on each batch.
+        """
+        if self.train_tower:
+            return None
         images = [s.image for s in samples]
-        with progress_bar(f"{label}: image features", self.features.count_missing(images)) as bar:
+        with progress_bar(f"{label}: image features", self.features.count_missing(images, self._cache_scope())) as bar:
             return self.image_features(images, on_batch=bar.advance)
 
-    def batch_loss(self, features: torch.Tensor, index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
-        """Loss on `samples[index]`, from the features `prepare_training` computed."""
+    def batch_loss(self, features: torch.Tensor | None, index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
+        """Loss on `samples[index]`, from the features `prepare_training` computed (or the training tower's)."""
         batch = self.encode_training([samples[i].instruction for i in index], [samples[i].answer for i in index])
+        if features is None:
+            pixels = self.pixel_values(images_to_tensor([samples[i].image for i in index]))
+            return self.loss(self._select_features(pixels.to(self.model.device)), batch)
         return self.loss(features[torch.from_numpy(index)], batch)
 
     def select_trainable(self, spec: TrainingSpec) -> PeftModel | None:
-        """Freeze everything, then unfreeze what `spec.mode` trains; returns the peft wrapper for LoRA."""
+        """Freeze everything, then unfreeze what `spec.mode` trains (and the tower if `train_tower`); the peft wrapper for LoRA."""
         model = self.model
         if spec.mode == "xattn":
             raise VlmsecError("tuning mode 'xattn' needs gated cross-attention layers; the tiny LLaVA has none")
         model.requires_grad_(False)
+        peft_model = None
         if spec.mode == "lora":
             config = LoraConfig(
                 r=spec.lora_rank,
@@ -181,12 +209,14 @@ class LlavaVictim:
                 target_modules=LORA_TARGETS,
                 modules_to_save=["multi_modal_projector"],
             )
-            return get_peft_model(model, config)
-        model.model.multi_modal_projector.requires_grad_(True)
+            peft_model = get_peft_model(model, config)
+        else:
+            model.model.multi_modal_projector.requires_grad_(True)
         if spec.mode == "full":
             model.model.language_model.requires_grad_(True)
             model.lm_head.requires_grad_(True)
-        return None
+        model.model.vision_tower.requires_grad_(self.train_tower)
+        return peft_model
 
     def tuning_modes(self, spec: TrainingSpec) -> list[ModeSummary]:
         """What each mode trains here (LoRA also on the MLPs), with parameter counts."""
