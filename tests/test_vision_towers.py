@@ -164,6 +164,8 @@ def test_vit_trains_in_the_base_stage_and_caches_nothing(tokenizer, samples: lis
     features = FeatureCache()
     model = build_tiny_llava(TinyLlavaSpec(image_size=64, **LM, vision=VIT), tokenizer, seed=0)
     victim = LlavaVictim(model, tokenizer, features, train_tower=True)
+    full = {s.mode: s for s in victim.tuning_modes(short_training())}["full"]
+    assert (full.trains, full.trainable, full.frozen) == ("everything", model.num_parameters(), 0)
     before = tower_state(victim)
     train_victim(victim, samples, short_training(), seed=0, label="base")
     after = tower_state(victim)

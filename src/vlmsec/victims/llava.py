@@ -12,6 +12,7 @@ trained, its features are cached under a digest of its weights, which no file fi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,8 +220,22 @@ class LlavaVictim:
         return peft_model
 
     def tuning_modes(self, spec: TrainingSpec) -> list[ModeSummary]:
-        """What each mode trains here (LoRA also on the MLPs), with parameter counts."""
-        return mode_summaries(self.model, ARCHITECTURES["llava"], spec.lora_rank, LORA_TARGETS, "attention and MLP")
+        """What each mode trains here (LoRA also on the MLPs; the tower too if `train_tower`), with parameter counts."""
+        summaries = mode_summaries(self.model, ARCHITECTURES["llava"], spec.lora_rank, LORA_TARGETS, "attention and MLP")
+        if not self.train_tower:
+            return summaries
+        tower = sum(p.numel() for p in self.model.model.vision_tower.parameters())
+        return [
+            replace(
+                s,
+                trains="everything" if s.mode == "full" else f"{s.trains} + the vision tower",
+                trainable=s.trainable + tower,
+                frozen=s.frozen - tower,
+            )
+            if s.trainable is not None and s.frozen is not None
+            else s
+            for s in summaries
+        ]
 
     @torch.no_grad()
     def generate(
