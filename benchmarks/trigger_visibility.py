@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlmsec.attacks import create_attack
@@ -59,7 +60,7 @@ def main() -> None:
             table.add_row(spec.key, f"{relative_change(victim, test, trigger_samples(test, attack)):.3f}")
         for part in attack.partial_triggers():
             if part.modality != "text":
-                table.add_row(f"  {spec.key}[{part.name}]", f"{relative_change(victim, test, trigger_samples(test, part)):.3f}")
+                table.add_row(escape(f"  {spec.key}[{part.name} only]"), f"{relative_change(victim, test, trigger_samples(test, part)):.3f}")
     Console().print(table)
 
 
