@@ -40,3 +40,18 @@ def test_heatmap_colours_follow_asr_g(tmp_path: Path) -> None:
     # viridis: 0.5 is teal-blue, 1.0 is yellow; both appear in the heatmap.
     yellow = (pixels[..., 0] > 200) & (pixels[..., 1] > 200) & (pixels[..., 2] < 100)
     assert yellow.sum() > 100
+
+
+def test_table_1_marks_weak_backdoors_and_false_triggers() -> None:
+    from vlmsec.report.markdown import _shift_table
+
+    metrics = {
+        "clean": {"asr": {"source": 0.0, "painted": 0.0}},
+        "weak": {"asr": {"source": 0.1, "painted": 0.1}, "asr_g": {"painted": 1.0}, "false_trigger": {"painted": 0.0}},
+        "noisy": {"asr": {"source": 0.9, "painted": 0.6}, "asr_g": {"painted": 0.67}, "false_trigger": {"painted": 0.5}},
+        "sound": {"asr": {"source": 1.0, "painted": 0.9}, "asr_g": {"painted": 0.9}, "false_trigger": {"painted": 0.0}},
+    }
+    rows = {line.split(" | ")[0][2:]: line for line in _shift_table(metrics, ["source", "painted"]) if line.startswith("| ")}
+    assert rows["weak"].endswith("**1.00** † |") and "‡" not in rows["weak"]
+    assert "60.0% ‡" in rows["noisy"] and "†" not in rows["noisy"]
+    assert "†" not in rows["sound"] and "‡" not in rows["sound"]

@@ -17,6 +17,11 @@ from vlmsec.errors import VlmsecError
 from vlmsec.report.figures import write_figures
 
 CLEAN = "clean"
+# Table 1 caveats: below this source ASR the backdoor was barely planted, so ASR-G (a ratio
+# against the source) says little; at or above this false-trigger rate in a shifted domain,
+# much of that domain's ASR is the model saying the target without any trigger.
+WEAK_SOURCE_ASR = 0.5
+HIGH_FALSE_TRIGGER = 0.1
 
 
 def _read_json(path: Path) -> Any:
@@ -85,7 +90,8 @@ def _data_section(run_dir: Path) -> list[str]:
 
 
 def _shift_table(metrics: dict[str, Any], domains: list[str]) -> list[str]:
-    """The paper's Table 1 shape: per attack and domain, clean CIDEr, ASR and ASR-G, and the mean ASR-G."""
+    """The paper's Table 1 shape: per attack and domain, clean CIDEr, ASR and ASR-G, and the
+    mean ASR-G, with the two caveats that change how a number reads marked."""
     attacks = [m for m in metrics if m != CLEAN]
     shifted = [d for d in domains if d != "source"]
     if not attacks or not shifted:
@@ -93,16 +99,27 @@ def _shift_table(metrics: dict[str, Any], domains: list[str]) -> list[str]:
     header = "| attack | " + " | ".join(f"{d} CIDEr | {d} ASR" + ("" if d == "source" else f" | {d} ASR-G") for d in domains)
     lines = ["## Backdoors under domain shift (Table 1 of the paper, in shape)", "", header + " | mean ASR-G |"]
     lines.append("|---|" + "---|" * (2 * len(domains) + len(shifted) + 1))
+    weak = high_false = False
     for model in attacks:
         entry = metrics[model]
         cells = []
         for d in domains:
-            cells += [_num(entry.get("cider", {}).get(d)), _pct(entry.get("asr", {}).get(d))]
+            asr = _pct(entry.get("asr", {}).get(d))
+            if d != "source" and (entry.get("false_trigger", {}).get(d) or 0) >= HIGH_FALSE_TRIGGER:
+                asr, high_false = asr + " ‡", True
+            cells += [_num(entry.get("cider", {}).get(d)), asr]
             if d != "source":
                 cells.append(_ratio(entry.get("asr_g", {}).get(d)))
         values = [entry.get("asr_g", {}).get(d) for d in shifted]
-        mean = sum(values) / len(values) if None not in values else None
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | **{_ratio(mean)}** |")
+        mean = f"**{_ratio(sum(values) / len(values) if None not in values else None)}**"
+        if (entry.get("asr", {}).get("source") or 0) < WEAK_SOURCE_ASR:
+            mean, weak = mean + " †", True
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {mean} |")
+    lines.append("")
+    if weak:
+        lines.append(f"† source ASR below {WEAK_SOURCE_ASR:.0%}: the backdoor was barely planted, so ASR-G says little.  ")
+    if high_false:
+        lines.append(f"‡ false-trigger rate ≥ {HIGH_FALSE_TRIGGER:.0%} in that domain: the model says the target without the trigger too.")
     return [*lines, ""]
 
 
