@@ -55,3 +55,10 @@ def test_table_1_marks_weak_backdoors_and_false_triggers() -> None:
     assert rows["weak"].endswith("**1.00** † |") and "‡" not in rows["weak"]
     assert "60.0% ‡" in rows["noisy"] and "†" not in rows["noisy"]
     assert "†" not in rows["sound"] and "‡" not in rows["sound"]
+
+
+def test_sweep_curves_add_the_runs_own_rate() -> None:
+    from vlmsec.report.figures import sweep_curves
+
+    assert sweep_curves(METRICS) == {"blended": {0.01: 0.4, 0.1: 1.0}}
+    assert sweep_curves(METRICS, run_rate=0.05) == {"blended": {0.01: 0.4, 0.1: 1.0, 0.05: 1.0}}

@@ -53,17 +53,28 @@ def asr_g_heatmap(metrics: dict[str, Any], path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def asr_vs_rate(metrics: dict[str, Any], path: Path) -> Path | None:
-    """ASR on the source domain against the poison rate, one line per swept attack."""
+def sweep_curves(metrics: dict[str, Any], run_rate: float | None = None) -> dict[str, dict[float, float]]:
+    """Per swept attack, source ASR by poison rate: the sweep's models plus, at `run_rate`
+    (the run's own rate), the attack's main model."""
     curves: dict[str, dict[float, float]] = {}
     for entry in metrics.values():
         sweep = entry.get("sweep")
         if sweep and "source" in entry.get("asr", {}):
             curves.setdefault(sweep["attack"], {})[sweep["rate"]] = entry["asr"]["source"]
+    for attack, points in curves.items():
+        own = metrics.get(attack, {}).get("asr", {}).get("source")
+        if run_rate is not None and own is not None:
+            points[run_rate] = own
+    return dict(sorted(curves.items()))
+
+
+def asr_vs_rate(metrics: dict[str, Any], path: Path, run_rate: float | None = None) -> Path | None:
+    """ASR on the source domain against the poison rate, one line per swept attack."""
+    curves = sweep_curves(metrics, run_rate)
     if not curves:
         return None
     figure, axes = plt.subplots(figsize=(5.5, 3.8))
-    for attack, points in sorted(curves.items()):
+    for attack, points in curves.items():
         rates = sorted(points)
         axes.plot([100 * r for r in rates], [points[r] for r in rates], marker="o", label=attack)
     axes.set_xscale("log")
@@ -100,11 +111,12 @@ def shift_sizes(metrics: dict[str, Any], path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def write_figures(metrics: dict[str, Any], folder: Path) -> list[Path]:
-    """Every figure the metrics support, written into `folder`; returns the files written."""
+def write_figures(metrics: dict[str, Any], folder: Path, run_rate: float | None = None) -> list[Path]:
+    """Every figure the metrics support, written into `folder`; returns the files written.
+    `run_rate` (the run's poison rate) adds each swept attack's main model to its curve."""
     drawn = [
         asr_g_heatmap(metrics, folder / "asr_g_heatmap.png"),
-        asr_vs_rate(metrics, folder / "asr_vs_poison_rate.png"),
+        asr_vs_rate(metrics, folder / "asr_vs_poison_rate.png", run_rate),
         shift_sizes(metrics, folder / "shift_sizes.png"),
     ]
     return [p for p in drawn if p is not None]

@@ -14,7 +14,7 @@ import yaml
 
 from vlmsec.artifacts import write_text_atomic
 from vlmsec.errors import VlmsecError
-from vlmsec.report.figures import write_figures
+from vlmsec.report.figures import sweep_curves, write_figures
 
 CLEAN = "clean"
 # Table 1 caveats: below this source ASR the backdoor was barely planted, so ASR-G (a ratio
@@ -130,21 +130,16 @@ def _figures(run_dir: Path) -> list[str]:
     return [*shown, ""] if shown else []
 
 
-def _sweep_table(metrics: dict[str, Any], sweep: dict[str, Any], run_rate: float | None) -> list[str]:
+def _sweep_table(metrics: dict[str, Any], run_rate: float | None) -> list[str]:
     """Source-domain ASR at each poison rate of the sweep (the run's own rate included)."""
-    if not sweep:
+    curves = sweep_curves(metrics, run_rate)
+    if not curves:
         return []
-    points: dict[str, dict[float, float | None]] = {}
-    for entry in sweep.values():
-        attack = entry["sweep"]["attack"]
-        points.setdefault(attack, {})[entry["sweep"]["rate"]] = entry.get("asr", {}).get("source")
-        if run_rate is not None and attack in metrics:
-            points[attack][run_rate] = metrics[attack].get("asr", {}).get("source")
-    rates = sorted({r for p in points.values() for r in p})
+    rates = sorted({r for points in curves.values() for r in points})
     lines = ["## ASR against poison rate (source domain)", "", "| attack | " + " | ".join(_pct(r) for r in rates) + " |"]
     lines.append("|---|" + "---|" * len(rates))
-    for attack, by_rate in points.items():
-        lines.append(f"| {attack} | " + " | ".join(_pct(by_rate.get(r)) for r in rates) + " |")
+    for attack, points in curves.items():
+        lines.append(f"| {attack} | " + " | ".join(_pct(points.get(r)) for r in rates) + " |")
     return [*lines, ""]
 
 
@@ -173,10 +168,8 @@ def _read_metrics(run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def render_report(run_dir: str | Path) -> str:
-    """The Markdown report of a run folder."""
-    run_dir = Path(run_dir)
-    metrics = _read_metrics(run_dir)
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config.yaml as a plain mapping ({} if the run wrote none)."""
     config_path = run_dir / "config.yaml"
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
@@ -186,6 +179,14 @@ def render_report(run_dir: str | Path) -> str:
         raise VlmsecError(f"{config_path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(config, dict):
         raise VlmsecError(f"{config_path}: expected a mapping of config fields")
+    return config
+
+
+def render_report(run_dir: str | Path) -> str:
+    """The Markdown report of a run folder."""
+    run_dir = Path(run_dir)
+    metrics = _read_metrics(run_dir)
+    config = _read_config(run_dir)
     domains = list(metrics.get(CLEAN, next(iter(metrics.values()), {})).get("cider", {}))
     poison = config.get("poison", {})
     word = poison.get("target", {}).get("word", "banana")
@@ -237,7 +238,7 @@ def render_report(run_dir: str | Path) -> str:
                 lines.append(f"| {model} | {entry['cider']['source'] - base:+.1f} |")
         lines.append("")
 
-    lines += _sweep_table(metrics, sweep, poison.get("rate"))
+    lines += _sweep_table({**metrics, **sweep}, poison.get("rate"))
     lines += _shift_sizes(metrics)
     examples = _examples(run_dir)
     if examples:
@@ -250,7 +251,8 @@ def render_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Render report.md into the run folder (atomically) and return its path."""
-    path = Path(run_dir) / "report.md"
-    write_figures(_read_metrics(Path(run_dir)), Path(run_dir))
+    run_dir = Path(run_dir)
+    path = run_dir / "report.md"
+    write_figures(_read_metrics(run_dir), run_dir, _read_config(run_dir).get("poison", {}).get("rate"))
     write_text_atomic(path, render_report(run_dir))
     return path
