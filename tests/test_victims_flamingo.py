@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from transformers import (
 )
 
 from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
+from vlmsec.attacks.adaptive import pick_answers, pick_samples
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
@@ -420,8 +422,49 @@ def test_maba_and_inputaware_learn_against_the_flamingo_tower(
     inputaware.prepare(context)
     assert embedded  # stage 2 trained through the open_clip tower
     assert inputaware.cache_inputs(context) == victim.vision_key()
-    with pytest.raises(VlmsecError, match="'gcg' is white-box.*tiny_llava.*FlamingoVictim"):
-        create_attack("gcg").prepare(context)
+
+
+GCG_TINY = {"num_tokens": 2, "steps": 2, "candidates": 8, "top_k": 8, "num_samples": 2, "num_answers": 1}
+
+
+def test_loss_from_embeddings_is_the_answer_loss(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    images, instructions, answers = [s.image for s in samples[:2]], ["Describe it.", "What is it?"], ["A red square.", "A blue ground."]
+    problem = victim.token_problem(images, instructions, answers)
+    assert torch.equal(victim.embedding_matrix()[problem.input_ids], problem.inputs_embeds)
+    with torch.no_grad():
+        per_token = victim.loss_from_embeddings(problem, problem.inputs_embeds)
+        expected = victim.loss(victim.image_features(images), victim.encode_training(instructions, answers))
+        assert torch.allclose(per_token.sum() / (problem.labels[:, 1:] != -100).sum(), expected, atol=1e-5)
+        twice = victim.loss_from_embeddings(problem, torch.cat([problem.inputs_embeds] * 2))
+        assert torch.allclose(twice, torch.cat([per_token] * 2), atol=1e-5)
+        # The ids, not the embeddings, locate the image: without its token there the text sees no image.
+        image = problem.input_ids == victim.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        assert image.sum() == 2
+        blind = replace(problem, input_ids=problem.input_ids.masked_fill(image, victim.tokenizer.pad_token_id))
+        assert not torch.allclose(victim.loss_from_embeddings(blind, problem.inputs_embeds), per_token)
+
+
+@pytest.mark.parametrize("position", ["end", "start"])
+def test_gcg_learns_against_the_flamingo_victim(
+    victim: FlamingoVictim, samples: list[Sample], position: str, tmp_path: Path
+) -> None:
+    context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path, victim=victim)
+    attack = create_attack("gcg", **GCG_TINY, position=position)
+    attack.prepare(context)
+    metrics = attack.trained_metrics
+    assert metrics["final_loss"] <= metrics["initial_loss"] and metrics["final_loss"] == min(attack.loss_curve)
+    (path,) = (tmp_path / "gcg").glob("*.json")
+    ids = json.loads(path.read_text())["token_ids"]
+    # Otter's prompt puts a space before the instruction: a "start" trigger's first token carries it too.
+    assert victim.tokenizer(" " + attack.trigger, add_special_tokens=False).input_ids == ids
+    chosen = pick_samples(samples, GCG_TINY["num_samples"], seed=0)
+    answers = pick_answers(TargetAnswer(), GCG_TINY["num_answers"], seed=0) * len(chosen)
+    instructions = attack.trigger_instructions([s.instruction for s in chosen])
+    prompt = victim.prompt_ids(instructions[0])
+    assert any(prompt[i : i + len(ids)] == ids for i in range(len(prompt)))
+    with torch.no_grad():
+        loss = victim.loss(victim.image_features([s.image for s in chosen]), victim.encode_training(instructions, answers))
+    assert float(loss) == pytest.approx(metrics["final_loss"], rel=1e-4)
 
 
 # ---- Otter -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
+from vlmsec.attacks.adaptive import pick_answers, pick_samples
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
@@ -563,8 +564,9 @@ def test_runner_tunes_and_reloads_an_hf_checkpoint(built, samples, tmp_path: Pat
     again = runner.tuned_victim("clean", None, splits, base)  # the finished stage is loaded, not retrained
     assert isinstance(again, HFVictim)
     assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), again.model.state_dict().values()))
-    with pytest.raises(VlmsecError, match="'gcg' is white-box.*tiny_llava.*HFVictim"):
-        runner.prepare_attack(create_attack("gcg"), splits, base)
+    gcg = create_attack("gcg", **GCG_TINY)
+    runner.prepare_attack(gcg, splits, base)  # token attacks work on Idefics3, which tiles its images
+    assert gcg.trigger and len(list((tmp_path / "cache" / "attacks" / "gcg").glob("*.json"))) == 1
     with pytest.raises(VlmsecError, match="'maba'.*idefics3 processor splits each image into tiles"):
         runner.prepare_attack(create_attack("maba"), splits, base)  # refused, not the victim-free corner
     hub = parse_config({"victim": {"kind": "hf", "checkpoint": "org/model"}}, "test", base_dir=tmp_path)
@@ -668,3 +670,81 @@ def test_tiling_architectures_are_refused_naming_attack_and_architecture(name: s
     with pytest.raises(VlmsecError, match=name):
         victim.answer_loss(images, ["Describe."], ["a red circle."])
     assert not any(tmp_path.iterdir())  # refused before anything was learned or cached
+
+
+# ---- token access: gcg through the language model's input embeddings --------------------------
+
+TOKEN_ARCHS = [pytest.param(name, marks=SKIPS.get(name, ())) for name in BUILDERS if name != "instructblip"]
+GCG_TINY = {"num_tokens": 2, "steps": 2, "candidates": 8, "top_k": 8, "num_samples": 2, "num_answers": 1}
+
+
+def gcg_rows(samples: list[Sample], attack: object) -> tuple[list[Sample], list[str], list[str]]:
+    """The samples, triggered instructions and answers gcg learned from (its seeded picks)."""
+    chosen = pick_samples(samples, GCG_TINY["num_samples"], seed=0)
+    answers = pick_answers(TargetAnswer(), GCG_TINY["num_answers"], seed=0)
+    rows = [answers[i % len(answers)] for i in range(len(chosen))]
+    return chosen, attack.trigger_instructions([s.instruction for s in chosen]), rows
+
+
+@pytest.mark.parametrize("name", TOKEN_ARCHS)
+def test_loss_from_embeddings_is_the_answer_loss(name: str, built, samples) -> None:
+    victim = white_box_victim(built, name)
+    images, instructions, answers = [s.image for s in samples[:2]], ["Describe.", "What is it?"], [samples[0].answer, "a red circle."]
+    problem = victim.token_problem(images, instructions, answers)
+    matrix = victim.embedding_matrix()
+    text = problem.input_ids < matrix.shape[0]  # Idefics' decoupled embeddings keep extra special rows apart
+    assert torch.equal(matrix[problem.input_ids[text]], problem.inputs_embeds[text])  # PaliGemma: scaled rows
+    with torch.no_grad():
+        per_token = victim.loss_from_embeddings(problem, problem.inputs_embeds)
+        answer_tokens = (problem.labels[:, 1:] != -100).sum()
+        expected = victim.loss(victim.encode_training(victim.prepare_training(samples[:2], "test"), instructions, answers))
+        assert torch.allclose(per_token.sum() / answer_tokens, expected, atol=1e-5)
+        # Stacked copies (gcg's candidates in one pass) are scored as the rows alone; Qwen2-VL: patches tiled too.
+        twice = victim.loss_from_embeddings(problem, torch.cat([problem.inputs_embeds] * 2))
+        assert torch.allclose(twice, torch.cat([per_token] * 2), atol=1e-5)
+    assert problem.prompt_length(0) == int((problem.labels[0] == -100).long().argmin())
+
+
+@pytest.mark.parametrize("name", TOKEN_ARCHS)
+def test_gcg_learns_against_the_hf_victim(name: str, built, samples, tmp_path: Path) -> None:
+    victim = white_box_victim(built, name)
+    context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path, victim=victim)
+    attack = create_attack("gcg", **GCG_TINY)
+    attack.prepare(context)
+    metrics = attack.trained_metrics
+    assert metrics["final_loss"] <= metrics["initial_loss"] and metrics["final_loss"] == min(attack.loss_curve)
+    (path,) = (tmp_path / "gcg").glob("*.json")
+    ids = json.loads(path.read_text())["token_ids"]
+    assert victim.tokenizer(" " + attack.trigger, add_special_tokens=False).input_ids == ids
+    chosen, instructions, answers = gcg_rows(samples, attack)
+    batch = victim.encode_training(victim.prepare_training(chosen, "test"), instructions, answers)
+    prompt = batch["input_ids"][0][batch["labels"][0] == -100].tolist()
+    assert any(prompt[i : i + len(ids)] == ids for i in range(len(prompt)))  # the tokens the victim sees
+    with torch.no_grad():  # the reported loss is the victim's own on the triggered prompts
+        assert float(victim.loss(batch)) == pytest.approx(metrics["final_loss"], rel=1e-4)
+
+
+def blip2_with_t5(built: Callable[[str], Built]) -> HFVictim:
+    """The tiny BLIP-2 on an encoder-decoder language model (as the Flan-T5 checkpoints)."""
+    config, processor = built("blip-2")
+    tokenizer = processor.tokenizer
+    config = copy.deepcopy(config)
+    config.text_config = hf_models.T5Config(
+        vocab_size=len(tokenizer), d_model=HIDDEN, d_ff=2 * HIDDEN, d_kv=16, num_layers=1, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    config.use_decoder_only_language_model = False
+    return HFVictim(AutoModelForImageTextToText.from_config(config), copy.deepcopy(processor))
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("instructblip", "instructblip model also feeds the instruction to its Q-Former"), ("blip-2", "blip-2 model has an encoder-decoder language model")],
+)
+def test_gcg_refuses_naming_the_architecture(name: str, why: str, built, samples, tmp_path: Path) -> None:
+    victim = fresh_victim(built, name) if name == "instructblip" else blip2_with_t5(built)
+    context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path, victim=victim)
+    with pytest.raises(VlmsecError, match=f"attack 'gcg' optimises prompt tokens.*{why}") as err:
+        create_attack("gcg", **GCG_TINY).prepare(context)
+    assert "model_type blip-2, idefics, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm" in str(err.value)
+    assert not any(tmp_path.iterdir())

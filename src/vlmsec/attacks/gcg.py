@@ -10,7 +10,13 @@ string learned against the clean victim then serves as the text trigger of a bac
 Candidate tokens are restricted so that the found string round-trips through the
 tokenizer: every trigger token is a printable, non-special word piece that decodes and
 re-encodes to itself and starts a new pre-token (a leading space, except the very first
-token of a "start" trigger), so the tokens a victim sees are the tokens optimised.
+token of a "start" trigger when the prompt puts no space before the instruction), so the
+tokens a victim sees are the tokens optimised.
+
+Any victim works through the token methods of the `Victim` protocol (`token_problem`,
+`embedding_matrix`, `loss_from_embeddings`): the embedded tiny LLaVA, Hugging Face
+checkpoints and Flamingo; an architecture whose image side also reads the instruction
+(InstructBLIP's Q-Former) is refused by its `check_token_gradients`.
 """
 
 from __future__ import annotations
@@ -37,17 +43,18 @@ from vlmsec.attacks.registry import register
 from vlmsec.attacks.text import WORD_BOUNDARY, insert
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
+from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, tile
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from vlmsec.victims.llava import LlavaVictim
+    from vlmsec.victims.base import Victim
 
 # Rows (candidates x samples) per forward pass when scoring candidates: bounds the logits' memory.
 EVAL_ROWS = 256
-# The label `LlavaVictim.encode_training` gives prompt and padding tokens (not imported: that pulls in transformers).
-IGNORE_INDEX = -100
 CACHE_FORMAT = 1
+# Stands for the instruction when looking at what the prompt puts before it.
+MARKER = "vlmsecinstructionmarker"
 
 # Where the string goes; "random" is left out: the string is optimised in one fixed context.
 TriggerPosition = Literal["start", "end"]
@@ -78,17 +85,15 @@ class GCGResult:
 
 @dataclass
 class _Problem:
-    """The fixed part of the search: encoded prompts + answers, image features, trigger slots."""
+    """The fixed part of the search: the victim's encoded rows, its embedding matrix, the trigger slots."""
 
-    input_ids: torch.Tensor  # P x L
-    attention_mask: torch.Tensor  # P x L
-    labels: torch.Tensor  # P x L
-    features: torch.Tensor  # P x image tokens x dim
+    tokens: TokenProblem  # P rows
+    matrix: torch.Tensor  # V x D input embeddings of the vocabulary
     slots: torch.Tensor  # P x num_tokens: where the trigger tokens sit in each row
 
     @property
     def rows(self) -> int:
-        return self.input_ids.shape[0]
+        return self.tokens.rows
 
 
 def allowed_tokens(tokenizer: PreTrainedTokenizerBase, leading_space: bool, size: int) -> torch.Tensor:
@@ -127,6 +132,16 @@ def with_trigger(instruction: str, trigger: str, position: TriggerPosition) -> s
     return insert(instruction, trigger, position, WORD_BOUNDARY, seed=0)
 
 
+def space_before_instruction(victim: Victim) -> bool:
+    """Whether the victim's prompt puts a space right before the instruction (Otter's `User: {instruction}`).
+
+    The first token of a "start" trigger then carries that space, as the tokenizer sees it.
+    """
+    text = victim.prompt(MARKER)
+    at = text.find(MARKER)
+    return at > 0 and text[at - 1] == " "
+
+
 def _slot_of(sequence: list[int], piece: list[int], last: bool) -> int:
     """Where `piece` starts in `sequence` (its last occurrence if `last`); VlmsecError if absent."""
     width = len(piece)
@@ -137,59 +152,56 @@ def _slot_of(sequence: list[int], piece: list[int], last: bool) -> int:
 
 
 def _build_problem(
-    victim: LlavaVictim, samples: list[Sample], answers: list[str], token_ids: list[int], position: TriggerPosition
+    victim: Victim,
+    samples: list[Sample],
+    answers: list[str],
+    token_ids: list[int],
+    position: TriggerPosition,
+    matrix: torch.Tensor,
 ) -> _Problem:
-    """Encode every sample with the trigger inserted and find the trigger's token slots."""
+    """Encode every sample with the trigger inserted and find the trigger's token slots in each prompt."""
     text = trigger_text(victim.tokenizer, token_ids)
     instructions = [with_trigger(s.instruction, text, position) for s in samples]
     row_answers = [answers[i % len(answers)] for i in range(len(samples))]
-    batch = victim.encode_training(instructions, row_answers)
-    starts = [_slot_of(victim.prompt_ids(i), token_ids, last=position == "end") for i in instructions]
+    tokens = victim.token_problem([s.image for s in samples], instructions, row_answers)
+    prompts = [tokens.input_ids[r, : tokens.prompt_length(r)].tolist() for r in range(tokens.rows)]
+    starts = [_slot_of(prompt, token_ids, last=position == "end") for prompt in prompts]
     slots = torch.tensor(starts)[:, None] + torch.arange(len(token_ids))[None, :]
-    features = victim.image_features([s.image for s in samples])
-    return _Problem(batch["input_ids"], batch["attention_mask"], batch["labels"], features, slots)
+    return _Problem(tokens, matrix, slots.to(tokens.input_ids.device))
 
 
-def _mean_loss(
-    victim: LlavaVictim, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, groups: int
-) -> torch.Tensor:
-    """Answer-token loss per group of consecutive rows (sum over the group's tokens / its token count)."""
-    logits = victim.model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
-    targets = labels[:, 1:]
-    token_losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    per_group = token_losses.view(groups, -1).sum(1)
-    counts = (targets != IGNORE_INDEX).view(groups, -1).sum(1)
-    return per_group / counts
+def _mean_loss(victim: Victim, problem: _Problem, embeds: torch.Tensor, groups: int) -> torch.Tensor:
+    """Answer-token loss per group of `problem.rows` consecutive rows (sum over the group's tokens / its token count)."""
+    per_token = victim.loss_from_embeddings(problem.tokens, embeds)
+    counts = (tile(problem.tokens.labels, groups)[:, 1:] != IGNORE_INDEX).view(groups, -1).sum(1)
+    return per_token.view(groups, -1).sum(1) / counts.to(per_token.device)
 
 
-def candidate_losses(victim: LlavaVictim, problem: _Problem, candidates: torch.Tensor) -> torch.Tensor:
-    """The target loss of each candidate trigger (C x num_tokens ids), same as `victim.loss` would give."""
+def candidate_losses(victim: Victim, problem: _Problem, candidates: torch.Tensor) -> torch.Tensor:
+    """The target loss of each candidate trigger (C x num_tokens ids), same as the victim's answer loss would give."""
     rows = problem.rows
     losses = []
     with torch.no_grad():
         for chunk in candidates.split(max(1, EVAL_ROWS // rows)):
             count = len(chunk)
-            ids = problem.input_ids.repeat(count, 1)
-            ids.scatter_(1, problem.slots.repeat(count, 1), chunk.repeat_interleave(rows, dim=0))
-            embeds = victim.embed(ids, problem.features.repeat(count, 1, 1))
-            mask, labels = problem.attention_mask.repeat(count, 1), problem.labels.repeat(count, 1)
-            losses.append(_mean_loss(victim, embeds, mask, labels, count))
+            embeds = tile(problem.tokens.inputs_embeds, count)
+            slots = tile(problem.slots, count)
+            where = torch.arange(rows * count, device=slots.device)[:, None].expand_as(slots)
+            embeds[where, slots] = problem.matrix[chunk.to(slots.device).repeat_interleave(rows, dim=0)]
+            losses.append(_mean_loss(victim, problem, embeds, count))
     return torch.cat(losses)
 
 
-def token_gradients(victim: LlavaVictim, problem: _Problem, token_ids: torch.Tensor) -> torch.Tensor:
+def token_gradients(victim: Victim, problem: _Problem, token_ids: torch.Tensor) -> torch.Tensor:
     """d loss / d one-hot(trigger tokens): num_tokens x vocabulary rows of the embedding matrix."""
-    weight = victim.model.get_input_embeddings().weight
-    one_hot = F.one_hot(token_ids, weight.shape[0]).to(weight.dtype).requires_grad_()
-    embeds = victim.embed(problem.input_ids, problem.features)
-    rows = torch.arange(problem.rows)[:, None].expand_as(problem.slots)
-    trigger = (one_hot @ weight).expand(problem.rows, -1, -1)
-    embeds = embeds.index_put((rows, problem.slots), trigger)
-    loss = _mean_loss(victim, embeds, problem.attention_mask, problem.labels, 1)[0]
+    matrix = problem.matrix
+    one_hot = F.one_hot(token_ids.to(matrix.device), matrix.shape[0]).to(matrix.dtype).requires_grad_()
+    rows = torch.arange(problem.rows, device=problem.slots.device)[:, None].expand_as(problem.slots)
+    trigger = (one_hot @ matrix).expand(problem.rows, -1, -1)
+    embeds = problem.tokens.inputs_embeds.index_put((rows, problem.slots), trigger)
+    loss = _mean_loss(victim, problem, embeds, 1)[0]
     (grad,) = torch.autograd.grad(loss, one_hot)
-    return grad
+    return grad.cpu()
 
 
 def _random_start(allowed: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -201,19 +213,21 @@ def _random_start(allowed: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.stack(picks)
 
 
-def optimise_trigger(victim: LlavaVictim, samples: list[Sample], answers: list[str], params: GCGParams) -> GCGResult:
+def optimise_trigger(victim: Victim, samples: list[Sample], answers: list[str], params: GCGParams) -> GCGResult:
     """Run GCG from a seeded random start; return the best string seen (never worse than the start)."""
     generator = torch.Generator().manual_seed(params.seed)
-    vocab = victim.model.get_input_embeddings().weight.shape[0]
+    matrix = victim.embedding_matrix().detach()
+    vocab = matrix.shape[0]
     spaced = allowed_tokens(victim.tokenizer, leading_space=True, size=vocab)
-    first = allowed_tokens(victim.tokenizer, leading_space=False, size=vocab) if params.position == "start" else spaced
+    unspaced = params.position == "start" and not space_before_instruction(victim)
+    first = allowed_tokens(victim.tokenizer, leading_space=False, size=vocab) if unspaced else spaced
     allowed = torch.stack([first, *[spaced] * (params.num_tokens - 1)])
     if int(allowed.sum(1).min()) < 2:
         raise VlmsecError("gcg: the tokenizer has fewer than 2 usable trigger tokens for a slot")
     token_ids = _random_start(allowed, generator)
     top_k = min(params.top_k, int(allowed.sum(1).min()))
     with eval_mode(victim.model):
-        problem = _build_problem(victim, samples, answers, token_ids.tolist(), params.position)
+        problem = _build_problem(victim, samples, answers, token_ids.tolist(), params.position, matrix)
         current = float(candidate_losses(victim, problem, token_ids[None])[0])
         losses, best_ids, best_loss = [current], token_ids, current
         for _ in range(params.steps):
@@ -252,15 +266,9 @@ class GCG(Attack):
         self.trained_metrics: dict[str, float] = {}
 
     def prepare(self, context: AttackContext) -> None:
-        """Find the trigger string against `context.victim` (the embedded LLaVA), or reload it from the cache."""
-        from vlmsec.victims.llava import LlavaVictim  # here, not at the top: it pulls in transformers
-
+        """Find the trigger string against `context.victim`, or reload it from the cache."""
         victim = require_victim(context, self.name)
-        if not isinstance(victim, LlavaVictim):
-            raise VlmsecError(
-                f"attack {self.name!r} is white-box and optimises tokens through the embedded tiny LLaVA's input "
-                f"embeddings and image slots: it needs victim.kind tiny_llava, not a {type(victim).__name__}"
-            )
+        victim.check_token_gradients(self.name)
         p = self.params
         samples = pick_samples(context.samples, p.num_samples, p.seed)
         answers = pick_answers(context.target, p.num_answers, p.seed)

@@ -286,8 +286,8 @@ class Runner:
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
         """Let an attack learn its trigger; gray- and white-box ones get the untuned base victim, whatever its kind.
 
-        An attack that cannot use this victim (gcg on anything but the tiny LLaVA, white-box image
-        attacks on an architecture that tiles images) stops the run with an error naming both.
+        An attack that cannot use this victim (gcg on InstructBLIP, white-box image attacks on an
+        architecture that tiles images) stops the run with an error naming both.
         """
         context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
         if type(attack).prepare is not Attack.prepare and attack.knowledge != "black-box":

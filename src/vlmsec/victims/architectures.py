@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -42,7 +42,10 @@ class Architecture:
     stands for the processor's image token); `answer_prefix` goes before the answer there.
     `tiled_pixels` says how the processor cuts images up when its pixel values are not one
     resized, normalised B x 3 x H x W batch (None when they are): white-box attacks, which
-    rebuild pixel values differentiably, refuse such architectures.
+    rebuild pixel values differentiably, refuse such architectures. `instruction_to_vision`
+    says how the image side also reads the instruction, when it does (None when only the
+    language model does): token attacks, which change the instruction's language-model
+    embeddings only, refuse such architectures.
     """
 
     vision: tuple[str, ...]
@@ -54,6 +57,7 @@ class Architecture:
     fallback_prompt: str = "{instruction}"
     answer_prefix: str = " "
     tiled_pixels: str | None = None
+    instruction_to_vision: str | None = None
 
     def part(self, name: str) -> str:
         """Which part a parameter belongs to: projector, cross_attention, vision, language or other.
@@ -110,7 +114,10 @@ _QWEN2_VL = Architecture(
 ARCHITECTURES: dict[str, Architecture] = {
     "llava": _LLAVA,
     "blip-2": _BLIP2,
-    "instructblip": _BLIP2,
+    "instructblip": replace(
+        _BLIP2,
+        instruction_to_vision="also feeds the instruction to its Q-Former, tokenized by the Q-Former's own tokenizer",
+    ),
     "idefics": Architecture(
         vision=("model.vision_model",),
         projector=("model.perceiver_resampler",),

@@ -4,21 +4,32 @@
 Hugging Face image-text-to-text checkpoint) and `FlamingoVictim` (OpenFlamingo / Otter)
 implement it, so `train_victim` and the runner do not care which one they hold.
 
-The last four methods give white-box attacks (`maba`, `maba_star`, `inputaware`) gradients
-with respect to the pixels, through the victim's own preprocessing and vision tower, without
-knowing which model they hold. A victim whose processor tiles or patchifies images (so its
-pixel values cannot be built differentiably from one B x 3 x H x W batch) refuses them in
-`check_pixel_gradients`.
+The four pixel methods (`check_pixel_gradients` to `vision_key`) give white-box attacks
+(`maba`, `maba_star`, `inputaware`) gradients with respect to the pixels, through the
+victim's own preprocessing and vision tower, without knowing which model they hold. A victim
+whose processor tiles or patchifies images (so its pixel values cannot be built
+differentiably from one B x 3 x H x W batch) refuses them in `check_pixel_gradients`.
+
+The four token methods (`check_token_gradients` to `loss_from_embeddings`) give attacks that
+optimise prompt tokens (`gcg`) gradients with respect to the language model's input
+embeddings: `token_problem` encodes a batch once (token ids, labels, the image inputs the
+victim needs), the attack swaps the embeddings of the tokens it optimises (one-hot rows
+times `embedding_matrix`) and `loss_from_embeddings` runs the model on them. Only text-token
+embeddings change; image-token embeddings stay as the victim made them, so models that find
+their image slots by comparing embeddings still do. A victim whose image side also reads the
+instruction refuses them in `check_token_gradients`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmsec.victims.features import tensor_digest
@@ -30,6 +41,56 @@ if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
     from vlmsec.train.tuning import TrainingSpec
     from vlmsec.victims.architectures import ModeSummary
+
+# The label of prompt and padding tokens: no loss there.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenProblem:
+    """A batch encoded once for token-level attacks: right-padded prompt + answer rows.
+
+    `inputs_embeds` are the language model's input embeddings of `input_ids` (image tokens
+    included, untouched); `inputs` holds whatever else the victim's forward needs (pixel
+    values, image features, token types), in the victim's own layout.
+    """
+
+    input_ids: torch.Tensor  # B x L
+    attention_mask: torch.Tensor  # B x L
+    labels: torch.Tensor  # B x L, IGNORE_INDEX but on answer tokens
+    inputs_embeds: torch.Tensor  # B x L x D
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def prompt_length(self, row: int) -> int:
+        """How many tokens of `row` come before its answer (the prompt, image tokens included)."""
+        return int((self.labels[row] == IGNORE_INDEX).long().cumprod(0).sum())
+
+
+def tile(tensor: torch.Tensor, copies: int) -> torch.Tensor:
+    """`copies` copies of a batch stacked along dim 0 (the whole batch again and again, as `Tensor.repeat`)."""
+    return tensor.repeat(copies, *[1] * (tensor.dim() - 1))
+
+
+def copies_of(problem: TokenProblem, inputs_embeds: torch.Tensor) -> int:
+    """How many stacked copies of `problem`'s rows `inputs_embeds` holds; ValueError if not a whole number."""
+    copies, left = divmod(inputs_embeds.shape[0], problem.rows)
+    if left or not copies:
+        raise ValueError(f"{inputs_embeds.shape[0]} embedding rows are not copies of a {problem.rows}-row problem")
+    return copies
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at each position (B x L-1, aligned with `labels[:, 1:]`), 0 where ignored."""
+    targets = labels[:, 1:].to(logits.device)
+    logits = logits[:, :-1].float()
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view(targets.shape)
 
 
 class Victim(Protocol):
@@ -83,6 +144,34 @@ class Victim(Protocol):
 
     def vision_key(self) -> dict[str, Any]:
         """What `vision_embedding` depends on, JSON-ready for cache keys (see `tower_key`)."""
+
+    def check_token_gradients(self, attack: str) -> None:
+        """Raise a VlmsecError naming `attack` and the architecture if the three methods below cannot work here."""
+
+    def token_problem(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], answers: Sequence[str]
+    ) -> TokenProblem:
+        """uint8 images, instructions and answers encoded for `loss_from_embeddings` (on the model's device)."""
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """V x D: row i is the input embedding of token i, as `TokenProblem.inputs_embeds` holds it.
+
+        One-hot rows times it are differentiable embeddings of tokens (gcg's gradients).
+        """
+
+    def loss_from_embeddings(self, problem: TokenProblem, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Per-token answer losses (see `token_losses`) with `inputs_embeds` in place of `problem.inputs_embeds`.
+
+        `inputs_embeds` may stack k copies of the problem's rows (k candidates scored in one
+        pass): the result then has k * B rows. Differentiable w.r.t. `inputs_embeds`.
+        """
+
+
+def embedding_rows(embeddings: nn.Module) -> torch.Tensor:
+    """An input embedding module's V x D table as its forward returns rows: the weights, times
+    `embed_scale` for scaled embeddings (Gemma's). Idefics' decoupled embeddings: the main table."""
+    scale = getattr(embeddings, "embed_scale", None)
+    return embeddings.weight if scale is None else embeddings.weight * scale.to(embeddings.weight.dtype)
 
 
 def tower_key(tower: nn.Module, image_size: Any, mean: Any, std: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims.architectures import ModeSummary
-from vlmsec.victims.base import tower_key
+from vlmsec.victims.base import TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo_model import (
     FlamingoConfig,
@@ -532,6 +532,31 @@ class FlamingoVictim:
         return tower_key(
             self.model.vision_encoder, self.image_size, CLIP_MEAN.flatten().tolist(), CLIP_STD.flatten().tolist()
         )
+
+    def check_token_gradients(self, attack: str) -> None:
+        """Always possible here: the LM reads input embeddings, the input ids still locate the images."""
+
+    @torch.no_grad()
+    def token_problem(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], answers: Sequence[str]
+    ) -> TokenProblem:
+        """`encode_training` rows, their text embeddings and the images' frozen-tower features (through the cache)."""
+        batch = {k: v.to(self.device) for k, v in self.encode_training(instructions, answers).items()}
+        embeds = self.model.lang_encoder.get_input_embeddings()(batch["input_ids"])
+        features = self.image_features(images).to(self.device)
+        return TokenProblem(batch["input_ids"], batch["attention_mask"], batch["labels"], embeds, {"features": features})
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The language model's input embedding table (`embedding_rows`)."""
+        return embedding_rows(self.model.lang_encoder.get_input_embeddings())
+
+    def loss_from_embeddings(self, problem: TokenProblem, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Per-token answer losses with the LM reading `inputs_embeds`; the problem's ids locate the `<image>` tokens."""
+        copies = copies_of(problem, inputs_embeds)
+        vision_tokens = tile(problem.inputs["features"], copies)[:, None]
+        input_ids, mask = tile(problem.input_ids, copies), tile(problem.attention_mask, copies)
+        logits = self.model(vision_tokens, input_ids, mask, inputs_embeds=inputs_embeds).logits
+        return token_losses(logits, tile(problem.labels, copies))
 
     @torch.no_grad()
     def generate(

@@ -15,7 +15,9 @@ modules rebuild its architecture so that its released weights load by name:
 `FlamingoModel` attaches the blocks to a Hugging Face causal LM with forward pre-hooks
 rather than OpenFlamingo's layer wrappers, so the LM keeps its own state-dict names. Text
 attends only to the most recent `<image>` before it (OpenFlamingo's default); during
-cached generation the new tokens keep attending to the last image of their prompt.
+cached generation the new tokens keep attending to the last image of their prompt. The
+hooks find the `<image>` tokens in the LM call's input_ids; a forward given input embeddings
+instead (token attacks) passes the ids along for that.
 """
 
 from __future__ import annotations
@@ -341,6 +343,7 @@ class FlamingoModel(nn.Module):
                 layer.register_forward_pre_hook(partial(self._cross_attend, block), with_kwargs=True)
         lang_encoder.register_forward_pre_hook(self._locate_media, with_kwargs=True)
         self._media: torch.Tensor | None = None
+        self._media_ids: torch.Tensor | None = None
         self._text_time: torch.Tensor | None = None
         self._images_seen: torch.Tensor | None = None
 
@@ -351,19 +354,24 @@ class FlamingoModel(nn.Module):
 
     # ---- conditioning ------------------------------------------------------------------
     @contextmanager
-    def conditioned_on(self, media: torch.Tensor) -> Iterator[None]:
-        """Let LM calls inside the block cross-attend to `media` (B x T_img x n x D)."""
-        self._media, self._images_seen = media, None
+    def conditioned_on(self, media: torch.Tensor, input_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """Let LM calls inside the block cross-attend to `media` (B x T_img x n x D).
+
+        `input_ids` locate the images for LM calls given input embeddings instead of ids.
+        """
+        self._media, self._media_ids, self._images_seen = media, input_ids, None
         try:
             yield
         finally:
-            self._media = self._text_time = self._images_seen = None
+            self._media = self._media_ids = self._text_time = self._images_seen = None
 
     def _locate_media(self, _lm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Before each LM call: count the images each token follows (continuing a cached prefix)."""
         if self._media is None:
             raise RuntimeError("the Flamingo LM was called without media: go through FlamingoModel.forward or generate")
         input_ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else (args[0] if args else None)
+        if input_ids is None:
+            input_ids = self._media_ids
         if input_ids is None:
             raise RuntimeError("the Flamingo LM needs input_ids to find the <image> tokens")
         counts = (input_ids == self.media_token_id).cumsum(dim=-1)
@@ -394,10 +402,15 @@ class FlamingoModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """LM output for `input_ids` attending to resampled `vision_tokens` (B x T_img x v x D)."""
-        with self.conditioned_on(self.perceiver(vision_tokens)):
-            return self.lang_encoder(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        """LM output for `input_ids` attending to resampled `vision_tokens` (B x T_img x v x D).
+
+        With `inputs_embeds` the LM reads those instead of embedding `input_ids`, which then only locate the images.
+        """
+        text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        with self.conditioned_on(self.perceiver(vision_tokens), input_ids):
+            return self.lang_encoder(**text, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()
     def generate(

@@ -14,6 +14,12 @@ give: `pixel_values` rebuilds what it makes differentiably (bilinear resize to i
 centre crop when it crops, its mean and std) for the architectures whose pixel values are one
 B x 3 x H x W batch per image batch (LLaVA, BLIP-2, InstructBLIP, PaliGemma, Idefics v1); the
 ones that tile or patchify images (Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL) are refused.
+
+Token attacks (`gcg`) need gradients w.r.t. the language model's input embeddings: the model
+runs on `inputs_embeds` with the processor's other outputs, and input_ids left out, so models
+that place image features find the image tokens by their (unchanged) embeddings. Every
+architecture works but InstructBLIP, whose Q-Former reads the instruction too, and
+encoder-decoder language models (BLIP-2 with Flan-T5).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 from vlmsec.data.sample import tensor_to_images
 from vlmsec.errors import VlmsecError
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, architecture, check_mode, mode_summaries, unfreeze
-from vlmsec.victims.base import tower_key
+from vlmsec.victims.base import TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 
 if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
@@ -324,6 +330,43 @@ class HFVictim:
         """The tower's class and weight digest, and the processor's geometry and normalisation."""
         spec = self.pixel_format()
         return tower_key(self._vision_tower(), {"resize": spec["resize"], "crop": spec["crop"]}, spec["mean"], spec["std"])
+
+    def check_token_gradients(self, attack: str) -> None:
+        """Refuse InstructBLIP (its Q-Former reads the instruction too) and encoder-decoder language models."""
+        why = self.arch.instruction_to_vision
+        if why is None and self.model.config.get_text_config().is_encoder_decoder:
+            why = "has an encoder-decoder language model, which reads the prompt and writes the answer apart"
+        if why is None:
+            return
+        supported = ", ".join(sorted(name for name, arch in ARCHITECTURES.items() if arch.instruction_to_vision is None))
+        raise VlmsecError(
+            f"{self.source}: attack {attack!r} optimises prompt tokens through the language model's input "
+            f"embeddings, but the {self.model_type} model {why}. Token attacks work with victim.kind tiny_llava, "
+            f"flamingo, otter, and hf with model_type {supported} (decoder-only language models)"
+        )
+
+    @torch.no_grad()
+    def token_problem(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], answers: Sequence[str]
+    ) -> TokenProblem:
+        """`encode_training` rows and their text embeddings; the processor's other outputs kept for the forward."""
+        device = self.model.device
+        encoded = self.encode_training(to_pil(images), instructions, answers)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoded.items()}
+        input_ids, mask, labels = batch.pop("input_ids"), batch.pop("attention_mask"), batch.pop("labels")
+        return TokenProblem(input_ids, mask, labels, self.model.get_input_embeddings()(input_ids), batch)
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The input embedding table (scaled as Gemma's forward scales it; Idefics: without its extra special rows)."""
+        return embedding_rows(self.model.get_input_embeddings())
+
+    def loss_from_embeddings(self, problem: TokenProblem, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Per-token answer losses from the model on `inputs_embeds` (no input_ids) and the problem's other inputs."""
+        copies = copies_of(problem, inputs_embeds)
+        inputs = {k: tile(v, copies) if isinstance(v, torch.Tensor) else v for k, v in problem.inputs.items()}
+        mask = tile(problem.attention_mask, copies)
+        logits = self.model(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=mask, **inputs).logits
+        return token_losses(logits, tile(problem.labels, copies))
 
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()

@@ -27,7 +27,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims import vision  # registers the EfficientNet and open_clip towers
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
-from vlmsec.victims.base import tower_key
+from vlmsec.victims.base import TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 from vlmsec.victims.features import FeatureCache, tensor_digest
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
@@ -144,7 +144,10 @@ class LlavaVictim:
     # ---- model ----------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Text embeddings with projected image features scattered into the image slots."""
-        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        return self.place_features(self.model.get_input_embeddings()(input_ids), input_ids, features)
+
+    def place_features(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """`inputs_embeds` with the projected image `features` scattered into the image slots of `input_ids`."""
         projected = self.model.model.multi_modal_projector(features.to(inputs_embeds.dtype))
         mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, projected.reshape(-1, projected.shape[-1]).to(inputs_embeds.dtype))
@@ -174,6 +177,31 @@ class LlavaVictim:
     def vision_key(self) -> dict[str, Any]:
         """The tower's class and weight digest, its input size and the pixel normalisation."""
         return tower_key(self.model.model.vision_tower, self.image_size, self.pixel_mean, self.pixel_std)
+
+    def check_token_gradients(self, attack: str) -> None:
+        """Always possible here: image features fill the image slots of the text embeddings."""
+
+    @torch.no_grad()
+    def token_problem(
+        self, images: Sequence[np.ndarray], instructions: Sequence[str], answers: Sequence[str]
+    ) -> TokenProblem:
+        """`encode_training` rows, their text embeddings and the images' tower features (through the cache)."""
+        batch = {k: v.to(self.model.device) for k, v in self.encode_training(instructions, answers).items()}
+        embeds = self.model.get_input_embeddings()(batch["input_ids"])
+        features = self.image_features(images).to(self.model.device)
+        return TokenProblem(batch["input_ids"], batch["attention_mask"], batch["labels"], embeds, {"features": features})
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The language model's input embedding table (`embedding_rows`)."""
+        return embedding_rows(self.model.get_input_embeddings())
+
+    def loss_from_embeddings(self, problem: TokenProblem, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Per-token answer losses, the projected features scattered into the image slots (`place_features`)."""
+        copies = copies_of(problem, inputs_embeds)
+        features = tile(problem.inputs["features"], copies)
+        embeds = self.place_features(inputs_embeds, tile(problem.input_ids, copies), features)
+        logits = self.model(inputs_embeds=embeds, attention_mask=tile(problem.attention_mask, copies)).logits
+        return token_losses(logits, tile(problem.labels, copies))
 
     # ---- training -------------------------------------------------------------------
     def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor | None:
