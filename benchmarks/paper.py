@@ -64,7 +64,7 @@ def main() -> None:
         mean = sum(g[d] for d in domains) / len(domains)
         table.add_row(model, f"{first[model]['asr']['source']:.2f}", *(f"{g[d]:.2f}" for d in domains), f"{mean:.2f}", PAPER_ASR_G.get(model, "–"))
 
-    console = Console()
+    console = Console(width=160)  # wide enough for every column when piped to a file
     console.print(floors)
     console.print(table)
     console.print(f"run folder: {work / 'run'} (report.md, figures)")
