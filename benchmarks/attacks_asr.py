@@ -55,7 +55,7 @@ def main() -> None:
             name, f"{asr:.3f}", f"{ft:.3f}", f"{baseline.get(name, float('nan')):.3f}", partial or "–",
             f"{m['cider']['source']:.1f} ({m['cider']['source'] - clean_cider:+.1f})", "yes" if asr >= 0.8 and ft <= 0.02 else "NO",
         )
-    Console(width=160)  # wide enough for every column when piped to a file.print(table)
+    Console(width=160).print(table)  # wide enough for every column when piped to a file
 
 
 if __name__ == "__main__":

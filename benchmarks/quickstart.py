@@ -64,7 +64,7 @@ def main() -> None:
         row(f"{model}: CIDEr / BLEU-4 (source)", f"{m['cider']['source']:.1f} / {m['bleu4']['source']:.1f}", "–", True)
     row("same poisoned ids, run 1 vs 2", str(same_ids), "True", same_ids)
     row("same metrics, run 1 vs 2", str(cold == warm), "True", cold == warm)
-    Console(width=160)  # wide enough for every column when piped to a file.print(table)
+    Console(width=160).print(table)  # wide enough for every column when piped to a file
     print(json.dumps({"cold_s": cold_s, "warm_s": warm_s, "metrics": cold}, indent=1))
 
 

@@ -61,7 +61,7 @@ def main() -> None:
         for part in attack.partial_triggers():
             if part.modality != "text":
                 table.add_row(escape(f"  {spec.key}[{part.name} only]"), f"{relative_change(victim, test, trigger_samples(test, part)):.3f}")
-    Console(width=160)  # wide enough for every column when piped to a file.print(table)
+    Console(width=160).print(table)  # wide enough for every column when piped to a file
 
 
 if __name__ == "__main__":
