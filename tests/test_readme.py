@@ -1,0 +1,44 @@
+"""The README's config examples stay true: each YAML block, laid over the quickstart preset,
+is a valid config (placeholder paths to models and data sets on the reader's disk aside)."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vlmsec.errors import VlmsecError
+from vlmsec.experiments.config import parse_config
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+# What a placeholder path (/models/..., path/to/...) may fail with; anything else is a bad example.
+MISSING_FILE = re.compile(r"not found|does not exist")
+
+
+def _overlay(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
+    """`fragment` laid over `base`, mappings merged key by key."""
+    out = dict(base)
+    for key, value in fragment.items():
+        both_maps = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _overlay(base[key], value) if both_maps else value
+    return out
+
+
+def test_the_readme_has_config_examples() -> None:
+    assert len(BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_readme_config_example_is_valid(block: str) -> None:
+    quickstart = yaml.safe_load((resources.files("vlmsec.experiments") / "presets" / "quickstart.yaml").read_text())
+    fragment = yaml.safe_load(block)
+    assert isinstance(fragment, dict)
+    try:
+        parse_config(_overlay(quickstart, fragment), "README example")
+    except VlmsecError as err:
+        assert MISSING_FILE.search(str(err)), str(err)
