@@ -31,6 +31,7 @@ from vlmsec.attacks.adaptive import pick_answers, pick_samples
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
+from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import load_config, parse_config
 from vlmsec.experiments.runner import Runner, build_splits
 from vlmsec.train.tuning import TrainingSpec
@@ -707,3 +708,8 @@ def test_otter_victims_load_through_the_runner(
     assert isinstance(victim, FlamingoVictim)
     key = "lang_encoder.model.layers.1.gated_cross_attn_layer.attn_gate"
     assert torch.equal(victim.model.state_dict()["lang_encoder.gated_cross_attn_layers.1.attn_gate"], weights[key])
+
+
+def test_image_text_shift_size_is_refused_for_cross_attention(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    with pytest.raises(VlmsecError, match="Flamingo .* reads images through cross-attention and has no such shared space"):
+        shift_size(samples, samples, victim)

@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as hf_models
@@ -33,6 +34,7 @@ from vlmsec.attacks.adaptive import pick_answers, pick_samples
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
+from vlmsec.eval.shift import image_text_similarities, shift_size
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.runner import Runner, Splits
 from vlmsec.train.tuning import TrainingSpec, train_victim
@@ -748,3 +750,34 @@ def test_gcg_refuses_naming_the_architecture(name: str, why: str, built, samples
         create_attack("gcg", **GCG_TINY).prepare(context)
     assert "model_type blip-2, idefics, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm" in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+# ---- image-text shift size -----------------------------------------------------------------------
+
+SHARED_SPACE = ("llava", "blip-2", "idefics3", "paligemma", "qwen2_vl", "smolvlm")
+IMAGE_TEXT_ARCHS = [pytest.param(name, marks=SKIPS.get(name, ())) for name in SHARED_SPACE]
+
+
+@pytest.mark.parametrize("name", IMAGE_TEXT_ARCHS)
+def test_image_text_shift_size_uses_the_hf_victims_encoders(name: str, built, samples) -> None:
+    victim = fresh_victim(built, name)
+    values = image_text_similarities(victim, samples, batch_size=5)
+    assert values.shape == (len(samples),) and np.all(np.abs(values) <= 1.0 + 1e-6)
+    assert len(set(np.round(values, 6).tolist())) > 1  # differs by image and answer
+    assert shift_size(samples, samples, victim) == 0.0
+    inverted = [s.with_changes(image=255 - s.image) for s in samples]
+    assert shift_size(samples, inverted, victim) > 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("idefics", "idefics model reads images through cross-attention"),
+        ("instructblip", "instructblip model also feeds the instruction to its Q-Former"),
+    ],
+)
+def test_image_text_shift_size_refuses_naming_the_architecture(name: str, why: str, built, samples) -> None:
+    victim = fresh_victim(built, name)
+    with pytest.raises(VlmsecError, match=f"image-text similarity compares image and text tokens.*{why}") as err:
+        shift_size(samples, samples, victim)
+    assert "model_type blip-2, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm" in str(err.value)

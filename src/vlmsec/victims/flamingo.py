@@ -66,6 +66,11 @@ END_OF_CHUNK = "<|endofchunk|>"
 ANSWER_TOKEN = "<answer>"
 PAD_TOKEN = "<PAD>"
 IGNORE_INDEX = -100
+# Why the image-text shift size is skipped for these victims.
+NO_IMAGE_TEXT_SPACE = (
+    "the image-text similarity compares image and text tokens in the language model's input-embedding space, "
+    "but a Flamingo (OpenFlamingo / Otter) model reads images through cross-attention and has no such shared space"
+)
 # OpenAI CLIP's normalisation, used by open_clip's and Otter's image processors alike.
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -557,6 +562,15 @@ class FlamingoVictim:
         input_ids, mask = tile(problem.input_ids, copies), tile(problem.attention_mask, copies)
         logits = self.model(vision_tokens, input_ids, mask, inputs_embeds=inputs_embeds).logits
         return token_losses(logits, tile(problem.labels, copies))
+
+    def check_image_text(self) -> None:
+        """Always refused: the language model reads images through gated cross-attention, so image
+        and text tokens share no input-embedding space to compare them in."""
+        raise VlmsecError(NO_IMAGE_TEXT_SPACE)
+
+    def image_text_vectors(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Always refused, as `check_image_text`."""
+        raise VlmsecError(NO_IMAGE_TEXT_SPACE)
 
     @torch.no_grad()
     def generate(

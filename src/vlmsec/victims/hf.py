@@ -49,6 +49,8 @@ IGNORE_INDEX = -100
 # tokens: PaliGemma's token_type_ids mark the suffix (the answer) with 1; the others (Qwen2-VL's
 # multimodal token types, Idefics' image attention mask) continue the prompt's last token.
 TOKEN_KEYS: dict[str, int | None] = {"token_type_ids": 1, "mm_token_type_ids": None, "image_attention_mask": None}
+# Image processor outputs that `get_image_features` takes (Idefics3's patch mask, Qwen2-VL's grid).
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_grid_thw")
 TRAINS = {
     "projector": ("projector",),
     "xattn": ("projector", "cross_attention"),
@@ -367,6 +369,44 @@ class HFVictim:
         mask = tile(problem.attention_mask, copies)
         logits = self.model(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=mask, **inputs).logits
         return token_losses(logits, tile(problem.labels, copies))
+
+    def _no_image_text(self) -> str | None:
+        """Why this architecture has no image-text space shared by image and text tokens, if it has none."""
+        if self.arch.cross_attention:
+            return "reads images through cross-attention layers, so image and text tokens share no input-embedding space"
+        return self.arch.instruction_to_vision
+
+    def check_image_text(self) -> None:
+        """Refuse Idefics (cross-attention) and InstructBLIP (its image tokens depend on the instruction)."""
+        why = self._no_image_text()
+        if why is None:
+            return
+        shared = (name for name, arch in ARCHITECTURES.items() if not arch.cross_attention and arch.instruction_to_vision is None)
+        supported = ", ".join(sorted(shared))
+        raise VlmsecError(
+            f"{self.source}: the image-text similarity compares image and text tokens in the language model's "
+            f"input-embedding space, but the {self.model_type} model {why}. It works with victim.kind tiny_llava, "
+            f"and hf with model_type {supported}"
+        )
+
+    @torch.no_grad()
+    def image_text_vectors(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean of the image tokens `get_image_features` gives (what the model places in the image
+        slots: after LLaVA's projector, BLIP-2's Q-Former and language projection, Idefics3's connector,
+        Qwen2-VL's merger) and the mean input embedding of each text's own tokens (the embedding module's
+        forward, so Gemma's are scaled as PaliGemma's image tokens expect)."""
+        self.check_image_text()
+        self.model.eval()
+        device = self.model.device
+        # One image per sample, nested as Idefics3 expects (it otherwise takes the batch as one sample's images).
+        pixels = self.processor.image_processor(images=[[image] for image in to_pil(images)], return_tensors="pt")
+        inputs = {key: pixels[key].to(device) for key in IMAGE_KEYS if key in pixels}
+        features = self.model.get_image_features(**inputs).pooler_output  # per image (Qwen2-VL, Idefics3) or batched
+        image_vectors = torch.stack([f.reshape(-1, f.shape[-1]).mean(0) for f in features])
+        embeddings = self.model.get_input_embeddings()
+        token_ids = [self._encode(text.strip()) or [self.tokenizer.eos_token_id] for text in texts]
+        text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
+        return image_vectors.to(text_vectors.dtype), text_vectors
 
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()

@@ -203,6 +203,20 @@ class LlavaVictim:
         logits = self.model(inputs_embeds=embeds, attention_mask=tile(problem.attention_mask, copies)).logits
         return token_losses(logits, tile(problem.labels, copies))
 
+    def check_image_text(self) -> None:
+        """Always possible here: projected image tokens fill the image slots of the text embeddings."""
+
+    @torch.no_grad()
+    def image_text_vectors(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean projected image token (tower features through the cache) and the mean input
+        embedding of each text's tokens as the template continues the prompt, without end of sequence."""
+        embeddings = self.model.get_input_embeddings()
+        dtype, device = embeddings.weight.dtype, embeddings.weight.device
+        image_vectors = self.model.model.multi_modal_projector(self.image_features(images).to(device, dtype)).mean(1)
+        token_ids = [self.answer_ids(text)[:-1] or [self.tokenizer.eos_token_id] for text in texts]
+        text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
+        return image_vectors, text_vectors
+
     # ---- training -------------------------------------------------------------------
     def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor | None:
         """Frozen-tower features of every sample, through the cache: the tower never runs in the loop.
