@@ -9,15 +9,18 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+from vlmsec.errors import VlmsecError
 from vlmsec.train import tuning
-from vlmsec.train.tuning import make_accelerator, shard
+from vlmsec.train.tuning import make_accelerator, refuse_sharded_parameters, shard
 
 TESTS = Path(__file__).parent
 
@@ -40,6 +43,22 @@ def test_accelerators_with_different_precisions_follow_each_other(monkeypatch: p
     monkeypatch.setattr(tuning, "mixed_precision", lambda precision: "bf16" if precision == "bf16" else "no")
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("fp32").mixed_precision == "no"
+
+
+def test_configs_that_shard_parameters_are_refused_by_name() -> None:
+    """FSDP and ZeRO-3 split weights across processes; DDP and ZeRO-1/2 keep them whole and pass."""
+
+    def accelerator(kind: DistributedType, zero_stage: int = 0) -> tuning.Accelerator:
+        plugin = SimpleNamespace(zero_stage=zero_stage)
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))  # type: ignore[return-value]
+
+    with pytest.raises(VlmsecError, match=r"\(FSDP\).*DDP.*ZeRO stage 1 or 2"):
+        refuse_sharded_parameters(accelerator(DistributedType.FSDP))
+    with pytest.raises(VlmsecError, match=r"\(DeepSpeed ZeRO stage 3\)"):
+        refuse_sharded_parameters(accelerator(DistributedType.DEEPSPEED, 3))
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_sharded_parameters(accelerator(kind))
+    refuse_sharded_parameters(accelerator(DistributedType.DEEPSPEED, 2))
 
 
 def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

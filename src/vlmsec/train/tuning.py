@@ -111,6 +111,28 @@ def make_accelerator(precision: str) -> Accelerator:
     )
 
 
+def refuse_sharded_parameters(accelerator: Accelerator) -> None:
+    """Stop on accelerate configs that split parameters across processes (FSDP, DeepSpeed ZeRO-3).
+
+    After each tuning run the main process saves the whole victim and generates with it, so every
+    process must hold whole weights. accelerate only shards on accelerators (GPUs and the like):
+    on CPU it drops an FSDP config and runs DDP, so this never fires there.
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        sharding = "FSDP"
+    elif (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    ):
+        sharding = "DeepSpeed ZeRO stage 3"
+    else:
+        return
+    raise VlmsecError(
+        f"the accelerate config shards parameters across processes ({sharding}), which tuning does not support: "
+        "the main process saves and evaluates the whole model after each tuning run. Answer `accelerate config` "
+        "with plain multi-GPU (DDP), or DeepSpeed ZeRO stage 1 or 2 (whole weights on every process)"
+    )
+
+
 class BatchLoss(nn.Module):
     """The victim's batch loss as the forward of a module holding its model.
 
@@ -136,13 +158,7 @@ def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     accelerator = make_accelerator(spec.precision)
-    if accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-    ):
-        raise VlmsecError(
-            "the accelerate config shards parameters (FSDP or DeepSpeed ZeRO-3), but the main process saves "
-            "and evaluates whole models after each tuning run: use DDP, or DeepSpeed ZeRO stage 1 or 2"
-        )
+    refuse_sharded_parameters(accelerator)
     processes, process = accelerator.num_processes, accelerator.process_index
     if spec.batch_size < processes:
         raise VlmsecError(
