@@ -123,3 +123,13 @@ def test_vlmsec_run_under_accelerate_launch(tmp_path: Path) -> None:
     rows = (out / "generations.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 2 * 12  # 2 models x 2 domains x (6 clean + 6 triggered), written once
     assert len(list((cache / "base").iterdir())) == 1
+
+
+def test_a_launch_that_accelerate_does_not_see_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two launched processes that each think they are alone would both write the run folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(VlmsecError, match="WORLD_SIZE.*--cpu"):
+        tuning.refuse_lost_processes(1)
+    tuning.refuse_lost_processes(2)
+    monkeypatch.delenv("WORLD_SIZE")
+    tuning.refuse_lost_processes(1)

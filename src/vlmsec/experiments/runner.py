@@ -40,7 +40,7 @@ from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig, VictimSpec
 from vlmsec.progress import console, progress_bar
 from vlmsec.report.markdown import write_report
-from vlmsec.train.tuning import train_victim
+from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims import hf
 from vlmsec.victims.base import Victim
 from vlmsec.victims.features import FeatureCache
@@ -221,6 +221,7 @@ class Runner:
         self.target = TargetAnswer(word=config.poison.target.word, prefix=config.poison.target.prefix)
         # This process: the only one, or one of `accelerate launch`'s (CPU processes as accelerate reads them).
         self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=BARRIER_TIMEOUT)
+        refuse_lost_processes(self.state.num_processes)
         self.features_path = self.cache / "features" / f"{_tower_key(config.victim)}.safetensors"
         self.features = FeatureCache.load(self.features_path)
 

@@ -17,6 +17,7 @@ across processes. With one process the run is bit for bit what it was before acc
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -111,6 +112,21 @@ def make_accelerator(precision: str) -> Accelerator:
     )
 
 
+def refuse_lost_processes(num_processes: int) -> None:
+    """Stop when a launcher started several processes but accelerate sees only one.
+
+    `accelerate launch --multi_gpu` on a machine without GPUs, and without `--cpu` (or
+    ACCELERATE_USE_CPU=true), leaves every process believing it is the only, main one: each
+    would train on the whole batch and write the same run folder.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > num_processes:
+        raise VlmsecError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate sees {num_processes}: on a machine "
+            "without GPUs pass --cpu to `accelerate launch` (or set ACCELERATE_USE_CPU=true)"
+        )
+
+
 def refuse_sharded_parameters(accelerator: Accelerator) -> None:
     """Stop on accelerate configs that split parameters across processes (FSDP, DeepSpeed ZeRO-3).
 
@@ -158,6 +174,7 @@ def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed
     torch.manual_seed(seed)
     order_rng = np.random.default_rng(seed)
     accelerator = make_accelerator(spec.precision)
+    refuse_lost_processes(accelerator.num_processes)
     refuse_sharded_parameters(accelerator)
     processes, process = accelerator.num_processes, accelerator.process_index
     if spec.batch_size < processes:
