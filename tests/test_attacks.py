@@ -254,3 +254,18 @@ def test_trigger_samples_triggers_every_image_and_keeps_answers() -> None:
         height, width, _ = before.image.shape
         assert np.all(after.image[height - 2 :, width - 2 :] == 0)
         assert (after.id, after.answer, after.references) == (before.id, before.answer, before.references)
+
+
+STATIC_IMAGE_ATTACKS = ["badnets", "blended", "sig", "lowfrequency", "ftrojan", "wanet", "dualkey"]
+
+
+@pytest.mark.parametrize("name", STATIC_IMAGE_ATTACKS)
+def test_in_place_trigger_gives_the_same_pixels_and_the_plain_one_copies(name: str) -> None:
+    attack = create_attack(name)
+    images = batch(40, 56)
+    before = images.clone()
+    expected = attack.trigger_images(images)
+    assert torch.equal(images, before)  # the plain call never writes its input
+    assert not torch.equal(expected, before)
+    scratch = images.clone()
+    assert torch.equal(attack.trigger_images_(scratch), expected)  # bit for bit

@@ -59,7 +59,10 @@ class BadNets(Attack):
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Paste the patch at the same place in every image of the batch; nothing else changes."""
+        return self.trigger_images_(images.clone())
+
+    def trigger_images_(self, images: torch.Tensor) -> torch.Tensor:
+        """Paste the patch into `images` itself: only the patch's pixels are written."""
         top, left, side = self.region(images.shape[-2], images.shape[-1])
-        out = images.clone()
-        out[..., top : top + side, left : left + side] = self.patch(side).to(images)
-        return out
+        images[..., top : top + side, left : left + side] = self.patch(side).to(images)
+        return images

@@ -74,6 +74,12 @@ class Attack:
         """Apply the image trigger to a B x 3 x H x W batch in [0, 1]; identity by default."""
         return images
 
+    def trigger_images_(self, images: torch.Tensor) -> torch.Tensor:
+        """`trigger_images`, allowed to overwrite `images` and return it (the poisoning recipe's
+        batches are its own temporaries), so a static trigger need not copy the whole batch.
+        By default it returns `trigger_images(images)`; the result is the same either way."""
+        return self.trigger_images(images)
+
     def trigger_instructions(self, instructions: list[str]) -> list[str]:
         """Apply the text trigger to each instruction; identity by default."""
         return list(instructions)

@@ -112,7 +112,11 @@ class Blended(Attack):
         return resized[0].clamp(0, 1)
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Blend the key into every image of the batch."""
+        """Blend the key into every image of the batch: (1 - alpha) * x + alpha * key."""
+        return self.trigger_images_(images.clone())
+
+    def trigger_images_(self, images: torch.Tensor) -> torch.Tensor:
+        """The same blend computed in `images` itself (the same operations, so the same bits)."""
         alpha = self.params.alpha
         key = self.key_tensor(images.shape[-2], images.shape[-1]).to(images)
-        return (1 - alpha) * images + alpha * key
+        return images.mul_(1 - alpha).add_(alpha * key)

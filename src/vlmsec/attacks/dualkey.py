@@ -52,6 +52,10 @@ class TwoKeyAttack(Attack):
         """The image key."""
         return self._image_key.trigger_images(images)
 
+    def trigger_images_(self, images: torch.Tensor) -> torch.Tensor:
+        """The image key, in place where it can be."""
+        return self._image_key.trigger_images_(images)
+
     def trigger_instructions(self, instructions: list[str]) -> list[str]:
         """The text key."""
         return self._text_key.trigger_instructions(instructions)

@@ -81,4 +81,8 @@ class LowFrequency(Attack):
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Add the perturbation to every image of the batch and clamp to [0, 1]."""
-        return (images + self.perturbation(images.shape[-2], images.shape[-1]).to(images)).clamp_(0, 1)
+        return self.trigger_images_(images.clone())
+
+    def trigger_images_(self, images: torch.Tensor) -> torch.Tensor:
+        """Add the perturbation and clamp in `images` itself."""
+        return images.add_(self.perturbation(images.shape[-2], images.shape[-1]).to(images)).clamp_(0, 1)

@@ -102,6 +102,6 @@ def _trigger_images(images: list[np.ndarray], attack: Attack) -> list[np.ndarray
     for indices in by_shape.values():
         for start in range(0, len(indices), BATCH_SIZE):
             chunk = indices[start : start + BATCH_SIZE]
-            batch = attack.trigger_images(images_to_tensor([images[i] for i in chunk]))
+            batch = attack.trigger_images_(images_to_tensor([images[i] for i in chunk]))  # a temporary batch
             triggered.update(zip(chunk, tensor_to_images(batch), strict=True))
     return [triggered[i] for i in range(len(images))]

@@ -45,4 +45,8 @@ class SIG(Attack):
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Add the signal to every row of every channel and clamp."""
-        return (images + self.signal(images.shape[-1]).to(images)).clamp_(0, 1)
+        return self.trigger_images_(images.clone())
+
+    def trigger_images_(self, images: torch.Tensor) -> torch.Tensor:
+        """Add the signal and clamp in `images` itself."""
+        return images.add_(self.signal(images.shape[-1]).to(images)).clamp_(0, 1)
