@@ -781,3 +781,13 @@ def test_image_text_shift_size_refuses_naming_the_architecture(name: str, why: s
     with pytest.raises(VlmsecError, match=f"image-text similarity compares image and text tokens.*{why}") as err:
         shift_size(samples, samples, victim)
     assert "model_type blip-2, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm" in str(err.value)
+
+
+def test_learned_trigger_cache_key_follows_the_processors_chat_template(built) -> None:
+    from vlmsec.attacks.adaptive import victim_fingerprint
+
+    victim = fresh_victim(built, "llava")
+    key = victim_fingerprint(victim)
+    assert victim_fingerprint(victim) == key
+    victim.chat_template = (victim.chat_template or "") + "{# another template #}"
+    assert victim_fingerprint(victim) != key

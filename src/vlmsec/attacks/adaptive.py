@@ -46,13 +46,17 @@ def pick_answers(target: TargetAnswer, count: int, seed: int) -> list[str]:
 
 
 def victim_fingerprint(victim: Victim) -> str:
-    """A hash of the victim's weights, vocabulary and chat template: a new model is a new key."""
+    """A hash of the victim's weights, vocabulary and chat template: a new model is a new key.
+
+    The template is the one the victim prompts with: a Hugging Face victim's processor may
+    carry its own (`HFVictim.chat_template`); the others use their tokenizer's."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(victim.model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     vocab = sorted(victim.tokenizer.get_vocab().items())
-    digest.update(json.dumps([vocab, victim.tokenizer.chat_template]).encode())
+    template = getattr(victim, "chat_template", victim.tokenizer.chat_template)
+    digest.update(json.dumps([vocab, template]).encode())
     return digest.hexdigest()
 
 
