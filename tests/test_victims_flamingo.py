@@ -47,6 +47,7 @@ from vlmsec.victims.flamingo import (
 )
 from vlmsec.victims.flamingo_model import FlamingoConfig, FlamingoModel, OpenClipVisionTransformer, VisionConfig
 from vlmsec.victims.tokenizer import train_tokenizer
+from victim_checks import count_vision_embedding_calls
 
 VISION = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_width=64, output_dim=16)
 LANG_DIM, LANG_LAYERS = 32, 4
@@ -411,14 +412,7 @@ def test_maba_and_inputaware_learn_against_the_flamingo_tower(
     (cached,) = (tmp_path / "maba").glob("*.json")
     assert json.loads(cached.read_text())["region"] == maba.region
 
-    embedded: list[int] = []
-    real = FlamingoVictim.vision_embedding
-
-    def counted(self: FlamingoVictim, images: torch.Tensor) -> torch.Tensor:
-        embedded.append(len(images))
-        return real(self, images)
-
-    monkeypatch.setattr(FlamingoVictim, "vision_embedding", counted)
+    embedded = count_vision_embedding_calls(monkeypatch, FlamingoVictim)
     inputaware = create_attack("inputaware", train_steps=2)
     inputaware.prepare(context)
     assert embedded  # stage 2 trained through the open_clip tower

@@ -22,7 +22,6 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers as hf_models
@@ -34,12 +33,13 @@ from vlmsec.attacks.adaptive import pick_answers, pick_samples
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
-from vlmsec.eval.shift import image_text_similarities, shift_size
+from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.runner import Runner, Splits
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.architectures import ARCHITECTURES, architecture
 from vlmsec.victims.hf import HFVictim
+from victim_checks import check_image_text_shift_size, count_vision_embedding_calls
 
 HIDDEN = 32
 CORPUS_EXTRA = "USER ASSISTANT User Assistant Question Answer system user assistant You are a helpful assistant."
@@ -639,14 +639,7 @@ def test_runner_gives_maba_and_inputaware_the_hf_victim(built, samples, tmp_path
     (cached,) = (tmp_path / "cache" / "attacks" / "maba").glob("*.json")
     assert json.loads(cached.read_text())["source"] == "attribution"
 
-    embedded: list[int] = []
-    real = HFVictim.vision_embedding
-
-    def counted(self: HFVictim, images: torch.Tensor) -> torch.Tensor:
-        embedded.append(len(images))
-        return real(self, images)
-
-    monkeypatch.setattr(HFVictim, "vision_embedding", counted)
+    embedded = count_vision_embedding_calls(monkeypatch, HFVictim)
     inputaware = create_attack("inputaware", train_steps=2)
     runner.prepare_attack(inputaware, splits, base)
     assert embedded  # stage 2 trained through the victim's tower, not the random stand-in
@@ -760,13 +753,7 @@ IMAGE_TEXT_ARCHS = [pytest.param(name, marks=SKIPS.get(name, ())) for name in SH
 
 @pytest.mark.parametrize("name", IMAGE_TEXT_ARCHS)
 def test_image_text_shift_size_uses_the_hf_victims_encoders(name: str, built, samples) -> None:
-    victim = fresh_victim(built, name)
-    values = image_text_similarities(victim, samples, batch_size=5)
-    assert values.shape == (len(samples),) and np.all(np.abs(values) <= 1.0 + 1e-6)
-    assert len(set(np.round(values, 6).tolist())) > 1  # differs by image and answer
-    assert shift_size(samples, samples, victim) == 0.0
-    inverted = [s.with_changes(image=255 - s.image) for s in samples]
-    assert shift_size(samples, inverted, victim) > 0.0
+    check_image_text_shift_size(fresh_victim(built, name), samples)
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,9 @@ from torch import nn
 
 from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackContext, AttackParams
-from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, resize, to_internal, upsample
+from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, to_internal, upsample
 from vlmsec.attacks.registry import register
+from vlmsec.data.sample import resize_images
 
 BATCH_SIZE = 16
 # The official code's optimiser for both generators (Adam, betas 0.5 / 0.9) and sparsity
@@ -231,7 +232,7 @@ class InputAware(LearnedImageAttack):
             small = to_internal(images)
             pattern, mask = networks["pattern"](small), threshold(networks["mask"](small))
         height, width = images.shape[-2:]
-        return resize(pattern, height, width).to(images.dtype), resize(mask, height, width).to(images.dtype)
+        return resize_images(pattern, height, width).to(images.dtype), resize_images(mask, height, width).to(images.dtype)
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """x * (1 - m) + p * m with each image's own pattern p and mask m."""

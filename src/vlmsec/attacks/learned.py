@@ -25,7 +25,7 @@ from torch import nn
 from vlmsec.artifacts import atomic_path
 from vlmsec.attacks.adaptive import cache_path, not_prepared
 from vlmsec.attacks.base import Attack, AttackContext
-from vlmsec.data.sample import Sample, images_to_tensor
+from vlmsec.data.sample import Sample, images_to_tensor, resize_images
 from vlmsec.errors import VlmsecError
 from vlmsec.victims.features import tensor_digest
 
@@ -37,20 +37,9 @@ MAX_TRAINING_IMAGES = 1024
 CACHE_FORMAT = 1
 
 
-def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of a B x C x h x w batch (antialiased when shrinking).
-
-    Every output pixel is a convex combination of input pixels, so bounds on the input
-    (an L_inf budget, a mask in [0, 1]) hold for the output too.
-    """
-    if images.shape[-2:] == (height, width):
-        return images
-    return F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-
-
 def to_internal(images: torch.Tensor) -> torch.Tensor:
     """A float32 copy of a batch at the networks' internal resolution."""
-    return resize(images.float(), INTERNAL_SIZE, INTERNAL_SIZE)
+    return resize_images(images.float(), INTERNAL_SIZE, INTERNAL_SIZE)
 
 
 def sample_images(samples: Sequence[Sample], seed: int, limit: int = MAX_TRAINING_IMAGES) -> torch.Tensor:

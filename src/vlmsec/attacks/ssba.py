@@ -31,13 +31,12 @@ from vlmsec.attacks.learned import (
     INTERNAL_SIZE,
     LearnedImageAttack,
     conv_relu,
-    resize,
     sample_images,
     to_internal,
     upsample,
 )
 from vlmsec.attacks.registry import register
-from vlmsec.data.sample import images_to_tensor
+from vlmsec.data.sample import images_to_tensor, resize_images
 
 # scikit-image's bundled photos (no download), cropped to add natural texture to the scenes.
 PHOTOS = (
@@ -122,7 +121,7 @@ def photo_crops(seed: int) -> torch.Tensor:
         image = images_to_tensor([np.ascontiguousarray(rgb)])
         height, width = image.shape[-2:]
         scale = 2 * INTERNAL_SIZE / min(height, width)
-        image = resize(image, round(height * scale), round(width * scale))
+        image = resize_images(image, round(height * scale), round(width * scale))
         for _ in range(CROPS_PER_PHOTO):
             top = int(torch.randint(image.shape[-2] - INTERNAL_SIZE + 1, (1,), generator=generator))
             left = int(torch.randint(image.shape[-1] - INTERNAL_SIZE + 1, (1,), generator=generator))
@@ -235,7 +234,7 @@ class SSBA(LearnedImageAttack):
         encoder = self.networks()["encoder"]
         with torch.no_grad():
             residual = encoder(to_internal(images), self.secret.expand(len(images), -1))
-        return resize(residual, images.shape[-2], images.shape[-1]).to(images.dtype)
+        return resize_images(residual, images.shape[-2], images.shape[-1]).to(images.dtype)
 
     def decode_bits(self, images: torch.Tensor) -> torch.Tensor:
         """The decoder's bit string (0/1) for each image, read at the internal size."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,17 @@ def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
     batch = torch.from_numpy(np.stack(images))
     out = torch.empty(batch.shape[0], batch.shape[3], batch.shape[1], batch.shape[2])
     return out.copy_(batch.permute(0, 3, 1, 2)).div_(255.0)
+
+
+def resize_images(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of a B x C x h x w batch (antialiased when shrinking); unchanged at that size.
+
+    Every output pixel is a convex combination of input pixels, so bounds on the input
+    (an L_inf budget, a mask in [0, 1]) hold for the output too.
+    """
+    if images.shape[-2:] == (height, width):
+        return images
+    return F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
 def tensor_to_images(batch: torch.Tensor) -> list[np.ndarray]:

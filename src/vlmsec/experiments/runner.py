@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -285,15 +286,25 @@ class Runner:
         return files["checkpoint" if victim.kind == "flamingo" else "otter"], key
 
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
-        """Let an attack learn its trigger; gray- and white-box ones get the untuned base victim, whatever its kind.
+        """Let one attack learn its trigger (see `prepare_attacks`)."""
+        self.prepare_attacks([attack], splits, base)
+
+    def prepare_attacks(self, attacks: Iterable[Attack], splits: Splits, base: tuple[Path, str]) -> None:
+        """Let each attack learn its trigger; gray- and white-box ones get the untuned base victim,
+        whatever its kind, loaded once for all of them (a real checkpoint is gigabytes).
 
         An attack that cannot use this victim (gcg on InstructBLIP, white-box image attacks on an
         architecture that tiles images) stops the run with an error naming both.
         """
-        context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
-        if type(attack).prepare is not Attack.prepare and attack.knowledge != "black-box":
-            context.victim = self.load_victim(base[0])
-        attack.prepare(context)
+        victim: Victim | None = None
+        for attack in attacks:
+            context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
+            if type(attack).prepare is not Attack.prepare and attack.knowledge != "black-box":
+                if victim is None:
+                    victim = self.load_victim(base[0])
+                context.victim = victim
+            with self.state.main_process_first():  # learned triggers are trained once, cached, then read
+                attack.prepare(context)
 
     def load_victim(self, folder: Path) -> Victim:
         """A saved or base victim, by victim.kind.
@@ -467,9 +478,7 @@ class Runner:
         lap("data")
         base = self.base_victim(splits)
         lap("base")
-        for attack in attacks.values():
-            with self.state.main_process_first():  # learned triggers are trained once, cached, then read
-                self.prepare_attack(attack, splits, base)
+        self.prepare_attacks(attacks.values(), splits, base)
         triggered = {
             (key, domain): trigger_samples(samples, attack) for key, attack in attacks.items() for domain, samples in splits.tests.items()
         }

@@ -20,7 +20,7 @@ model, so the user sees what a mode costs before training starts.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -140,6 +140,12 @@ ARCHITECTURES: dict[str, Architecture] = {
         answer_prefix="",
     ),
 }
+
+
+
+def model_types_where(keep: Callable[[Architecture], bool]) -> str:
+    """The supported model types whose architecture passes `keep`, sorted and comma-separated (for error messages)."""
+    return ", ".join(sorted(name for name, arch in ARCHITECTURES.items() if keep(arch)))
 
 
 def architecture(model_type: str) -> Architecture:

@@ -47,7 +47,7 @@ from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims.architectures import ModeSummary
-from vlmsec.victims.base import TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo_model import (
     FlamingoConfig,
@@ -65,7 +65,6 @@ IMAGE_TOKEN = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 ANSWER_TOKEN = "<answer>"
 PAD_TOKEN = "<PAD>"
-IGNORE_INDEX = -100
 # Why the image-text shift size is skipped for these victims.
 NO_IMAGE_TEXT_SPACE = (
     "the image-text similarity compares image and text tokens in the language model's input-embedding space, "

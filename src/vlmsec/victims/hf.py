@@ -30,21 +30,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from vlmsec.data.sample import tensor_to_images
+from vlmsec.data.sample import resize_images, tensor_to_images
 from vlmsec.errors import VlmsecError
-from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, architecture, check_mode, mode_summaries, unfreeze
-from vlmsec.victims.base import TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.architectures import (
+    ModeSummary,
+    architecture,
+    check_mode,
+    mode_summaries,
+    model_types_where,
+    unfreeze,
+)
+from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 
 if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
     from vlmsec.train.tuning import TrainingSpec
 
-IGNORE_INDEX = -100
 # Per-token processor outputs besides input_ids/attention_mask, and their value on answer
 # tokens: PaliGemma's token_type_ids mark the suffix (the answer) with 1; the others (Qwen2-VL's
 # multimodal token types, Idefics' image attention mask) continue the prompt's last token.
@@ -61,13 +66,6 @@ TRAINS = {
 def to_pil(images: Sequence[np.ndarray]) -> list[Image.Image]:
     """uint8 H x W x 3 arrays as RGB PIL images, the input every processor accepts."""
     return [Image.fromarray(np.ascontiguousarray(image)).convert("RGB") for image in images]
-
-
-def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear, antialiased resize of a B x 3 x h x w batch; unchanged when already that size."""
-    if images.shape[-2:] == (height, width):
-        return images
-    return F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
 def check_processor(model: PreTrainedModel, processor: ProcessorMixin, source: str) -> None:
@@ -250,7 +248,7 @@ class HFVictim:
         """A VlmsecError naming `user` and the architecture when the processor tiles or patchifies images."""
         if self.arch.tiled_pixels is None:
             return
-        supported = ", ".join(sorted(name for name, arch in ARCHITECTURES.items() if arch.tiled_pixels is None))
+        supported = model_types_where(lambda arch: arch.tiled_pixels is None)
         raise VlmsecError(
             f"{self.source}: {user} needs gradients w.r.t. the image pixels, but the {self.model_type} processor "
             f"{self.arch.tiled_pixels}, which cannot be rebuilt differentiably here. White-box image attacks "
@@ -289,12 +287,12 @@ class HFVictim:
         """
         spec = self.pixel_format()
         if spec["crop"] is None:
-            images = _resize(images, *spec["resize"])
+            images = resize_images(images, *spec["resize"])
         else:  # as the processor: the shortest edge to `resize`, the aspect ratio kept, then the centre
             height, width = images.shape[-2:]
             short = spec["resize"]
             size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
-            images = _resize(images, *size)
+            images = resize_images(images, *size)
             crop_height, crop_width = spec["crop"]
             top, left = (size[0] - crop_height) // 2, (size[1] - crop_width) // 2
             images = images[..., top : top + crop_height, left : left + crop_width]
@@ -340,7 +338,7 @@ class HFVictim:
             why = "has an encoder-decoder language model, which reads the prompt and writes the answer apart"
         if why is None:
             return
-        supported = ", ".join(sorted(name for name, arch in ARCHITECTURES.items() if arch.instruction_to_vision is None))
+        supported = model_types_where(lambda arch: arch.instruction_to_vision is None)
         raise VlmsecError(
             f"{self.source}: attack {attack!r} optimises prompt tokens through the language model's input "
             f"embeddings, but the {self.model_type} model {why}. Token attacks work with victim.kind tiny_llava, "
@@ -381,8 +379,7 @@ class HFVictim:
         why = self._no_image_text()
         if why is None:
             return
-        shared = (name for name, arch in ARCHITECTURES.items() if not arch.cross_attention and arch.instruction_to_vision is None)
-        supported = ", ".join(sorted(shared))
+        supported = model_types_where(lambda arch: not arch.cross_attention and arch.instruction_to_vision is None)
         raise VlmsecError(
             f"{self.source}: the image-text similarity compares image and text tokens in the language model's "
             f"input-embedding space, but the {self.model_type} model {why}. It works with victim.kind tiny_llava, "

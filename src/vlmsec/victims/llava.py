@@ -18,16 +18,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
-from vlmsec.data.sample import images_to_tensor
+from vlmsec.data.sample import images_to_tensor, resize_images
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims import vision  # registers the EfficientNet and open_clip towers
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
-from vlmsec.victims.base import TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 from vlmsec.victims.features import FeatureCache, tensor_digest
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
     from vlmsec.train.tuning import TrainingSpec
 
-IGNORE_INDEX = -100
 CHECKPOINT_FILES = ("config.json", "tokenizer_config.json")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -58,6 +56,7 @@ class LlavaVictim:
         self.tokenizer = tokenizer
         self.features = features if features is not None else FeatureCache()
         self.train_tower = train_tower
+        self._scope: str | None = None  # `_cache_scope`, computed once: a frozen tower's weights do not change
         vision_config = model.config.vision_config
         self.image_size: int = vision_config.image_size
         self.num_image_tokens: int = model.config.image_seq_length
@@ -68,9 +67,7 @@ class LlavaVictim:
     # ---- images ---------------------------------------------------------------------
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """Resize a B x 3 x H x W batch in [0, 1] to the tower's size and normalise it."""
-        size = (self.image_size, self.image_size)
-        if images.shape[-2:] != size:
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        images = resize_images(images, self.image_size, self.image_size)
         mean, std = (torch.as_tensor(v, dtype=images.dtype).view(-1, 1, 1) for v in (self.pixel_mean, self.pixel_std))
         return (images - mean.to(images.device)) / std.to(images.device)
 
@@ -94,9 +91,11 @@ class LlavaVictim:
         The runner keys its cache file by the tower's source (package, checkpoint); a ViT trained
         in the base stage has no such source, so its entries carry its weights.
         """
-        if not vision.trained_from_scratch(self.model.config.vision_config):
-            return ""
-        return tensor_digest(*self.model.model.vision_tower.parameters())
+        if self.train_tower or not vision.trained_from_scratch(self.model.config.vision_config):
+            return ""  # a training tower's features go to a throwaway cache
+        if self._scope is None:
+            self._scope = tensor_digest(*self.model.model.vision_tower.parameters())
+        return self._scope
 
     def image_features(
         self, images: Sequence[np.ndarray], on_batch: Callable[[int], None] | None = None

@@ -1,0 +1,38 @@
+"""Checks shared by the victim test modules (imported by them; holds no tests of its own)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from vlmsec.data import Sample
+from vlmsec.eval.shift import image_text_similarities, shift_size
+
+
+def count_vision_embedding_calls(monkeypatch: pytest.MonkeyPatch, victim_class: type) -> list[int]:
+    """Wrap `victim_class.vision_embedding` so each call appends its batch size to the list returned."""
+    calls: list[int] = []
+    real = victim_class.vision_embedding
+
+    def counted(self: Any, images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(victim_class, "vision_embedding", counted)
+    return calls
+
+
+def check_image_text_shift_size(victim: Any, samples: Sequence[Sample]) -> np.ndarray:
+    """The image-text similarities are cosines that differ by sample, and the shift size is 0 for a
+    domain against itself and above 0 against colour-inverted images; returns the similarities."""
+    values = image_text_similarities(victim, samples, batch_size=5)
+    assert values.shape == (len(samples),) and np.all(np.abs(values) <= 1.0 + 1e-6)
+    assert len(set(np.round(values, 6).tolist())) > 1  # differs by image and answer
+    assert shift_size(samples, samples, victim) == 0.0
+    inverted = [s.with_changes(image=255 - s.image) for s in samples]
+    assert shift_size(samples, inverted, victim) > 0.0
+    return values
