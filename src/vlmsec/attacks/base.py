@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from vlmsec.errors import VlmsecError
+from vlmsec.errors import VlmsecError, validation_messages
 
 if TYPE_CHECKING:
     from vlmsec.attacks.targets import TargetAnswer
@@ -65,10 +65,7 @@ class Attack:
         try:
             self.params = self.Params(**params)
         except ValidationError as err:
-            fields = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-            )
-            raise VlmsecError(f"attack {self.name!r}: bad parameters: {fields}") from None
+            raise VlmsecError(f"attack {self.name!r}: bad parameters: {'; '.join(validation_messages(err))}") from None
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Apply the image trigger to a B x 3 x H x W batch in [0, 1]; identity by default."""

@@ -28,7 +28,8 @@ from vlmsec.data.llava_json import LlavaOptions, read_llava_json
 from vlmsec.data.mimicit import MimicitOptions, read_mimicit
 from vlmsec.data.reading import DataStats, ReadOptions
 from vlmsec.data.sample import Sample
-from vlmsec.errors import VlmsecError
+from vlmsec.errors import VlmsecError, validation_errors
+from vlmsec.registry import Registry
 
 AUTO = "auto"
 SNIFF_BYTES = 65536  # enough of a JSON file to see its first entry's keys
@@ -43,12 +44,11 @@ class DataFormat:
     description: str
 
 
-FORMATS: dict[str, DataFormat] = {
-    "llava": DataFormat(LlavaOptions, read_llava_json, "LLaVA conversation JSON: [{id, image, conversations}]"),
-    "karpathy": DataFormat(KarpathyOptions, read_karpathy, "COCO / Flickr30K Karpathy split JSON and an image folder"),
-    "mimicit": DataFormat(MimicitOptions, read_mimicit, "MIMIC-IT instruction JSON and its base64 images file"),
-    "huggingface": DataFormat(HuggingFaceOptions, read_huggingface, "Hugging Face save_to_disk folder or parquet file(s)"),
-}
+FORMATS: Registry[DataFormat] = Registry("data format")
+FORMATS.register(DataFormat(LlavaOptions, read_llava_json, "LLaVA conversation JSON: [{id, image, conversations}]"), name="llava")
+FORMATS.register(DataFormat(KarpathyOptions, read_karpathy, "COCO / Flickr30K Karpathy split JSON and an image folder"), name="karpathy")
+FORMATS.register(DataFormat(MimicitOptions, read_mimicit, "MIMIC-IT instruction JSON and its base64 images file"), name="mimicit")
+FORMATS.register(DataFormat(HuggingFaceOptions, read_huggingface, "Hugging Face save_to_disk folder or parquet file(s)"), name="huggingface")
 
 
 class DataSet(NamedTuple):
@@ -68,7 +68,7 @@ def read_dataset(path: str | Path, format: str | None = None, **options: Any) ->
         raise VlmsecError(f"{path}: file not found")
     name = detect_format(path) if format in (None, AUTO) else format
     if name not in FORMATS:
-        raise VlmsecError(f"{path}: unknown data format {name!r}; known: {', '.join(FORMATS)}")
+        raise VlmsecError(f"{path}: unknown data format {name!r}; known: {', '.join(FORMATS.names())}")
     try:
         parsed = FORMATS[name].options.model_validate(options)
     except ValidationError as err:
@@ -97,7 +97,7 @@ def detect_format(path: Path) -> str:
         return "mimicit"
     if head.startswith("{") and '"sentences"' in head and '"images"' in head:
         return "karpathy"
-    raise VlmsecError(f"{path}: cannot tell the data format from its content; set the format to one of {', '.join(FORMATS)}")
+    raise VlmsecError(f"{path}: cannot tell the data format from its content; set the format to one of {', '.join(FORMATS.names())}")
 
 
 def check_options(format: str, options: Mapping[str, Any]) -> None:
@@ -107,8 +107,8 @@ def check_options(format: str, options: Mapping[str, Any]) -> None:
     format requires (a Karpathy split) are checked when the file is read.
     """
     if format != AUTO and format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; known: {AUTO}, {', '.join(FORMATS)}")
-    candidates = list(FORMATS.values()) if format == AUTO else [FORMATS[format]]
+        raise ValueError(f"unknown data format {format!r}; known: {AUTO}, {', '.join(FORMATS.names())}")
+    candidates = FORMATS.values() if format == AUTO else [FORMATS[format]]
     for key, value in options.items():
         models = [f.options for f in candidates if key in f.options.model_fields]
         if not models:
@@ -121,4 +121,4 @@ def check_options(format: str, options: Mapping[str, Any]) -> None:
 
 
 def _option_errors(err: ValidationError) -> str:
-    return "; ".join(f"option {'.'.join(str(p) for p in e['loc'])!r}: {e['msg']}" for e in err.errors())
+    return "; ".join(f"option {where!r}: {message}" for where, message in validation_errors(err))

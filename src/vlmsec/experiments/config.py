@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from vlmsec.errors import VlmsecError
+from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.train.tuning import TrainingSpec
 from vlmsec.victims.flamingo import FlamingoParts, FlamingoSpec
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
@@ -289,11 +289,7 @@ def preset_names() -> list[str]:
 
 
 def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
+    return "\n".join(f"  {line}" for line in validation_messages(err))
 
 
 def parse_config(data: Any, source: str, base_dir: Path | None = None) -> ExperimentConfig:

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from vlmsec.data.shifts.visual import ShiftParams, build_params
 from vlmsec.errors import VlmsecError
+from vlmsec.registry import Registry
 
 TextField = Literal["instruction", "answer"]
 Direction = Literal["summarised", "expanded"]
@@ -286,32 +287,24 @@ class TextShift:
         return {"name": self.name, "field": self.field, "direction": self.direction, "params": self.params.model_dump()}
 
 
-TEXT_SHIFTS: dict[str, type[TextShift]] = {}
+TEXT_SHIFTS: Registry[type[TextShift]] = Registry("text shift")
 
 TextShiftClass = TypeVar("TextShiftClass", bound=type[TextShift])
 
 
 def register_text_shift(cls: TextShiftClass) -> TextShiftClass:
     """Class decorator: make `cls` buildable by `create_text_shift(cls.name, ...)`."""
-    known = TEXT_SHIFTS.get(cls.name)
-    if known is not None and known is not cls:
-        raise ValueError(f"text shift name {cls.name!r} is taken by {known.__qualname__}")
-    TEXT_SHIFTS[cls.name] = cls
-    return cls
+    return TEXT_SHIFTS.register(cls)
 
 
 def text_shift_names() -> list[str]:
     """The registered text shift names, sorted."""
-    return sorted(TEXT_SHIFTS)
+    return TEXT_SHIFTS.names()
 
 
 def create_text_shift(name: str, **params: Any) -> TextShift:
     """Build the text shift called `name` with validated `params`."""
-    try:
-        cls = TEXT_SHIFTS[name]
-    except KeyError:
-        raise VlmsecError(f"unknown text shift {name!r}; known: {', '.join(text_shift_names())}") from None
-    return cls(**params)
+    return TEXT_SHIFTS.create(name, **params)
 
 
 @register_text_shift

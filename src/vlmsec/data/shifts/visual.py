@@ -24,7 +24,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlmsec.data.sample import images_to_tensor, tensor_to_images
-from vlmsec.errors import VlmsecError
+from vlmsec.errors import VlmsecError, validation_messages
+from vlmsec.registry import Registry
 
 # ITU-R BT.601 luma weights, as in YIQ.
 LUMA = (0.299, 0.587, 0.114)
@@ -42,8 +43,7 @@ def build_params(kind: str, name: str, params_cls: type[ShiftParams], params: di
     try:
         return params_cls(**params)
     except ValidationError as err:
-        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise VlmsecError(f"{kind} {name!r}: bad parameters: {fields}") from None
+        raise VlmsecError(f"{kind} {name!r}: bad parameters: {'; '.join(validation_messages(err))}") from None
 
 
 class VisualShift:
@@ -75,32 +75,24 @@ class VisualShift:
         return {"name": self.name, "params": self.params.model_dump()}
 
 
-VISUAL_SHIFTS: dict[str, type[VisualShift]] = {}
+VISUAL_SHIFTS: Registry[type[VisualShift]] = Registry("visual shift")
 
 ShiftClass = TypeVar("ShiftClass", bound=type[VisualShift])
 
 
 def register_visual_shift(cls: ShiftClass) -> ShiftClass:
     """Class decorator: make `cls` buildable by `create_visual_shift(cls.name, ...)`."""
-    known = VISUAL_SHIFTS.get(cls.name)
-    if known is not None and known is not cls:
-        raise ValueError(f"visual shift name {cls.name!r} is taken by {known.__qualname__}")
-    VISUAL_SHIFTS[cls.name] = cls
-    return cls
+    return VISUAL_SHIFTS.register(cls)
 
 
 def visual_shift_names() -> list[str]:
     """The registered visual shift names, sorted."""
-    return sorted(VISUAL_SHIFTS)
+    return VISUAL_SHIFTS.names()
 
 
 def create_visual_shift(name: str, **params: Any) -> VisualShift:
     """Build the visual shift called `name` with validated `params`."""
-    try:
-        cls = VISUAL_SHIFTS[name]
-    except KeyError:
-        raise VlmsecError(f"unknown visual shift {name!r}; known: {', '.join(visual_shift_names())}") from None
-    return cls(**params)
+    return VISUAL_SHIFTS.create(name, **params)
 
 
 # --- helpers -----------------------------------------------------------------------------
