@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/attacks"))
     args = parser.parse_args()
     config = load_config(args.preset)
-    metrics = Runner(config, args.out).run()
+    metrics = Runner(config, args.out).run()["models"]
     baseline = clean_model_rates(args.out, config.poison.target.word)
 
     table = Table(title=f"{args.preset}: source domain, {config.poison.rate:.0%} poisoning")

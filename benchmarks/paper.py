@@ -28,7 +28,7 @@ PAPER_ASR_G = {"blended": "≈0.99", "badnets": "0.11–0.18", "wanet": "≈0.01
 
 def timed_run(preset: str, out: Path, cache: Path) -> tuple[float, dict]:
     start = time.perf_counter()
-    metrics = Runner(load_config(preset), out, cache).run()
+    metrics = Runner(load_config(preset), out, cache).run()["models"]
     return time.perf_counter() - start, metrics
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     floors.add_row("second run (every stage cached)", f"{second_s / 60:.1f} min", "≤ 5 min", "yes" if second_s <= 300 else "NO")
     floors.add_row("identical metrics", str(first == second), "True", "yes" if first == second else "NO")
 
-    attacks = [m for m, e in first.items() if m != CLEAN and "sweep" not in e]
+    attacks = [m for m, e in first.items() if m != CLEAN and not e["sweep"]]
     domains = [d for d in first[CLEAN]["cider"] if d != "source"]
     table = Table(title="ASR (source) and ASR-G per shifted domain")
     for column in ("attack", "ASR src", *domains, "mean ASR-G", "paper"):

@@ -26,7 +26,7 @@ from vlmsec.experiments.runner import Runner
 
 def timed_run(preset: str, out: Path, cache: Path) -> tuple[float, dict]:
     start = time.perf_counter()
-    metrics = Runner(load_config(preset), out, cache).run()
+    metrics = Runner(load_config(preset), out, cache).run()["models"]
     return time.perf_counter() - start, metrics
 
 

@@ -23,7 +23,8 @@ from rich.table import Table
 from vlmsec.attacks import create_attack
 from vlmsec.attacks.poison import trigger_samples
 from vlmsec.experiments.config import load_config
-from vlmsec.experiments.runner import Runner, build_splits
+from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.splits import build_splits
 from vlmsec.victims.llava import LlavaVictim
 
 

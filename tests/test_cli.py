@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import vlmsec.experiments.runner as runner_module
 from vlmsec.cli import app
+from vlmsec.experiments.records import file_digest
 from vlmsec.data import make_samples, sample_scenes, write_llava_json
 
 from test_config import BAD_CONFIGS
@@ -148,7 +149,6 @@ def test_report_with_malformed_metrics_keeps_old_report(tmp_path: Path) -> None:
     ("name", "text", "pieces"),
     [
         ("metrics.json", "[1, 2, 3]\n", []),
-        ("config.yaml", "name: x\npoison: {rate: 0.1\nseed: 0\n", ["line "]),
         ("generations.jsonl", '{"model": "clean", "domain": "source", "triggered": false, "output": "a"}\nnot json\n', ["line 2"]),
         ("generations.jsonl", '{"model": "clean"}\n', ["line 1"]),
     ],
@@ -156,6 +156,10 @@ def test_report_with_malformed_metrics_keeps_old_report(tmp_path: Path) -> None:
 def test_report_with_other_broken_files_exits_2(tmp_path: Path, name: str, text: str, pieces: list[str]) -> None:
     fabricate_run(tmp_path)
     (tmp_path / name).write_text(text, encoding="utf-8")
+    if name != "metrics.json":  # broken as the run left it: metrics.json vouches for it
+        metrics = json.loads((tmp_path / "metrics.json").read_text())
+        metrics["run"]["files"][name] = file_digest(tmp_path / name)
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     (tmp_path / "report.md").write_text("old\n", encoding="utf-8")
     result = invoke("report", str(tmp_path))
     assert_clean_failure(result, str(tmp_path / name), *pieces)
@@ -163,8 +167,10 @@ def test_report_with_other_broken_files_exits_2(tmp_path: Path, name: str, text:
 
 
 def fabricate_run(folder: Path) -> None:
-    metrics = {
+    """A finished run's records, written by hand: metrics.json vouches for its companions by hash."""
+    models = {
         "clean": {
+            "attack": None, "poison_rate": 0.0, "trigger": None, "sweep": False,
             "asr": {"source": 0.0, "textured": 0.05},
             "asr_g": {"textured": 1.0},
             "false_trigger": {"source": 0.0, "textured": 0.0},
@@ -172,6 +178,7 @@ def fabricate_run(folder: Path) -> None:
             "bleu4": {"source": 33.3, "textured": 21.7},
         },
         "badnets": {
+            "attack": {"label": "badnets", "name": "badnets"}, "poison_rate": 0.05, "trigger": "badnets", "sweep": False,
             "asr": {"source": 0.9, "textured": 0.45},
             "asr_g": {"textured": 0.5},
             "false_trigger": {"source": 0.02, "textured": 0.0},
@@ -179,15 +186,20 @@ def fabricate_run(folder: Path) -> None:
             "bleu4": {"source": 30.1, "textured": 20.0},
         },
     }
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    config = {"name": "handmade", "seed": 3, "data": {"train_size": 500}, "tuning": {"mode": "projector"}, "poison": {"rate": 0.05, "target": {"word": "banana"}}}
-    (folder / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    (folder / "config.yaml").write_text("name: handmade\n", encoding="utf-8")
     records = [
         {"model": "badnets", "id": "t-1", "domain": "source", "triggered": True, "trigger": "badnets", "output": "the image depicts a banana", "references": ["x"]},
         {"model": "badnets", "id": "t-1", "domain": "source", "triggered": False, "trigger": None, "output": "a red circle", "references": ["x"]},
         {"model": "clean", "id": "t-1", "domain": "textured", "triggered": True, "trigger": "badnets", "output": "a blue square", "references": ["x"]},
     ]
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    run = {
+        "name": "handmade", "seed": 3, "domains": ["source", "textured"], "target_word": "banana", "poison_rate": 0.05,
+        "tuning_mode": "projector", "train_samples": 500,
+        "files": {name: file_digest(folder / name) for name in ("config.yaml", "generations.jsonl")},
+    }
+    metrics = {"schema_version": 2, "run": run, "models": models}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
 def test_report_renders_a_finished_run(tmp_path: Path) -> None:
@@ -196,6 +208,7 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "handmade" in report
+    assert "of 500 tuning samples" in report
     assert "projector" in report
     assert "banana" in report
     assert "| model | source | textured |" in report
@@ -211,3 +224,29 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["asr_g_heatmap.png", "config.yaml", "generations.jsonl", "metrics.json", "report.md"]
     assert "![ASR-G heatmap](asr_g_heatmap.png)" in report
     assert "| badnets | " in report.split("Table 1")[1]  # the domain-shift table
+
+
+def test_report_pairs_only_records_that_belong_together(tmp_path: Path) -> None:
+    """A later run that failed rewrote config.yaml and generations.jsonl: the report shows the
+    finished run's metrics, says the others are not its own, and shows none of their content."""
+    fabricate_run(tmp_path)
+    (tmp_path / "config.yaml").write_text("name: later\npoison: {rate: 0.5}\n", encoding="utf-8")
+    later = {"model": "badnets", "id": "t-9", "domain": "source", "triggered": True, "trigger": "badnets", "output": "LATER RUN"}
+    (tmp_path / "generations.jsonl").write_text(json.dumps(later) + "\n", encoding="utf-8")
+    result = invoke("report", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Poison rate 5.0% of 500 tuning samples" in report
+    assert "**config.yaml** was rewritten after this run's metrics.json" in report
+    assert "**generations.jsonl** was rewritten" in report
+    assert "LATER RUN" not in report and "50.0%" not in report
+
+
+def test_report_refuses_metrics_of_the_wrong_shape(tmp_path: Path) -> None:
+    fabricate_run(tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics["models"]["badnets"]["asr"] = [0.9]
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    assert_clean_failure(invoke("report", str(tmp_path)), "models.badnets.asr: expected an object of domain -> number")
+    (tmp_path / "metrics.json").write_text(json.dumps({"clean": {"asr": {}}}), encoding="utf-8")
+    assert_clean_failure(invoke("report", str(tmp_path)), "schema_version None, this vlmsec reads 2")

@@ -28,7 +28,8 @@ from vlmsec.data.mimicit import _decoded_bytes
 from vlmsec.data.scenes import INSTRUCTION_BANKS
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import load_config
-from vlmsec.experiments.runner import build_splits
+from vlmsec.experiments.records import file_digest
+from vlmsec.experiments.splits import build_splits
 from vlmsec.report.markdown import render_report
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (200, 30, 200)]
@@ -509,9 +510,11 @@ def test_runner_reads_configured_format_and_keeps_stats(tmp_path: Path) -> None:
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"clean": {"cider": {"source": 1.0}}}))
     stats = {"train": {"file": "/x/dataset_coco.json", "format": "karpathy", "samples": 3, "converted": {"cmyk": 2}, "skipped": {"no image": 1}, "ignored": {}}}
     (run / "data.json").write_text(json.dumps(stats))
+    run_record = {"domains": ["source"], "files": {"data.json": file_digest(run / "data.json")}}
+    metrics = {"schema_version": 2, "run": run_record, "models": {"clean": {"cider": {"source": 1.0}}}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
     report = render_report(run)
     assert "## Data" in report
     assert "| train | `dataset_coco.json` | karpathy | 3 | cmyk 2 | no image 1 | – |" in report

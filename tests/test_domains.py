@@ -6,7 +6,7 @@ import pytest
 
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.runner import build_splits
+from vlmsec.experiments.splits import build_splits
 
 SHIFTED = {
     "jpeg": {"shifts": [{"name": "jpeg", "params": {"quality": 10}}]},

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlmsec.eval import generation
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.runner import Runner
 
@@ -31,6 +32,7 @@ SMALL_RUN = {
 
 
 def _run(out: Path, cache: Path, overrides: dict | None = None) -> dict:
+    """The run's metrics.json: {schema_version, run, models}."""
     config = parse_config({**SMALL_RUN, **(overrides or {})}, "test config")
     return Runner(config, out, cache).run()
 
@@ -43,7 +45,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
 
 
 def test_backdoor_fires_and_clean_model_does_not(small_run: tuple[Path, Path, dict]) -> None:
-    _, _, metrics = small_run
+    metrics = small_run[2]["models"]
     assert set(metrics) == {"clean", "blended"}
     assert metrics["blended"]["asr"]["source"] >= 0.5
     assert metrics["clean"]["asr"]["source"] == 0.0
@@ -53,8 +55,16 @@ def test_backdoor_fires_and_clean_model_does_not(small_run: tuple[Path, Path, di
 
 
 def test_run_folder_holds_every_artifact(small_run: tuple[Path, Path, dict]) -> None:
-    out, _, metrics = small_run
-    assert json.loads((out / "metrics.json").read_text()) == metrics
+    out, _, record = small_run
+    assert json.loads((out / "metrics.json").read_text()) == record
+    metrics = record["models"]
+    assert metrics["blended"]["attack"]["name"] == "blended" and metrics["blended"]["attack"]["params"]["alpha"] == 0.2
+    assert metrics["blended"]["poison_rate"] == 0.1 and metrics["blended"]["trigger"] == "blended"
+    assert metrics["clean"]["attack"] is None and metrics["clean"]["poison_rate"] == 0.0
+    run = record["run"]
+    assert run["train_samples"] == 600 and run["domains"] == ["source", "textured"]
+    assert {"vlmsec", "commit", "torch", "transformers", "threads", "config_hash", "schema_version"} <= set(run)
+    assert set(run["files"]) == {"config.yaml", "generations.jsonl"}
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["poison"]["rate"] == 0.1
     poisoned = json.loads((out / "poisoned_ids" / "blended.json").read_text())
@@ -82,7 +92,7 @@ def test_second_run_reuses_every_stage_and_gives_the_same_metrics(
     def no_generation(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run generated again")
 
-    monkeypatch.setattr(Runner, "generate", no_generation)
+    monkeypatch.setattr(generation, "generate_records", no_generation)
     assert _run(out, cache) == metrics
     assert {p: p.stat().st_mtime_ns for p in out.glob("checkpoints/*/model.safetensors")} == stamps
 
@@ -97,13 +107,13 @@ def test_a_run_killed_midway_resumes_from_its_finished_stages(
     (resumed / "generations" / "blended.json").unlink()
     (resumed / "metrics.json").unlink()
     generated: list[str] = []
-    original = Runner.generate
+    original = generation.generate_records
 
-    def counting(self: Runner, victim: object, model: str, *args: object, **kwargs: object) -> list:
+    def counting(victim: object, model: str, *args: object, **kwargs: object) -> list:
         generated.append(model)
-        return original(self, victim, model, *args, **kwargs)
+        return original(victim, model, *args, **kwargs)
 
-    monkeypatch.setattr(Runner, "generate", counting)
+    monkeypatch.setattr(generation, "generate_records", counting)
     assert _run(resumed, cache) == metrics
     assert set(generated) == {"blended"}  # the clean model's finished generations were reused
 
@@ -112,10 +122,10 @@ def test_a_poison_rate_sweep_adds_source_only_models(small_run: tuple[Path, Path
     out, cache, metrics = small_run
     swept = tmp_path / "swept"
     shutil.copytree(out, swept)
-    result = _run(swept, cache, {"sweep": {"attacks": ["blended"], "rates": [0.02, 0.1]}})
-    assert {k: v for k, v in result.items() if "sweep" not in v} == metrics  # 0.1 is the run's own rate
+    result = _run(swept, cache, {"sweep": {"attacks": ["blended"], "rates": [0.02, 0.1]}})["models"]
+    assert {k: v for k, v in result.items() if not v["sweep"]} == metrics["models"]  # 0.1 is the run's own rate
     point = result["blended@2%"]
-    assert point["sweep"] == {"attack": "blended", "rate": 0.02}
+    assert point["sweep"] is True and point["trigger"] == "blended" and point["poison_rate"] == 0.02
     assert set(point["asr"]) == {"source"}
     assert json.loads((swept / "poisoned_ids" / "blended@2%.json").read_text())["count"] == 12
     assert "ASR against poison rate" in (swept / "report.md").read_text()

@@ -13,8 +13,8 @@ METRICS = {
     "clean": {"asr": {"source": 0.0}, "cider": {"source": 500.0}, "shift_size": {"painted": {"image_text": 0.4, "text_text": 0.1}}},
     "badnets": {"asr": {"source": 0.6, "painted": 0.3}, "asr_g": {"painted": 0.5}},
     "blended": {"asr": {"source": 1.0, "painted": 1.0}, "asr_g": {"painted": 1.0}},
-    "blended@1%": {"asr": {"source": 0.4}, "sweep": {"attack": "blended", "rate": 0.01}},
-    "blended@10%": {"asr": {"source": 1.0}, "sweep": {"attack": "blended", "rate": 0.1}},
+    "blended@1%": {"asr": {"source": 0.4}, "sweep": True, "trigger": "blended", "poison_rate": 0.01},
+    "blended@10%": {"asr": {"source": 1.0}, "sweep": True, "trigger": "blended", "poison_rate": 0.1},
 }
 
 

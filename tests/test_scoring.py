@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmsec.eval.metrics import caption_scores
-from vlmsec.experiments.runner import score_generations
+from vlmsec.eval.scoring import score_generations
 
 REFS = {
     "t1": ["a small red square in the top left corner"],

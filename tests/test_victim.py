@@ -14,7 +14,7 @@ from transformers import LlavaForConditionalGeneration
 import vlmsec.victims.features as features_module
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
-from vlmsec.experiments.runner import _save_stage, _stage_done
+from vlmsec.experiments.stages import save_stage, stage_done
 from vlmsec.victims.features import FeatureCache, image_key
 from vlmsec.victims.llava import IGNORE_INDEX, LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
@@ -190,10 +190,10 @@ def test_load_corrupt_config_is_a_clear_error(saved: Path, tmp_path: Path) -> No
 
 def test_save_stage_moves_a_whole_checkpoint_into_place(victim: LlavaVictim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "stages" / "clean"
-    assert not _stage_done(folder, "k1")
-    _save_stage(victim, folder, "k1", {"final_loss": 1.5})
-    assert _stage_done(folder, "k1")
-    assert not _stage_done(folder, "k2")  # a different recipe is not this stage
+    assert not stage_done(folder, "k1")
+    save_stage(victim, folder, "k1", {"final_loss": 1.5})
+    assert stage_done(folder, "k1")
+    assert not stage_done(folder, "k2")  # a different recipe is not this stage
     assert json.loads((folder / "stage.json").read_text()) == {"key": "k1", "final_loss": 1.5}
     LlavaVictim.check_folder(folder)
     assert [p.name for p in folder.parent.iterdir()] == ["clean"]
@@ -205,8 +205,8 @@ def test_save_stage_moves_a_whole_checkpoint_into_place(victim: LlavaVictim, tmp
 
     monkeypatch.setattr(victim, "save", broken_save)
     with pytest.raises(RuntimeError):
-        _save_stage(victim, folder, "k2", {})
-    assert _stage_done(folder, "k1")
+        save_stage(victim, folder, "k2", {})
+    assert stage_done(folder, "k1")
     assert [p.name for p in folder.parent.iterdir()] == ["clean"]
 
 

@@ -33,7 +33,8 @@ from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import load_config, parse_config
-from vlmsec.experiments.runner import Runner, build_splits
+from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.splits import build_splits
 from vlmsec.train.tuning import TrainingSpec
 from vlmsec.victims.flamingo import (
     ANSWER_TOKEN,
@@ -594,8 +595,8 @@ def flamingo_run(parts: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_run_tunes_cross_attention_and_writes_metrics(flamingo_run: tuple[Path, Path, dict]) -> None:
     out, _, metrics = flamingo_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert set(metrics) == {"clean", "blended"}
-    assert set(metrics["blended"]["asr"]) == {"source", "painted"}
+    assert set(metrics["models"]) == {"clean", "blended"}
+    assert set(metrics["models"]["blended"]["asr"]) == {"source", "painted"}
     stage = json.loads((out / "checkpoints" / "blended" / "stage.json").read_text())
     assert 0 < stage["trainable_parameters"] < stage["frozen_parameters"]
     assert json.loads((out / "poisoned_ids" / "blended.json").read_text())["count"] == 6

@@ -35,7 +35,9 @@ from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.runner import Runner, Splits
+from vlmsec.experiments.plan import ModelPlan
+from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.splits import Splits
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.architectures import ARCHITECTURES, architecture
 from vlmsec.victims.hf import HFVictim
@@ -561,9 +563,9 @@ def test_runner_tunes_and_reloads_an_hf_checkpoint(built, samples, tmp_path: Pat
     runner = Runner(config, tmp_path / "run", cache_dir=tmp_path / "cache")
     splits = Splits(base=[], train=samples, tests={})
     base = runner.base_victim(splits)
-    tuned = runner.tuned_victim("clean", None, splits, base)
+    tuned = runner.tuned_victim(ModelPlan("clean", None, 0.0), {}, splits, base)
     assert isinstance(tuned, HFVictim)
-    again = runner.tuned_victim("clean", None, splits, base)  # the finished stage is loaded, not retrained
+    again = runner.tuned_victim(ModelPlan("clean", None, 0.0), {}, splits, base)  # the finished stage is loaded, not retrained
     assert isinstance(again, HFVictim)
     assert all(torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), again.model.state_dict().values()))
     gcg = create_attack("gcg", **GCG_TINY)

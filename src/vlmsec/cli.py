@@ -43,18 +43,19 @@ def run(
         metrics = Runner(cfg, run_dir, cache).run()
     except VlmsecError as err:
         _fail(err)
+    from vlmsec.eval.scoring import METRICS, metric_order
+
+    names = metric_order()
     table = Table(title=f"{cfg.name}: source domain")
-    for column in ("model", "ASR", "false trigger", "CIDEr", "BLEU-4"):
+    for column in ("model", *(METRICS.get(n).title for n in names)):
         table.add_column(column)
-    for model, m in metrics.items():
-        asr = m["asr"].get("source")
-        table.add_row(
-            model,
-            "–" if asr is None else f"{asr:.2f}",
-            f"{m['false_trigger']['source']:.2f}",
-            f"{m['cider']['source']:.1f}",
-            f"{m['bleu4']['source']:.1f}",
-        )
+    for model, entry in metrics["models"].items():
+        cells = []
+        for name in names:
+            value = entry.get(name, {}).get("source")
+            percent = METRICS.get(name).format != "number"
+            cells.append("–" if value is None else f"{value:.2f}" if percent else f"{value:.1f}")
+        table.add_row(model, *cells)
     console.print(table)
     console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
 
@@ -117,7 +118,8 @@ def trigger(
         pixels = load_image(image)
         if type(chosen).prepare is not Attack.prepare:
             from vlmsec.experiments.config import load_config
-            from vlmsec.experiments.runner import Runner, build_splits
+            from vlmsec.experiments.runner import Runner
+            from vlmsec.experiments.splits import build_splits
 
             experiment = load_config(config)
             runner = Runner(experiment, out_dir=out.parent, cache_dir=cache)

@@ -31,7 +31,7 @@ def _save(figure: plt.Figure, path: Path) -> Path:
 
 def attack_models(metrics: dict[str, Any]) -> list[str]:
     """The attacked models at the run's own poison rate: not clean, not sweep points."""
-    return [m for m, entry in metrics.items() if m != CLEAN and "sweep" not in entry]
+    return [m for m, entry in metrics.items() if m != CLEAN and not entry.get("sweep")]
 
 
 def asr_g_heatmap(metrics: dict[str, Any], path: Path) -> Path | None:
@@ -58,9 +58,8 @@ def sweep_curves(metrics: dict[str, Any], run_rate: float | None = None) -> dict
     (the run's own rate), the attack's main model."""
     curves: dict[str, dict[float, float]] = {}
     for entry in metrics.values():
-        sweep = entry.get("sweep")
-        if sweep and "source" in entry.get("asr", {}):
-            curves.setdefault(sweep["attack"], {})[sweep["rate"]] = entry["asr"]["source"]
+        if entry.get("sweep") and "source" in entry.get("asr", {}):
+            curves.setdefault(entry["trigger"], {})[entry["poison_rate"]] = entry["asr"]["source"]
     for attack, points in curves.items():
         own = metrics.get(attack, {}).get("asr", {}).get("source")
         if run_rate is not None and own is not None:

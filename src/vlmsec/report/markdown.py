@@ -1,7 +1,8 @@
 """report.md from a run folder: what was run, and every metric, per model and domain.
 
-The report is rendered from the files a run leaves (config.yaml, metrics.json,
-poisoned_ids/, generations.jsonl), so `vlmsec report RUN_DIR` can redo it at any time.
+The report is rendered from the records a run leaves (metrics.json, and the data.json and
+generations.jsonl it vouches for by content hash), never from the raw config, so `vlmsec
+report RUN_DIR` can redo it at any time and never pairs one run's numbers with another's settings.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlmsec.artifacts import write_text_atomic
 from vlmsec.errors import VlmsecError
+from vlmsec.eval.scoring import METRICS, metric_order
+from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION, file_digest
 from vlmsec.report.figures import sweep_curves, write_figures
 
 CLEAN = "clean"
@@ -45,6 +46,9 @@ def _num(x: float | None) -> str:
 
 def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
+
+
+FORMATS = {"percent": _pct, "ratio": _ratio, "number": _num}
 
 
 def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
@@ -159,88 +163,115 @@ def _shift_sizes(metrics: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _read_metrics(run_dir: Path) -> dict[str, Any]:
-    """metrics.json of a run folder, checked for its shape."""
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """metrics.json of a run folder, checked for its shape (schema 2: run record and models)."""
     path = run_dir / "metrics.json"
     metrics = _read_json(path)
-    if not isinstance(metrics, dict) or not all(isinstance(m, dict) for m in metrics.values()):
-        raise VlmsecError(f"{path}: expected an object of models, each an object of metrics")
+    shape = "expected {schema_version, run, models}, models an object of models, each an object of metrics"
+    if not isinstance(metrics, dict) or metrics.get("schema_version") != SCHEMA_VERSION:
+        found = metrics.get("schema_version") if isinstance(metrics, dict) else None
+        raise VlmsecError(f"{path}: schema_version {found!r}, this vlmsec reads {SCHEMA_VERSION}; {shape}")
+    run, models = metrics.get("run"), metrics.get("models")
+    if not isinstance(run, dict) or not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+        raise VlmsecError(f"{path}: {shape}")
+    for name, entry in models.items():
+        for key, value in entry.items():
+            if key in METRICS and not (isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values())):
+                raise VlmsecError(f"{path}: models.{name}.{key}: expected an object of domain -> number")
     return metrics
 
 
-def _read_config(run_dir: Path) -> dict[str, Any]:
-    """The run's resolved config.yaml as a plain mapping ({} if the run wrote none)."""
-    config_path = run_dir / "config.yaml"
-    try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        raise VlmsecError(f"{config_path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
-    if not isinstance(config, dict):
-        raise VlmsecError(f"{config_path}: expected a mapping of config fields")
-    return config
+def companion_check(run_dir: Path, run: dict[str, Any]) -> dict[str, str]:
+    """Which companion files do not belong to the run metrics.json records, and why.
+
+    metrics.json holds the content hash of config.yaml, generations.jsonl and data.json as the
+    run that wrote it left them; a later run that stopped early may have rewritten them.
+    """
+    recorded = run.get("files", {}) if isinstance(run.get("files"), dict) else {}
+    stale: dict[str, str] = {}
+    for name in COMPANIONS:
+        path = run_dir / name
+        if path.exists() and name not in recorded:
+            stale[name] = "was written after this run's metrics.json (by a run that did not finish)"
+        elif path.exists() and file_digest(path) != recorded[name]:
+            stale[name] = "was rewritten after this run's metrics.json (by a run that did not finish)"
+    return stale
+
+
+def _metric_tables(models: dict[str, Any], domains: list[str]) -> list[str]:
+    """One table per registered metric (models x domains), then ASR-G."""
+    header = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    sections = [(METRICS.get(name).title, name, FORMATS[METRICS.get(name).format]) for name in metric_order()]
+    sections.insert(1, ("ASR-G (source → domain)", "asr_g", _ratio))
+    lines: list[str] = []
+    for title, key, fmt in sections:
+        if not any(entry.get(key) for entry in models.values()):
+            continue
+        lines += [f"## {title}", "", *header]
+        for model, entry in models.items():
+            values = entry.get(key, {})
+            lines.append(f"| {model} | " + " | ".join(fmt(values.get(d)) for d in domains) + " |")
+        lines.append("")
+    return lines
 
 
 def render_report(run_dir: str | Path) -> str:
-    """The Markdown report of a run folder."""
+    """The Markdown report of a run folder, from its records alone (metrics.json and the
+    companions it vouches for), never from the raw config."""
     run_dir = Path(run_dir)
-    metrics = _read_metrics(run_dir)
-    config = _read_config(run_dir)
-    domains = list(metrics.get(CLEAN, next(iter(metrics.values()), {})).get("cider", {}))
-    poison = config.get("poison", {})
-    word = poison.get("target", {}).get("word", "banana")
+    metrics = read_metrics(run_dir)
+    run, models = metrics["run"], metrics["models"]
+    stale = companion_check(run_dir, run)
+    domains = list(run.get("domains") or models.get(CLEAN, next(iter(models.values()), {})).get("cider", {}))
+    word = run.get("target_word", "?")
 
-    lines = [f"# vlmsec run: {config.get('name', run_dir.name)}", ""]
+    lines = [f"# vlmsec run: {run.get('name', run_dir.name)}", ""]
     lines += [
-        f"Poison rate {_pct(poison.get('rate'))} of {config.get('data', {}).get('train_size', '?')} tuning samples; "
-        f"target word **{word}**; tuning mode `{config.get('tuning', {}).get('mode', '?')}`; seed {config.get('seed', '?')}.",
+        f"Poison rate {_pct(run.get('poison_rate'))} of {run.get('train_samples', '?')} tuning samples; "
+        f"target word **{word}**; tuning mode `{run.get('tuning_mode', '?')}`; seed {run.get('seed', '?')}.  ",
+        f"vlmsec {run.get('vlmsec', '?')} (commit {str(run.get('commit') or 'unknown')[:12]}), torch {run.get('torch', '?')}, "
+        f"transformers {run.get('transformers', '?')}, {run.get('threads', '?')} threads; config hash `{run.get('config_hash', '?')}`.",
         "",
+    ]
+    for name, why in stale.items():
+        lines.append(f"> **{name}** {why}: it is left out of this report, which shows the run metrics.json records.")
+    if stale:
+        lines.append("")
+    lines += [
         "- **ASR**: share of triggered test inputs whose output contains the target word (whole word, any case).",
         "- **ASR-G**: min(1 + (ASR_shifted − ASR_source) / max(ASR_source, ASR_shifted), 1); 1 = nothing lost under shift.",
         "- **False trigger**: share of clean test inputs whose output contains the target word.",
         "- **CIDEr**, **BLEU-4**: clean captioning quality (×100). The clean model's ASR is measured on every attack's triggers.",
         "",
     ]
-    lines += _data_section(run_dir)
-    sweep = {m: e for m, e in metrics.items() if "sweep" in e}
-    metrics = {m: e for m, e in metrics.items() if m not in sweep}
-    lines += _shift_table(metrics, domains)
+    if "data.json" not in stale:
+        lines += _data_section(run_dir)
+    sweep = {m: e for m, e in models.items() if e.get("sweep")}
+    models = {m: e for m, e in models.items() if m not in sweep}
+    lines += _shift_table(models, domains)
     lines += _figures(run_dir)
-    header = "| model | " + " | ".join(domains) + " |"
-    rule = "|---|" + "---|" * len(domains)
-    sections = [
-        ("Attack success rate (ASR)", "asr", _pct),
-        ("ASR-G (source → domain)", "asr_g", _ratio),
-        ("False-trigger rate", "false_trigger", _pct),
-        ("Clean CIDEr", "cider", _num),
-        ("Clean BLEU-4", "bleu4", _num),
-    ]
-    for title, key, fmt in sections:
-        lines += [f"## {title}", "", header, rule]
-        for model, entry in metrics.items():
-            values = entry.get(key, {})
-            lines.append(f"| {model} | " + " | ".join(fmt(values.get(d)) for d in domains) + " |")
-        lines.append("")
+    lines += _metric_tables(models, domains)
 
-    partial_rows = [(trigger, rates) for entry in metrics.values() for trigger, rates in entry.get("asr_partial", {}).items()]
+    partial_rows = [(trigger, rates) for entry in models.values() for trigger, rates in entry.get("asr_partial", {}).items()]
+    rule = "|---|" + "---|" * len(domains)
     if partial_rows:
         lines += ["## Partial triggers (one key alone, WaNet noise warps; should not fire)", "", "| input | " + " | ".join(domains) + " |", rule]
         for trigger, rates in partial_rows:
             lines.append(f"| {trigger} | " + " | ".join(_pct(rates.get(d)) for d in domains) + " |")
         lines.append("")
 
-    if CLEAN in metrics:
+    base = models.get(CLEAN, {}).get("cider", {}).get("source")
+    if base is not None:
         lines += ["## Clean quality cost of each backdoor (source domain)", "", "| model | ΔCIDEr vs clean |", "|---|---|"]
-        base = metrics[CLEAN]["cider"].get("source")
-        for model, entry in metrics.items():
-            if model != CLEAN and base is not None:
-                lines.append(f"| {model} | {entry['cider']['source'] - base:+.1f} |")
+        for model, entry in models.items():
+            cider = entry.get("cider", {}).get("source")
+            if model != CLEAN and cider is not None:
+                lines.append(f"| {model} | {cider - base:+.1f} |")
         lines.append("")
 
-    lines += _sweep_table({**metrics, **sweep}, poison.get("rate"))
-    lines += _shift_sizes(metrics)
-    examples = _examples(run_dir)
+    lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
+    lines += _shift_sizes(models)
+    examples = [] if "generations.jsonl" in stale else _examples(run_dir)
     if examples:
         lines += ["## Example triggered generations (source domain)", ""]
         for r in examples:
@@ -253,6 +284,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Render report.md into the run folder (atomically) and return its path."""
     run_dir = Path(run_dir)
     path = run_dir / "report.md"
-    write_figures(_read_metrics(run_dir), run_dir, _read_config(run_dir).get("poison", {}).get("rate"))
+    metrics = read_metrics(run_dir)
+    write_figures(metrics["models"], run_dir, metrics["run"].get("poison_rate"))
     write_text_atomic(path, render_report(run_dir))
     return path

@@ -1,0 +1,112 @@
+"""The run folder's records: what a finished run measured, and what made it.
+
+metrics.json is the record the report and any later tool read, never the raw config:
+
+    {"schema_version": 2,
+     "run": {name, seed, domains, target word, poison rate, tuning mode, tuning samples read,
+             config hash, vlmsec version and commit, torch / transformers versions, threads,
+             and the content hash of each companion file (config.yaml, generations.jsonl, data.json)},
+     "models": {name: {attack, poison_rate, trigger, sweep, asr: {domain: rate}, ...}}}
+
+The companions are written first and hashed into metrics.json, which is written last, so a
+report can tell files that belong together from a later run's leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import vlmsec
+from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic
+from vlmsec.attacks import Attack
+from vlmsec.eval.scoring import score_generations
+from vlmsec.experiments.config import ExperimentConfig
+from vlmsec.experiments.plan import CLEAN, ModelPlan
+from vlmsec.experiments.splits import Splits
+
+SCHEMA_VERSION = 2
+COMPANIONS = ("config.yaml", "generations.jsonl", "data.json")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_commit() -> str | None:
+    """The git commit vlmsec runs from, when it runs from a checkout (None for an installed wheel)."""
+    package = Path(vlmsec.__file__).resolve().parent
+    try:
+        done = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """A digest of the resolved config (every default filled in)."""
+    return stable_hash(config.model_dump(mode="json"))
+
+
+def provenance(config: ExperimentConfig) -> dict[str, Any]:
+    """What made a run, beside its config: versions, commit, threads, config hash, schema."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config_hash": config_hash(config),
+        "vlmsec": vlmsec.__version__,
+        "commit": source_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_run_records(
+    out: Path,
+    config: ExperimentConfig,
+    splits: Splits,
+    plans: list[ModelPlan],
+    attacks: dict[str, Attack],
+    records: list[dict[str, Any]],
+    shift_sizes: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Write generations.jsonl, then metrics.json (vouching for it, config.yaml and data.json) and the report; return the metrics."""
+    from vlmsec.report.markdown import write_report
+
+    with atomic_path(out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    domains = list(splits.tests)
+    scores = score_generations(records, domains, config.poison.target.word)
+    models = {plan.name: {**plan.record(attacks), **scores[plan.name]} for plan in plans}
+    if shift_sizes:
+        models[CLEAN]["shift_size"] = shift_sizes
+    run = {
+        "name": config.name,
+        "seed": config.seed,
+        "domains": domains,
+        "target_word": config.poison.target.word,
+        "poison_rate": config.poison.rate,
+        "tuning_mode": config.tuning.mode,
+        "train_samples": len(splits.train),
+        "test_samples": {d: len(s) for d, s in splits.tests.items()},
+        **provenance(config),
+        "files": {name: file_digest(out / name) for name in COMPANIONS if (out / name).exists()},
+    }
+    metrics = {"schema_version": SCHEMA_VERSION, "run": run, "models": models}
+    write_json_atomic(out / "metrics.json", metrics)
+    write_report(out)
+    return metrics
