@@ -39,6 +39,7 @@ from vlmsec.attacks.base import AttackContext, AttackParams
 from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, to_internal, upsample
 from vlmsec.attacks.registry import register
 from vlmsec.data.sample import resize_images
+from vlmsec.seeds import seeded
 
 BATCH_SIZE = 16
 # The official code's optimiser for both generators (Adam, betas 0.5 / 0.9) and sparsity
@@ -109,8 +110,7 @@ def diversity_loss(
 
 def random_features(seed: int) -> nn.Module:
     """A frozen conv net with seeded random weights, mean-pooled to 64 features: the stand-in tower."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded(seed):
         convs = [conv_relu(3, 16, 2), conv_relu(16, 32, 2), conv_relu(32, 64, 2)]
         net = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return net.eval().requires_grad_(False)

@@ -27,6 +27,7 @@ from vlmsec.attacks.adaptive import cache_path, not_prepared
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.data.sample import Sample, images_to_tensor, resize_images
 from vlmsec.errors import VlmsecError
+from vlmsec.seeds import seeded
 from vlmsec.victims.features import tensor_digest
 
 INTERNAL_SIZE = 64
@@ -102,8 +103,7 @@ class LearnedImageAttack(Attack):
         """Train the networks under the seed, or load them from the cache if this exact run was done."""
         images = self.training_images(context)
         path = self.cache_path(context, images)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.params.seed)
+        with seeded(self.params.seed):
             networks = self.build_networks()
             if path.is_file():
                 metrics = _load(path, networks)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vlmsec.errors import VlmsecError, validation_messages
+from vlmsec.seeds import MAX_SEED, derive_seed
 from vlmsec.train.tuning import TrainingSpec
 from vlmsec.victims.flamingo import FlamingoParts, FlamingoSpec
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
@@ -215,7 +216,7 @@ class PoisonSpec(_Strict):
     """How much of the tuning set the attacker controls, and the seed that picks it."""
 
     rate: float = Field(0.05, ge=0, le=1)
-    seed: int = 0
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="picks the poisoned samples; default: derived from the top-level seed")
     target: TargetSpec = Field(default_factory=TargetSpec)
 
 
@@ -252,7 +253,7 @@ class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved form is written to the run folder."""
 
     name: str = "experiment"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="every other seed derives from it unless set (vlmsec.seeds)")
     data: DataSpec = Field(default_factory=DataSpec)
     victim: VictimSpec = Field(default_factory=VictimSpec)
     base: BaseStageSpec = Field(default_factory=BaseStageSpec)
@@ -268,6 +269,24 @@ class ExperimentConfig(_Strict):
         unknown = [a for a in self.sweep.attacks if a not in keys]
         if unknown:
             raise ValueError(f"sweep.attacks: {', '.join(unknown)} not among the run's attacks ({', '.join(keys) or 'none'})")
+        return self
+
+    @model_validator(mode="after")
+    def _derive_seeds(self) -> ExperimentConfig:
+        """Fill every seed left unset from the top-level one, each by its own name (`derive_seed`):
+        the poison picks, each attack's trigger, each shift's noise. The resolved config shows them."""
+        from vlmsec.attacks import ATTACKS
+
+        if self.poison.seed is None:
+            self.poison.seed = derive_seed(self.seed, "poison")
+        for attack in self.attacks:
+            known = attack.name in ATTACKS  # an unknown name is reported by `_check_names`
+            if known and "seed" not in attack.params and "seed" in ATTACKS.get(attack.name).Params.model_fields:
+                attack.params["seed"] = derive_seed(self.seed, f"attack/{attack.key}")
+        for name, domain in {"source": self.data.source, **self.data.shifted}.items():
+            for i, shift in enumerate(domain.shifts):
+                if "seed" not in shift.params and "seed" in shift.build().Params.model_fields:
+                    shift.params["seed"] = derive_seed(self.seed, f"shift/{name}/{i}")
         return self
 
     @field_validator("attacks")

@@ -42,7 +42,8 @@ from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import STAGE_FILE, default_cache_dir, folder_signature, path_signature, save_stage, stage_done
-from vlmsec.progress import console, progress_bar
+from vlmsec.progress import console, progress_bar, stage_line
+from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims import hf
 from vlmsec.victims.base import Victim
@@ -137,9 +138,9 @@ class Runner:
             return folder, key
         texts = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
         tokenizer = train_tokenizer(texts + vocabulary_corpus(clip_templates()), c.victim.vocab_size)
-        model = build_tiny_llava(c.victim, tokenizer, seed=c.seed)
+        model = build_tiny_llava(c.victim, tokenizer, seed=derive_seed(c.seed, "victim/init"))
         victim = LlavaVictim(model, tokenizer, self.features, train_tower=c.victim.vision.from_scratch)
-        result = train_victim(victim, splits.base, c.base.training, seed=c.seed, label="base")
+        result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
         if self.state.is_main_process:
             save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
             self.features.save(self.features_path)
@@ -230,6 +231,7 @@ class Runner:
                 "attack": attack.describe() if attack else None,
                 "poison": {**c.poison.model_dump(), "rate": rate} if attack else None,
                 "tuning": c.tuning.model_dump(),
+                "seed": derive_seed(c.seed, "tuning"),
                 "train": fingerprint(samples),
             }
         )
@@ -238,7 +240,7 @@ class Runner:
             console.print(f"{name}: tuned model found in {folder}")
             return self.load_victim(folder)
         victim = self.load_victim(base[0])
-        result = train_victim(victim, samples, c.tuning, seed=c.seed, label=name)
+        result = train_victim(victim, samples, c.tuning, seed=derive_seed(c.seed, "tuning"), label=name)
         record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
         if self.state.is_main_process:
             save_stage(victim, folder, key, record)
@@ -279,10 +281,11 @@ class Runner:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
-        def lap(stage: str) -> None:
+        def lap(stage: str, next_stage: str | None) -> None:
             nonlocal clock
             now = time.perf_counter()
             timings[stage] = round(timings.get(stage, 0.0) + now - clock, 2)
+            stage_line(stage, now - clock, next_stage)
             clock = now
 
         main = self.state.is_main_process
@@ -295,31 +298,31 @@ class Runner:
         elif main:
             (self.out / "data.json").unlink(missing_ok=True)
         attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
-        lap("data")
+        lap("data", "base victim")
         base = self.base_victim(splits)
-        lap("base")
+        lap("base", "attacks")
         self.prepare_attacks(attacks.values(), splits, base)
         tests = TestSets.build(splits.tests, attacks)
-        lap("attacks")
-
         plans = plan_models(c)
+        lap("attacks", f"tune {plans[0].name}")
+
         records: list[dict[str, Any]] = []
         shift_sizes: dict[str, dict[str, float]] = {}
-        for plan in plans:
+        for i, plan in enumerate(plans):
             victim = self.tuned_victim(plan, attacks, splits, base)
-            lap(f"tune {plan.name}")
+            lap(f"tune {plan.name}", f"generate {plan.name}")
             if main:
                 records += self.generations(victim, plan, tests)
                 if plan.name == CLEAN and c.eval.shift_size:
                     shift_sizes = self.shift_sizes(victim, splits)
                 self.features.save(self.features_path)
             self.state.wait_for_everyone()
-            lap(f"generate {plan.name}")
+            lap(f"generate {plan.name}", f"tune {plans[i + 1].name}" if i + 1 < len(plans) else "score and report")
 
         if not main:
             return {}
         metrics = write_run_records(self.out, c, splits, plans, attacks, records, shift_sizes)
-        lap("score and report")
+        lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)
         return metrics
 

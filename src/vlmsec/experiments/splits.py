@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmsec.data.formats import read_dataset
+from vlmsec.data.formats import AUTO, FORMATS, detect_format, read_dataset
 from vlmsec.data.sample import Sample
 from vlmsec.data.scenes import Scene, make_samples, sample_scenes
 from vlmsec.data.shifts import mix_domains, shift_samples
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import progress_bar
+from vlmsec.seeds import derive_seed
 
 
 @dataclass
@@ -40,7 +41,11 @@ def build_splits(config: ExperimentConfig) -> Splits:
     data_stats: dict[str, Any] = {}
 
     def read(path: Path, options: dict[str, Any], label: str) -> list[Sample]:
-        loaded = read_dataset(path, data.format, **{**data.options, **options})
+        options = {**data.options, **options}
+        name = detect_format(path) if data.format == AUTO and path.exists() else data.format
+        if name in FORMATS and "seed" in FORMATS.get(name).options.model_fields and "seed" not in options:
+            options["seed"] = derive_seed(seed, "data/read")  # which instruction each image gets
+        loaded = read_dataset(path, data.format, **options)
         sizes = {s.image.shape[:2] for s in loaded.samples}
         if len(sizes) > 1:  # the victim stacks a batch's images into one tensor
             raise VlmsecError(f"{path}: images come in {len(sizes)} sizes; set data.options.image_size to resize them to one")
@@ -64,16 +69,16 @@ def build_splits(config: ExperimentConfig) -> Splits:
 
         base: list[Sample] = []
         if config.victim.checkpoint is None:
-            base_scenes = sample_scenes(data.base_size, seed=seed * 100 + 1, max_objects=data.max_objects)
+            base_scenes = sample_scenes(data.base_size, seed=derive_seed(seed, "data/base"), max_objects=data.max_objects)
             for i, style in enumerate(data.base_styles):
                 domain = DomainSpec(style=style, instructions=data.base_instructions)
-                base += render(base_scenes[i :: len(data.base_styles)], domain, seed * 100 + 1, f"base-{style}")
+                base += render(base_scenes[i :: len(data.base_styles)], domain, derive_seed(seed, "data/base"), f"base-{style}")
         if train is None:
-            train_scenes = sample_scenes(data.train_size, seed=seed * 100 + 2, max_objects=data.max_objects)
-            train = render(train_scenes, data.source, seed * 100 + 2, "train")
+            train_scenes = sample_scenes(data.train_size, seed=derive_seed(seed, "data/train"), max_objects=data.max_objects)
+            train = render(train_scenes, data.source, derive_seed(seed, "data/train"), "train")
         if tests is None:
-            test_scenes = sample_scenes(data.test_size, seed=seed * 100 + 3, max_objects=data.max_objects)
-            tests = {name: render(test_scenes, domain, seed * 100 + 3, "test") for name, domain in domains.items()}
+            test_scenes = sample_scenes(data.test_size, seed=derive_seed(seed, "data/test"), max_objects=data.max_objects)
+            tests = {name: render(test_scenes, domain, derive_seed(seed, "data/test"), "test") for name, domain in domains.items()}
     return Splits(base, train, _shift_domains(tests, domains, seed), data_stats)
 
 
@@ -95,7 +100,7 @@ def _shift_domains(tests: dict[str, list[Sample]], domains: dict[str, DomainSpec
                     samples = shift_samples(samples, shift.build(), domain=name)
                     bar.advance()
         if spec.mix < 1:
-            samples = mix_domains(tests["source"], samples, spec.mix, seed)
+            samples = mix_domains(tests["source"], samples, spec.mix, derive_seed(seed, f"mix/{name}"))
         shifted[name] = samples
     return shifted
 

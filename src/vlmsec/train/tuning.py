@@ -34,6 +34,7 @@ from transformers import get_cosine_schedule_with_warmup
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import console, progress_bar
+from vlmsec.seeds import seeded
 from vlmsec.victims.architectures import ModeSummary
 from vlmsec.victims.base import Victim
 
@@ -170,8 +171,16 @@ class BatchLoss(nn.Module):
 
 
 def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int, label: str) -> TrainingResult:
-    """Train `victim` in place on `samples`; deterministic for a given seed and number of processes."""
-    torch.manual_seed(seed)
+    """Train `victim` in place on `samples`; deterministic for a given seed and number of processes.
+
+    torch's global generator (LoRA init, dropout) is seeded for the training only (`seeded`).
+    """
+    with seeded(seed):
+        return _train(victim, samples, spec, seed, label)
+
+
+def _train(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int, label: str) -> TrainingResult:
+    """`train_victim`'s loop, inside the seeded block."""
     order_rng = np.random.default_rng(seed)
     accelerator = make_accelerator(spec.precision)
     refuse_lost_processes(accelerator.num_processes)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from vlmsec.errors import VlmsecError
+from vlmsec.seeds import seeded
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 from vlmsec.victims.vision import EfficientNetTowerSpec, VisionTowerSpec, build_tower
 
@@ -43,10 +44,14 @@ class TinyLlavaSpec(BaseModel):
 
 
 def build_tiny_llava(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlavaForConditionalGeneration:
-    """A freshly initialised tiny LLaVA whose tower carries its pretrained weights (none for a ViT from scratch)."""
-    import torch
+    """A freshly initialised tiny LLaVA whose tower carries its pretrained weights (none for a ViT from
+    scratch); weights are initialised from `seed` without touching torch's global generator."""
+    with seeded(seed):
+        return _build(spec, tokenizer)
 
-    torch.manual_seed(seed)
+
+def _build(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+    """`build_tiny_llava` inside its seeded block."""
     tower = build_tower(spec.vision, spec.image_size)
     tower_size = tower.config.image_size
     if "image_size" in spec.model_fields_set and spec.image_size != tower_size:
