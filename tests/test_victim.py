@@ -20,6 +20,7 @@ from vlmsec.victims.llava import IGNORE_INDEX, LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import IMAGE_TOKEN, train_tokenizer
 from vlmsec.victims.vision import EfficientNetLiteVisionModel
+from victim_checks import check_generates_through_greedy_answers
 
 SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300)
 
@@ -123,6 +124,12 @@ def test_batched_generation_equals_one_by_one(victim: LlavaVictim, samples: list
     together = victim.generate(images, instructions, max_new_tokens=8, batch_size=3)
     assert together == alone
     assert len(set(alone)) > 1  # the outputs depend on the input at all
+
+
+def test_generation_goes_through_the_shared_loop(
+    victim: LlavaVictim, samples: list[Sample], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_generates_through_greedy_answers(victim, samples, monkeypatch)
 
 
 def test_generation_follows_the_image(victim: LlavaVictim, samples: list[Sample]) -> None:

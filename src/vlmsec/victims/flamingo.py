@@ -56,6 +56,7 @@ from vlmsec.victims.flamingo_model import (
     VisionAct,
     VisionConfig,
 )
+from vlmsec.victims.generation import greedy_answers, left_pad
 
 if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
@@ -580,21 +581,19 @@ class FlamingoVictim:
         batch_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[str]:
-        """Greedy answers for image-instruction pairs, batched with left padding, stopping at `<|endofchunk|>`."""
+        """Greedy answers for image-instruction pairs (`greedy_answers`): left-padded prompt ids, the LM
+        conditioned on the images' features (through the cache), stopping at `<|endofchunk|>`."""
         self.model.eval()
         features = self.image_features(images)
         pad = self.tokenizer.pad_token_id
         stop = [self.end_of_chunk_id] + (
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         )
-        outputs: list[str] = []
-        for start in range(0, len(instructions), batch_size):
-            prompts = [self.prompt_ids(s) for s in instructions[start : start + batch_size]]
-            width = max(map(len, prompts))
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+
+        def new_tokens(rows: slice) -> torch.Tensor:
+            input_ids, mask = left_pad([self.prompt_ids(s) for s in instructions[rows]], pad, self.device)
             tokens = self.model.generate(
-                features[start : start + batch_size, None].to(self.device),
+                features[rows, None].to(self.device),
                 input_ids,
                 mask,
                 max_new_tokens=max_new_tokens,
@@ -602,11 +601,9 @@ class FlamingoVictim:
                 pad_token_id=pad,
                 eos_token_id=stop,
             )
-            new = tokens[:, width:]
-            outputs.extend(t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True))
-            if on_batch is not None:
-                on_batch(len(prompts))
-        return outputs
+            return tokens[:, input_ids.shape[1] :]
+
+        return greedy_answers(len(instructions), new_tokens, self.tokenizer, batch_size, on_batch)
 
     # ---- training ---------------------------------------------------------------------------
     def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor:
