@@ -35,16 +35,8 @@ from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import load_config, parse_config
 from vlmsec.experiments.runner import Runner, build_splits
 from vlmsec.train.tuning import TrainingSpec
-from vlmsec.victims.flamingo import (
-    ANSWER_TOKEN,
-    END_OF_CHUNK,
-    IMAGE_TOKEN,
-    FlamingoSpec,
-    FlamingoVictim,
-    load_flamingo,
-    load_otter,
-    read_state_dict,
-)
+from vlmsec.victims.flamingo import FlamingoVictim, load_flamingo, load_otter
+from vlmsec.victims.flamingo_files import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, FlamingoSpec, read_state_dict
 from vlmsec.victims.flamingo_model import FlamingoConfig, FlamingoModel, OpenClipVisionTransformer, VisionConfig
 from vlmsec.victims.tokenizer import train_tokenizer
 from victim_checks import check_generates_through_greedy_answers, count_vision_embedding_calls
