@@ -161,6 +161,18 @@ def test_save_load_round_trip(victim: LlavaVictim, saved: Path, samples: list[Sa
     assert loaded.generate(images, instructions, max_new_tokens=8) == victim.generate(images, instructions, max_new_tokens=8)
 
 
+def test_save_and_load_print_no_progress_bar(
+    victim: LlavaVictim, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """transformers' and huggingface_hub's tqdm bars ("Writing model shards", "Loading weights") stay off:
+    they would interleave with ours."""
+    victim.save(tmp_path / "checkpoint")
+    LlavaVictim.load(tmp_path / "checkpoint")
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "%|" not in err, err
+    assert "Writing model shards" not in err and "Loading weights" not in err, err
+
+
 @pytest.mark.parametrize(
     ("remove", "named"),
     [("config.json", "config.json"), ("model.safetensors", "safetensors"), ("tokenizer_config.json", "tokenizer_config.json")],
