@@ -20,6 +20,7 @@ from vlmsec.victims.llava import IGNORE_INDEX, LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import IMAGE_TOKEN, train_tokenizer
 from vlmsec.victims.vision import EfficientNetLiteVisionModel
+from victim_checks import check_generates_through_greedy_answers
 
 SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300)
 
@@ -125,6 +126,12 @@ def test_batched_generation_equals_one_by_one(victim: LlavaVictim, samples: list
     assert len(set(alone)) > 1  # the outputs depend on the input at all
 
 
+def test_generation_goes_through_the_shared_loop(
+    victim: LlavaVictim, samples: list[Sample], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_generates_through_greedy_answers(victim, samples, monkeypatch)
+
+
 def test_generation_follows_the_image(victim: LlavaVictim, samples: list[Sample]) -> None:
     """Two images with the same instruction: features really reach the language model."""
     batch = victim.embed(
@@ -152,6 +159,18 @@ def test_save_load_round_trip(victim: LlavaVictim, saved: Path, samples: list[Sa
     images = [s.image for s in samples[:3]]
     instructions = [s.instruction for s in samples[:3]]
     assert loaded.generate(images, instructions, max_new_tokens=8) == victim.generate(images, instructions, max_new_tokens=8)
+
+
+def test_save_and_load_print_no_progress_bar(
+    victim: LlavaVictim, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """transformers' and huggingface_hub's tqdm bars ("Writing model shards", "Loading weights") stay off:
+    they would interleave with ours."""
+    victim.save(tmp_path / "checkpoint")
+    LlavaVictim.load(tmp_path / "checkpoint")
+    err = capfd.readouterr().err
+    assert "it/s]" not in err and "%|" not in err, err
+    assert "Writing model shards" not in err and "Loading weights" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -36,19 +36,11 @@ from vlmsec.experiments.config import load_config, parse_config
 from vlmsec.experiments.runner import Runner
 from vlmsec.experiments.splits import build_splits
 from vlmsec.train.tuning import TrainingSpec
-from vlmsec.victims.flamingo import (
-    ANSWER_TOKEN,
-    END_OF_CHUNK,
-    IMAGE_TOKEN,
-    FlamingoSpec,
-    FlamingoVictim,
-    load_flamingo,
-    load_otter,
-    read_state_dict,
-)
+from vlmsec.victims.flamingo import FlamingoVictim, load_flamingo, load_otter
+from vlmsec.victims.flamingo_files import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, FlamingoSpec, read_state_dict
 from vlmsec.victims.flamingo_model import FlamingoConfig, FlamingoModel, OpenClipVisionTransformer, VisionConfig
 from vlmsec.victims.tokenizer import train_tokenizer
-from victim_checks import count_vision_embedding_calls
+from victim_checks import check_generates_through_greedy_answers, count_vision_embedding_calls
 
 VISION = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_width=64, output_dim=16)
 LANG_DIM, LANG_LAYERS = 32, 4
@@ -308,6 +300,12 @@ def test_generate_returns_one_string_per_pair(victim: FlamingoVictim, samples: l
     )
     assert len(out) == len(samples) and all(isinstance(t, str) for t in out)
     assert seen == [4, 2]
+
+
+def test_generation_goes_through_the_shared_loop(
+    victim: FlamingoVictim, samples: list[Sample], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_generates_through_greedy_answers(victim, samples, monkeypatch)
 
 
 def test_training_labels_cover_the_answer_and_end_of_chunk_only(victim: FlamingoVictim) -> None:

@@ -41,7 +41,7 @@ from vlmsec.experiments.splits import Splits
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.architectures import ARCHITECTURES, architecture
 from vlmsec.victims.hf import HFVictim
-from victim_checks import check_image_text_shift_size, count_vision_embedding_calls
+from victim_checks import check_generates_through_greedy_answers, check_image_text_shift_size, count_vision_embedding_calls
 
 HIDDEN = 32
 CORPUS_EXTRA = "USER ASSISTANT User Assistant Question Answer system user assistant You are a helpful assistant."
@@ -459,6 +459,10 @@ def test_every_mode_trains_what_the_table_says_then_save_load_generate(name: str
     assert loaded.answer_ids("Describe.", "a red circle.") == victim.answer_ids("Describe.", "a red circle.")
     assert loaded.generate(images, instructions, max_new_tokens=4, batch_size=3) == outputs
     assert [loaded.generate([i], [t], max_new_tokens=4)[0] for i, t in zip(images, instructions)] == outputs
+
+
+def test_generation_goes_through_the_shared_loop(built, samples, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_generates_through_greedy_answers(fresh_victim(built, "llava"), samples, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ARCHS)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from vlmsec.data import Sample
 from vlmsec.eval.shift import image_text_similarities, shift_size
+from vlmsec.victims import generation
 
 
 def count_vision_embedding_calls(monkeypatch: pytest.MonkeyPatch, victim_class: type) -> list[int]:
@@ -36,3 +38,31 @@ def check_image_text_shift_size(victim: Any, samples: Sequence[Sample]) -> np.nd
     inverted = [s.with_changes(image=255 - s.image) for s in samples]
     assert shift_size(samples, inverted, victim) > 0.0
     return values
+
+
+def check_generates_through_greedy_answers(
+    victim: Any, samples: Sequence[Sample], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`victim.generate` answers through the shared `generation.greedy_answers`, once per call, passing on
+    its batch size and progress callback and returning its answers unchanged."""
+    module = importlib.import_module(type(victim).__module__)
+    assert module.greedy_answers is generation.greedy_answers
+    calls: list[tuple[int, int, Callable[[int], None] | None, list[str]]] = []
+
+    def spy(
+        count: int,
+        new_tokens: Callable[[slice], torch.Tensor],
+        tokenizer: Any,
+        batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        answers = generation.greedy_answers(count, new_tokens, tokenizer, batch_size, on_batch)
+        calls.append((count, batch_size, on_batch, answers))
+        return answers
+
+    monkeypatch.setattr(module, "greedy_answers", spy)
+    seen: list[int] = []
+    images, instructions = [s.image for s in samples[:3]], [s.instruction for s in samples[:3]]
+    answers = victim.generate(images, instructions, max_new_tokens=3, batch_size=2, on_batch=seen.append)
+    assert calls == [(3, 2, seen.append, answers)]
+    assert seen == [2, 1] and len(answers) == 3

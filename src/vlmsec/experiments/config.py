@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.seeds import MAX_SEED, derive_seed
 from vlmsec.train.tuning import TrainingSpec
-from vlmsec.victims.flamingo import FlamingoParts, FlamingoSpec
+from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
 from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoint
 

@@ -45,6 +45,7 @@ from vlmsec.victims.architectures import (
     unfreeze,
 )
 from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.generation import greedy_answers
 
 if TYPE_CHECKING:
     from vlmsec.data.sample import Sample
@@ -415,14 +416,13 @@ class HFVictim:
         batch_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[str]:
-        """Greedy answers for image-instruction pairs, batched with left padding."""
+        """Greedy answers for image-instruction pairs (`greedy_answers`), the processor padding on the left."""
         self.model.eval()
-        outputs: list[str] = []
-        for start in range(0, len(instructions), batch_size):
-            chunk = instructions[start : start + batch_size]
+
+        def new_tokens(rows: slice) -> torch.Tensor:
             inputs = self.processor(
-                images=to_pil(images[start : start + batch_size]),
-                text=[self.prompt(i) for i in chunk],
+                images=to_pil(images[rows]),
+                text=[self.prompt(i) for i in instructions[rows]],
                 padding=True,
                 padding_side="left",
                 return_tensors="pt",
@@ -437,11 +437,9 @@ class HFVictim:
                 pad_token_id=self.pad_id,
                 eos_token_id=self.stop_ids,
             )
-            new_tokens = tokens[:, inputs["input_ids"].shape[1] :]
-            outputs.extend(t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-            if on_batch is not None:
-                on_batch(len(chunk))
-        return outputs
+            return tokens[:, inputs["input_ids"].shape[1] :]
+
+        return greedy_answers(len(instructions), new_tokens, self.tokenizer, batch_size, on_batch)
 
     # ---- persistence ------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:

@@ -28,6 +28,7 @@ from vlmsec.victims import vision  # registers the EfficientNet and open_clip to
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
 from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
 from vlmsec.victims.features import FeatureCache, tensor_digest
+from vlmsec.victims.generation import greedy_answers, left_pad
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
 if TYPE_CHECKING:
@@ -287,29 +288,24 @@ class LlavaVictim:
         batch_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[str]:
-        """Greedy answers for image-instruction pairs, batched with left padding."""
+        """Greedy answers for image-instruction pairs (`greedy_answers`): left-padded prompt ids,
+        the images' features (through the cache) in their image slots."""
         self.model.eval()
         features = self.image_features(images)
         pad, device = self.tokenizer.pad_token_id, self.model.device
-        outputs: list[str] = []
-        for start in range(0, len(instructions), batch_size):
-            prompts = [self.prompt_ids(s) for s in instructions[start : start + batch_size]]
-            width = max(map(len, prompts))
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            embeds = self.embed(input_ids, features[start : start + batch_size].to(device))
-            new_tokens = self.model.generate(
-                inputs_embeds=embeds,
+
+        def new_tokens(rows: slice) -> torch.Tensor:
+            input_ids, mask = left_pad([self.prompt_ids(s) for s in instructions[rows]], pad, device)
+            return self.model.generate(  # from embeddings alone, generate returns the new tokens only
+                inputs_embeds=self.embed(input_ids, features[rows].to(device)),
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
-            outputs.extend(t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-            if on_batch is not None:
-                on_batch(len(prompts))
-        return outputs
+
+        return greedy_answers(len(instructions), new_tokens, self.tokenizer, batch_size, on_batch)
 
     # ---- persistence ------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:

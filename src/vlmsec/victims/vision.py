@@ -32,7 +32,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmsec.errors import VlmsecError
-from vlmsec.victims.flamingo import load_vision_encoder
+from vlmsec.victims.flamingo_files import load_vision_encoder
 from vlmsec.victims.flamingo_model import OpenClipVisionTransformer, VisionAct, VisionConfig
 
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
