@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from vlmsec.cli import app
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import ExperimentConfig, load_config, preset_names
+from vlmsec.seeds import derive_seed
 
 # (yaml text, pieces the error message must contain besides the file name)
 BAD_CONFIGS = {
@@ -49,7 +50,7 @@ def test_quickstart_preset_loads() -> None:
     assert isinstance(config, ExperimentConfig)
     assert config.name == "quickstart"
     assert [a.name for a in config.attacks] == ["badnets", "blended"]
-    assert config.attacks[1].params == {"alpha": 0.2, "key": "cartoon"}
+    assert config.attacks[1].params == {"alpha": 0.2, "key": "cartoon", "seed": derive_seed(0, "attack/blended")}
     assert config.poison.rate == 0.05
     assert config.poison.target.word == "banana"
     assert set(config.data.shifted) == {"textured", "painted", "paraphrased"}

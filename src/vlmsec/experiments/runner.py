@@ -32,7 +32,7 @@ from accelerate.utils import parse_flag_from_env
 from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
 from vlmsec.attacks.targets import clip_templates
-from vlmsec.data.sample import fingerprint
+from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import cached_generations
@@ -46,7 +46,7 @@ from vlmsec.progress import console, progress_bar, stage_line
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims import hf
-from vlmsec.victims.base import Victim
+from vlmsec.victims.base import Victim, fit_answers
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo import CONFIG_FILE as FLAMINGO_CONFIG_FILE, FlamingoVictim, load_flamingo, load_otter
 from vlmsec.victims.llava import LlavaVictim
@@ -171,14 +171,15 @@ class Runner:
         """Let one attack learn its trigger (see `prepare_attacks`)."""
         self.prepare_attacks([attack], splits, base)
 
-    def prepare_attacks(self, attacks: Iterable[Attack], splits: Splits, base: tuple[Path, str]) -> None:
-        """Let each attack learn its trigger; gray- and white-box ones get the untuned base victim,
-        whatever its kind, loaded once for all of them (a real checkpoint is gigabytes).
+    def prepare_attacks(
+        self, attacks: Iterable[Attack], splits: Splits, base: tuple[Path, str], victim: Victim | None = None
+    ) -> None:
+        """Let each attack learn its trigger; gray- and white-box ones get the untuned base victim
+        (`victim`, or loaded once for all of them: a real checkpoint is gigabytes), whatever its kind.
 
         An attack that cannot use this victim (gcg on InstructBLIP, white-box image attacks on an
         architecture that tiles images) stops the run with an error naming both.
         """
-        victim: Victim | None = None
         for attack in attacks:
             context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
             if type(attack).prepare is not Attack.prepare and attack.knowledge != "black-box":
@@ -187,6 +188,17 @@ class Runner:
                 context.victim = victim
             with self.state.main_process_first():  # learned triggers are trained once, cached, then read
                 attack.prepare(context)
+
+    def fit_tuning_set(self, splits: Splits, victim: Victim) -> None:
+        """Cut tuning answers that would not fit the victim's length (`fit_answers`), counted in data.json."""
+        splits.train, cut = fit_answers(victim, splits.train)
+        if not cut:
+            return
+        console.print(f"data: {len(cut)} tuning answers cut to the victim's {victim.max_sequence_length} tokens ({', '.join(cut[:3])}...)")
+        train = splits.data_stats.setdefault("train", {"file": "(generated)", "format": "scenes", "samples": len(splits.train)})
+        train["truncated"] = len(cut)
+        if self.state.is_main_process:
+            write_json_atomic(self.out / "data.json", splits.data_stats)
 
     def load_victim(self, folder: Path) -> Victim:
         """A saved or base victim, by victim.kind.
@@ -240,6 +252,7 @@ class Runner:
             console.print(f"{name}: tuned model found in {folder}")
             return self.load_victim(folder)
         victim = self.load_victim(base[0])
+        refuse_cut_targets(victim, samples, ids)
         result = train_victim(victim, samples, c.tuning, seed=derive_seed(c.seed, "tuning"), label=name)
         record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
         if self.state.is_main_process:
@@ -300,8 +313,11 @@ class Runner:
         attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
         lap("data", "base victim")
         base = self.base_victim(splits)
+        base_model = self.load_victim(base[0])
+        self.fit_tuning_set(splits, base_model)
         lap("base", "attacks")
-        self.prepare_attacks(attacks.values(), splits, base)
+        self.prepare_attacks(attacks.values(), splits, base, base_model)
+        del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
         plans = plan_models(c)
         lap("attacks", f"tune {plans[0].name}")
@@ -337,3 +353,18 @@ class Runner:
             stage,
             self.out / "generations" / f"{plan.name}.json",
         )
+
+
+def refuse_cut_targets(victim: Victim, samples: list[Sample], poisoned_ids: list[str]) -> None:
+    """A poisoned sample whose triggered prompt + target answer would not fit the victim is an
+    error naming it: the victim would be tuned on a cut target, not the attacker's."""
+    limit = victim.max_sequence_length
+    if limit is None or not poisoned_ids:
+        return
+    chosen = set(poisoned_ids)
+    for sample in samples:
+        if sample.id in chosen and (length := victim.sequence_length(sample.instruction, sample.answer)) > limit:
+            raise VlmsecError(
+                f"poisoned sample {sample.id}: triggered prompt + target answer take {length} tokens, "
+                f"over the victim's {limit}; the target would be cut"
+            )

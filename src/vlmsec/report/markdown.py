@@ -84,11 +84,16 @@ def _data_section(run_dir: Path) -> list[str]:
     def counts(value: Any) -> str:
         return ", ".join(f"{kind} {n}" for kind, n in value.items()) if isinstance(value, dict) and value else "–"
 
-    lines = ["## Data", "", "| split | file | format | samples | converted | skipped | ignored |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Data",
+        "",
+        "| split | file | format | samples | converted | skipped | ignored | answers cut to the victim's length |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for split, r in reads.items():
         lines.append(
             f"| {split} | `{Path(str(r.get('file', '?'))).name}` | {r.get('format', '?')} | {r.get('samples', '?')} "
-            f"| {counts(r.get('converted'))} | {counts(r.get('skipped'))} | {counts(r.get('ignored'))} |"
+            f"| {counts(r.get('converted'))} | {counts(r.get('skipped'))} | {counts(r.get('ignored'))} | {r.get('truncated', 0)} |"
         )
     return [*lines, ""]
 

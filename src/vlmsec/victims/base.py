@@ -30,7 +30,7 @@ tokens depend on the instruction (InstructBLIP) has no such shared space and ref
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,13 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmsec.errors import VlmsecError
 from vlmsec.victims.features import tensor_digest
+
+from vlmsec.data.sample import Sample
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
-    from vlmsec.data.sample import Sample
     from vlmsec.train.tuning import TrainingSpec
     from vlmsec.victims.architectures import ModeSummary
 
@@ -120,6 +122,13 @@ class Victim(Protocol):
 
     def prompt(self, instruction: str) -> str:
         """The text prompt for one instruction, as the model sees it before the answer."""
+
+    def sequence_length(self, instruction: str, answer: str) -> int:
+        """How many tokens prompt + answer take in a training row (image tokens included where they sit)."""
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The longest row the language model takes (its position limit); None when unknown."""
 
     def generate(
         self,
@@ -197,3 +206,32 @@ def tower_key(tower: nn.Module, image_size: Any, mean: Any, std: Any) -> dict[st
         "image_size": image_size,
         "pixels": [mean, std],
     }
+
+
+def fit_answers(victim: Victim, samples: Sequence[Sample]) -> tuple[list[Sample], list[str]]:
+    """`samples` with every answer cut (at a word) so prompt + answer fit the victim's
+    `max_sequence_length`, and the ids of those cut: a 100k-character caption would otherwise
+    ask for hundreds of GB at the first training step. A prompt that alone leaves no room for
+    an answer is an error naming the sample."""
+    limit = victim.max_sequence_length
+    if limit is None:
+        return list(samples), []
+    fitted: list[Sample] = []
+    cut: list[str] = []
+    for sample in samples:
+        if victim.sequence_length(sample.instruction, sample.answer) <= limit:
+            fitted.append(sample)
+            continue
+        words = sample.answer.split()
+        low, high = 0, len(words)  # the longest prefix of words that fits: binary search
+        while low < high:
+            middle = (low + high + 1) // 2
+            if victim.sequence_length(sample.instruction, " ".join(words[:middle])) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        if low == 0:
+            raise VlmsecError(f"sample {sample.id}: its instruction alone takes the victim's whole {limit}-token length")
+        fitted.append(replace(sample, answer=" ".join(words[:low])))
+        cut.append(sample.id)
+    return fitted, cut

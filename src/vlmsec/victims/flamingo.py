@@ -59,6 +59,8 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "flamingo.json"
 LANG_CONFIG_DIR = "lang_encoder"
+# Where causal-LM configs keep their position limit (Llama / GPT-NeoX, GPT-2, MPT).
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 
 # ---- the victim ----------------------------------------------------------------------------------
@@ -128,6 +130,16 @@ class FlamingoVictim:
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of an answer as Otter trains it: a space, the answer, `<|endofchunk|>`."""
         return self.tokenizer(f" {answer.strip()}{END_OF_CHUNK}", add_special_tokens=False).input_ids
+
+    def sequence_length(self, instruction: str, answer: str) -> int:
+        """Tokens of prompt + answer, as `encode_training` lays them out."""
+        return len(self.prompt_ids(instruction)) + len(self.answer_ids(answer))
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The language model's position limit, when its config names one."""
+        config = self.model.lang_encoder.config
+        return next((getattr(config, k) for k in POSITION_LIMITS if getattr(config, k, None)), None)
 
     def encode_training(self, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded input ids, attention mask and labels (loss on answer tokens only)."""

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from vlmsec.errors import VlmsecError
+from vlmsec.seeds import seeded
 from vlmsec.victims.flamingo_model import (
     FlamingoConfig,
     FlamingoModel,
@@ -205,8 +206,7 @@ def _resize_embeddings(lm: PreTrainedModel, rows: int) -> None:
     makes every load of the same files the same model, so runs are reproducible and a tuned
     model differs from its base only where tuning changed it.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         lm.resize_token_embeddings(rows)
 
 

@@ -134,6 +134,7 @@ class HFVictim:
         self.stop_ids: list[int] = sorted({*eos, self.tokenizer.eos_token_id})
         pad = self.tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else self.tokenizer.eos_token_id
+        self._prompt_lengths: dict[str, int] = {}  # `sequence_length`'s processor runs, per instruction
         self.model.requires_grad_(False)
 
     # ---- text -----------------------------------------------------------------------
@@ -178,6 +179,21 @@ class HFVictim:
         return ids
 
     # ---- training ---------------------------------------------------------------------
+    def sequence_length(self, instruction: str, answer: str) -> int:
+        """Tokens of prompt (image tokens as the processor expands them) + answer, as `encode_training` lays them out."""
+        if instruction not in self._prompt_lengths:  # the processor runs once per distinct instruction
+            blank = Image.new("RGB", (32, 32))
+            self._prompt_lengths[instruction] = int(
+                self.processor(images=[blank], text=[self.prompt(instruction)], return_tensors="pt")["attention_mask"].sum()
+            )
+        return self._prompt_lengths[instruction] + len(self.answer_ids(instruction, answer))
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The language model's position limit, when its config names one."""
+        text_config = self.model.config.get_text_config()
+        return getattr(text_config, "max_position_embeddings", None)
+
     def encode_training(
         self, images: Sequence[Image.Image], instructions: Sequence[str], answers: Sequence[str]
     ) -> dict[str, torch.Tensor]:

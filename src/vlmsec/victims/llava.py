@@ -124,6 +124,15 @@ class LlavaVictim:
         ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids
         return [*ids, self.tokenizer.eos_token_id]
 
+    def sequence_length(self, instruction: str, answer: str) -> int:
+        """Tokens of prompt (image tokens expanded) + answer, as `encode_training` lays them out."""
+        return len(self.prompt_ids(instruction)) + len(self.answer_ids(answer))
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The language model's position limit."""
+        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+
     def encode_training(self, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded input ids, attention mask and labels (loss on answer tokens only)."""
         rows = []
