@@ -34,6 +34,64 @@ BAD_CONFIGS = {
     "reserved attack label": ("attacks:\n  - {name: badnets, label: clean}\n", ["attacks", "clean"]),
     "test files without source": ("data:\n  test_files: {other: x.json}\n", ["data.test_files", "source"]),
     "not a mapping": ("- just\n- a list\n", ["mapping"]),
+    # strict types: no bool or string coerced into a number
+    "bool for an int": ("data: {train_size: true}\n", ["data.train_size", "integer"]),
+    "string for an int": ('data: {train_size: "200"}\n', ["data.train_size", "integer"]),
+    "bool for a float": ("tuning: {learning_rate: true}\n", ["tuning.learning_rate"]),
+    "string for a float": ('poison: {rate: "0.1"}\n', ["poison.rate"]),
+    "string for a bool": ('eval: {shift_size: "false"}\n', ["eval.shift_size", "boolean"]),
+    "bool in reader options": ("data: {options: {limit: true}}\n", ["data.options", "limit"]),
+    # non-finite numbers
+    "infinite learning rate": ("tuning: {learning_rate: .inf}\n", ["tuning.learning_rate", "finite"]),
+    "infinite epochs": ("tuning: {epochs: .inf}\n", ["tuning.epochs", "finite"]),
+    "NaN base learning rate": ("base:\n  training: {learning_rate: .nan}\n", ["base.training.learning_rate", "finite"]),
+    "NaN domain mix": ("data:\n  source: {mix: .nan}\n", ["data.source.mix", "finite"]),
+    "NaN poison rate": ("poison: {rate: .nan}\n", ["poison.rate", "finite"]),
+    "NaN sweep rate": (
+        "attacks: [{name: badnets}]\nsweep: {attacks: [badnets], rates: [0.1, .nan]}\n",
+        ["sweep.rates.1", "finite"],
+    ),
+    # seeds in [0, 2**32 - 1]
+    "seed 1e30": ("seed: 1.0e+30\n", ["seed", "integer"]),
+    "seed 1e30 as YAML 1.2 writes it": ("seed: 1e30\n", ["seed", "integer"]),
+    "seed past 32 bits": ("seed: 4294967296\n", ["seed", "4294967295"]),
+    "huge poison seed": ("poison: {seed: 1000000000000000000000000000000}\n", ["poison.seed", "4294967295"]),
+    "negative poison seed": ("poison: {seed: -1}\n", ["poison.seed", "0"]),
+    "huge caption seed": ("data: {options: {seed: 99999999999999}}\n", ["data.options", "seed"]),
+    # duplicate keys name the key and both lines
+    "duplicate key": ("name: x\nseed: 1\nseed: 2\n", ["line 3", "duplicate key 'seed'", "line 2"]),
+    "duplicate nested key": ("tuning:\n  epochs: 1\n  mode: full\n  epochs: 2\n", ["line 4", "'epochs'", "line 2"]),
+    # poison rates: above 0 with attacks, and at least one poisoned sample
+    "zero rate with attacks": ("poison: {rate: 0}\nattacks: [{name: badnets}]\n", ["poison.rate", "clean one"]),
+    "rate rounds to no sample": (
+        "data: {train_size: 10}\npoison: {rate: 0.01}\nattacks: [{name: badnets}]\n",
+        ["poison.rate", "a set of 10 samples", "rounds to 0", "data.train_size"],
+    ),
+    "sweep rate rounds to no sample": (
+        "data: {train_size: 100}\nattacks: [{name: badnets}]\nsweep: {attacks: [badnets], rates: [0.1, 0.004]}\n",
+        ["sweep.rates[1]", "'badnets'", "0.004", "rounds to 0"],
+    ),
+    "partial-trigger negatives do not fit": (
+        "poison: {rate: 0.4}\nattacks: [{name: dualkey}]\n",
+        ["poison.rate", "dualkey", "negatives do not fit"],
+    ),
+    # names that become paths stay inside the run folder
+    "label climbing out": ("attacks:\n  - {name: badnets, label: ../../../../x/victim}\n", ["attacks.0.label", "'/'"]),
+    "label ..": ('attacks:\n  - {name: badnets, label: ".."}\n', ["attacks.0.label", "start with '.'"]),
+    "label with a backslash": ('attacks:\n  - {name: badnets, label: "a\\\\b"}\n', ["attacks.0.label", "'\\\\'"]),
+    "label with NUL": ('attacks:\n  - {name: badnets, label: "a\\0b"}\n', ["attacks.0.label", "'\\x00'"]),
+    "empty label": ('attacks:\n  - {name: badnets, label: ""}\n', ["attacks.0.label", "empty"]),
+    "absolute name": ("name: /tmp/x\n", ["name", "'/'"]),
+    "hidden name": ("name: .x\n", ["name", "start with '.'"]),
+    "long name": ("name: " + "n" * 300 + "\n", ["name", "300 characters", "at most 100"]),
+    "label that is a sweep point's name": (
+        "attacks:\n  - {name: badnets}\n  - {name: blended, label: badnets@10%}\nsweep: {attacks: [badnets], rates: [0.1]}\n",
+        ["sweep", "'badnets@10%'", "overwrite"],
+    ),
+    "sweep rates that print alike": (
+        "attacks: [{name: badnets}]\nsweep: {attacks: [badnets], rates: [0.01, 0.0100000001]}\n",
+        ["sweep", "'badnets@1%'"],
+    ),
 }
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from vlmsec.data import Sample, make_samples, sample_scenes
+from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.llava import LlavaVictim
@@ -126,3 +127,18 @@ def test_same_seed_same_weights(samples, tokenizer, features) -> None:
     assert losses_a == losses_b
     assert not changed(a, b)
     assert changed(a, c)  # the seed really matters (batch order), so the check above can fail
+
+
+def test_a_non_finite_loss_stops_the_stage_naming_label_and_step(samples, tokenizer, features) -> None:
+    victim = fresh_victim(tokenizer, features)
+    real_loss, calls = victim.batch_loss, []
+
+    def diverging(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    victim.batch_loss = diverging
+    with pytest.raises(VlmsecError, match=r"badnets: training loss is nan at step 3 of 6"):
+        train_victim(victim, samples, short("full", steps=6), seed=0, label="badnets")
+    assert len(calls) == 3  # stopped there, not trained on to the end

@@ -1,4 +1,4 @@
-"""Atomic writes and content hashes, shared by every stage that leaves files behind."""
+"""Atomic writes, writable-folder checks and content hashes, shared by every stage that leaves files behind."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from vlmsec.errors import VlmsecError
 
 
 @contextmanager
@@ -26,6 +28,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Create folder `path` (and its parents) and a file in it, or raise VlmsecError naming `what`.
+
+    A run writes its folder and cache only after stages that may train for hours; checked
+    up front, a read-only or mistyped folder fails in a second. `what` names the option.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".vlmsec-write-check.", dir=path):
+            pass
+    except OSError as exc:
+        raise VlmsecError(f"{what} {path}: cannot write there: {exc.strerror or exc}") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

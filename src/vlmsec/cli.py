@@ -34,13 +34,19 @@ def run(
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Shared stage cache (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
 ) -> None:
     """Poison, tune, evaluate and report, as the config says."""
+    from vlmsec.artifacts import check_writable
     from vlmsec.experiments.config import load_config
     from vlmsec.experiments.runner import Runner
+    from vlmsec.experiments.stages import default_cache_dir
 
     try:
         cfg = load_config(config)
         run_dir = out if out is not None else Path("runs") / cfg.name
-        metrics = Runner(cfg, run_dir, cache).run()
+        cache_dir = cache if cache is not None else default_cache_dir()
+        # Checked now: the run writes them only after stages that may train for hours.
+        check_writable(run_dir, "--out" if out is not None else "run folder (the default of --out)")
+        check_writable(cache_dir, "--cache" if cache is not None else "cache folder (the default of --cache, $VLMSEC_CACHE)")
+        metrics = Runner(cfg, run_dir, cache_dir).run()
     except VlmsecError as err:
         _fail(err)
     from vlmsec.eval.scoring import METRICS, metric_order

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vlmsec.errors import VlmsecError, validation_messages
+from vlmsec.inputs import Seed
 
 if TYPE_CHECKING:
     from vlmsec.attacks.targets import TargetAnswer
@@ -30,10 +31,10 @@ Stage = Literal["training", "inference"]
 
 
 class AttackParams(BaseModel):
-    """Base for an attack's parameters: unknown fields are errors, values are immutable."""
+    """Base for an attack's parameters: unknown fields are errors, values are immutable, floats finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    seed: Seed = 0
 
 
 @dataclass

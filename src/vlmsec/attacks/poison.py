@@ -45,22 +45,11 @@ def poison_samples(
     negatives are the Dual-Key paper's recipe for "one key alone -> clean answer"; they
     are not counted in the poison rate because their answers are clean.
     """
-    if not 0 <= rate <= 1:
-        raise VlmsecError(f"poison rate must be in [0, 1], got {rate}")
-    count = round(rate * len(samples))
-    if rate > 0 and count == 0:
-        raise VlmsecError(
-            f"a set of {len(samples)} samples is too small for poison rate {rate}: it rounds to 0 samples"
-        )
+    partials = attack.partial_triggers()
+    count = poison_count(len(samples), rate, len(partials), attack.name)
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise VlmsecError("sample ids must be unique to record which samples are poisoned")
-    partials = attack.partial_triggers()
-    if count * (1 + len(partials)) > len(samples):
-        raise VlmsecError(
-            f"poison rate {rate} is too high for {attack.name!r}: {count} poisoned samples and "
-            f"{len(partials)} x {count} partial-trigger negatives do not fit in {len(samples)} samples"
-        )
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(samples), size=count, replace=False).tolist())
     triggered = trigger_samples([samples[i] for i in chosen], attack)
@@ -81,6 +70,26 @@ def poison_samples(
         rate=rate,
         negative_ids=sorted(ids[i] for i in negatives),
     )
+
+
+def poison_count(n_samples: int, rate: float, partials: int, attack: str) -> int:
+    """How many of `n_samples` the recipe poisons at `rate`: `round(rate * n_samples)`.
+
+    Raises VlmsecError when a positive rate rounds to no sample, or when the poisoned samples
+    and the `partials` groups of partial-trigger negatives of the same size do not fit. The
+    config checks its rates with this before any stage runs.
+    """
+    if not 0 <= rate <= 1:
+        raise VlmsecError(f"poison rate must be in [0, 1], got {rate}")
+    count = round(rate * n_samples)
+    if rate > 0 and count == 0:
+        raise VlmsecError(f"a set of {n_samples} samples is too small for poison rate {rate}: it rounds to 0 samples")
+    if count * (1 + partials) > n_samples:
+        raise VlmsecError(
+            f"poison rate {rate} is too high for {attack!r}: {count} poisoned samples and "
+            f"{partials} x {count} partial-trigger negatives do not fit in {n_samples} samples"
+        )
+    return count
 
 
 def trigger_samples(samples: Sequence[Sample], attack: Attack) -> list[Sample]:

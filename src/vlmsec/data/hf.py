@@ -10,7 +10,6 @@ feature type and usual names, or set by option. Images are decoded by vlmsec, ne
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from vlmsec.data.llava_json import strip_image_token
-from vlmsec.data.reading import CaptionOptions, DataStats, FolderOptions, ImageReader, collect, resolve_root
+from vlmsec.data.reading import CaptionOptions, DataStats, FolderOptions, ImageReader, collect, parse_json, resolve_root
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
 
@@ -144,7 +143,7 @@ def _parquet_part(file: Path, split: str | None) -> _Part:
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
         raise VlmsecError(f"{file}: cannot read parquet: {exc}") from exc
     schema = parquet.schema_arrow
-    metadata = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+    metadata = parse_json((schema.metadata or {}).get(b"huggingface", b"{}"), f"{file}: huggingface metadata")
     features = metadata.get("info", {}).get("features", {})
 
     def batches() -> Iterator[list[dict[str, Any]]]:
@@ -159,7 +158,7 @@ def _disk_parts(path: Path, splits: list[str] | None) -> list[_Part]:
 
     try:
         loaded = load_from_disk(str(path))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise VlmsecError(f"{path}: cannot load save_to_disk data set: {exc}") from exc
     if isinstance(loaded, DatasetDict):
         if splits is None and len(loaded) > 1:

@@ -45,13 +45,14 @@ def decode_image(source: Path | bytes, alpha: AlphaHandling = "drop") -> tuple[n
     """Decode an image file (a path) or encoded image bytes as H x W x 3 uint8 RGB.
 
     Also returns which conversion it took ("greyscale", "rgba", "palette", "cmyk", "16-bit",
-    ...; None for 8-bit RGB), so data readers can count what they changed.
+    "16-bit rgb", ...; None for 8-bit RGB), so data readers can count what they changed.
     """
     where = f"{source}: cannot read image" if isinstance(source, Path) else "cannot decode image bytes"
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+            sixteen_bit = _stored_sixteen_bit(image)  # known from the file's tiles, which load() drops
             image.load()
-            return _to_rgb(image, alpha), _conversion_kind(image)
+            return _to_rgb(image, alpha), _conversion_kind(image, sixteen_bit)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise VlmsecError(f"{where}: {exc}") from exc
 
@@ -68,9 +69,23 @@ def save_image(image: np.ndarray, path: str | Path) -> None:
         Image.fromarray(image).save(tmp, format=image_format)
 
 
-def _conversion_kind(image: Image.Image) -> str | None:
+def _stored_sixteen_bit(image: Image.Image) -> bool:
+    """Whether the file stores 16 bits a channel that Pillow narrows to 8 as it loads (48-bit RGB PNGs).
+
+    Such images open in mode "RGB"; only the raw mode of their tiles ("RGB;16B") tells.
+    """
+    for tile in image.tile:
+        raw = tile[3][0] if isinstance(tile[3], tuple) and tile[3] else tile[3]
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
+
+
+def _conversion_kind(image: Image.Image, sixteen_bit: bool) -> str | None:
     if image.mode == "RGB":
-        return "transparency" if image.has_transparency_data else None
+        if image.has_transparency_data:
+            return "transparency"
+        return "16-bit rgb" if sixteen_bit else None
     return _CONVERSION_KINDS.get(image.mode, image.mode.lower())
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,11 @@ from vlmsec.data.reading import (
     ReadOptions,
     collect,
     load_json,
+    parse_json,
 )
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
+from vlmsec.inputs import PathInput
 
 ID_COLUMNS = ("id", "image_id", "key")
 _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
@@ -45,7 +46,7 @@ _URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 class MimicitOptions(ReadOptions):
     """Options of the MIMIC-IT reader."""
 
-    images_file: Path | None = Field(
+    images_file: PathInput | None = Field(
         None,
         description="id -> base64 images (.json or .parquet), relative to the instruction file's folder; "
         "default: found beside it from the image ids' prefix (LA.parquet, LA.json, LA_images.json, ...)",
@@ -158,7 +159,7 @@ def _load_parquet_images(images_file: Path, wanted: set[str]) -> dict[str, str |
         return {}
     try:
         schema = pq.read_schema(images_file)
-        pandas_metadata = json.loads((schema.metadata or {}).get(b"pandas", b"{}"))
+        pandas_metadata = parse_json((schema.metadata or {}).get(b"pandas", b"{}"), f"{images_file}: pandas metadata")
         pandas_index = [c for c in pandas_metadata.get("index_columns", []) if isinstance(c, str)]
         id_column = next((c for c in [*pandas_index, *ID_COLUMNS] if c in schema.names), None)
         data_column = "base64" if "base64" in schema.names else next((c for c in schema.names if c != id_column), None)

@@ -18,12 +18,13 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from vlmsec.data.images import decode_image
 from vlmsec.data.sample import Sample
 from vlmsec.data.scenes import INSTRUCTION_BANKS
 from vlmsec.errors import VlmsecError
+from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
 
 # Why an entry was skipped (on_missing: skip); the keys of DataStats.skipped.
 NO_IMAGE = "no image"
@@ -37,7 +38,7 @@ EXAMPLES_KEPT = 5  # skipped entries named in data.json, so a user can look at a
 class ReadOptions(BaseModel):
     """Options every reader takes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     on_missing: Literal["error", "skip"] = Field(
         "error",
@@ -55,7 +56,7 @@ class ReadOptions(BaseModel):
 class FolderOptions(ReadOptions):
     """Options of readers whose entries name image files."""
 
-    image_root: Path | None = Field(
+    image_root: PathInput | None = Field(
         None,
         description="folder image paths are relative to and must stay inside; relative to the data set's folder (default)",
     )
@@ -64,10 +65,12 @@ class FolderOptions(ReadOptions):
 class CaptionOptions(BaseModel):
     """Options of readers that pair captions with an instruction from a bank."""
 
+    model_config = STRICT_INPUT
+
     instructions: str | list[str] = Field(
         "source", description="an instruction bank of vlmsec.data.scenes (source, paraphrased) or a list of instructions"
     )
-    seed: int = Field(0, description="which instruction each image gets (a hash of seed and sample id)")
+    seed: Seed = Field(0, description="which instruction each image gets (a hash of seed and sample id)")
 
     @field_validator("instructions")
     @classmethod
@@ -185,10 +188,17 @@ def load_json(path: Path) -> Any:
         raise VlmsecError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise VlmsecError(f"{path}: cannot read file: {exc}") from exc
+    return parse_json(text, str(path))
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """Parsed JSON from a user's file; errors name `where` (and the line, for bad JSON)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise VlmsecError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise VlmsecError(f"{where}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except RecursionError:
+        raise VlmsecError(f"{where}: JSON nested too deeply to read") from None
 
 
 def collect(builds: Iterable[Callable[[], list[Sample]]], options: ReadOptions, stats: DataStats) -> list[Sample]:

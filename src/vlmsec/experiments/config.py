@@ -1,21 +1,24 @@
 """The experiment config: one YAML file drives every stage of a run.
 
 Every model here forbids unknown fields, so a typo in a config is an error that names the
-field rather than a silently ignored setting. `load_config` accepts a YAML path or the
-name of a packaged preset (`quickstart`).
+field rather than a silently ignored setting, and types are strict (vlmsec.inputs): `true`
+is not 1, "200" is not 200, .inf and .nan are not numbers. `load_config` accepts a YAML path
+or the name of a packaged preset (`quickstart`).
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vlmsec.errors import VlmsecError, validation_messages
-from vlmsec.seeds import MAX_SEED, derive_seed
+from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
+from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import TrainingSpec
 from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
@@ -23,7 +26,31 @@ from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoi
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
+
+
+NAME_MAX = 100  # characters of a name that becomes a file or folder name
+
+
+def check_file_name(value: str) -> str:
+    """`value`, if it is safe as one file or folder name inside the run folder; else a ValueError.
+
+    Run names and attack labels become `runs/<name>`, `checkpoints/<label>`, ...: a separator,
+    a leading dot ("..") or a control character would put files elsewhere, or nowhere.
+    """
+    if not value:
+        raise ValueError("must not be empty (it names a file or folder)")
+    if len(value) > NAME_MAX:
+        raise ValueError(f"{len(value)} characters is too long for a file or folder name (at most {NAME_MAX})")
+    bad = sorted({c for c in value if c in "/\\" or not c.isprintable()})
+    if bad:
+        raise ValueError(f"{value!r} names a file or folder and must not contain {', '.join(map(repr, bad))}")
+    if value.startswith("."):
+        raise ValueError(f"{value!r} names a file or folder and must not start with '.'")
+    return value
+
+
+FileName = Annotated[str, AfterValidator(check_file_name)]
 
 
 class ShiftSpec(_Strict):
@@ -82,8 +109,8 @@ class DataSpec(_Strict):
     train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
     test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
     source: DomainSpec = Field(default_factory=DomainSpec)
-    train_file: Path | None = Field(None, description="data set to tune on instead of generated scenes (see `format`)")
-    test_files: dict[str, Path] = Field(
+    train_file: PathInput | None = Field(None, description="data set to tune on instead of generated scenes (see `format`)")
+    test_files: dict[str, PathInput] = Field(
         default_factory=dict, description="domain name -> data set; replaces generated test sets, needs 'source'"
     )
     format: str = Field("auto", description="format of the data files: auto (by content), llava, karpathy, mimicit, huggingface")
@@ -205,7 +232,7 @@ class AttackSpec(_Strict):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, description="name in reports; defaults to `name`")
+    label: FileName | None = Field(None, description="name in reports and of the model's files; defaults to `name`")
 
     @property
     def key(self) -> str:
@@ -215,8 +242,8 @@ class AttackSpec(_Strict):
 class PoisonSpec(_Strict):
     """How much of the tuning set the attacker controls, and the seed that picks it."""
 
-    rate: float = Field(0.05, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="picks the poisoned samples; default: derived from the top-level seed")
+    rate: float = Field(0.05, ge=0, le=1, description="0 only for a clean-only run (no attacks)")
+    seed: Seed | None = Field(None, description="picks the poisoned samples; default: derived from the top-level seed")
     target: TargetSpec = Field(default_factory=TargetSpec)
 
 
@@ -252,8 +279,8 @@ class SweepSpec(_Strict):
 class ExperimentConfig(_Strict):
     """Everything a run needs; the resolved form is written to the run folder."""
 
-    name: str = "experiment"
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="every other seed derives from it unless set (vlmsec.seeds)")
+    name: FileName = Field("experiment", description="the run folder is runs/<name> unless --out is given")
+    seed: Seed = Field(0, description="every other seed derives from it unless set (vlmsec.seeds)")
     data: DataSpec = Field(default_factory=DataSpec)
     victim: VictimSpec = Field(default_factory=VictimSpec)
     base: BaseStageSpec = Field(default_factory=BaseStageSpec)
@@ -323,6 +350,8 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     except ValidationError as err:
         raise VlmsecError(f"{source}: invalid config\n{_format_errors(err)}") from None
     _check_names(config, source)
+    _check_model_names(config, source)
+    _check_poison(config, source)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
     _check_victim_files(config, source)
@@ -392,13 +421,121 @@ def _check_names(config: ExperimentConfig, source: str) -> None:
             raise VlmsecError(f"{source}: attacks[{i}]: {err}") from None
 
 
+def _check_model_names(config: ExperimentConfig, source: str) -> None:
+    """Each model's files are named after it (`checkpoints/<model>`): two models of one name
+    would overwrite each other. Sweep points are named `<label>@<rate>%`."""
+    from vlmsec.experiments.plan import plan_models
+
+    names = [plan.name for plan in plan_models(config)]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise VlmsecError(
+            f"{source}: sweep: two models would be named {twice[0]!r} (an attack label, or sweep rates "
+            "that print alike): their files would overwrite each other"
+        )
+
+
+def _check_poison(config: ExperimentConfig, source: str) -> None:
+    """Attacks need a poison rate above 0; generated data has a known size, so its counts are checked now."""
+    if config.attacks and config.poison.rate == 0:
+        raise VlmsecError(
+            f"{source}: poison.rate: 0 with attacks listed: the attacked models would equal the clean one "
+            "(leave out `attacks` for a clean-only run)"
+        )
+    if config.data.train_file is None:
+        try:
+            check_poison_counts(config, config.data.train_size)
+        except VlmsecError as err:
+            raise VlmsecError(f"{source}: {err}") from None
+
+
+def check_poison_counts(config: ExperimentConfig, n_train: int) -> None:
+    """Every attack's poison rate, and its sweep rates, must poison at least one of the `n_train`
+    tuning samples and leave room for its partial-trigger negatives (the recipe's `poison_count`).
+
+    For generated data `parse_config` checks this; for a `data.train_file`, whose size is
+    known only once it is read, the runner calls it then, before any stage trains.
+    """
+    from vlmsec.attacks import create_attack
+    from vlmsec.attacks.poison import poison_count
+
+    origin = "data.train_size" if config.data.train_file is None else f"data.train_file {config.data.train_file}"
+    for attack in config.attacks:
+        partials = len(create_attack(attack.name, **attack.params).partial_triggers())
+        rates = {"poison.rate": config.poison.rate}
+        if attack.key in config.sweep.attacks:
+            rates |= {f"sweep.rates[{i}] (attack {attack.key!r})": rate for i, rate in enumerate(config.sweep.rates)}
+        for field, rate in rates.items():
+            try:
+                poison_count(n_train, rate, partials, attack.key)
+            except VlmsecError as err:
+                raise VlmsecError(f"{field}: {err} (the tuning set: {origin})") from None
+
+
+MAX_CONFIG_BYTES = 1_000_000  # a config is a page of settings; a bigger file is a mistake, and slow to parse
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build objects), and two changes for configs.
+
+    A key given twice in one mapping is an error naming both lines, not last-wins; and
+    `1e-4` is a number, as in YAML 1.2 and JSON (YAML 1.1 reads it as a string unless
+    written `1.0e-4`).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden key by key
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class says so
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r} (first given on line {seen})",
+                    key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def _read_config_file(path: Path) -> str:
+    """The text of a config file; a folder, a file over MAX_CONFIG_BYTES or not UTF-8 is an error saying so."""
+    if path.is_dir():
+        raise VlmsecError(f"{path}: is a folder, not a config file")
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise VlmsecError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise VlmsecError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise VlmsecError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes, the most a config file may be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise VlmsecError(f"{path}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the config as UTF-8") from None
+
+
 def load_config(name_or_path: str | Path) -> ExperimentConfig:
     """Load a config from a YAML file, or a packaged preset by name."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
-        if not path.is_file():
-            raise VlmsecError(f"{path}: config file not found")
-        text = path.read_text(encoding="utf-8")
+        text = _read_config_file(path)
         source, base_dir = str(path), path.parent
     elif str(name_or_path) in preset_names():
         text = (resources.files("vlmsec.experiments") / "presets" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
@@ -406,9 +543,11 @@ def load_config(name_or_path: str | Path) -> ExperimentConfig:
     else:
         raise VlmsecError(f"{name_or_path}: neither a config file nor a preset; presets: {', '.join(preset_names())}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: no tags that build objects
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise VlmsecError(f"{source}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    except RecursionError:
+        raise VlmsecError(f"{source}: not valid YAML: nested too deeply") from None
     return parse_config(data, source, base_dir)

@@ -26,13 +26,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from rich.table import Table
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
+from vlmsec.inputs import STRICT_INPUT
 from vlmsec.progress import console, progress_bar
 from vlmsec.seeds import seeded
 from vlmsec.victims.architectures import ModeSummary
@@ -44,7 +45,7 @@ TuningMode = Literal["projector", "lora", "xattn", "full"]
 class TrainingSpec(BaseModel):
     """How to train: what, how long, how fast. Defaults follow the sibling code's recipe shape."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     mode: TuningMode = "full"
     epochs: float = Field(3.0, gt=0)
@@ -150,6 +151,15 @@ def refuse_sharded_parameters(accelerator: Accelerator) -> None:
     )
 
 
+def refuse_non_finite_loss(loss: float, label: str, step: int, total_steps: int, spec: TrainingSpec) -> None:
+    """Stop a training whose loss is NaN or infinite: it would go on to a broken model scored as a result."""
+    if not math.isfinite(loss):
+        raise VlmsecError(
+            f"{label}: training loss is {loss} at step {step + 1} of {total_steps}; the weights diverged or the "
+            f"data is broken (learning_rate is {spec.learning_rate:g}: try a lower one, or precision fp32)"
+        )
+
+
 class BatchLoss(nn.Module):
     """The victim's batch loss as the forward of a module holding its model.
 
@@ -214,12 +224,14 @@ def _train(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int,
             index, order = order[: spec.batch_size], order[spec.batch_size :]
             with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
                 loss = module(shard(index, process, processes))
+            # Reduced across processes, so every process sees a bad loss at the same step and stops.
+            losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+            refuse_non_finite_loss(losses[-1], label, step, total_steps, spec)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(module.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
             running = sum(losses[-20:]) / len(losses[-20:])
             bar.advance(status=f"loss {running:.3f}")
     victim.model.eval()

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlmsec.data.sample import images_to_tensor, tensor_to_images
 from vlmsec.errors import VlmsecError, validation_messages
+from vlmsec.inputs import Seed
 from vlmsec.registry import Registry
 
 # ITU-R BT.601 luma weights, as in YIQ.
@@ -32,10 +33,10 @@ LUMA = (0.299, 0.587, 0.114)
 
 
 class ShiftParams(BaseModel):
-    """Base for a shift's parameters: unknown fields are errors, values are immutable."""
+    """Base for a shift's parameters: unknown fields are errors, values are immutable, floats finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    seed: int = Field(0, ge=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    seed: Seed = 0
 
 
 def build_params(kind: str, name: str, params_cls: type[ShiftParams], params: dict[str, Any]) -> ShiftParams:
