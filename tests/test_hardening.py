@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import vlmsec.experiments.runner as runner_module
 from vlmsec.data import read_dataset
@@ -187,3 +188,26 @@ def test_48_bit_rgb_images_are_counted_as_converted(tmp_path: Path) -> None:
     samples, stats = read_dataset(tmp_path / "train.json")
     assert (samples[0].image == (10, 128, 255)).all() and samples[0].image.dtype == np.uint8
     assert dict(stats.converted) == {"16-bit rgb": 1}
+
+
+def test_a_train_file_too_small_for_the_poison_rate_stops_before_any_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vlmsec.experiments.runner as runner_module
+    from vlmsec.data import make_samples, sample_scenes, write_llava_json
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a stage trained before the poison count was checked")
+
+    monkeypatch.setattr(runner_module, "train_victim", forbidden)
+    write_llava_json(make_samples(sample_scenes(6, seed=0), "flat", size=32, id_prefix="mine"), tmp_path / "data" / "train.json")
+    config = {
+        "data": {"image_size": 32, "base_size": 3, "test_size": 2, "train_file": "data/train.json", "shifted": {}},
+        "victim": {"image_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vocab_size": 300},
+        "poison": {"rate": 0.05},
+        "attacks": [{"name": "badnets"}],
+    }
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    runner = runner_module.Runner(load_config(tmp_path / "small.yaml"), tmp_path / "run", tmp_path / "cache")
+    with pytest.raises(VlmsecError, match=r"poison.rate: .*data.train_file"):
+        runner.run()

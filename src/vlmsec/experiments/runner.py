@@ -37,7 +37,7 @@ from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import cached_generations
 from vlmsec.eval.shift import shift_size
-from vlmsec.experiments.config import ExperimentConfig, VictimSpec
+from vlmsec.experiments.config import ExperimentConfig, VictimSpec, check_poison_counts
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.splits import Splits, build_splits
@@ -306,6 +306,7 @@ class Runner:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
         splits = build_splits(c)
+        check_poison_counts(c, len(splits.train))  # a user's train_file: its size is known only now
         if main and splits.data_stats:  # written now: what reading the files did is known even if a stage fails
             write_json_atomic(self.out / "data.json", splits.data_stats)
         elif main:
