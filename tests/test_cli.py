@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import vlmsec.experiments.runner as runner_module
+import vlmsec.victims.kinds as kinds_module
 from vlmsec.cli import app
 from vlmsec.experiments.records import file_digest
 from vlmsec.data import make_samples, sample_scenes, write_llava_json
@@ -77,8 +78,8 @@ def test_run_with_missing_training_image_fails_before_training(
         return call
 
     monkeypatch.setattr(runner_module, "train_victim", forbidden("train_victim"))
-    monkeypatch.setattr(runner_module, "build_tiny_llava", forbidden("build_tiny_llava"))
-    monkeypatch.setattr(runner_module, "train_tokenizer", forbidden("train_tokenizer"))
+    monkeypatch.setattr(kinds_module, "build_tiny_llava", forbidden("build_tiny_llava"))
+    monkeypatch.setattr(kinds_module, "train_tokenizer", forbidden("train_tokenizer"))
 
     samples = make_samples(sample_scenes(3, seed=0), "flat", size=32, id_prefix="mine")
     data = tmp_path / "data"

@@ -180,6 +180,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkey
         folder,
         "data:\n  train_file: data/train.json\n  test_files: {source: data/test.json}\nvictim:\n  checkpoint: ../models/base\n",
     )
+    (tmp_path / "experiments" / "models" / "base").mkdir(parents=True)  # a missing checkpoint is an error
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the working directory must not matter

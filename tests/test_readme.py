@@ -21,11 +21,13 @@ MISSING_FILE = re.compile(r"not found|does not exist")
 
 
 def _overlay(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
-    """`fragment` laid over `base`, mappings merged key by key."""
+    """`fragment` laid over `base`, mappings merged key by key; a mapping naming another `kind`
+    replaces the base's (its fields are its kind's own)."""
     out = dict(base)
     for key, value in fragment.items():
         both_maps = isinstance(value, dict) and isinstance(base.get(key), dict)
-        out[key] = _overlay(base[key], value) if both_maps else value
+        same_kind = both_maps and value.get("kind") == base[key].get("kind")
+        out[key] = _overlay(base[key], value) if same_kind else value
     return out
 
 

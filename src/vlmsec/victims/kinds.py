@@ -1,0 +1,503 @@
+"""Victim kinds: what `victim.kind` can name, each owning its config, files, cache key and loader.
+
+A victim kind is a `VictimKind` subclass registered in `VICTIM_KINDS`. It holds its `name`
+and its config model (`Spec`, whose `kind` field is `Literal[name]`), and, wrapped around one
+such config, answers everything the config check and the runner ask about the victim:
+
+    resolve_paths / check_files / check_tuning   before any stage (errors name the field)
+    tower_key                                    which frozen-tower feature cache it uses
+    trains_base -> base_key, untrained           the base stage pretrains it from scratch, or
+    trains_base -> given_base                    the base is given by files, keyed by them
+    load                                         a base or tuned victim from its folder
+
+`ExperimentConfig.victim` picks the `Spec` by `kind` when it validates, so a kind registered
+later, from outside the package, is configurable and runnable like the packaged ones:
+
+    @VICTIM_KINDS.register
+    class MyKind(VictimKind[MySpec]):
+        name = "mine"
+        Spec = MySpec
+        ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from pydantic import BaseModel, Field, model_validator
+
+from vlmsec.artifacts import stable_hash
+from vlmsec.errors import VlmsecError
+from vlmsec.experiments.stages import folder_signature, path_signature
+from vlmsec.inputs import STRICT_INPUT, PathInput
+from vlmsec.registry import Registry
+from vlmsec.victims import hf
+from vlmsec.victims.architectures import architecture, model_types_where
+from vlmsec.victims.base import Victim
+from vlmsec.victims.features import FeatureCache
+from vlmsec.victims.flamingo import CONFIG_FILE as TUNED_FLAMINGO_FILE
+from vlmsec.victims.flamingo import FlamingoVictim, load_flamingo, load_otter
+from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
+from vlmsec.victims.llava import LlavaVictim
+from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tokenizer import train_tokenizer
+from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoint
+
+DEFAULT_KIND = "tiny_llava"
+
+
+class VictimSpecBase(BaseModel):
+    """The `victim` config of any kind: `kind` names the registered `VictimKind`; each kind's `Spec` adds its fields."""
+
+    model_config = STRICT_INPUT
+
+    kind: str
+
+
+SpecT = TypeVar("SpecT", bound=VictimSpecBase)
+
+
+class VictimKind(Generic[SpecT]):
+    """One kind of victim, wrapped around its config. Subclasses set `name` and `Spec` and
+    implement `load` and either `given_base` or `untrained`; the other methods have defaults
+    that suit a kind with no files of its own."""
+
+    name: ClassVar[str]
+    Spec: ClassVar[type[VictimSpecBase]]
+
+    def __init__(self, spec: SpecT) -> None:
+        self.spec = spec
+
+    # ---- before any stage ---------------------------------------------------------------------
+    def resolve_paths(self, base_dir: Path) -> None:
+        """Take the config's relative file paths relative to `base_dir` (the config's folder)."""
+
+    def check_files(self) -> None:
+        """Raise a VlmsecError naming the field (`victim.checkpoint: /x not found`) if a file the victim needs is missing."""
+
+    def check_tuning(self, mode: str, download: bool = False) -> None:
+        """Raise a VlmsecError naming `tuning.mode` if this victim cannot train in `mode`.
+
+        Parsing a config calls it with `download=False`; the runner again before any stage
+        with `download=True`, for kinds that learn their architecture from a downloaded file.
+        """
+
+    # ---- the runner's questions ---------------------------------------------------------------
+    def tower_key(self) -> str:
+        """What the victim's frozen-tower features depend on: its FeatureCache file is named by it."""
+        return stable_hash({"victim": self.spec.model_dump(mode="json")})
+
+    @property
+    def trains_base(self) -> bool:
+        """Whether the base stage pretrains this victim on clean captions (`untrained`), rather than
+        taking it as given (`given_base`)."""
+        return False
+
+    def given_base(self) -> tuple[Path, str]:
+        """The given base victim: the path `load` takes, and a stage key over its files."""
+        raise NotImplementedError(f"victim kind {self.name!r} trains its base: see untrained")
+
+    def base_key(self) -> dict[str, Any]:
+        """What a pretrained base depends on besides its data, training recipe and seed."""
+        return {"victim": self.spec.model_dump(mode="json")}
+
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
+        """A freshly initialised victim for the base stage; `corpus` holds every text it must be able to write."""
+        raise NotImplementedError(f"victim kind {self.name!r} has a given base: see given_base")
+
+    def load(self, folder: Path, features: FeatureCache) -> Victim:
+        """The victim saved in `folder`: the base (`given_base`'s path, or a pretrained base) or a tuned one."""
+        raise NotImplementedError
+
+
+VICTIM_KINDS: Registry[type[VictimKind[Any]]] = Registry("victim kind")
+
+
+def spec_class(data: dict[str, Any]) -> type[VictimSpecBase]:
+    """The config model of the kind a `victim` mapping names (the embedded tiny LLaVA when it names none)."""
+    return VICTIM_KINDS.get(data.get("kind", DEFAULT_KIND)).Spec
+
+
+def victim_kind(spec: VictimSpecBase) -> VictimKind[Any]:
+    """The registered kind of a validated `victim` config, wrapped around it."""
+    return VICTIM_KINDS.get(spec.kind)(spec)
+
+
+def _under(base_dir: Path, path: Path) -> Path:
+    """`path` taken relative to `base_dir` (an absolute or ~ path stays where it is)."""
+    return base_dir / Path(path).expanduser()
+
+
+def _require(fields: dict[str, Path | None]) -> None:
+    """A VlmsecError naming the first field whose path does not exist."""
+    for field, path in fields.items():
+        if path is not None and not Path(path).exists():
+            raise VlmsecError(f"{field}: {path} not found")
+
+
+def _folder_base(folder: Path) -> tuple[Path, str]:
+    """A given checkpoint folder and its stage key (where it is and its files' names, sizes and times)."""
+    return folder, stable_hash({"checkpoint": str(folder.resolve()), "files": folder_signature(folder)})
+
+
+# ---- the embedded tiny LLaVA, or a LLaVA-format folder --------------------------------------------
+
+
+class TinyLlavaVictimSpec(TinyLlavaSpec, VictimSpecBase):
+    """The embedded tiny LLaVA built from these sizes and pretrained in the base stage, or a
+    local LLaVA-format checkpoint folder that replaces the base stage."""
+
+    kind: Literal["tiny_llava"] = "tiny_llava"
+    checkpoint: PathInput | None = Field(None, description="local LLaVA-format folder (replaces the base stage)")
+
+    @model_validator(mode="after")
+    def _vision_only_when_built(self) -> TinyLlavaVictimSpec:
+        if self.vision.kind != "efficientnet_lite0" and self.checkpoint is not None:
+            raise ValueError(
+                "victim.vision picks the embedded tiny_llava's tower; it has no effect with a victim.checkpoint"
+            )
+        return self
+
+
+@VICTIM_KINDS.register
+class TinyLlavaKind(VictimKind[TinyLlavaVictimSpec]):
+    """The embedded tiny LLaVA (pretrained in the base stage, cached) or a user's LLaVA-format folder."""
+
+    name = "tiny_llava"
+    Spec = TinyLlavaVictimSpec
+
+    def resolve_paths(self, base_dir: Path) -> None:
+        spec = self.spec
+        if spec.checkpoint is not None:
+            spec.checkpoint = _under(base_dir, spec.checkpoint)
+        if isinstance(spec.vision, OpenClipTowerSpec | HFTowerSpec):
+            spec.vision.checkpoint = _under(base_dir, spec.vision.checkpoint)
+
+    def check_files(self) -> None:
+        _require({"victim.checkpoint": self.spec.checkpoint})
+        if isinstance(self.spec.vision, OpenClipTowerSpec | HFTowerSpec):
+            try:
+                check_checkpoint(self.spec.vision)
+            except VlmsecError as err:
+                raise VlmsecError(f"victim.{err}") from None
+
+    def check_tuning(self, mode: str, download: bool = False) -> None:
+        if mode == "xattn":
+            raise VlmsecError(
+                "tuning.mode: 'xattn' needs gated cross-attention layers; the tiny LLaVA has none: "
+                "use projector, lora or full"
+            )
+
+    def _vision_files(self) -> dict[str, Any]:
+        """`path_signature` of the embedded victim's tower checkpoint, if its tower has one (else nothing)."""
+        checkpoint = getattr(self.spec.vision, "checkpoint", None)
+        return {"vision_files": path_signature(checkpoint)} if checkpoint is not None else {}
+
+    def tower_key(self) -> str:
+        """The embedded tower's packaged ImageNet weights at the configured size (or whatever tower a
+        user's LLaVA checkpoint carries), or another tower of the embedded victim with its checkpoint."""
+        spec = self.spec
+        if spec.vision.kind != "efficientnet_lite0":
+            # A ViT's cache entries also carry its trained weights (LlavaVictim).
+            vision = {"vision": spec.vision.model_dump(mode="json"), **self._vision_files()}
+            return stable_hash({"tower": spec.vision.kind, "image_size": spec.image_size, **vision})
+        checkpoint = spec.checkpoint
+        tower = {"checkpoint": folder_signature(checkpoint)} if checkpoint is not None and checkpoint.is_dir() else {}
+        return stable_hash({"tower": "efficientnet-lite0-imagenet", "image_size": spec.image_size, **tower})
+
+    @property
+    def trains_base(self) -> bool:
+        return self.spec.checkpoint is None
+
+    def given_base(self) -> tuple[Path, str]:
+        assert self.spec.checkpoint is not None  # trains_base otherwise
+        LlavaVictim.check_folder(self.spec.checkpoint)
+        return _folder_base(self.spec.checkpoint)
+
+    def base_key(self) -> dict[str, Any]:
+        # tokenizer and flamingo: fields every kind's victim config had when they shared one model,
+        # kept so the bases cached before are found again.
+        victim = {**self.spec.model_dump(mode="json"), "tokenizer": None, "flamingo": None}
+        return {"victim": victim, **self._vision_files()}
+
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
+        tokenizer = train_tokenizer(corpus, self.spec.vocab_size)
+        model = build_tiny_llava(self.spec, tokenizer, seed=seed)
+        return LlavaVictim(model, tokenizer, features, train_tower=self.spec.vision.from_scratch)
+
+    def load(self, folder: Path, features: FeatureCache) -> Victim:
+        return LlavaVictim.load(folder, features)
+
+
+# ---- any Hugging Face image-text-to-text checkpoint -----------------------------------------------
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def hf_offline() -> bool:
+    """Whether Hugging Face offline mode is set (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), read now."""
+    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_VARIABLES)
+
+
+def hf_local_path(value: str | Path, base_dir: Path) -> Path | None:
+    """The local folder an hf `checkpoint` value names (under `base_dir` when relative), or None for a hub id.
+
+    A value names a local path when it is a Path already, is absolute, starts with ./, ../ or ~,
+    exists under `base_dir`, has a slash and an existing parent folder there, or cannot be a hub
+    id; anything else (`org/name`) is a hub id.
+    """
+    if isinstance(value, Path):
+        return value
+    path = _under(base_dir, Path(value))
+    local = (
+        Path(value).expanduser().is_absolute()
+        or value.startswith(("./", "../", "~"))
+        or path.exists()
+        or ("/" in value and path.parent.is_dir())
+    )
+    if not local:
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            local = True
+    return path if local else None
+
+
+class HFVictimSpec(VictimSpecBase):
+    """Any Hugging Face image-text-to-text checkpoint, prompted with its own chat template."""
+
+    kind: Literal["hf"] = "hf"
+    checkpoint: Path | str = Field(
+        description="a local checkpoint folder or a hub id (`org/name`); once the config is parsed, a Path is "
+        "a local folder and a str a hub id"
+    )
+
+
+@VICTIM_KINDS.register
+class HFKind(VictimKind[HFVictimSpec]):
+    """`AutoModelForImageTextToText` with its `AutoProcessor`, from a local folder or the hub."""
+
+    name = "hf"
+    Spec = HFVictimSpec
+
+    def resolve_paths(self, base_dir: Path) -> None:
+        local = hf_local_path(self.spec.checkpoint, base_dir)
+        if local is not None:
+            self.spec.checkpoint = local
+
+    def check_files(self) -> None:
+        checkpoint = self.spec.checkpoint
+        if isinstance(checkpoint, Path):
+            _require({"victim.checkpoint": checkpoint})
+            try:
+                hf.check_folder(checkpoint)
+            except VlmsecError as err:
+                raise VlmsecError(f"victim.checkpoint: {err}") from None
+        elif hf_offline() and self._cached_config() is None:
+            raise VlmsecError(
+                f"victim.checkpoint: {checkpoint!r} is no local folder, so it is a hub id, but Hugging Face offline "
+                f"mode is set ({' / '.join(OFFLINE_VARIABLES)}) and it is not in the Hugging Face cache"
+            )
+
+    def _cached_config(self) -> str | None:
+        """The hub checkpoint's config.json in the Hugging Face cache, if it is there."""
+        found = try_to_load_from_cache(str(self.spec.checkpoint), "config.json")
+        return found if isinstance(found, str) else None
+
+    def _config_file(self, download: bool) -> Path | None:
+        """The checkpoint's config.json: the folder's, the cached one, or (`download`, online) fetched now."""
+        checkpoint = self.spec.checkpoint
+        if isinstance(checkpoint, Path):
+            return checkpoint / "config.json"
+        cached = self._cached_config()
+        if cached is not None:
+            return Path(cached)
+        if not download or hf_offline():
+            return None
+        try:
+            return Path(hf_hub_download(str(checkpoint), "config.json"))
+        except (OSError, ValueError, EntryNotFoundError) as err:
+            raise VlmsecError(f"victim.checkpoint: cannot fetch {checkpoint}'s config.json from the hub: {err}") from None
+
+    def check_tuning(self, mode: str, download: bool = False) -> None:
+        """Refuse xattn on architectures without cross-attention, from config.json's model_type, before loading."""
+        config = self._config_file(download)
+        if config is None or not config.is_file():
+            return  # not known yet: the loaded model is checked before training
+        model_type = json.loads(config.read_text()).get("model_type", "")
+        try:
+            arch = architecture(model_type)
+        except VlmsecError as err:
+            raise VlmsecError(f"victim.checkpoint: {err}") from None
+        if mode == "xattn" and not arch.cross_attention:
+            with_xattn = model_types_where(lambda a: bool(a.cross_attention))
+            raise VlmsecError(
+                f"tuning.mode: 'xattn' needs gated cross-attention layers; {model_type} has none "
+                f"(hf model types with them: {with_xattn}): use projector, lora or full"
+            )
+
+    def tower_key(self) -> str:
+        """The HF victim runs its tower inside its own forward and caches no features: a key of its own."""
+        return stable_hash({"tower": "hf", "checkpoint": str(self.spec.checkpoint)})
+
+    def given_base(self) -> tuple[Path, str]:
+        checkpoint = self.spec.checkpoint
+        if not isinstance(checkpoint, Path):
+            return Path(checkpoint), stable_hash({"checkpoint": checkpoint})  # a hub id
+        hf.check_folder(checkpoint)
+        return _folder_base(checkpoint)
+
+    def load(self, folder: Path, features: FeatureCache) -> Victim:
+        return hf.HFVictim.load(folder)
+
+
+# ---- OpenFlamingo and Otter, read by our own loader -----------------------------------------------
+
+FLAMINGO_MODES = ("xattn", "full")
+
+
+class FlamingoVictimSpec(VictimSpecBase):
+    """A released OpenFlamingo model: its open_clip tower, language model, tokenizer and checkpoint.pt."""
+
+    kind: Literal["flamingo"] = "flamingo"
+    checkpoint: PathInput = Field(description="OpenFlamingo's checkpoint.pt (perceiver + gated cross-attention)")
+    tokenizer: PathInput | None = Field(None, description="tokenizer folder (default: flamingo.lang_model)")
+    flamingo: FlamingoParts = Field(
+        description="vision_checkpoint (open_clip), lang_model (HF causal-LM folder), cross_attn_every_n_layers "
+        "and the rest of OpenFlamingo's architecture"
+    )
+
+    def flamingo_spec(self) -> FlamingoSpec:
+        """Every OpenFlamingo file, as `load_flamingo` takes them."""
+        return FlamingoSpec(**self.flamingo.model_dump(), tokenizer=self.tokenizer, checkpoint=self.checkpoint)
+
+
+class OtterVictimSpec(VictimSpecBase):
+    """An Otter-Image Hugging Face folder, read as a Flamingo."""
+
+    kind: Literal["otter"] = "otter"
+    checkpoint: PathInput = Field(description="the Otter-Image Hugging Face folder")
+    tokenizer: PathInput | None = Field(None, description="the base LM's tokenizer folder (default: the Otter folder)")
+
+
+FlamingoFamilySpec = TypeVar("FlamingoFamilySpec", FlamingoVictimSpec, OtterVictimSpec)
+
+
+class _FlamingoFamily(VictimKind[FlamingoFamilySpec]):
+    """What OpenFlamingo and Otter share: xattn or full tuning, tuned folders saved with flamingo.json."""
+
+    def check_tuning(self, mode: str, download: bool = False) -> None:
+        if mode not in FLAMINGO_MODES:
+            raise VlmsecError(
+                f"tuning.mode: {mode!r} is not available for Flamingo (OpenFlamingo / Otter): it has no projector "
+                "to tune alone, and LoRA is not wired to its language model; use xattn (gated cross-attention "
+                "+ perceiver, the paper's mode) or full"
+            )
+
+    def released(self) -> tuple[dict[str, Any], dict[str, Path]]:
+        """The config part of the base's stage key, and every file the base is read from, by role."""
+        raise NotImplementedError
+
+    def given_base(self) -> tuple[Path, str]:
+        described, files = self.released()
+        key = stable_hash({**described, "files": {role: path_signature(path) for role, path in files.items()}})
+        return self.spec.checkpoint, key
+
+    def load(self, folder: Path, features: FeatureCache) -> Victim:
+        if (folder / TUNED_FLAMINGO_FILE).is_file():
+            return FlamingoVictim.load(folder, features)
+        return self.load_released(folder, features)
+
+    def load_released(self, folder: Path, features: FeatureCache) -> Victim:
+        """The base victim from the released files (`folder` is `given_base`'s path)."""
+        raise NotImplementedError
+
+
+@VICTIM_KINDS.register
+class FlamingoKind(_FlamingoFamily[FlamingoVictimSpec]):
+    """OpenFlamingo from its released parts: open_clip tower, causal LM, checkpoint.pt."""
+
+    name = "flamingo"
+    Spec = FlamingoVictimSpec
+
+    def resolve_paths(self, base_dir: Path) -> None:
+        spec = self.spec
+        spec.checkpoint = _under(base_dir, spec.checkpoint)
+        if spec.tokenizer is not None:
+            spec.tokenizer = _under(base_dir, spec.tokenizer)
+        spec.flamingo.vision_checkpoint = _under(base_dir, spec.flamingo.vision_checkpoint)
+        spec.flamingo.lang_model = _under(base_dir, spec.flamingo.lang_model)
+
+    def check_files(self) -> None:
+        spec = self.spec
+        _require(
+            {
+                "victim.checkpoint": spec.checkpoint,
+                "victim.tokenizer": spec.tokenizer,
+                "victim.flamingo.vision_checkpoint": spec.flamingo.vision_checkpoint,
+                "victim.flamingo.lang_model": spec.flamingo.lang_model,
+            }
+        )
+
+    def tower_key(self) -> str:
+        """OpenFlamingo's open_clip checkpoint and how it is read."""
+        vision = self.spec.flamingo
+        return stable_hash(
+            {
+                "tower": "open_clip",
+                "checkpoint": path_signature(vision.vision_checkpoint),
+                "heads": vision.vision_heads,
+                "act": vision.vision_act,
+                "tokens_after_ln_post": vision.vision_tokens_after_ln_post,
+            }
+        )
+
+    def released(self) -> tuple[dict[str, Any], dict[str, Path]]:
+        spec = self.spec.flamingo_spec()
+        files = {
+            "vision": spec.vision_checkpoint,
+            "lang_model": spec.lang_model,
+            "tokenizer": spec.tokenizer or spec.lang_model,
+            "checkpoint": spec.checkpoint,
+        }
+        return {"flamingo": spec.model_dump(mode="json")}, files
+
+    def load_released(self, folder: Path, features: FeatureCache) -> Victim:
+        return load_flamingo(self.spec.flamingo_spec(), features)
+
+
+@VICTIM_KINDS.register
+class OtterKind(_FlamingoFamily[OtterVictimSpec]):
+    """Otter-Image from its Hugging Face folder, read as a Flamingo."""
+
+    name = "otter"
+    Spec = OtterVictimSpec
+
+    def resolve_paths(self, base_dir: Path) -> None:
+        self.spec.checkpoint = _under(base_dir, self.spec.checkpoint)
+        if self.spec.tokenizer is not None:
+            self.spec.tokenizer = _under(base_dir, self.spec.tokenizer)
+
+    def check_files(self) -> None:
+        _require({"victim.checkpoint": self.spec.checkpoint, "victim.tokenizer": self.spec.tokenizer})
+        if not self.spec.checkpoint.is_dir():
+            raise VlmsecError(
+                f"victim.checkpoint: {self.spec.checkpoint} is not a folder (kind otter needs the Otter folder)"
+            )
+
+    def tower_key(self) -> str:
+        """The tower inside the Otter folder."""
+        return stable_hash({"tower": "otter", "checkpoint": path_signature(self.spec.checkpoint)})
+
+    def released(self) -> tuple[dict[str, Any], dict[str, Path]]:
+        folder = self.spec.checkpoint
+        return {"otter": str(folder)}, {"otter": folder, "tokenizer": self.spec.tokenizer or folder}
+
+    def load_released(self, folder: Path, features: FeatureCache) -> Victim:
+        return load_otter(folder, self.spec.tokenizer, features)
