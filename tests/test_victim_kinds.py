@@ -162,6 +162,11 @@ class ColourVictim:
     def tuning_modes(self, spec: TrainingSpec) -> list[ModeSummary]:
         return [ModeSummary(spec.mode, "the colour layer", sum(p.numel() for p in self.model.parameters()), 0)]
 
+    max_sequence_length = None  # no language model: nothing to cut
+
+    def sequence_length(self, instruction: str, answer: str) -> int:
+        return len(answer.split())
+
     def prompt(self, instruction: str) -> str:
         return instruction
 
