@@ -117,7 +117,7 @@ def test_vlmsec_run_under_accelerate_launch(tmp_path: Path) -> None:
     done = _launch(["-m", "vlmsec.cli", "run", str(config), "--out", str(out), "--cache", str(cache)], tmp_path)
     assert done.stderr.count("tiny-launched: source domain") == 1  # the other process is quiet
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"clean", "blended"}
+    assert set(metrics["models"]) == {"clean", "blended"}
     assert json.loads((out / "poisoned_ids" / "blended.json").read_text())["count"] == 4
     assert all((out / "checkpoints" / m / "model.safetensors").is_file() for m in ("clean", "blended"))
     rows = (out / "generations.jsonl").read_text().splitlines()

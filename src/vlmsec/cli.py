@@ -49,6 +49,8 @@ def run(
         metrics = Runner(cfg, run_dir, cache_dir).run()
     except VlmsecError as err:
         _fail(err)
+    if not metrics:
+        return  # another process of `accelerate launch`: the main one prints
     from vlmsec.eval.scoring import METRICS, metric_order
 
     names = metric_order()
