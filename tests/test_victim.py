@@ -213,7 +213,9 @@ def test_save_stage_moves_a_whole_checkpoint_into_place(victim: LlavaVictim, tmp
     save_stage(victim, folder, "k1", {"final_loss": 1.5})
     assert stage_done(folder, "k1")
     assert not stage_done(folder, "k2")  # a different recipe is not this stage
-    assert json.loads((folder / "stage.json").read_text()) == {"key": "k1", "final_loss": 1.5}
+    stage = json.loads((folder / "stage.json").read_text())
+    assert stage["key"] == "k1" and stage["final_loss"] == 1.5
+    assert set(stage["files"]) == {p.name for p in folder.iterdir()} - {"stage.json"}
     LlavaVictim.check_folder(folder)
     assert [p.name for p in folder.parent.iterdir()] == ["clean"]
 
@@ -282,7 +284,7 @@ def test_feature_cache_save_load_round_trip(tmp_path: Path) -> None:
     feats = cache.get(images, CountingCompute())
     path = tmp_path / "features" / "tower.safetensors"
     cache.save(path)
-    assert [p.name for p in path.parent.iterdir()] == ["tower.safetensors"]  # no temp file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tower.safetensors", "tower.safetensors.lock"]  # no temp file left
 
     def must_not_run(images: list[np.ndarray]) -> torch.Tensor:
         raise AssertionError("a loaded cache recomputed a feature")
@@ -300,7 +302,7 @@ def test_feature_cache_save_is_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     first.save(path)
     before = path.read_bytes()
 
-    def dying_save_file(tensors: dict, filename: str) -> None:
+    def dying_save_file(tensors: dict, filename: str, metadata: dict) -> None:
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
@@ -310,5 +312,5 @@ def test_feature_cache_save_is_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(OSError):
         second.save(path)
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["tower.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tower.safetensors", "tower.safetensors.lock"]
     assert len(FeatureCache.load(path)) == 2

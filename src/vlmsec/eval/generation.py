@@ -7,12 +7,11 @@ scorers (`vlmsec.eval.scoring`) read nothing else.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmsec.artifacts import stable_hash, write_json_atomic
+from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_sealed
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.progress import console, progress_bar
 from vlmsec.victims.base import Victim
@@ -67,7 +66,8 @@ def cached_generations(
 
     The cache is keyed by the model's stage key, the generation `settings` (max_new_tokens,
     batch_size, ...) and the exact inputs, so a killed run that starts again regenerates
-    nothing it had finished, and a changed test set is never served stale.
+    nothing it had finished, and a changed test set is never served stale. The file is sealed
+    with a hash of its content: a damaged one is reported and its generations made again.
     """
     key = stable_hash(
         {
@@ -77,12 +77,16 @@ def cached_generations(
         }
     )
     if path.is_file():
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            console.print(f"{model}: generations found in {path}")
-            return cached["records"]
+        try:
+            cached = read_json_sealed(path)
+        except CorruptFile as err:
+            console.print(f"{err}: generating again")
+        else:
+            if cached.get("key") == key:
+                console.print(f"{model}: generations found in {path}")
+                return cached["records"]
     records: list[dict[str, Any]] = []
     for test in tests:
         records += generate_records(victim, model, test, settings["max_new_tokens"], settings["batch_size"])
-    write_json_atomic(path, {"key": key, "records": records})
+    write_json_sealed(path, {"key": key, "records": records})
     return records

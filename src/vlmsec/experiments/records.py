@@ -14,7 +14,6 @@ report can tell files that belong together from a later run's leftovers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -25,7 +24,7 @@ import torch
 import transformers
 
 import vlmsec
-from vlmsec.artifacts import atomic_path, stable_hash, write_json_atomic
+from vlmsec.artifacts import atomic_path, file_digest, stable_hash, write_json_atomic
 from vlmsec.attacks import Attack
 from vlmsec.eval.scoring import score_generations
 from vlmsec.experiments.config import ExperimentConfig
@@ -34,15 +33,6 @@ from vlmsec.experiments.splits import Splits
 
 SCHEMA_VERSION = 2
 COMPANIONS = ("config.yaml", "generations.jsonl", "data.json")
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_commit() -> str | None:

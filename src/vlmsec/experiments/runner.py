@@ -41,7 +41,7 @@ from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.splits import Splits, build_splits
-from vlmsec.experiments.stages import STAGE_FILE, default_cache_dir, save_stage, stage_done
+from vlmsec.experiments.stages import STAGE_FILE, claim_stage, default_cache_dir, remove_leftovers, save_stage
 from vlmsec.progress import console, progress_bar, stage_line
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
@@ -78,18 +78,19 @@ class Runner:
             {"data": fingerprint(splits.base), **kind.base_key(), "training": c.base.training.model_dump(), "seed": c.seed}
         )
         folder = self.cache / "base" / key
-        if stage_done(folder, key):
-            console.print(f"base victim: cached at {folder}")
-            return folder, key
-        # The base captions, and every target an attack may poison with: the victim must be able to write them.
-        corpus = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
-        corpus += vocabulary_corpus(clip_templates())
-        victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"))
-        result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
-        if self.state.is_main_process:
-            save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
-            self.features.save(self.features_path)
-        self.state.wait_for_everyone()
+        with claim_stage(folder, key, self.state.is_main_process, self.state.wait_for_everyone) as done:
+            if done:
+                console.print(f"base victim: cached at {folder}")
+                return folder, key
+            # The base captions, and every target an attack may poison with: the victim must be able to write them.
+            corpus = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
+            corpus += vocabulary_corpus(clip_templates())
+            victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"))
+            result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
+            if self.state.is_main_process:
+                save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
+                self.features.save(self.features_path)
+            self.state.wait_for_everyone()
         return folder, key
 
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
@@ -157,17 +158,18 @@ class Runner:
             }
         )
         folder = self.out / "checkpoints" / name
-        if stage_done(folder, key):
-            console.print(f"{name}: tuned model found in {folder}")
-            return self.load_victim(folder)
-        victim = self.load_victim(base[0])
-        refuse_cut_targets(victim, samples, ids)
-        result = train_victim(victim, samples, c.tuning, seed=derive_seed(c.seed, "tuning"), label=name)
-        record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
-        if self.state.is_main_process:
-            save_stage(victim, folder, key, record)
-            self.features.save(self.features_path)
-        self.state.wait_for_everyone()
+        with claim_stage(folder, key, self.state.is_main_process, self.state.wait_for_everyone) as done:
+            if done:
+                console.print(f"{name}: tuned model found in {folder}")
+                return self.load_victim(folder)
+            victim = self.load_victim(base[0])
+            refuse_cut_targets(victim, samples, ids)
+            result = train_victim(victim, samples, c.tuning, seed=derive_seed(c.seed, "tuning"), label=name)
+            record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
+            if self.state.is_main_process:
+                save_stage(victim, folder, key, record)
+                self.features.save(self.features_path)
+            self.state.wait_for_everyone()
         return victim
 
     def shift_sizes(self, victim: Victim, splits: Splits) -> dict[str, dict[str, float]]:
@@ -213,6 +215,7 @@ class Runner:
 
         main = self.state.is_main_process
         if main:
+            remove_leftovers(self.out, self.cache)
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "config.yaml", yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
         splits = build_splits(c)

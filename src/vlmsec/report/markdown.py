@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlmsec.artifacts import write_text_atomic
+from vlmsec.artifacts import file_digest, write_text_atomic
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.scoring import METRICS, metric_order
-from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION, file_digest
+from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.figures import sweep_curves, write_figures
 
 CLEAN = "clean"

@@ -5,19 +5,27 @@ image (pretraining, every tuning run, every evaluation) can share one forward pa
 are a hash of the image's bytes, prefixed by a scope when the caller's features depend on
 more than the file the cache belongs to (a tower trained from scratch: its weights); the
 cache persists as safetensors.
+
+The file is shared by every run that uses the tower, so it is written under a lock, merged
+with what other processes added since it was read, and carries a sha256 of its entries in
+its metadata. A file that cannot be read, or (below `FULL_HASH_LIMIT`, as for stages) whose
+entries do not match that hash, is reported by name and deleted, and its features computed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from vlmsec.artifacts import atomic_path
+from vlmsec.artifacts import FULL_HASH_LIMIT, SEAL, CorruptFile, atomic_path, file_lock, stable_hash
+from vlmsec.progress import console
 
 
 def image_key(image: np.ndarray) -> str:
@@ -47,6 +55,7 @@ class FeatureCache:
     def __init__(self) -> None:
         self._features: dict[str, torch.Tensor] = {}
         self._dirty = False
+        self._read_from: tuple[int, int, int] | None = None  # the file version this cache holds
 
     def __len__(self) -> int:
         return len(self._features)
@@ -81,17 +90,64 @@ class FeatureCache:
         return len({k for k in (_scoped(scope, img) for img in images) if k not in self._features})
 
     def save(self, path: str | Path) -> None:
-        """Persist the cache (atomically) if anything was added since load."""
+        """Persist the cache atomically, under the file's lock, with what other processes saved
+        since this one read it, if anything was added since load."""
         if not self._dirty:
             return
-        with atomic_path(path) as tmp:
-            save_file(self._features, str(tmp))
+        path = Path(path)
+        with file_lock(path):
+            if _identity(path) != self._read_from:
+                with contextlib.suppress(CorruptFile):  # a damaged file is simply replaced
+                    self._features = {**_read(path), **self._features}
+            with atomic_path(path) as tmp:
+                save_file(self._features, str(tmp), metadata={SEAL: _digest(self._features)})
+            self._read_from = _identity(path)
         self._dirty = False
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureCache:
-        """Load a cache saved by `save`; a missing file gives an empty cache."""
+        """Load a cache saved by `save`; a missing file gives an empty cache, a corrupt one is
+        reported, deleted, and gives an empty cache."""
+        path = Path(path)
         cache = cls()
-        if Path(path).exists():
-            cache._features = load_file(str(path))
+        if not path.exists():
+            return cache
+        with file_lock(path):
+            try:
+                cache._features = _read(path)
+                cache._read_from = _identity(path)
+            except CorruptFile as err:
+                console.print(f"{err}: deleted; its features will be computed again")
+                path.unlink(missing_ok=True)
         return cache
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which version of the file `path` is (inode, size, mtime), None if there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _digest(features: dict[str, torch.Tensor]) -> str:
+    """sha256 over every entry's key, dtype, shape and values."""
+    return stable_hash({key: tensor_digest(feat) for key, feat in features.items()}, length=64)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """The entries of a saved cache ({} if there is no file); CorruptFile if it is unreadable or altered."""
+    if not path.exists():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            features = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CorruptFile(path, f"unreadable ({err})") from None
+    if SEAL not in metadata:
+        raise CorruptFile(path, "no content hash (damaged, or written by an older vlmsec)")
+    if path.stat().st_size < FULL_HASH_LIMIT and _digest(features) != metadata[SEAL]:
+        raise CorruptFile(path, "entries do not match their recorded sha256")
+    return features
