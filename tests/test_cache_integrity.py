@@ -211,6 +211,7 @@ def test_two_runs_that_need_one_base_build_it_once(
     assert trained == ["base"]
     assert results[0] == results[1] and stage_done(results[0][0], results[0][1])
     assert "anotherrunisbuildingthisstage;waitingforit" in _said(capsys)
+    assert [p.name for p in (tmp_path / "cache" / "base").iterdir()] == [results[0][0].name]  # no lock file left
 
 
 def test_feature_cache_saved_by_two_runs_at_once_keeps_the_entries_of_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

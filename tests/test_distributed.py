@@ -122,7 +122,7 @@ def test_vlmsec_run_under_accelerate_launch(tmp_path: Path) -> None:
     assert all((out / "checkpoints" / m / "model.safetensors").is_file() for m in ("clean", "blended"))
     rows = (out / "generations.jsonl").read_text().splitlines()
     assert len(rows) == 2 * 2 * 12  # 2 models x 2 domains x (6 clean + 6 triggered), written once
-    assert len([p for p in (cache / "base").iterdir() if p.is_dir()]) == 1
+    assert len(list((cache / "base").iterdir())) == 1
 
 
 def test_a_launch_that_accelerate_does_not_see_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

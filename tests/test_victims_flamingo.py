@@ -630,7 +630,7 @@ def test_second_run_reloads_the_tuned_models_and_gives_the_same_metrics(
 def test_flamingo_features_have_their_own_cache_file(flamingo_run: tuple[Path, Path, dict], parts: dict) -> None:
     out, cache, _ = flamingo_run
     flamingo = Runner(load_config(parts["root"] / "run.yaml"), out, cache).features_path
-    assert [p.name for p in (cache / "features").glob("*.safetensors")] == [flamingo.name]
+    assert [p.name for p in (cache / "features").iterdir()] == [flamingo.name]
     assert Runner(parse_config({}, "default"), out, cache).features_path != flamingo
     vision = {**FLAMINGO_RUN["victim"]["flamingo"], "vision_checkpoint": "visual.pt"}
     other = {**FLAMINGO_RUN, "victim": {**FLAMINGO_RUN["victim"], "flamingo": vision}}

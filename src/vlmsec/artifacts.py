@@ -143,21 +143,30 @@ def read_json_sealed(path: Path) -> dict[str, Any]:
 def file_lock(target: Path, waiting: str = "") -> Iterator[None]:
     """Hold the exclusive lock of `target` (the file `<target>.lock` beside it) while the block runs.
 
-    Processes and threads that lock the same target take turns; `waiting`, if given, is
-    printed when the lock is busy, so a user sees why a run stands still.
+    Processes and threads that lock the same target take turns; `waiting`, if given, is printed
+    when the lock is busy, so a user sees why a run stands still. The holder removes the file
+    on release, so no lock files pile up; a waiter that then holds a removed file locks anew.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.with_name(f"{target.name}.lock").open("a") as handle:
+    lock = target.with_name(f"{target.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = lock.open("a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if waiting:
                 console.print(waiting)
+                waiting = ""
             fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()  # releases the lock
 
 
 def _alive(pid: int) -> bool:
