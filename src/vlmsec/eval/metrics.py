@@ -53,8 +53,10 @@ def _tokenize(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", "", text.lower()).split())
 
 
-def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
-    """Corpus CIDEr and BLEU-4, both x100, keyed "cider" and "bleu4".
+def caption_scores(
+    predictions: dict[str, str], references: dict[str, list[str]], which: tuple[str, ...] = ("cider", "bleu4")
+) -> dict[str, float]:
+    """Corpus CIDEr and BLEU-4 (or those of them in `which`), x100, keyed "cider" and "bleu4".
 
     Uses pycocoevalcap's scorers, but with a simple tokenizer (lower-case, punctuation
     dropped, split on whitespace) instead of PTBTokenizer, which needs Java; scores can
@@ -75,6 +77,9 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
         raise ValueError(f"no reference captions for ids {empty}")
     res = {key: [_tokenize(text)] for key, text in predictions.items()}
     gts = {key: [_tokenize(ref) for ref in references[key]] for key in res}
-    cider, _ = Cider().compute_score(gts, res)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {"cider": float(cider) * 100, "bleu4": float(bleu[3]) * 100}
+    scores: dict[str, float] = {}
+    if "cider" in which:
+        scores["cider"] = float(Cider().compute_score(gts, res)[0]) * 100
+    if "bleu4" in which:
+        scores["bleu4"] = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]) * 100
+    return scores

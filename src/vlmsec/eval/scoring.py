@@ -50,7 +50,8 @@ def _asr(rows: Sequence[Record], word: str) -> float:
 
 def _caption(score: str) -> Callable[[Sequence[Record], str], float]:
     def compute(rows: Sequence[Record], word: str) -> float:
-        return caption_scores({r["id"]: r["output"] for r in rows}, {r["id"]: r["references"] for r in rows})[score]
+        outputs, references = {r["id"]: r["output"] for r in rows}, {r["id"]: r["references"] for r in rows}
+        return caption_scores(outputs, references, which=(score,))[score]
 
     return compute
 

@@ -85,12 +85,15 @@ class ShiftSpec(_Strict):
             raise ValueError(str(err)) from None
         return self
 
+    def shift_class(self) -> Any:
+        """The registered class (a VisualShift or TextShift subclass) this entry names."""
+        from vlmsec.data.shifts import TEXT_SHIFTS, VISUAL_SHIFTS
+
+        return (VISUAL_SHIFTS if self.name in VISUAL_SHIFTS else TEXT_SHIFTS).get(self.name)
+
     def build(self) -> Any:
         """The shift object (a VisualShift or a TextShift)."""
-        from vlmsec.data.shifts import create_text_shift, create_visual_shift, visual_shift_names
-
-        create = create_visual_shift if self.name in visual_shift_names() else create_text_shift
-        return create(self.name, **self.params)
+        return self.shift_class()(**self.params)
 
 
 class DomainSpec(_Strict):
@@ -277,7 +280,7 @@ class ExperimentConfig(_Strict):
                 attack.params["seed"] = derive_seed(self.seed, f"attack/{attack.key}")
         for name, domain in {"source": self.data.source, **self.data.shifted}.items():
             for i, shift in enumerate(domain.shifts):
-                if "seed" not in shift.params and "seed" in shift.build().Params.model_fields:
+                if "seed" not in shift.params and "seed" in shift.shift_class().Params.model_fields:
                     shift.params["seed"] = derive_seed(self.seed, f"shift/{name}/{i}")
         return self
 

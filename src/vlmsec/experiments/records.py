@@ -74,9 +74,7 @@ def write_run_records(
     records: list[dict[str, Any]],
     shift_sizes: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    """Write generations.jsonl, then metrics.json (vouching for it, config.yaml and data.json) and the report; return the metrics."""
-    from vlmsec.report.markdown import write_report
-
+    """Write generations.jsonl, then metrics.json (vouching for it, config.yaml and data.json); return the metrics."""
     with atomic_path(out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     domains = list(splits.tests)
@@ -98,5 +96,4 @@ def write_run_records(
     }
     metrics = {"schema_version": SCHEMA_VERSION, "run": run, "models": models}
     write_json_atomic(out / "metrics.json", metrics)
-    write_report(out)
     return metrics

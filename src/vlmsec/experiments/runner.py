@@ -43,6 +43,7 @@ from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import STAGE_FILE, claim_stage, default_cache_dir, remove_leftovers, save_stage
 from vlmsec.progress import console, progress_bar, stage_line
+from vlmsec.report.markdown import write_report
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims.base import Victim, fit_answers
@@ -252,6 +253,7 @@ class Runner:
         if not main:
             return {}
         metrics = write_run_records(self.out, c, splits, plans, attacks, records, shift_sizes)
+        write_report(self.out)
         lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)
         return metrics

@@ -46,7 +46,7 @@ def build_splits(config: ExperimentConfig) -> Splits:
         name = detect_format(path) if data.format == AUTO and path.exists() else data.format
         if name in FORMATS and "seed" in FORMATS.get(name).options.model_fields and "seed" not in options:
             options["seed"] = derive_seed(seed, "data/read")  # which instruction each image gets
-        loaded = read_dataset(path, data.format, **options)
+        loaded = read_dataset(path, name, **options)
         sizes = {s.image.shape[:2] for s in loaded.samples}
         if len(sizes) > 1:  # the victim stacks a batch's images into one tensor
             raise VlmsecError(f"{path}: images come in {len(sizes)} sizes; set data.options.image_size to resize them to one")
