@@ -98,6 +98,23 @@ class Attack:
         """
         return []
 
+    def control_triggers(self) -> list[Attack]:
+        """Test-only controls: inputs that look like the trigger but must not fire; none by default.
+
+        Unlike `partial_triggers` they are never in the training data, so a backdoor that
+        does not fire on them has learned the trigger, not a shortcut (StyleBkd: the words
+        the rewrite adds, inserted into unstyled instructions).
+        """
+        return []
+
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers that say how faithful a learned trigger is (e.g. SSBA's residual
+        correlation across images), measured after `prepare`; none by default.
+
+        Run records keep them beside the attack, and the report prints them.
+        """
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Metadata and parameters, JSON-ready (for `vlmsec attacks --json` and run records)."""
         return {

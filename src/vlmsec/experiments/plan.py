@@ -30,9 +30,13 @@ class ModelPlan:
 
     def record(self, attacks: dict[str, Attack]) -> dict[str, Any]:
         """What metrics.json says made this model: attack (name, label, parameters), rate, trigger."""
-        attack = attacks[self.attack].describe() if self.attack is not None else None
+        attack = None
+        if self.attack is not None:
+            attack = {"label": self.attack, **attacks[self.attack].describe()}
+            if diagnostics := attacks[self.attack].diagnostics():
+                attack["diagnostics"] = diagnostics
         return {
-            "attack": None if attack is None else {"label": self.attack, **attack},
+            "attack": attack,
             "poison_rate": self.rate,
             "trigger": self.attack,
             "sweep": self.sweep,
