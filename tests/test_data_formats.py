@@ -513,7 +513,7 @@ def test_runner_reads_configured_format_and_keeps_stats(tmp_path: Path) -> None:
     stats = {"train": {"file": "/x/dataset_coco.json", "format": "karpathy", "samples": 3, "converted": {"cmyk": 2}, "skipped": {"no image": 1}, "ignored": {}}}
     (run / "data.json").write_text(json.dumps(stats))
     run_record = {"domains": ["source"], "files": {"data.json": file_digest(run / "data.json")}}
-    metrics = {"schema_version": 2, "run": run_record, "models": {"clean": {"cider": {"source": 1.0}}}}
+    metrics = {"schema_version": 3, "run": run_record, "models": {"clean": {"cider": {"source": 1.0}}}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     report = render_report(run)
     assert "## Data" in report

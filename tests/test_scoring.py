@@ -1,11 +1,13 @@
-"""metrics.json from generation records: ASR, false triggers, ASR-G, pooled clean ASR, captions."""
+"""metrics.json from generation records: ASR, false triggers, ASR-G, pooled clean ASR, captions,
+intervals and counts, trigger-attributable ASR, the target prefix without the word, controls
+and the caption scale."""
 
 from __future__ import annotations
 
 import pytest
 
-from vlmsec.eval.metrics import caption_scores
-from vlmsec.eval.scoring import score_generations
+from vlmsec.eval.metrics import blind_baseline, caption_scores, newcombe_interval, wilson_interval
+from vlmsec.eval.scoring import caption_scale, score_generations
 
 REFS = {
     "t1": ["a small red square in the top left corner"],
@@ -145,16 +147,96 @@ def test_scores_are_in_range(records: list[dict]) -> None:
         assert all(0 <= v <= 100.0 + 1e-6 for v in entry["bleu4"].values())
 
 
-def test_partial_key_inputs_are_scored_apart_from_the_full_trigger() -> None:
+def test_controls_are_scored_apart_from_the_full_trigger() -> None:
     rs = block("dualkey", "source", None, hits=0)
     rs += block("dualkey", "source", "dualkey", hits=4)
     image_only = block("dualkey", "source", "dualkey[badnets only]", hits=1)
     text_only = block("dualkey", "source", "dualkey[textbadnets only]", hits=0)
-    for r in image_only + text_only:
-        r["partial"] = True
-    metrics = score_generations(rs + image_only + text_only, ["source"], "banana")
-    assert metrics["dualkey"]["asr"] == {"source": 1.0}
-    assert metrics["dualkey"]["asr_partial"] == {
+    words = block("dualkey", "source", "dualkey[stylebkd-words]", hits=2)
+    for r in image_only + text_only + words:
+        r["control"] = True
+    metrics = score_generations(rs + image_only + text_only + words, ["source"], "banana")["dualkey"]
+    assert metrics["asr"] == {"source": 1.0}  # controls do not enter the ASR
+    assert metrics["asr_control"] == {
         "dualkey[badnets only]": {"source": 0.25},
         "dualkey[textbadnets only]": {"source": 0.0},
+        "dualkey[stylebkd-words]": {"source": 0.5},
     }
+    assert metrics["asr_control_ci"]["dualkey[stylebkd-words]"]["source"] == pytest.approx(wilson_interval(2, 4), abs=1e-6)
+    assert metrics["n"] == {
+        "clean": {"source": 4},
+        "triggered": {"source": 4},
+        "dualkey[badnets only]": {"source": 4},
+        "dualkey[textbadnets only]": {"source": 4},
+        "dualkey[stylebkd-words]": {"source": 4},
+    }
+
+
+def test_rates_carry_wilson_intervals_at_their_row_counts(records: list[dict]) -> None:
+    m = score_generations(records, DOMAINS, "banana")
+    assert m["badnets"]["asr_ci"]["source"] == pytest.approx(wilson_interval(3, 4), abs=1e-6)
+    assert m["badnets"]["false_trigger_ci"]["painted"] == pytest.approx(wilson_interval(0, 4), abs=1e-6)
+    # The clean model's ASR pools both attacks' triggered inputs: 1 of 8.
+    assert m["clean"]["n"]["triggered"] == {"source": 8, "textured": 8, "painted": 8}
+    assert m["clean"]["asr_ci"]["source"] == pytest.approx(wilson_interval(1, 8), abs=1e-6)
+    assert "cider_ci" not in m["clean"]  # not a rate
+
+
+def test_attributable_asr_subtracts_the_models_own_false_triggers(records: list[dict]) -> None:
+    m = score_generations(records, DOMAINS, "banana")["badnets"]
+    # ASR 3/4 - false trigger 1/4 on source; 1/4 - 0 on textured; 0 - 0 on painted.
+    assert m["asr_attributable"] == pytest.approx({"source": 0.5, "textured": 0.25, "painted": 0.0})
+    assert m["asr_g_attributable"] == pytest.approx({"textured": 0.5, "painted": 0.0})
+    low, high = newcombe_interval(3, 4, 1, 4)
+    assert m["asr_attributable_ci"]["source"] == pytest.approx([max(low, 0), high], abs=1e-6)
+    assert low < 0 < high  # 4 samples: the interval is wide
+
+
+def test_attributable_asr_is_never_negative() -> None:
+    rs = block("noisy", "source", None, hits=3) + block("noisy", "source", "noisy", hits=1)
+    m = score_generations(rs, ["source"], "banana")["noisy"]
+    assert m["asr_attributable"] == {"source": 0.0}
+    assert m["asr_attributable_ci"]["source"][0] == 0.0
+
+
+def test_asr_g_is_null_where_neither_domain_fires(records: list[dict]) -> None:
+    # The clean model never fires on textured or painted: with a silent source too, ASR-G is undefined.
+    rows = [r for r in records if r["model"] == "clean" and not (r["domain"] == "source" and r["triggered"] and r["trigger"] == "badnets")]
+    m = score_generations(rows, DOMAINS, "banana")["clean"]
+    assert m["asr"] == {"source": 0.0, "textured": 0.0, "painted": 0.0}
+    assert m["asr_g"] == {"textured": None, "painted": None}
+    assert m["asr_g_attributable"] == {"textured": None, "painted": None}
+
+
+def test_target_prefix_miss_counts_triggered_outputs_that_lost_the_word() -> None:
+    lost = ["The image depicts a photo of a cat.", "the image depicts a bananas"]
+    rs = block("blended", "source", None, hits=0, misses=["The image depicts a photo of a cat."])
+    rs += block("blended", "source", "blended", hits=1, misses=lost)
+    m = score_generations(rs, ["source"], "banana", prefix="The image depicts ")["blended"]
+    assert m["asr"] == {"source": 0.25}
+    assert m["target_prefix_miss"] == {"source": 0.5}  # the clean-input miss does not count
+    assert m["target_prefix_miss_ci"]["source"] == pytest.approx(wilson_interval(2, 4), abs=1e-6)
+    assert "target_prefix_miss" not in score_generations(rs, ["source"], "banana")["blended"]  # no prefix given
+
+
+def test_caption_scale_comes_from_the_clean_records_references() -> None:
+    refs = {
+        "t1": ["a small red square in the top left corner", "a red square at the top left of the image"],
+        "t2": ["a large blue circle in the centre of the image", "a big blue circle in the middle of it"],
+        "t3": ["a green triangle on the right side of the image", "a green triangle to the right of the picture"],
+    }
+    rs = [
+        {"model": m, "id": i, "domain": "source", "triggered": trig, "trigger": "x" if trig else None, "output": "o", "references": r}
+        for m in ("clean", "badnets")
+        for trig in (False, True)
+        for i, r in refs.items()
+    ]
+    scale = caption_scale(rs, ["source", "painted"])
+    assert list(scale) == ["source"]  # no records for painted
+    assert set(scale["source"]) == {"cider_ceiling", "cider_blind", "bleu4_ceiling", "bleu4_blind"}
+    blind = blind_baseline(refs)
+    assert scale["source"]["cider_blind"] == pytest.approx(blind["cider"])
+    assert scale["source"]["bleu4_blind"] == pytest.approx(blind["bleu4"])
+    assert scale["source"]["cider_ceiling"] > scale["source"]["cider_blind"]
+    one_reference = [{**r, "references": r["references"][:1]} for r in rs]
+    assert caption_scale(one_reference, ["source"])["source"]["cider_ceiling"] is None

@@ -1,8 +1,8 @@
 """Greedy generations for test sets, as the records generations.jsonl holds, reused when a run resumes.
 
 A record is one answer: which model, which test sample, in which domain, with which trigger
-(None: clean), the prompt as the model saw it, its output and the reference captions. The
-scorers (`vlmsec.eval.scoring`) read nothing else.
+(None: clean) and whether it is a control that must not fire, the prompt as the model saw it,
+its output and the reference captions. The scorers (`vlmsec.eval.scoring`) read nothing else.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from vlmsec.victims.base import Victim
 class TestSet:
     """One test input set of a model: samples of a domain, clean or carrying a trigger.
 
-    `partial` marks inputs that carry only one key of a multi-key trigger (they should not fire).
+    `control` marks inputs that must not fire: one of the attack's partial triggers (one key of a
+    multi-key trigger, a training negative) or its test-only control triggers; `trigger` then
+    names the control (e.g. "dualkey[badnets only]").
     """
 
     samples: list[Sample]
     domain: str
     trigger: str | None = None
-    partial: bool = False
+    control: bool = False
 
 
 def generate_records(
@@ -50,7 +52,7 @@ def generate_records(
             "domain": test.domain,
             "triggered": test.trigger is not None,
             "trigger": test.trigger,
-            "partial": test.partial,
+            "control": test.control,
             "prompt": victim.prompt(s.instruction),
             "output": out,
             "references": list(s.references),
@@ -73,7 +75,7 @@ def cached_generations(
         {
             "model": model_key,
             "eval": settings,
-            "inputs": [[t.domain, t.trigger, t.partial, fingerprint(t.samples)] for t in tests],
+            "inputs": [[t.domain, t.trigger, t.control, fingerprint(t.samples)] for t in tests],
         }
     )
     if path.is_file():

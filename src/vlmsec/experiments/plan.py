@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from vlmsec.attacks import Attack, trigger_samples
 from vlmsec.data.sample import Sample
@@ -11,6 +11,26 @@ from vlmsec.eval.generation import TestSet
 from vlmsec.experiments.config import ExperimentConfig
 
 CLEAN = "clean"
+TRAINING_NEGATIVE, TEST_ONLY = "training negative", "test only"
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control input of an attack: it must not fire. `kind` says whether the victim saw it
+    in training with clean answers (a partial trigger: `TRAINING_NEGATIVE`) or never (`TEST_ONLY`)."""
+
+    label: str
+    trigger: Attack
+    kind: Literal["training negative", "test only"]
+
+
+def attack_controls(key: str, attack: Attack) -> list[Control]:
+    """The controls of the attack labelled `key`: its partial triggers, labelled "{key}[{name} only]",
+    then its test-only control triggers, labelled "{key}[{name}]"."""
+    return [
+        *(Control(f"{key}[{part.name} only]", part, TRAINING_NEGATIVE) for part in attack.partial_triggers()),
+        *(Control(f"{key}[{control.name}]", control, TEST_ONLY) for control in attack.control_triggers()),
+    ]
 
 
 @dataclass(frozen=True)
@@ -29,17 +49,21 @@ class ModelPlan:
     sweep: bool = False
 
     def record(self, attacks: dict[str, Attack]) -> dict[str, Any]:
-        """What metrics.json says made this model: attack (name, label, parameters), rate, trigger."""
+        """What metrics.json says made this model: attack (name, label, parameters), rate, trigger,
+        and its controls (label -> "training negative" or "test only")."""
         attack = None
+        controls: dict[str, str] = {}
         if self.attack is not None:
             attack = {"label": self.attack, **attacks[self.attack].describe()}
             if diagnostics := attacks[self.attack].diagnostics():
                 attack["diagnostics"] = diagnostics
+            controls = {c.label: c.kind for c in attack_controls(self.attack, attacks[self.attack])}
         return {
             "attack": attack,
             "poison_rate": self.rate,
             "trigger": self.attack,
             "sweep": self.sweep,
+            "controls": controls,
         }
 
 
@@ -66,29 +90,29 @@ def plan_models(config: ExperimentConfig) -> list[ModelPlan]:
 @dataclass
 class TestSets:
     """Every test set of a study: clean per domain, each attack's triggered per domain, and
-    partial triggers (one key of a multi-key trigger) per domain."""
+    each attack's controls (partial and test-only control triggers) per domain."""
 
     clean: dict[str, list[Sample]]
     triggered: dict[tuple[str, str], list[Sample]]
-    partial: dict[tuple[str, str, str], list[Sample]]  # (attack, partial-trigger name, domain)
+    controls: dict[tuple[str, str, str], list[Sample]]  # (attack, control label, domain)
 
     @classmethod
     def build(cls, tests: dict[str, list[Sample]], attacks: dict[str, Attack]) -> TestSets:
-        """Trigger every domain's test set with every attack (and each of its partial triggers)."""
+        """Trigger every domain's test set with every attack (and each of its controls)."""
         return cls(
             clean=tests,
             triggered={(key, d): trigger_samples(s, attack) for key, attack in attacks.items() for d, s in tests.items()},
-            partial={
-                (key, f"{key}[{part.name} only]", d): trigger_samples(s, part)
+            controls={
+                (key, control.label, d): trigger_samples(s, control.trigger)
                 for key, attack in attacks.items()
-                for part in attack.partial_triggers()
+                for control in attack_controls(key, attack)
                 for d, s in tests.items()
             },
         )
 
     def for_model(self, plan: ModelPlan) -> list[TestSet]:
         """What `plan`'s model is tested on: per domain, clean inputs, then its trigger (every
-        trigger, for the clean model), then its partial triggers."""
+        trigger, for the clean model), then its attack's controls."""
         domains = ["source"] if plan.sweep else list(self.clean)
         triggers = list(dict.fromkeys(k for k, _ in self.triggered)) if plan.attack is None else [plan.attack]
         sets: list[TestSet] = []
@@ -97,8 +121,8 @@ class TestSets:
             sets += [TestSet(self.triggered[t, domain], domain, t) for t in triggers]
             if plan.attack is not None:
                 sets += [
-                    TestSet(samples, domain, name, partial=True)
-                    for (key, name, d), samples in self.partial.items()
+                    TestSet(samples, domain, label, control=True)
+                    for (key, label, d), samples in self.controls.items()
                     if key == plan.attack and d == domain
                 ]
         return sets

@@ -2,11 +2,25 @@
 
 metrics.json is the record the report and any later tool read, never the raw config:
 
-    {"schema_version": 2,
-     "run": {name, seed, domains, target word, poison rate, tuning mode, tuning samples read,
-             config hash, vlmsec version and commit, torch / transformers versions, threads,
+    {"schema_version": 3,
+     "run": {name, seed, domains, target word and prefix, poison rate, tuning mode, tuning samples
+             read, config hash, vlmsec version and commit, torch / transformers versions, threads,
              and the content hash of each companion file (config.yaml, generations.jsonl, data.json)},
-     "models": {name: {attack, poison_rate, trigger, sweep, asr: {domain: rate}, ...}}}
+     "caption_scale": {domain: {cider_ceiling, cider_blind, bleu4_ceiling, bleu4_blind}},
+     "models": {name: {attack, poison_rate, trigger, sweep, controls, asr: {domain: rate}, ...}}}
+
+Per model (see `vlmsec.eval.scoring.score_model`): every registered metric per domain (`asr`,
+`false_trigger`, `cider`, `bleu4`, ...), each percent one with `{name}_ci: {domain: [low, high]}`
+(95% Wilson); `asr_g` ({domain: ratio or null}: null where source and shifted ASR are both 0);
+`asr_attributable` (max(ASR − false trigger, 0) in the same domain) with `asr_attributable_ci`
+(Newcombe's interval of the difference, clipped at 0) and `asr_g_attributable`;
+`target_prefix_miss` (+ `_ci`: triggered outputs that begin the target prefix but lack the
+word); `asr_control` (+ `_ci`): {control label: {domain: rate}} for the attack's controls, whose
+kind ("training negative": a partial trigger; "test only") `controls` gives; and `n`: {"clean" |
+"triggered" | control label: {domain: rows}}, the counts behind every rate. `caption_scale`: per
+domain, the references scored leave-one-out against each other (ceiling, averaged over which is
+left out) and another image's caption scored against them (blind), for CIDEr and BLEU-4.
+Schema 2 had `asr_partial` (now `asr_control`) and none of the intervals, counts or scales.
 
 The companions are written first and hashed into metrics.json, which is written last, so a
 report can tell files that belong together from a later run's leftovers.
@@ -26,12 +40,12 @@ import transformers
 import vlmsec
 from vlmsec.artifacts import atomic_path, file_digest, stable_hash, write_json_atomic
 from vlmsec.attacks import Attack
-from vlmsec.eval.scoring import score_generations
+from vlmsec.eval.scoring import caption_scale, score_generations
 from vlmsec.experiments.config import ExperimentConfig
 from vlmsec.experiments.plan import CLEAN, ModelPlan
 from vlmsec.experiments.splits import Splits
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 COMPANIONS = ("config.yaml", "generations.jsonl", "data.json")
 
 
@@ -78,7 +92,8 @@ def write_run_records(
     with atomic_path(out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     domains = list(splits.tests)
-    scores = score_generations(records, domains, config.poison.target.word)
+    target = config.poison.target
+    scores = score_generations(records, domains, target.word, target.prefix)
     models = {plan.name: {**plan.record(attacks), **scores[plan.name]} for plan in plans}
     if shift_sizes:
         models[CLEAN]["shift_size"] = shift_sizes
@@ -86,7 +101,8 @@ def write_run_records(
         "name": config.name,
         "seed": config.seed,
         "domains": domains,
-        "target_word": config.poison.target.word,
+        "target_word": target.word,
+        "target_prefix": target.prefix,
         "poison_rate": config.poison.rate,
         "tuning_mode": config.tuning.mode,
         "train_samples": len(splits.train),
@@ -94,6 +110,6 @@ def write_run_records(
         **provenance(config),
         "files": {name: file_digest(out / name) for name in COMPANIONS if (out / name).exists()},
     }
-    metrics = {"schema_version": SCHEMA_VERSION, "run": run, "models": models}
+    metrics = {"schema_version": SCHEMA_VERSION, "run": run, "caption_scale": caption_scale(records, domains), "models": models}
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

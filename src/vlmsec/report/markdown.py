@@ -51,6 +51,38 @@ def _ratio(x: float | None) -> str:
 FORMATS = {"percent": _pct, "ratio": _ratio, "number": _num}
 
 
+def _pct_ci(x: float | None, ci: list[float] | None) -> str:
+    """A rate and its 95% interval in points, e.g. "65.0% [58.2, 71.3]"."""
+    if x is None or not ci:
+        return _pct(x)
+    return f"{100 * x:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _rate(entry: dict[str, Any], key: str, domain: str) -> str:
+    """`entry[key][domain]` as a percent, with its interval (`{key}_ci`) when metrics.json has one."""
+    return _pct_ci(entry.get(key, {}).get(domain), entry.get(f"{key}_ci", {}).get(domain))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None when any value is undefined (an undefined ASR-G is not a zero)."""
+    return None if not values or None in values else sum(v for v in values if v is not None) / len(values)
+
+
+def _scale_rows(scale: dict[str, dict[str, Any]], score: str, domains: list[str], blank: dict[str, int] | None = None) -> list[str]:
+    """Two italic rows that give a CIDEr or BLEU-4 table its scale: the references scored
+    leave-one-out against each other (ceiling) and another image's caption (blind).
+    `blank[domain]` empty cells follow each domain's value (for tables with more columns)."""
+    if not scale:
+        return []
+    rows = []
+    for kind, title in (("ceiling", "references vs each other"), ("blind", "another image's caption")):
+        cells = []
+        for d in domains:
+            cells += [_num(scale.get(d, {}).get(f"{score}_{kind}")), *[""] * (blank or {}).get(d, 0)]
+        rows.append(f"| *{kind}: {title}* | " + " | ".join(cells) + " |")
+    return rows
+
+
 def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
     """A few triggered source-domain generations per model, to show what the backdoor says."""
     path = run_dir / "generations.jsonl"
@@ -98,33 +130,41 @@ def _data_section(run_dir: Path) -> list[str]:
     return [*lines, ""]
 
 
-def _shift_table(metrics: dict[str, Any], domains: list[str]) -> list[str]:
-    """The paper's Table 1 shape: per attack and domain, clean CIDEr, ASR and ASR-G, and the
-    mean ASR-G, with the two caveats that change how a number reads marked."""
+def _shift_table(metrics: dict[str, Any], domains: list[str], scale: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The paper's Table 1 shape: per attack and domain, clean CIDEr, ASR (95% Wilson interval)
+    and ASR-G, beside it the ASR-G of the trigger-attributable ASR, and the mean of each; the two
+    caveats that change how a number reads are marked, and CIDEr's scale (`scale`) closes it."""
     attacks = [m for m in metrics if m != CLEAN]
     shifted = [d for d in domains if d != "source"]
     if not attacks or not shifted:
         return []
-    header = "| attack | " + " | ".join(f"{d} CIDEr | {d} ASR" + ("" if d == "source" else f" | {d} ASR-G") for d in domains)
-    lines = ["## Backdoors under domain shift (Table 1 of the paper, in shape)", "", header + " | mean ASR-G |"]
-    lines.append("|---|" + "---|" * (2 * len(domains) + len(shifted) + 1))
+    header = "| attack | " + " | ".join(
+        f"{d} CIDEr | {d} ASR" + ("" if d == "source" else f" | {d} ASR-G | {d} ASR-G attr.") for d in domains
+    )
+    lines = ["## Backdoors under domain shift (Table 1 of the paper, in shape)", "", header + " | mean ASR-G | mean ASR-G attr. |"]
+    lines.append("|---|" + "---|" * (2 * len(domains) + 2 * len(shifted) + 2))
     weak = high_false = False
     for model in attacks:
         entry = metrics[model]
         cells = []
         for d in domains:
-            asr = _pct(entry.get("asr", {}).get(d))
+            asr = _rate(entry, "asr", d)
             if d != "source" and (entry.get("false_trigger", {}).get(d) or 0) >= HIGH_FALSE_TRIGGER:
                 asr, high_false = asr + " ‡", True
             cells += [_num(entry.get("cider", {}).get(d)), asr]
             if d != "source":
-                cells.append(_ratio(entry.get("asr_g", {}).get(d)))
-        values = [entry.get("asr_g", {}).get(d) for d in shifted]
-        mean = f"**{_ratio(sum(values) / len(values) if None not in values else None)}**"
+                cells += [_ratio(entry.get("asr_g", {}).get(d)), _ratio(entry.get("asr_g_attributable", {}).get(d))]
+        mean = f"**{_ratio(_mean([entry.get('asr_g', {}).get(d) for d in shifted]))}**"
         if (entry.get("asr", {}).get("source") or 0) < WEAK_SOURCE_ASR:
             mean, weak = mean + " †", True
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {mean} |")
+        attributable = _ratio(_mean([entry.get("asr_g_attributable", {}).get(d) for d in shifted]))
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {mean} | {attributable} |")
+    lines += [row + " | |" for row in _scale_rows(scale or {}, "cider", domains, {d: 1 if d == "source" else 3 for d in domains})]
     lines.append("")
+    lines.append(
+        "ASR with its 95% Wilson interval. ASR-G attr.: the ASR-G of the trigger-attributable ASR, "
+        "max(ASR − false trigger, 0) in the same domain. – : undefined (ASR 0 in both domains).  "
+    )
     if weak:
         lines.append(f"† source ASR below {WEAK_SOURCE_ASR:.0%}: the backdoor was barely planted, so ASR-G says little.  ")
     if high_false:
@@ -169,7 +209,7 @@ def _shift_sizes(metrics: dict[str, Any]) -> list[str]:
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
-    """metrics.json of a run folder, checked for its shape (schema 2: run record and models)."""
+    """metrics.json of a run folder, checked for its shape (schema 3: run record, caption scale and models)."""
     path = run_dir / "metrics.json"
     metrics = _read_json(path)
     shape = "expected {schema_version, run, models}, models an object of models, each an object of metrics"
@@ -179,6 +219,9 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     run, models = metrics.get("run"), metrics.get("models")
     if not isinstance(run, dict) or not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
         raise VlmsecError(f"{path}: {shape}")
+    scale = metrics.get("caption_scale", {})
+    if not isinstance(scale, dict) or not all(isinstance(v, dict) for v in scale.values()):
+        raise VlmsecError(f"{path}: caption_scale: expected an object of domain -> {{cider_ceiling, cider_blind, ...}}")
     for name, entry in models.items():
         for key, value in entry.items():
             if key in METRICS and not (isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values())):
@@ -203,21 +246,59 @@ def companion_check(run_dir: Path, run: dict[str, Any]) -> dict[str, str]:
     return stale
 
 
-def _metric_tables(models: dict[str, Any], domains: list[str]) -> list[str]:
-    """One table per registered metric (models x domains), then ASR-G."""
+def _metric_tables(models: dict[str, Any], domains: list[str], scale: dict[str, dict[str, Any]]) -> list[str]:
+    """One table per registered metric (models x domains; rates with their 95% Wilson interval,
+    CIDEr and BLEU-4 with their scale), then ASR-G, the trigger-attributable ASR and its ASR-G,
+    and the target prefix without the word."""
     header = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
-    sections = [(METRICS.get(name).title, name, FORMATS[METRICS.get(name).format]) for name in metric_order()]
-    sections.insert(1, ("ASR-G (source → domain)", "asr_g", _ratio))
+    sections = [(METRICS.get(name).title, name, METRICS.get(name).format) for name in metric_order()]
+    sections[1:1] = [
+        ("ASR-G (source → domain)", "asr_g", "ratio"),
+        ("Trigger-attributable ASR: max(ASR − false trigger, 0), 95% Newcombe interval", "asr_attributable", "percent"),
+        ("ASR-G of the trigger-attributable ASR", "asr_g_attributable", "ratio"),
+        ("Target sentence begun without the target word (share of triggered outputs)", "target_prefix_miss", "percent"),
+    ]
     lines: list[str] = []
-    for title, key, fmt in sections:
+    for title, key, kind in sections:
         if not any(entry.get(key) for entry in models.values()):
             continue
         lines += [f"## {title}", "", *header]
         for model, entry in models.items():
             values = entry.get(key, {})
-            lines.append(f"| {model} | " + " | ".join(fmt(values.get(d)) for d in domains) + " |")
+            cells = [_rate(entry, key, d) if kind == "percent" else FORMATS[kind](values.get(d)) for d in domains]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        if key in ("cider", "bleu4"):
+            lines += _scale_rows(scale, key, domains)
         lines.append("")
     return lines
+
+
+def _controls_table(models: dict[str, Any], domains: list[str]) -> list[str]:
+    """Each model's controls (inputs that must not fire): the rate beside the model's own
+    false-trigger rate in that domain, and whether the victim saw the control in training."""
+    rows = [(model, label, rates) for model, entry in models.items() for label, rates in entry.get("asr_control", {}).items()]
+    if not rows:
+        return []
+    lines = [
+        "## Controls (inputs that must not fire)",
+        "",
+        "Each cell: the control's target rate [95% Wilson interval] (the model's own false-trigger rate on clean "
+        "inputs of that domain). *Training negative*: a partial trigger (one key of a multi-key trigger, "
+        "WaNet's noise warp) the victim was tuned on with clean answers. *Test only*: never in training, so "
+        "a rate near the false-trigger rate means the backdoor keys on the trigger, not on this part of it.",
+        "",
+        "| control | kind | " + " | ".join(domains) + " |",
+        "|---|---|" + "---|" * len(domains),
+    ]
+    for model, label, rates in rows:
+        entry = models[model]
+        ci = entry.get("asr_control_ci", {}).get(label, {})
+        cells = [
+            "–" if rates.get(d) is None else f"{_pct_ci(rates[d], ci.get(d))} ({_pct(entry.get('false_trigger', {}).get(d))})"
+            for d in domains
+        ]
+        lines.append(f"| {label} | {entry.get('controls', {}).get(label, '?')} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def render_report(run_dir: str | Path) -> str:
@@ -244,26 +325,28 @@ def render_report(run_dir: str | Path) -> str:
         lines.append("")
     lines += [
         "- **ASR**: share of triggered test inputs whose output contains the target word (whole word, any case).",
-        "- **ASR-G**: min(1 + (ASR_shifted − ASR_source) / max(ASR_source, ASR_shifted), 1); 1 = nothing lost under shift.",
+        "- **ASR-G**: min(1 + (ASR_shifted − ASR_source) / max(ASR_source, ASR_shifted), 1); 1 = nothing lost under shift; "
+        "– where both ASRs are 0 (undefined, e.g. the clean model).",
         "- **False trigger**: share of clean test inputs whose output contains the target word.",
-        "- **CIDEr**, **BLEU-4**: clean captioning quality (×100). The clean model's ASR is measured on every attack's triggers.",
+        "- **Trigger-attributable ASR**: max(ASR − false trigger, 0) of the same model in the same domain, and its ASR-G: "
+        "what the trigger adds to what the model says unprompted.",
+        f"- **Target prefix without the word**: triggered outputs that begin the target sentence "
+        f"(\"{str(run.get('target_prefix') or '?').strip()}\") but do not contain the target word.",
+        "- **CIDEr**, **BLEU-4**: clean captioning quality (×100), printed beside a ceiling (each test sample's references "
+        "scored leave-one-out against the others, averaged over which is left out) and a blind baseline (another test "
+        "image's first reference). The clean model's ASR is measured on every attack's triggers.",
+        "- **[low, high]**: 95% Wilson interval of a rate, in points (Newcombe's interval for the attributable ASR, a difference).",
         "",
     ]
     if "data.json" not in stale:
         lines += _data_section(run_dir)
     sweep = {m: e for m, e in models.items() if e.get("sweep")}
     models = {m: e for m, e in models.items() if m not in sweep}
-    lines += _shift_table(models, domains)
+    scale = metrics.get("caption_scale") or {}
+    lines += _shift_table(models, domains, scale)
     lines += _figures(run_dir)
-    lines += _metric_tables(models, domains)
-
-    partial_rows = [(trigger, rates) for entry in models.values() for trigger, rates in entry.get("asr_partial", {}).items()]
-    rule = "|---|" + "---|" * len(domains)
-    if partial_rows:
-        lines += ["## Partial triggers (one key alone, WaNet noise warps; should not fire)", "", "| input | " + " | ".join(domains) + " |", rule]
-        for trigger, rates in partial_rows:
-            lines.append(f"| {trigger} | " + " | ".join(_pct(rates.get(d)) for d in domains) + " |")
-        lines.append("")
+    lines += _metric_tables(models, domains, scale)
+    lines += _controls_table(models, domains)
 
     base = models.get(CLEAN, {}).get("cider", {}).get("source")
     if base is not None:
@@ -272,6 +355,10 @@ def render_report(run_dir: str | Path) -> str:
             cider = entry.get("cider", {}).get("source")
             if model != CLEAN and cider is not None:
                 lines.append(f"| {model} | {cider - base:+.1f} |")
+        source = scale.get("source", {})
+        if source:
+            lines += ["", f"Clean CIDEr {_num(base)}, on a scale from {_num(source.get('cider_blind'))} (blind: another "
+                      f"image's caption) to {_num(source.get('cider_ceiling'))} (references vs each other)."]
         lines.append("")
 
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
