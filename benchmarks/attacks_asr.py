@@ -43,14 +43,14 @@ def main() -> None:
     baseline = clean_model_rates(args.out, config.poison.target.word)
 
     table = Table(title=f"{args.preset}: source domain, {config.poison.rate:.0%} poisoning")
-    for column in ("attack", "ASR", "false trigger", "clean model on trigger", "one key alone", "CIDEr", "floor met"):
+    for column in ("attack", "ASR", "false trigger", "clean model on trigger", "controls (one key alone, test-only)", "CIDEr", "floor met"):
         table.add_column(column)
     clean_cider = metrics["clean"]["cider"]["source"]
     for name, m in metrics.items():
         if name == "clean":
             continue
         asr, ft = m["asr"]["source"], m["false_trigger"]["source"]
-        partial = ", ".join(f"{k.split('[')[1][:-1]} {v['source']:.2f}" for k, v in m.get("asr_partial", {}).items())
+        partial = ", ".join(f"{k.split('[')[1][:-1]} {v['source']:.2f}" for k, v in m.get("asr_control", {}).items())
         table.add_row(
             name, f"{asr:.3f}", f"{ft:.3f}", f"{baseline.get(name, float('nan')):.3f}", partial or "–",
             f"{m['cider']['source']:.1f} ({m['cider']['source'] - clean_cider:+.1f})", "yes" if asr >= 0.8 and ft <= 0.02 else "NO",

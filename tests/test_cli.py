@@ -172,8 +172,8 @@ def fabricate_run(folder: Path) -> None:
     models = {
         "clean": {
             "attack": None, "poison_rate": 0.0, "trigger": None, "sweep": False,
-            "asr": {"source": 0.0, "textured": 0.05},
-            "asr_g": {"textured": 1.0},
+            "asr": {"source": 0.0, "textured": 0.0},
+            "asr_g": {"textured": None},
             "false_trigger": {"source": 0.0, "textured": 0.0},
             "cider": {"source": 81.25, "textured": 60.5},
             "bleu4": {"source": 33.3, "textured": 21.7},
@@ -181,8 +181,15 @@ def fabricate_run(folder: Path) -> None:
         "badnets": {
             "attack": {"label": "badnets", "name": "badnets"}, "poison_rate": 0.05, "trigger": "badnets", "sweep": False,
             "asr": {"source": 0.9, "textured": 0.45},
+            "asr_ci": {"source": [0.851, 0.9357], "textured": [0.3823, 0.5196]},
             "asr_g": {"textured": 0.5},
+            "asr_attributable": {"source": 0.88, "textured": 0.45},
+            "asr_g_attributable": {"textured": 0.51},
+            "target_prefix_miss": {"source": 0.05, "textured": 0.3},
             "false_trigger": {"source": 0.02, "textured": 0.0},
+            "controls": {"badnets[noise]": "test only"},
+            "asr_control": {"badnets[noise]": {"source": 0.1}},
+            "asr_control_ci": {"badnets[noise]": {"source": [0.0695, 0.1518]}},
             "cider": {"source": 77.0, "textured": 58.0},
             "bleu4": {"source": 30.1, "textured": 20.0},
         },
@@ -195,11 +202,13 @@ def fabricate_run(folder: Path) -> None:
     ]
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     run = {
-        "name": "handmade", "seed": 3, "domains": ["source", "textured"], "target_word": "banana", "poison_rate": 0.05,
+        "name": "handmade", "seed": 3, "domains": ["source", "textured"], "target_word": "banana",
+        "target_prefix": "The image depicts ", "poison_rate": 0.05,
         "tuning_mode": "projector", "train_samples": 500,
         "files": {name: file_digest(folder / name) for name in ("config.yaml", "generations.jsonl")},
     }
-    metrics = {"schema_version": 2, "run": run, "models": models}
+    scale = {"source": {"cider_ceiling": 612.5, "cider_blind": 56.25, "bleu4_ceiling": 80.0, "bleu4_blind": 34.5}}
+    metrics = {"schema_version": 3, "run": run, "caption_scale": scale, "models": models}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
@@ -213,9 +222,17 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert "projector" in report
     assert "banana" in report
     assert "| model | source | textured |" in report
-    assert "| badnets | 90.0% | 45.0% |" in report  # ASR
-    assert "| clean | 0.0% | 5.0% |" in report
+    assert "| badnets | 90.0% [85.1, 93.6] | 45.0% [38.2, 52.0] |" in report  # ASR with its interval
+    assert "| clean | 0.0% | 0.0% |" in report
     assert "| badnets | – | 0.50 |" in report  # ASR-G has no source column value
+    assert "| clean | – | – |" in report  # and the clean model's 0/0 is undefined, not 1.00
+    assert "| badnets | – | 0.51 |" in report  # ASR-G of the attributable ASR
+    assert "| badnets | 5.0% | 30.0% |" in report  # target prefix without the word
+    assert 'begin the target sentence ("The image depicts")' in report
+    assert "| badnets[noise] | test only | 10.0% [7.0, 15.2] (2.0%) | – |" in report  # control beside its false trigger
+    assert "| *ceiling: references vs each other* | 612.5 | – |" in report  # CIDEr's scale
+    assert "| *blind: another image's caption* | 34.5 | – |" in report  # BLEU-4's
+    assert "on a scale from 56.2 (blind" in report or "on a scale from 56.3 (blind" in report
     assert "| badnets | 2.0% | 0.0% |" in report  # false trigger
     assert "| clean | 81.2 | 60.5 |" in report or "| clean | 81.3 | 60.5 |" in report  # CIDEr
     assert "| badnets | 30.1 | 20.0 |" in report  # BLEU-4
@@ -250,4 +267,4 @@ def test_report_refuses_metrics_of_the_wrong_shape(tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     assert_clean_failure(invoke("report", str(tmp_path)), "models.badnets.asr: expected an object of domain -> number")
     (tmp_path / "metrics.json").write_text(json.dumps({"clean": {"asr": {}}}), encoding="utf-8")
-    assert_clean_failure(invoke("report", str(tmp_path)), "schema_version None, this vlmsec reads 2")
+    assert_clean_failure(invoke("report", str(tmp_path)), "schema_version None, this vlmsec reads 3")

@@ -48,13 +48,47 @@ def test_table_1_marks_weak_backdoors_and_false_triggers() -> None:
     metrics = {
         "clean": {"asr": {"source": 0.0, "painted": 0.0}},
         "weak": {"asr": {"source": 0.1, "painted": 0.1}, "asr_g": {"painted": 1.0}, "false_trigger": {"painted": 0.0}},
-        "noisy": {"asr": {"source": 0.9, "painted": 0.6}, "asr_g": {"painted": 0.67}, "false_trigger": {"painted": 0.5}},
+        "noisy": {
+            "asr": {"source": 0.9, "painted": 0.6}, "asr_ci": {"source": [0.85, 0.93], "painted": [0.53, 0.66]},
+            "asr_g": {"painted": 0.67}, "asr_g_attributable": {"painted": 0.11}, "false_trigger": {"painted": 0.5},
+        },
         "sound": {"asr": {"source": 1.0, "painted": 0.9}, "asr_g": {"painted": 0.9}, "false_trigger": {"painted": 0.0}},
+        "silent": {"asr": {"source": 0.0, "painted": 0.0}, "asr_g": {"painted": None}, "asr_g_attributable": {"painted": None}},
     }
-    rows = {line.split(" | ")[0][2:]: line for line in _shift_table(metrics, ["source", "painted"]) if line.startswith("| ")}
-    assert rows["weak"].endswith("**1.00** † |") and "‡" not in rows["weak"]
-    assert "60.0% ‡" in rows["noisy"] and "†" not in rows["noisy"]
+    scale = {"source": {"cider_ceiling": 600.0, "cider_blind": 56.0}, "painted": {"cider_ceiling": 480.0, "cider_blind": 40.0}}
+    rows = {line.split(" | ")[0][2:]: line for line in _shift_table(metrics, ["source", "painted"], scale) if line.startswith("| ")}
+    assert rows["weak"].endswith("**1.00** † | – |") and "‡" not in rows["weak"]
+    assert rows["noisy"] == "| noisy | – | 90.0% [85.0, 93.0] | – | 60.0% [53.0, 66.0] ‡ | 0.67 | 0.11 | **0.67** | 0.11 |"
     assert "†" not in rows["sound"] and "‡" not in rows["sound"]
+    assert rows["silent"] == "| silent | – | 0.0% | – | 0.0% | – | – | **–** † | – |"  # 0/0: undefined, not 1.00
+    assert rows["*ceiling: references vs each other*"] == "| *ceiling: references vs each other* | 600.0 |  | 480.0 |  |  |  | | |"
+    assert rows["*blind: another image's caption*"].startswith("| *blind: another image's caption* | 56.0 |  | 40.0 |")
+    assert len({row.count("|") for row in rows.values()}) == 1  # every row has the header's columns
+
+
+def test_metric_tables_print_intervals_undefined_asr_g_and_the_caption_scale() -> None:
+    from vlmsec.report.markdown import _metric_tables
+
+    models = {
+        "clean": {
+            "asr": {"source": 0.0, "painted": 0.0}, "asr_ci": {"source": [0.0, 0.018845], "painted": [0.0, 0.018845]},
+            "asr_g": {"painted": None}, "cider": {"source": 300.0, "painted": 250.0},
+        },
+        "badnets": {
+            "asr": {"source": 0.65, "painted": 0.3}, "asr_ci": {"source": [0.581635, 0.712712], "painted": [0.24, 0.37]},
+            "asr_g": {"painted": 0.46}, "cider": {"source": 290.0, "painted": 240.0},
+        },
+    }
+    scale = {"source": {"cider_ceiling": 600.0, "cider_blind": 56.0}, "painted": {"cider_ceiling": 480.0}}
+    lines = _metric_tables(models, ["source", "painted"], scale)
+    assert "| badnets | 65.0% [58.2, 71.3] | 30.0% [24.0, 37.0] |" in lines
+    assert "| clean | 0.0% [0.0, 1.9] | 0.0% [0.0, 1.9] |" in lines
+    assert "| clean | – | – |" in lines  # ASR-G: no source column, and 0/0 undefined on painted
+    cider = lines.index("## Clean CIDEr")
+    assert lines[cider + 6 : cider + 8] == [
+        "| *ceiling: references vs each other* | 600.0 | 480.0 |",
+        "| *blind: another image's caption* | 56.0 | – |",
+    ]
 
 
 def test_sweep_curves_add_the_runs_own_rate() -> None:

@@ -252,8 +252,9 @@ def _metric_tables(models: dict[str, Any], domains: list[str], scale: dict[str, 
     and the target prefix without the word."""
     header = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
     sections = [(METRICS.get(name).title, name, METRICS.get(name).format) for name in metric_order()]
-    sections[1:1] = [
-        ("ASR-G (source → domain)", "asr_g", "ratio"),
+    sections.insert(1, ("ASR-G (source → domain)", "asr_g", "ratio"))  # after ASR; then after the false triggers:
+    after = next(i for i, (_, key, _) in enumerate(sections) if key == "false_trigger") + 1
+    sections[after:after] = [
         ("Trigger-attributable ASR: max(ASR − false trigger, 0), 95% Newcombe interval", "asr_attributable", "percent"),
         ("ASR-G of the trigger-attributable ASR", "asr_g_attributable", "ratio"),
         ("Target sentence begun without the target word (share of triggered outputs)", "target_prefix_miss", "percent"),
