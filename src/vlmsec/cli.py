@@ -32,23 +32,41 @@ def run(
     config: Annotated[str, typer.Argument(help="A YAML config path or a preset name.")] = "quickstart",
     out: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default: runs/<config name>).")] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Shared stage cache (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
+    seeds: Annotated[
+        Optional[str],
+        typer.Option(
+            "--seeds",
+            help="Run the study once per seed (e.g. 0,1,2) into OUT/seed-<s>/ and summarise mean and spread "
+            "in OUT/seeds.json and seeds.md; a pinned poison.seed is dropped so the poison picks follow each seed.",
+        ),
+    ] = None,
 ) -> None:
     """Poison, tune, evaluate and report, as the config says."""
     from vlmsec.artifacts import check_writable
     from vlmsec.experiments.config import load_config
+    from vlmsec.experiments.multiseed import parse_seeds, run_seeds
     from vlmsec.experiments.runner import Runner
     from vlmsec.experiments.stages import default_cache_dir
 
     try:
         cfg = load_config(config)
+        seed_list = parse_seeds(seeds) if seeds is not None else None
         run_dir = out if out is not None else Path("runs") / cfg.name
         cache_dir = cache if cache is not None else default_cache_dir()
         # Checked now: the run writes them only after stages that may train for hours.
         check_writable(run_dir, "--out" if out is not None else "run folder (the default of --out)")
         check_writable(cache_dir, "--cache" if cache is not None else "cache folder (the default of --cache, $VLMSEC_CACHE)")
-        metrics = Runner(cfg, run_dir, cache_dir).run()
+        if seed_list is not None:
+            summary = run_seeds(cfg, seed_list, run_dir, cache_dir)
+        else:
+            metrics = Runner(cfg, run_dir, cache_dir).run()
     except VlmsecError as err:
         _fail(err)
+    if seed_list is not None:
+        if summary:
+            console.print(f"seeds {seeds}: {summary['poison_seed']}")
+            console.print(f"mean and spread over seeds: {run_dir / 'seeds.md'}  (numbers: {run_dir / 'seeds.json'})")
+        return
     if not metrics:
         return  # another process of `accelerate launch`: the main one prints
     from vlmsec.eval.scoring import METRICS, metric_order
