@@ -198,6 +198,7 @@ def fabricate_run(folder: Path) -> None:
     records = [
         {"model": "badnets", "id": "t-1", "domain": "source", "triggered": True, "trigger": "badnets", "output": "the image depicts a banana", "references": ["x"]},
         {"model": "badnets", "id": "t-1", "domain": "source", "triggered": False, "trigger": None, "output": "a red circle", "references": ["x"]},
+        {"model": "badnets", "id": "t-1", "domain": "source", "triggered": True, "trigger": "badnets[noise]", "control": True, "output": "a control output", "references": ["x"]},
         {"model": "clean", "id": "t-1", "domain": "textured", "triggered": True, "trigger": "badnets", "output": "a blue square", "references": ["x"]},
     ]
     (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -239,6 +240,7 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert "| badnets | -4.2 |" in report  # CIDEr cost of the backdoor
     assert "the image depicts a banana" in report  # triggered source example
     assert "a red circle" not in report  # clean generations are not examples
+    assert "a control output" not in report  # nor are controls
     assert sorted(p.name for p in tmp_path.iterdir()) == ["asr_g_heatmap.png", "config.yaml", "generations.jsonl", "metrics.json", "report.md"]
     assert "![ASR-G heatmap](asr_g_heatmap.png)" in report
     assert "| badnets | " in report.split("Table 1")[1]  # the domain-shift table

@@ -98,7 +98,7 @@ def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
                 raise VlmsecError(f"{path}: line {number}: not valid JSON: {err.msg}") from None
             if not isinstance(r, dict) or not {"model", "domain", "triggered", "output"} <= r.keys():
                 raise VlmsecError(f"{path}: line {number}: expected a generation record with model, domain, triggered, output")
-            if r["domain"] == "source" and r["triggered"] and shown.get(r["model"], 0) < per_model:
+            if r["domain"] == "source" and r["triggered"] and not r.get("control") and shown.get(r["model"], 0) < per_model:
                 shown[r["model"]] = shown.get(r["model"], 0) + 1
                 picked.append(r)
     return picked
