@@ -20,7 +20,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -143,7 +143,7 @@ def sample_scenes(
 
 SceneKey = tuple[tuple[str, str, str, str], ...]
 SceneSplit = Literal["tuning", "test", "compositional"]
-SCENE_SPLITS: tuple[str, ...] = ("tuning", "test", "compositional")
+SCENE_SPLITS: tuple[str, ...] = get_args(SceneSplit)
 
 # Share of scene keys held out for the test sets. Every single-object key (360 of them) turns
 # up among 5,000 freely drawn scenes, so rejecting only the keys that base and train happen to
