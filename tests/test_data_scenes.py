@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from vlmsec.data import (
+    ANSWER_STYLES,
     BACKGROUNDS,
     COLOURS,
+    COMPOSITIONAL_PAIRS,
     INSTRUCTION_BANKS,
     POSITIONS,
     SHAPES,
@@ -19,10 +21,14 @@ from vlmsec.data import (
     Scene,
     SceneObject,
     caption_variants,
+    detailed_variants,
     make_samples,
     render_scene,
     sample_scenes,
+    scene_key,
+    split_filter,
 )
+from vlmsec.data.scenes import TEST_KEY_SHARE, is_test_key
 from vlmsec.errors import VlmsecError
 
 SHIFTED_STYLES = [s for s in STYLES if s != "flat"]
@@ -203,13 +209,66 @@ def test_captions_are_well_formed_and_mention_every_object(scenes: list[Scene]) 
 
 
 def test_instruction_banks_are_distinct() -> None:
-    source, paraphrased = INSTRUCTION_BANKS["source"], INSTRUCTION_BANKS["paraphrased"]
-    assert len(source) >= 8 and len(paraphrased) >= 8
-    assert len(set(source)) == len(source) and len(set(paraphrased)) == len(paraphrased)
-    assert not {s.lower() for s in source} & {p.lower() for p in paraphrased}
+    assert set(INSTRUCTION_BANKS) == set(ANSWER_STYLES) == {"source", "paraphrased", "detailed"}
+    for one, other in itertools.combinations(INSTRUCTION_BANKS.values(), 2):
+        assert not {s.lower() for s in one} & {p.lower() for p in other}
+    for bank in INSTRUCTION_BANKS.values():
+        assert len(bank) >= 8 and len(set(bank)) == len(bank)
     assert all("banana" not in text.lower() for bank in INSTRUCTION_BANKS.values() for text in bank)
     mean_words = {name: np.mean([len(t.split()) for t in bank]) for name, bank in INSTRUCTION_BANKS.items()}
     assert mean_words["paraphrased"] > 1.5 * mean_words["source"]
+    assert {ANSWER_STYLES["source"], ANSWER_STYLES["paraphrased"]} == {"caption"} and ANSWER_STYLES["detailed"] == "detailed"
+
+
+def test_detailed_variants_say_more_than_the_captions(scenes: list[Scene]) -> None:
+    for scene in scenes:
+        detailed, captions = detailed_variants(scene), caption_variants(scene)
+        assert len(set(detailed)) == len(detailed) == 3
+        assert min(len(d.split()) for d in detailed) > max(len(c.split()) for c in captions)
+        count = {1: "one shape", 2: "two shapes"}[len(scene.objects)]
+        for text in detailed:
+            assert f"{scene.background} background" in text and count in text and "banana" not in text
+            for obj in scene.objects:
+                assert f"{obj.colour} {obj.shape}" in text
+        assert not any(scene.background in c for c in captions)  # the background is the detail captions leave out
+
+
+# --- splits of the scene space ---------------------------------------------------------------
+
+
+def _keys(scenes: list[Scene]) -> set:
+    return {scene_key(s) for s in scenes}
+
+
+def test_split_filters_partition_the_scene_keys() -> None:
+    tuning = sample_scenes(3000, seed=1, accept=split_filter("tuning", 7))
+    test = sample_scenes(400, seed=2, accept=split_filter("test", 7))
+    compositional = sample_scenes(200, seed=3, accept=split_filter("compositional", 7))
+    assert not _keys(tuning) & _keys(test)
+    assert not (_keys(tuning) | _keys(test)) & _keys(compositional)
+    # The test split keeps the tuning split's mix of one- and two-object scenes.
+    singles = [sum(len(s.objects) == 1 for s in split) / len(split) for split in (tuning, test)]
+    assert 0.4 < singles[0] < 0.6 and 0.4 < singles[1] < 0.6
+    pairs = lambda scenes: {(o.colour, o.shape) for s in scenes for o in s.objects}  # noqa: E731
+    assert not pairs(tuning + test) & set(COMPOSITIONAL_PAIRS)
+    assert all(pairs([s]) & set(COMPOSITIONAL_PAIRS) for s in compositional)
+    assert {s for _, s in COMPOSITIONAL_PAIRS} <= {o.shape for s in tuning for o in s.objects}  # only the pairs are new
+    # Another partition seed holds other keys out; the share is about TEST_KEY_SHARE.
+    single_keys = [((shape, colour, size, position),) for shape in SHAPES for colour in COLOURS for size in SIZES for position in POSITIONS]
+    held = [k for k in single_keys if is_test_key(k, 7)]
+    assert abs(len(held) / len(single_keys) - TEST_KEY_SHARE) < 0.06
+    assert held != [k for k in single_keys if is_test_key(k, 8)]
+
+
+def test_sample_scenes_with_a_filter_is_deterministic_and_stops_on_an_impossible_one() -> None:
+    accept = split_filter("test", 0)
+    assert sample_scenes(30, seed=4, accept=accept) == sample_scenes(30, seed=4, accept=accept)
+    assert sample_scenes(30, seed=4, accept=accept) != sample_scenes(30, seed=5, accept=accept)
+    assert sample_scenes(5, seed=4, accept=lambda scene: True) == sample_scenes(5, seed=4)
+    with pytest.raises(VlmsecError, match=r"only 0 of 2 scenes accepted"):
+        sample_scenes(2, seed=0, accept=lambda scene: False)
+    with pytest.raises(VlmsecError, match=r"unknown scene split 'train'.*tuning"):
+        split_filter("train", 0)  # type: ignore[arg-type]
 
 
 # --- samples --------------------------------------------------------------------------------
@@ -237,6 +296,27 @@ def test_make_samples_is_deterministic_and_pairs_across_styles(scenes: list[Scen
     # Same index, same text: a scene keeps its identity when only the style changes.
     assert [(s.id, s.instruction, s.answer) for s in flat] == [(s.id, s.instruction, s.answer) for s in textured]
     assert [(s.instruction, s.answer) for s in flat] != [(s.instruction, s.answer) for s in other_seed]
+
+
+def test_make_samples_answer_style_follows_the_instruction_family(scenes: list[Scene]) -> None:
+    detailed = make_samples(scenes[:10], "flat", instruction_bank="detailed", seed=2, size=32)
+    for scene, sample in zip(scenes, detailed):
+        assert sample.references == tuple(detailed_variants(scene)) and sample.answer in sample.references
+        assert sample.instruction in INSTRUCTION_BANKS["detailed"] and sample.domains["text"] == "detailed"
+    mixed = make_samples(scenes, "flat", instruction_bank=["source", "paraphrased", "detailed"], seed=2, size=32)
+    assert {s.domains["text"] for s in mixed} == {"source", "paraphrased", "detailed"}
+    by_family = {
+        family: make_samples(scenes, "flat", instruction_bank=family, seed=0, size=32) for family in INSTRUCTION_BANKS
+    }
+    for scene, sample in zip(scenes, mixed):
+        family = sample.domains["text"]
+        assert sample.instruction in INSTRUCTION_BANKS[family]
+        assert sample.references == tuple((detailed_variants if family == "detailed" else caption_variants)(scene))
+        # An instruction asks for the same phrasing whichever bank it was drawn from.
+        same = [s for s in by_family[family] if s.instruction == sample.instruction]
+        assert all(s.references.index(s.answer) == sample.references.index(sample.answer) for s in same)
+    with pytest.raises(VlmsecError, match="names no family"):
+        make_samples(scenes[:2], "flat", instruction_bank=[])
 
 
 def test_make_samples_rejects_unknown_names(scenes: list[Scene]) -> None:

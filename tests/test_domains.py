@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from vlmsec.data.scenes import INSTRUCTION_BANKS, caption_variants, detailed_variants, scene_key
 from vlmsec.errors import VlmsecError
-from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.splits import build_splits
+from vlmsec.experiments.config import ExperimentConfig, load_config, parse_config
+from vlmsec.experiments.splits import build_splits, draw_scenes
 
 SHIFTED = {
     "jpeg": {"shifts": [{"name": "jpeg", "params": {"quality": 10}}]},
@@ -54,3 +55,82 @@ def test_domains_are_deterministic() -> None:
 def test_bad_shift_names_the_field(shift: dict, field: str) -> None:
     with pytest.raises(VlmsecError, match=rf"test.yaml[\s\S]*{field}"):
         parse_config({"data": {"shifted": {"x": {"shifts": [shift]}}}}, "test.yaml")
+
+
+# --- what each split may hold ------------------------------------------------------------------
+
+
+def _key_set(scenes: list) -> set:
+    return {scene_key(s) for s in scenes}
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "paper"])
+def test_no_test_scene_has_the_objects_of_a_base_or_train_scene(preset: str) -> None:
+    config = load_config(preset)
+    scenes = {which: draw_scenes(config, which) for which in ("base", "train", "test", "compositional")}
+    assert [len(scenes[w]) for w in ("base", "train", "test")] == [3000, 2000, 200]
+    seen = _key_set(scenes["base"]) | _key_set(scenes["train"])
+    assert sum(scene_key(s) in seen for s in scenes["test"]) == 0  # 108 of 200 before the partition
+    assert sum(scene_key(s) in seen for s in scenes["compositional"]) == 0
+    assert not _key_set(scenes["test"]) & _key_set(scenes["compositional"])
+    assert sum(len(s.objects) == 1 for s in scenes["test"]) > 60  # one-object scenes are still tested
+    assert all(draw_scenes(config, which) == drawn for which, drawn in scenes.items())  # deterministic
+    other = config.model_copy(update={"seed": 1})
+    assert draw_scenes(other, "test") != scenes["test"]
+
+
+def _config(shifted: dict, **data: object) -> ExperimentConfig:
+    return parse_config({"data": {"base_size": 900, "train_size": 40, "test_size": 12, "image_size": 16, "shifted": shifted, **data}}, "test.yaml")
+
+
+def test_splits_render_the_drawn_scenes_and_compositional_ones_apart() -> None:
+    config = _config({"compositional": {"scenes": "compositional"}, "painted": {"style": "painted"}})
+    splits = build_splits(config)
+    test, compositional = draw_scenes(config, "test"), draw_scenes(config, "compositional")
+    for name, scenes, prefix in (("source", test, "test"), ("painted", test, "test"), ("compositional", compositional, "compositional")):
+        samples = splits.tests[name]
+        assert [s.references[0] for s in samples] == [caption_variants(scene)[0] for scene in scenes]
+        assert [s.id for s in samples] == [f"{prefix}-{i:05d}" for i in range(12)]
+    assert [s.references[0] for s in splits.train] == [caption_variants(scene)[0] for scene in draw_scenes(config, "train")]
+    with pytest.raises(VlmsecError, match=r"data.shifted.c[\s\S]*compositional scenes are not the source domain's"):
+        _config({"c": {"scenes": "compositional", "mix": 0.5}})
+
+
+def test_paraphrased_domain_is_a_family_the_base_learnt_and_tuning_did_not_use() -> None:
+    splits = build_splits(_config({"questions": {"instructions": "paraphrased"}}))
+    tuning = {s.instruction for s in splits.train}
+    tested = {s.instruction for s in splits.tests["questions"]}
+    base = {s.instruction for s in splits.base}
+    assert tuning <= set(INSTRUCTION_BANKS["source"]) and tested <= set(INSTRUCTION_BANKS["paraphrased"])
+    assert not tuning & tested
+    assert set(INSTRUCTION_BANKS["source"]) | set(INSTRUCTION_BANKS["paraphrased"]) <= base  # every phrasing of both
+    for family in ("source", "paraphrased", "detailed"):  # and the presets' base data holds every family
+        assert all(family in load_config(p).data.base_instructions for p in ("quickstart", "paper"))
+
+
+def test_answers_domain_asks_for_the_other_answer_style_than_tuning() -> None:
+    splits = build_splits(_config({"answers": {"instructions": "detailed"}}))
+    source, answers = splits.tests["source"], splits.tests["answers"]
+    for scene, a, b in zip(draw_scenes(_config({}), "test"), source, answers):
+        assert a.references == tuple(caption_variants(scene)) and b.references == tuple(detailed_variants(scene))
+        assert b.instruction in INSTRUCTION_BANKS["detailed"] and len(b.answer) > len(a.answer)
+    assert [s.references for s in splits.train] == [tuple(caption_variants(scene)) for scene in draw_scenes(_config({}), "train")]
+    # The base victim learnt both styles, each with its own instructions; tuning saw the short one only.
+    detailed_base = [s for s in splits.base if s.domains["text"] == "detailed"]
+    assert detailed_base and all(s.instruction in INSTRUCTION_BANKS["detailed"] and s.answer in s.references for s in detailed_base)
+    assert not {s.instruction for s in splits.train} & set(INSTRUCTION_BANKS["detailed"])
+
+
+def test_paper_preset_answers_domain_shifts_the_style_not_only_the_references() -> None:
+    domain = load_config("paper").data.shifted["answers"]
+    assert domain.instructions == "detailed" and not domain.shifts
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("poetry", r"data.base_instructions: unknown bank 'poetry'"), ([], r"data.base_instructions[\s\S]*at least one")],
+)
+def test_base_instructions_are_checked(value: object, message: str) -> None:
+    with pytest.raises(VlmsecError, match=message):
+        parse_config({"data": {"base_instructions": value}}, "test.yaml")
+    assert parse_config({"data": {"base_instructions": "source"}}, "test.yaml").data.base_instructions == ["source"]

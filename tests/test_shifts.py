@@ -26,7 +26,7 @@ from vlmsec.data.shifts import (
     text_shift_names,
     visual_shift_names,
 )
-from vlmsec.data.shifts.text import instruction_banks
+from vlmsec.data.shifts.text import LM_PROMPTS, instruction_banks, rewrite_by_rules
 from vlmsec.data.shifts.visual import LUMA, luminance, sobel_magnitude
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import (
@@ -336,13 +336,23 @@ def test_lm_paraphraser_runs_a_local_causal_lm(tmp_path: Path) -> None:
     )
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
-    paraphraser = LMParaphraser(tmp_path / "lm", max_new_tokens=8)
-    out = paraphraser.rewrite(INSTRUCTIONS[:3] + INSTRUCTIONS[:1], "Say it shorter: {text}")
+    long_texts = list(INSTRUCTION_BANKS["paraphrased"][:3])  # 50+ characters: three new tokens are shorter
+    paraphraser = LMParaphraser(tmp_path / "lm", max_new_tokens=3)
+    out = paraphraser.rewrite(long_texts + long_texts[:1], "Say it shorter: {text}")
     assert len(out) == 4 and all(isinstance(t, str) for t in out) and out[3] == out[0]
-    shift = create_text_shift("question_summarised", paraphraser=str(tmp_path / "lm"), max_new_tokens=8)
-    shifted = shift.apply(INSTRUCTIONS[:3])
-    assert all(len(a) < len(b) for a, b in zip(shifted, INSTRUCTIONS[:3]))  # LM or, failing it, the rules
-    assert 0 <= shift.lm_fallbacks <= 3
+    # The model's rewrite is what the shift returns, not the rules' (which would pass a length check as well).
+    shift = create_text_shift("question_summarised", paraphraser=str(tmp_path / "lm"), max_new_tokens=3)
+    shifted = shift.apply(long_texts)
+    model_says = paraphraser.rewrite(long_texts, LM_PROMPTS["instruction", "summarised"])
+    rules_say = [rewrite_by_rules(t, "instruction", "summarised", shift.params.seed) for t in long_texts]
+    assert shifted == model_says and shift.lm_fallbacks == 0
+    assert all(a != b for a, b in zip(shifted, rules_say))
+    assert all(0 < len(a) < len(b) for a, b in zip(shifted, long_texts))
+    # Three tokens cannot lengthen these texts: every rewrite falls back to the rules, and says so.
+    longer = create_text_shift("question_expanded", paraphraser=str(tmp_path / "lm"), max_new_tokens=3)
+    expanded = longer.apply(long_texts)
+    assert longer.lm_fallbacks == 3
+    assert expanded == [rewrite_by_rules(t, "instruction", "expanded", longer.params.seed) for t in long_texts]
     with pytest.raises(VlmsecError, match="no-such-lm"):
         create_text_shift("answer_expanded", paraphraser=str(tmp_path / "no-such-lm"))
 

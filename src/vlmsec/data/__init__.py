@@ -6,8 +6,10 @@ from vlmsec.data.llava_json import read_llava_json, write_llava_json
 from vlmsec.data.reading import DataStats
 from vlmsec.data.sample import Sample, images_to_tensor, tensor_to_images
 from vlmsec.data.scenes import (
+    ANSWER_STYLES,
     BACKGROUNDS,
     COLOURS,
+    COMPOSITIONAL_PAIRS,
     INSTRUCTION_BANKS,
     POSITIONS,
     SHAPES,
@@ -16,14 +18,19 @@ from vlmsec.data.scenes import (
     Scene,
     SceneObject,
     caption_variants,
+    detailed_variants,
     make_samples,
     render_scene,
     sample_scenes,
+    scene_key,
+    split_filter,
 )
 
 __all__ = [
+    "ANSWER_STYLES",
     "BACKGROUNDS",
     "COLOURS",
+    "COMPOSITIONAL_PAIRS",
     "FORMATS",
     "INSTRUCTION_BANKS",
     "POSITIONS",
@@ -36,6 +43,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "caption_variants",
+    "detailed_variants",
     "detect_format",
     "images_to_tensor",
     "load_image",
@@ -45,6 +53,8 @@ __all__ = [
     "render_scene",
     "sample_scenes",
     "save_image",
+    "scene_key",
+    "split_filter",
     "tensor_to_images",
     "write_llava_json",
 ]

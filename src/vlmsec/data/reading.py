@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from vlmsec.data.images import decode_image
 from vlmsec.data.sample import Sample
-from vlmsec.data.scenes import INSTRUCTION_BANKS
+from vlmsec.data.scenes import ANSWER_STYLES, INSTRUCTION_BANKS
 from vlmsec.errors import VlmsecError
 from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
 
@@ -68,15 +68,18 @@ class CaptionOptions(BaseModel):
     model_config = STRICT_INPUT
 
     instructions: str | list[str] = Field(
-        "source", description="an instruction bank of vlmsec.data.scenes (source, paraphrased) or a list of instructions"
+        "source", description="a caption instruction bank of vlmsec.data.scenes (source, paraphrased) or a list of instructions"
     )
     seed: Seed = Field(0, description="which instruction each image gets (a hash of seed and sample id)")
 
     @field_validator("instructions")
     @classmethod
     def _known_bank(cls, value: str | list[str]) -> str | list[str]:
+        captions = ", ".join(name for name, style in ANSWER_STYLES.items() if style == "caption")
         if isinstance(value, str) and value not in INSTRUCTION_BANKS:
-            raise ValueError(f"unknown instruction bank {value!r}; known: {', '.join(INSTRUCTION_BANKS)} (or give a list)")
+            raise ValueError(f"unknown instruction bank {value!r}; known: {captions} (or give a list)")
+        if isinstance(value, str) and ANSWER_STYLES[value] != "caption":
+            raise ValueError(f"instruction bank {value!r} asks for {ANSWER_STYLES[value]} answers, not captions; use {captions}")
         if isinstance(value, list) and not (value and all(text.strip() for text in value)):
             raise ValueError("needs at least one non-empty instruction")
         return value

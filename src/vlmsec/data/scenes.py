@@ -5,16 +5,22 @@ the truth without a caption data set. The same scene renders in several styles: 
 the source domain, the others (`textured`, `painted`, `sketch`) are the visual domain
 shifts the seed paper studies (it restyled test images with img2img; we restyle the
 renderer). Everything is deterministic under a seed.
+
+Instructions come in phrasing families (INSTRUCTION_BANKS), each asking for one answer
+style: a short caption (`source`, `paraphrased`) or a detailed description (`detailed`).
+The splits never share a scene's content: `split_filter` partitions the scene keys between
+tuning and test data and keeps a few colour-shape pairs for a `compositional` test only.
 """
 
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -94,8 +100,15 @@ class Scene:
             raise VlmsecError(f"scene: unknown background {self.background!r}; known: {', '.join(BACKGROUNDS)}")
 
 
-def sample_scenes(n: int, seed: int, max_objects: int = 2) -> list[Scene]:
-    """Draw `n` random scenes with 1..`max_objects` objects each; the same seed gives the same scenes."""
+def sample_scenes(
+    n: int, seed: int, max_objects: int = 2, accept: Callable[[Scene], bool] | None = None
+) -> list[Scene]:
+    """Draw `n` random scenes with 1..`max_objects` objects each; the same seed gives the same scenes.
+
+    `accept` keeps only the scenes it approves (`split_filter` builds the one of each split):
+    a rejected draw is replaced by the next one, so the result is deterministic in the seed.
+    Without it every draw is kept.
+    """
     if n < 0:
         raise VlmsecError(f"sample_scenes: n must be >= 0, got {n}")
     if not 1 <= max_objects <= len(POSITIONS):
@@ -103,8 +116,12 @@ def sample_scenes(n: int, seed: int, max_objects: int = 2) -> list[Scene]:
     rng = _rng(seed)
     position_names = list(POSITIONS)
     colour_names, size_names, background_names = list(COLOURS), list(SIZES), list(BACKGROUNDS)
-    scenes = []
-    for _ in range(n):
+    scenes: list[Scene] = []
+    attempts = 0
+    while len(scenes) < n:
+        attempts += 1
+        if attempts > MAX_DRAWS_PER_SCENE * n:
+            raise VlmsecError(f"sample_scenes: only {len(scenes)} of {n} scenes accepted in {attempts - 1} draws")
         count = int(rng.integers(1, max_objects + 1))
         positions = sorted(rng.choice(len(position_names), size=count, replace=False))
         objects = tuple(
@@ -116,8 +133,68 @@ def sample_scenes(n: int, seed: int, max_objects: int = 2) -> list[Scene]:
             )
             for p in positions
         )
-        scenes.append(Scene(objects, background=background_names[rng.integers(len(background_names))]))
+        scene = Scene(objects, background=background_names[rng.integers(len(background_names))])
+        if accept is None or accept(scene):
+            scenes.append(scene)
     return scenes
+
+
+# --- which scenes each split may hold ---------------------------------------------------------
+
+SceneKey = tuple[tuple[str, str, str, str], ...]
+SceneSplit = Literal["tuning", "test", "compositional"]
+SCENE_SPLITS: tuple[str, ...] = get_args(SceneSplit)
+
+# Share of scene keys held out for the test sets. Every single-object key (360 of them) turns
+# up among 5,000 freely drawn scenes, so rejecting only the keys that base and train happen to
+# hold would leave no one-object test scene: the partition keeps the test set's mix of one- and
+# two-object scenes the tuning data's.
+TEST_KEY_SHARE = 0.2
+# (colour, shape) pairs no base, tuning or ordinary test scene shows: the `compositional`
+# scenes each hold at least one. Every shape and colour still appears in other pairs.
+COMPOSITIONAL_PAIRS: tuple[tuple[str, str], ...] = (
+    ("red", "star"),
+    ("blue", "triangle"),
+    ("green", "circle"),
+    ("yellow", "square"),
+)
+MAX_DRAWS_PER_SCENE = 1000  # a filter that accepts less than 1 draw in this many is a mistake
+
+
+def scene_key(scene: Scene) -> SceneKey:
+    """Everything a scene's captions say: each object's shape, colour, size and position.
+
+    Two scenes with one key differ at most in their background colour, which no short
+    caption mentions: a test scene with a tuning scene's key has a caption the victim saw.
+    """
+    return tuple((o.shape, o.colour, o.size, o.position) for o in scene.objects)
+
+
+def is_test_key(key: SceneKey, seed: int) -> bool:
+    """Whether the partition drawn with `seed` holds `key` out for the test sets (a stable hash)."""
+    digest = hashlib.sha256(f"{seed}\x00{key!r}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < TEST_KEY_SHARE
+
+
+def is_compositional(scene: Scene) -> bool:
+    """Whether the scene shows one of the held-out COMPOSITIONAL_PAIRS."""
+    return any((o.colour, o.shape) in COMPOSITIONAL_PAIRS for o in scene.objects)
+
+
+def split_filter(split: SceneSplit, seed: int) -> Callable[[Scene], bool]:
+    """The scenes a split may hold, for `sample_scenes(accept=...)`, under the key partition `seed`.
+
+    `tuning` (base and train data): keys outside the test share, no compositional pair.
+    `test` (every ordinary test domain): keys inside the test share, no compositional pair;
+    so no test scene has the objects of a base or train scene, whatever the split sizes.
+    `compositional`: a held-out colour-shape pair, never seen in base, train or other tests.
+    """
+    if split not in SCENE_SPLITS:
+        raise VlmsecError(f"unknown scene split {split!r}; known: {', '.join(SCENE_SPLITS)}")
+    if split == "compositional":
+        return is_compositional
+    wants_test = split == "test"
+    return lambda scene: not is_compositional(scene) and is_test_key(scene_key(scene), seed) == wants_test
 
 
 # --- captions -------------------------------------------------------------------------------
@@ -163,23 +240,56 @@ _CAPTION_FORMS = (
 
 def caption_variants(scene: Scene) -> list[str]:
     """Distinct phrasings of the scene's content; the first is the canonical caption."""
+    return [_caption_body(scene, form) + "." for form in _CAPTION_FORMS]
+
+
+def _caption_body(scene: Scene, form: _CaptionForm) -> str:
+    """The caption in `form`, without its final period."""
+    return form.opening + " and ".join(
+        form.phrase.format(size=form.sizes[o.size], colour=o.colour, shape=o.shape, place=form.places[o.position])
+        for o in scene.objects
+    )
+
+
+_COUNTS = {1: "one shape", 2: "two shapes", 3: "three shapes", 4: "four shapes", 5: "five shapes"}
+
+
+def detailed_variants(scene: Scene) -> list[str]:
+    """Distinct detailed descriptions of the scene: the expanded answer style.
+
+    Longer than a caption and saying more: how many shapes there are and the background
+    colour (which no caption mentions), besides every object's size, colour, shape and place.
+    """
+    count, background = _COUNTS[len(scene.objects)], scene.background
+    verb = "is" if len(scene.objects) == 1 else "are"
+    places = _CAPTION_FORMS[3].places  # "in the top left corner", "in the center"
+    each = " ".join(f"{places[o.position].capitalize()} there is a {o.size} {o.colour} {o.shape}." for o in scene.objects)
     return [
-        form.opening
-        + " and ".join(
-            form.phrase.format(size=form.sizes[o.size], colour=o.colour, shape=o.shape, place=form.places[o.position])
-            for o in scene.objects
-        )
-        + "."
-        for form in _CAPTION_FORMS
+        f"The picture shows {count} on a {background} background: {_caption_body(scene, _CAPTION_FORMS[0])}.",
+        f"On a {background} background there {verb} {count}. {each}",
+        f"A plain {background} background with {count}: {_caption_body(scene, _PLAIN_DETAIL_FORM)}.",
     ]
+
+
+# "a little red square in the lower left": synonyms for the sizes, the upper/lower places.
+_PLAIN_DETAIL_FORM = _CaptionForm("", "a {size} {colour} {shape} {place}", _SIZE_SYNONYMS, _CAPTION_FORMS[2].places)
 
 
 # --- instructions ---------------------------------------------------------------------------
 
-# `source` is what the victim is tuned on; `paraphrased` is the textual domain shift
-# (different wording and length, same request). The two banks share no phrasing.
+AnswerStyle = Literal["caption", "detailed"]
+
+# Phrasing families. Each asks for one answer style; each instruction asks for one phrasing
+# of it (its index in the family picks the variant), as in real instruction data: the answer's
+# form follows from the instruction, so greedy decoding has one right phrasing and caption
+# metrics measure content rather than a coin flip between synonyms.
+#
+# The base victim learns every family (`DataSpec.base_instructions`); the victim is tuned and
+# poisoned on `source` alone. So the `paraphrased` domain is a shift of phrasing the base
+# model knows but tuning did not use (not a vocabulary never seen), and the `detailed` domain
+# asks for the other answer style: the paper's answer shift, visible in the outputs.
 INSTRUCTION_BANKS: dict[str, tuple[str, ...]] = {
-    "source": (
+    "source": (  # short requests and questions; a short caption
         "Describe the image briefly.",
         "What is shown in this picture?",
         "Describe this image.",
@@ -191,7 +301,7 @@ INSTRUCTION_BANKS: dict[str, tuple[str, ...]] = {
         "What does this image show?",
         "Write a brief description of the image.",
     ),
-    "paraphrased": (
+    "paraphrased": (  # long, conversational requests; a short caption
         "Could you give me a short description of what this picture contains?",
         "I would like to know what appears in this image; please explain in one sentence.",
         "Take a look at the picture and tell me which objects you can spot and where they are.",
@@ -203,7 +313,21 @@ INSTRUCTION_BANKS: dict[str, tuple[str, ...]] = {
         "If you had to label this picture with one line of text, what would it be?",
         "Look carefully at the picture and report what it depicts.",
     ),
+    "detailed": (  # requests for detail; a detailed description
+        "Describe the image in detail.",
+        "Give a detailed description of this picture.",
+        "Describe everything you see in this image, including the background.",
+        "Write a thorough description of the picture.",
+        "What does this image contain? Answer in detail.",
+        "Describe this picture fully: every object, where it is, and the background colour.",
+        "Provide an elaborate description of the image.",
+        "Tell me about this image in as much detail as you can.",
+        "Explain in detail what is drawn in this picture.",
+        "Write a complete, detailed account of what the image shows.",
+    ),
 }
+ANSWER_STYLES: dict[str, AnswerStyle] = {"source": "caption", "paraphrased": "caption", "detailed": "detailed"}
+_ANSWERS: dict[AnswerStyle, Callable[[Scene], list[str]]] = {"caption": caption_variants, "detailed": detailed_variants}
 
 
 # --- rendering: geometry --------------------------------------------------------------------
@@ -403,37 +527,40 @@ def render_scene(scene: Scene, style: str, size: int = 64, seed: int = 0) -> np.
 def make_samples(
     scenes: Sequence[Scene],
     style: str,
-    instruction_bank: str = "source",
+    instruction_bank: str | Sequence[str] = "source",
     seed: int = 0,
     size: int = 64,
     id_prefix: str = "scene",
     on_sample: Callable[[], None] | None = None,
 ) -> list[Sample]:
-    """One Sample per scene: the rendered image, an instruction from the bank, a caption as answer.
+    """One Sample per scene: the rendered image, an instruction from the bank, an answer in the
+    style the instruction's family asks for (a caption, or a detailed description).
 
-    Ids are f"{id_prefix}-{index:05d}", so the same scene list rendered in another style or
-    with another bank gives samples with matching ids (and, for the same seed, the same answers).
-    `on_sample` is called after each sample (for progress bars).
+    `instruction_bank` names a family of INSTRUCTION_BANKS, or several (the base data): the
+    instruction is drawn from all of them and the sample's "text" domain is its family. The
+    references are every variant of that answer style. Ids are f"{id_prefix}-{index:05d}", so
+    the same scene list rendered in another style or with another bank gives samples with
+    matching ids (and, for the same seed, the same answers). `on_sample` is called after
+    each sample (for progress bars).
     """
     _lookup("style", style, STYLES)
-    instructions = _lookup("instruction bank", instruction_bank, INSTRUCTION_BANKS)
+    families = [instruction_bank] if isinstance(instruction_bank, str) else list(instruction_bank)
+    if not families:
+        raise VlmsecError("make_samples: instruction_bank names no family")
+    # (family, index in it) for every instruction, so its answer phrasing is the same in every bank.
+    choices = [(family, i) for family in families for i in range(len(_lookup("instruction bank", family, INSTRUCTION_BANKS)))]
     rng = _rng(seed)
     samples = []
     for index, scene in enumerate(scenes):
-        variants = caption_variants(scene)
-        choice = int(rng.integers(len(instructions)))
-        instruction = instructions[choice]
-        # Each instruction asks for one phrasing, as in real instruction data: the answer's
-        # form follows from the instruction, so greedy decoding has one right phrasing and
-        # caption metrics measure content rather than a coin flip between synonyms.
-        answer = variants[choice % len(variants)]
+        family, choice = choices[int(rng.integers(len(choices)))]
+        variants = _ANSWERS[ANSWER_STYLES[family]](scene)
         samples.append(
             Sample(
                 id=f"{id_prefix}-{index:05d}",
                 image=render_scene(scene, style, size=size, seed=seed),
-                instruction=instruction,
-                answer=answer,
-                domains={"visual": style, "text": instruction_bank},
+                instruction=INSTRUCTION_BANKS[family][choice],
+                answer=variants[choice % len(variants)],
+                domains={"visual": style, "text": family},
                 references=tuple(variants),
             )
         )

@@ -76,6 +76,20 @@ METRICS.register(Metric("false_trigger", "False-trigger rate", "clean", _asr, "p
 METRICS.register(Metric("cider", "Clean CIDEr", "clean", _caption("cider"), "number"))
 METRICS.register(Metric("bleu4", "Clean BLEU-4", "clean", _caption("bleu4"), "number"))
 
+
+# Exact-caption rate: how often the output is one of the sample's references word for word.
+# On scenes whose captions the victim saw in tuning it measures memory, not captioning.
+def _normal_caption(text: str) -> str:
+    """`text` lower-cased, runs of whitespace made one space, one final period dropped."""
+    return " ".join(text.lower().split()).removesuffix(".").rstrip()
+
+
+def _exact_caption(rows: Sequence[Record], word: str) -> float:
+    return sum(_normal_caption(r["output"]) in {_normal_caption(ref) for ref in r["references"]} for r in rows) / len(rows)
+
+
+METRICS.register(Metric("exact_caption", "Exact-caption rate", "clean", _exact_caption, "percent"))
+
 # The order metrics appear in: the paper's first, then any registered later, by name.
 CORE_METRICS = ("asr", "false_trigger", "cider", "bleu4")
 

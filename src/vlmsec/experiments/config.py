@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -99,14 +99,27 @@ class ShiftSpec(_Strict):
 class DomainSpec(_Strict):
     """A test domain: a visual style and an instruction bank, then shifts applied in order.
 
+    `instructions` names a phrasing family of vlmsec.data.scenes.INSTRUCTION_BANKS: `source`
+    (what the victim is tuned and poisoned on), `paraphrased` (other phrasings the base model
+    learnt, tuning did not use: a shift of phrasing) or `detailed` (requests for a detailed
+    description, answered and referenced in that style: the answer shift). `scenes`: `test`
+    (the test scenes every ordinary domain renders) or `compositional` (scenes showing a
+    colour-shape pair held out of all base, tuning and other test data).
     `mix` < 1 keeps that share of the domain's samples shifted and the rest from the source
     domain (same scenes), as the paper's 20/60/80/90/98% mixes.
     """
 
     style: str = "flat"
     instructions: str = "source"
+    scenes: Literal["test", "compositional"] = "test"
     shifts: list[ShiftSpec] = Field(default_factory=list)
     mix: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _mix_needs_the_same_scenes(self) -> DomainSpec:
+        if self.scenes != "test" and self.mix < 1:
+            raise ValueError(f"mix: {self.scenes} scenes are not the source domain's, so they cannot be mixed with it")
+        return self
 
 
 class DataSpec(_Strict):
@@ -116,7 +129,10 @@ class DataSpec(_Strict):
     max_objects: int = Field(2, ge=1, le=2)
     base_size: int = Field(3000, ge=1, description="clean captions for the base stage")
     base_styles: list[str] = Field(default_factory=lambda: ["flat", "textured", "painted"])
-    base_instructions: str = "source"
+    base_instructions: list[str] = Field(
+        default_factory=lambda: ["source", "paraphrased", "detailed"],
+        description="instruction families the base victim learns (one name or a list); tuning uses the source domain's",
+    )
     train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
     test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
     source: DomainSpec = Field(default_factory=DomainSpec)
@@ -135,6 +151,18 @@ class DataSpec(_Strict):
             "paraphrased": DomainSpec(instructions="paraphrased"),
         }
     )
+
+    @field_validator("base_instructions", mode="before")
+    @classmethod
+    def _one_family_or_several(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("base_instructions")
+    @classmethod
+    def _some_family(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one instruction family")
+        return value
 
     @field_validator("test_files")
     @classmethod
@@ -357,6 +385,11 @@ def _check_names(config: ExperimentConfig, source: str) -> None:
         if domain.instructions not in INSTRUCTION_BANKS:
             raise VlmsecError(
                 f"{source}: {where}.instructions: unknown bank {domain.instructions!r}; known: {', '.join(INSTRUCTION_BANKS)}"
+            )
+    for family in config.data.base_instructions:
+        if family not in INSTRUCTION_BANKS:
+            raise VlmsecError(
+                f"{source}: data.base_instructions: unknown bank {family!r}; known: {', '.join(INSTRUCTION_BANKS)}"
             )
     for style in config.data.base_styles:
         if style not in STYLES:

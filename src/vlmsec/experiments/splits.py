@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vlmsec.data.formats import AUTO, FORMATS, detect_format, read_dataset
 from vlmsec.data.sample import Sample
-from vlmsec.data.scenes import Scene, make_samples, sample_scenes
+from vlmsec.data.scenes import Scene, SceneSplit, make_samples, sample_scenes, split_filter
 from vlmsec.data.shifts import mix_domains, shift_samples
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
@@ -35,7 +35,9 @@ def build_splits(config: ExperimentConfig) -> Splits:
     """Every split of a run: generated deterministically from the seed, or read from files.
 
     Generated test domains render the *same* test scenes in each style, so a difference
-    between domains is the shift and nothing else.
+    between domains is the shift and nothing else. No test scene has the objects of a base
+    or train scene: scene keys are partitioned between tuning and test (`split_filter`), and
+    the `compositional` scenes show colour-shape pairs no other split holds.
     """
     data, seed = config.data, config.seed
     # The user's files first: a bad file fails the run before anything is generated.
@@ -64,24 +66,42 @@ def build_splits(config: ExperimentConfig) -> Splits:
     )
     with progress_bar("data: rendering scenes", to_render) as bar:
 
-        def render(scenes: list[Scene], domain: DomainSpec, split_seed: int, prefix: str) -> list[Sample]:
-            return make_samples(
-                scenes, domain.style, domain.instructions, seed=split_seed, size=data.image_size, id_prefix=prefix, on_sample=bar.advance
-            )
+        def render(scenes: list[Scene], style: str, families: str | list[str], split_seed: int, prefix: str) -> list[Sample]:
+            return make_samples(scenes, style, families, seed=split_seed, size=data.image_size, id_prefix=prefix, on_sample=bar.advance)
 
         base: list[Sample] = []
         if trains_base:
-            base_scenes = sample_scenes(data.base_size, seed=derive_seed(seed, "data/base"), max_objects=data.max_objects)
+            base_scenes = draw_scenes(config, "base")
             for i, style in enumerate(data.base_styles):
-                domain = DomainSpec(style=style, instructions=data.base_instructions)
-                base += render(base_scenes[i :: len(data.base_styles)], domain, derive_seed(seed, "data/base"), f"base-{style}")
+                base_seed = derive_seed(seed, "data/base")
+                base += render(base_scenes[i :: len(data.base_styles)], style, data.base_instructions, base_seed, f"base-{style}")
         if train is None:
-            train_scenes = sample_scenes(data.train_size, seed=derive_seed(seed, "data/train"), max_objects=data.max_objects)
-            train = render(train_scenes, data.source, derive_seed(seed, "data/train"), "train")
+            train_scenes = draw_scenes(config, "train")
+            train = render(train_scenes, data.source.style, data.source.instructions, derive_seed(seed, "data/train"), "train")
         if tests is None:
-            test_scenes = sample_scenes(data.test_size, seed=derive_seed(seed, "data/test"), max_objects=data.max_objects)
-            tests = {name: render(test_scenes, domain, derive_seed(seed, "data/test"), "test") for name, domain in domains.items()}
+            scenes = {kind: draw_scenes(config, kind) for kind in dict.fromkeys(d.scenes for d in domains.values())}
+            tests = {
+                name: render(scenes[d.scenes], d.style, d.instructions, derive_seed(seed, "data/test"), d.scenes)
+                for name, d in domains.items()
+            }
     return Splits(base, train, _shift_domains(tests, domains, seed), data_stats)
+
+
+SceneSet = Literal["base", "train", "test", "compositional"]
+
+
+def draw_scenes(config: ExperimentConfig, which: SceneSet) -> list[Scene]:
+    """The generated scenes of one split (`test`: every ordinary test domain renders these).
+
+    Base and train scenes come from the tuning share of scene keys, test scenes from the
+    held-out share, compositional ones from the held-out colour-shape pairs
+    (`vlmsec.data.scenes.split_filter`): no test scene shows what a base or train scene does.
+    """
+    data, seed = config.data, config.seed
+    sizes = {"base": data.base_size, "train": data.train_size, "test": data.test_size, "compositional": data.test_size}
+    split: SceneSplit = "tuning" if which in ("base", "train") else which
+    accept = split_filter(split, derive_seed(seed, "data/partition"))
+    return sample_scenes(sizes[which], seed=derive_seed(seed, f"data/{which}"), max_objects=data.max_objects, accept=accept)
 
 
 def _shift_domains(tests: dict[str, list[Sample]], domains: dict[str, DomainSpec], seed: int) -> dict[str, list[Sample]]:
