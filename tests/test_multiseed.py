@@ -36,8 +36,9 @@ def test_reseeding_drops_a_pinned_poison_seed_and_rederives_the_rest() -> None:
     assert "pinned at 0 and is dropped" in note
     assert all(a.params["seed"] == derive_seed(2, f"attack/{a.key}") for a in config.attacks)
     assert [a.key for a in config.attacks] == [a.key for a in paper.attacks]
-    answers = config.data.shifted["answers"].shifts[0].params
-    assert answers["seed"] == derive_seed(2, "shift/answers/0") != paper.data.shifted["answers"].shifts[0].params["seed"]
+    expanded = parse_config({"seed": 0, "data": {"shifted": {"answers": {"shifts": [{"name": "answer_expanded"}]}}}}, "test")
+    answers = reseeded(expanded, 2)[0].data.shifted["answers"].shifts[0].params
+    assert answers["seed"] == derive_seed(2, "shift/answers/0") != expanded.data.shifted["answers"].shifts[0].params["seed"]
     assert config.tuning == paper.tuning and config.data.train_size == paper.data.train_size
 
 
