@@ -11,7 +11,7 @@ photos. As in StegaStamp, training hides random bit strings, so the decoder must
 image rather than memorise one string; the attack's secret is a seeded bit string used
 only at poisoning time. The residual is capped at eps (L_inf) instead of being shaped by
 perceptual losses. The result leans towards one fixed pattern: residuals of different
-images correlate 0.73-0.93 at the defaults (`diagnostics` reports it for each run), so
+images correlate 0.70-0.93 at the defaults (`diagnostics` reports it for each run), so
 the trigger is closer to a faint universal perturbation than to SSBA's sample-specific one,
 and a victim may learn it as such (it fires on restyled clean images).
 
