@@ -119,12 +119,14 @@ def test_attacks_json_lists_every_attack_with_metadata() -> None:
     assert by_name["blended"]["family"] == "static"
     assert 0 < by_name["blended"]["params"]["alpha"] < 1
     assert by_name["badnets"]["stage"] == "training"
+    assert "not StegaStamp" in by_name["ssba"]["variant"]  # a look-alike says what it is
 
 
 def test_attacks_table() -> None:
     result = invoke("attacks")
     assert result.exit_code == 0, result.output
     assert "badnets" in result.output and "blended" in result.output
+    assert "SSBA-like" in result.output
 
 
 # ---- report -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from vlmsec.eval import generation
+from vlmsec.eval.metrics import caption_scores
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.runner import Runner
 
@@ -51,7 +52,21 @@ def test_backdoor_fires_and_clean_model_does_not(small_run: tuple[Path, Path, di
     assert metrics["clean"]["asr"]["source"] == 0.0
     assert all(rate == 0.0 for rate in metrics["clean"]["false_trigger"].values())
     assert metrics["blended"]["false_trigger"]["source"] <= 0.05
-    assert metrics["clean"]["cider"]["source"] > 50  # the victim really captions
+
+
+def test_clean_model_captions_the_image_it_sees(small_run: tuple[Path, Path, dict]) -> None:
+    """Clean CIDEr well above a blind baseline: the same model's captions, each scored against
+    the references of another test image (fluent, plausible, but not about this image)."""
+    out, _, record = small_run
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    clean = [r for r in rows if r["model"] == "clean" and r["domain"] == "source" and not r["triggered"]]
+    references = {r["id"]: r["references"] for r in clean}
+    outputs = {r["id"]: r["output"] for r in clean}
+    assert caption_scores(outputs, references, which=("cider",))["cider"] == record["models"]["clean"]["cider"]["source"]
+    ids = list(outputs)
+    blind = {key: outputs[other] for key, other in zip(ids, ids[1:] + ids[:1], strict=True)}  # a derangement
+    blind_cider = caption_scores(blind, references, which=("cider",))["cider"]
+    assert record["models"]["clean"]["cider"]["source"] > 2 * blind_cider
 
 
 def test_run_folder_holds_every_artifact(small_run: tuple[Path, Path, dict]) -> None:

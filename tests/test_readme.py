@@ -16,8 +16,9 @@ from vlmsec.experiments.config import parse_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-# What a placeholder path (/models/..., path/to/...) may fail with; anything else is a bad example.
-MISSING_FILE = re.compile(r"not found|does not exist")
+# What a placeholder path (/models/..., path/to/...) may fail with: the path itself, said to
+# be missing; any other error is a bad example.
+MISSING = "{path} (not found|does not exist)"
 
 
 def _overlay(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
@@ -29,6 +30,15 @@ def _overlay(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
         same_kind = both_maps and value.get("kind") == base[key].get("kind")
         out[key] = _overlay(base[key], value) if same_kind else value
     return out
+
+
+def _paths(node: Any) -> list[str]:
+    """Every string in a YAML tree that looks like a path (has a slash)."""
+    if isinstance(node, dict):
+        return [p for value in node.values() for p in _paths(value)]
+    if isinstance(node, list):
+        return [p for value in node for p in _paths(value)]
+    return [node] if isinstance(node, str) and "/" in node else []
 
 
 def test_the_readme_has_config_examples() -> None:
@@ -43,4 +53,5 @@ def test_readme_config_example_is_valid(block: str) -> None:
     try:
         parse_config(_overlay(quickstart, fragment), "README example")
     except VlmsecError as err:
-        assert MISSING_FILE.search(str(err)), str(err)
+        missing = [p for p in _paths(fragment) if re.search(MISSING.format(path=re.escape(p)), str(err))]
+        assert missing, str(err)

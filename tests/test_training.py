@@ -56,6 +56,14 @@ def part(key: str) -> str:
     raise AssertionError(f"unexpected parameter {key}")
 
 
+@torch.no_grad()
+def logits(victim: LlavaVictim, samples: list[Sample]) -> torch.Tensor:
+    """The victim's next-token logits over each sample's prompt and answer (image features in place)."""
+    batch = victim.encode_training([s.instruction for s in samples], [s.answer for s in samples])
+    embeds = victim.embed(batch["input_ids"], victim.image_features([s.image for s in samples]))
+    return victim.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+
+
 def short(mode: str, steps: int = 4, **extra: float) -> TrainingSpec:
     # 16 samples, batch 8: 2 steps per epoch.
     return TrainingSpec(mode=mode, epochs=steps / 2, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0, **extra)
@@ -87,9 +95,27 @@ def test_full_mode_trains_language_model_and_projector_never_the_tower(samples, 
     assert result.frozen_parameters == tower
 
 
-def test_lora_mode_merges_back_into_a_plain_model(samples, tokenizer, features) -> None:
+def test_lora_mode_merges_back_into_a_plain_model(samples, tokenizer, features, monkeypatch) -> None:
     victim = fresh_victim(tokenizer, features)
     before = snapshot(victim)
+    probe = samples[:6]
+    base = logits(victim, probe)
+    with_adapters: list[torch.Tensor] = []
+    select = LlavaVictim.select_trainable
+
+    def selecting(self: LlavaVictim, spec: TrainingSpec):
+        """The real selection, with the adapters' logits recorded just before they are merged."""
+        peft_model = select(self, spec)
+        merge = peft_model.base_model.merge_and_unload
+
+        def merging(*args, **kwargs):
+            with_adapters.append(logits(self, probe))
+            return merge(*args, **kwargs)
+
+        peft_model.base_model.merge_and_unload = merging
+        return peft_model
+
+    monkeypatch.setattr(LlavaVictim, "select_trainable", selecting)
     result = train_victim(victim, samples, short("lora", lora_rank=4, lora_alpha=8), seed=0, label="test")
     assert type(victim.model) is LlavaForConditionalGeneration
     names = [name for name, _ in victim.model.named_modules()]
@@ -103,9 +129,11 @@ def test_lora_mode_merges_back_into_a_plain_model(samples, tokenizer, features) 
     lm = sum(p.numel() for n, p in victim.model.named_parameters() if part(n) == "lm")
     projector = sum(p.numel() for p in victim.model.model.multi_modal_projector.parameters())
     assert 0 < result.trainable_parameters - projector < lm  # projector + adapters, smaller than the LM
-    # The merged model is what generates: it still works as a victim.
-    out = victim.generate([samples[0].image], [samples[0].instruction], max_new_tokens=4)
-    assert len(out) == 1
+    # The merged model computes what the trained adapters did, which is not what the base model did.
+    merged = logits(victim, probe)
+    assert len(with_adapters) == 1
+    torch.testing.assert_close(merged, with_adapters[0], rtol=1e-4, atol=1e-4)
+    assert float((merged - base).abs().max()) > 0.1
 
 
 def test_loss_decreases(samples, tokenizer, features) -> None:

@@ -15,6 +15,7 @@ import vlmsec.victims.features as features_module
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.stages import save_stage, stage_done
+from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.features import FeatureCache, image_key
 from vlmsec.victims.llava import IGNORE_INDEX, LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
@@ -132,8 +133,21 @@ def test_generation_goes_through_the_shared_loop(
     check_generates_through_greedy_answers(victim, samples, monkeypatch)
 
 
-def test_generation_follows_the_image(victim: LlavaVictim, samples: list[Sample]) -> None:
-    """Two images with the same instruction: features really reach the language model."""
+def test_generation_follows_the_image(tokenizer, samples: list[Sample]) -> None:
+    """Taught two images with one instruction and different answers, the victim gives each image its answer."""
+    victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
+    first = samples[0].with_changes(answer="red")
+    second = samples[1].with_changes(instruction=first.instruction, answer="green")
+    assert not np.array_equal(first.image, second.image)
+    spec = TrainingSpec(mode="full", epochs=30, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0)
+    train_victim(victim, [first, second], spec, seed=0, label="test")
+    images, instruction = [first.image, second.image, first.image], first.instruction
+    outputs = victim.generate(images, [instruction] * 3, max_new_tokens=8)
+    assert outputs == [first.answer, second.answer, first.answer]
+
+
+def test_image_features_reach_the_language_model(victim: LlavaVictim, samples: list[Sample]) -> None:
+    """Two images with the same instruction: different embeddings in the image slots only."""
     batch = victim.embed(
         torch.tensor([victim.prompt_ids("Describe.")] * 2),
         victim.image_features([samples[0].image, samples[1].image]),

@@ -111,7 +111,8 @@ def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON l
     for column in ("name", "modality", "family", "knowledge", "stage", "params"):
         table.add_column(column)
     for d in described:
-        table.add_row(d["name"], d["modality"], d["family"], d["knowledge"], d["stage"], json.dumps(d["params"]))
+        name = d["name"] + (f"\n({d['variant']})" if "variant" in d else "")
+        table.add_row(name, d["modality"], d["family"], d["knowledge"], d["stage"], json.dumps(d["params"]))
     console.print(table)
 
 

@@ -14,9 +14,15 @@ later, so stage 2 trains the pattern generator against the victim's frozen visio
 the tuned model) jointly with a linear probe on its mean-pooled
 features that separates triggered from clean images: the paper's classifier reduced to
 what a frozen tower allows, and the direction in feature space the triggered images move
-along, which the tuned projector and language model can then pick up. The paper's
-cross-trigger samples (image A with B's trigger, clean label) are left out, because the
-poisoning recipe has no such samples for the tuned victim to learn from.
+along, which the tuned projector and language model can then pick up.
+
+The paper's cross-trigger samples (image A blended with image B's pattern through B's mask,
+keeping A's clean label; BackdoorBench adds as many as it poisons) are what makes the
+trigger input-specific for the poisoned model: a pattern fires only on the image it was
+made for. `partial_triggers` hands them to the poisoning recipe (`InputAwareCross`), which
+adds as many, with clean answers, as it poisons; a run also tests them (cross-trigger ASR,
+which must stay low). They are not part of stage 2 here: the probe sees clean and
+self-triggered images only.
 
 Without a victim (`context.victim` is None) stage 2 uses a seeded random conv feature
 extractor instead of the tower, so the attack still has image-specific, learnable
@@ -26,6 +32,7 @@ differentiated through (a Hugging Face architecture that tiles images) is an err
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -34,12 +41,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlmsec.attacks.adaptive import eval_mode
-from vlmsec.attacks.base import AttackContext, AttackParams
-from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, to_internal, upsample
+from vlmsec.attacks.adaptive import eval_mode, not_prepared
+from vlmsec.attacks.base import Attack, AttackContext, AttackParams
+from vlmsec.attacks.learned import LearnedImageAttack, conv_relu, sample_images, to_internal, upsample
 from vlmsec.attacks.registry import register
 from vlmsec.data.sample import resize_images
-from vlmsec.seeds import seeded
+from vlmsec.errors import VlmsecError
+from vlmsec.seeds import derive_seed, seeded
 
 BATCH_SIZE = 16
 # The official code's optimiser for both generators (Adam, betas 0.5 / 0.9) and sparsity
@@ -50,6 +58,12 @@ BETAS = (0.5, 0.9)
 LAMBDA_NORM = 100.0
 PROBE_LEARNING_RATE = 1e-3
 EPSILON = 1e-7
+# Cross-trigger samples take their pattern and mask from one of this many donor images,
+# a seeded draw from the attacker's samples made in `prepare`.
+CROSS_DONORS = 32
+# Two images closer than this (max absolute pixel difference at the generators' size) are
+# the same image: a donor must differ from the image it lends its trigger to.
+SAME_IMAGE = 1 / 255
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,6 +148,10 @@ class InputAware(LearnedImageAttack):
     stage = "training"
     Params: ClassVar[type[AttackParams]] = InputAwareParams
     params: InputAwareParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._donors: torch.Tensor | None = None
 
     def build_networks(self) -> nn.ModuleDict:
         """Fresh mask and pattern generators."""
@@ -225,6 +243,11 @@ class InputAware(LearnedImageAttack):
                 "shift_cosine": float(F.cosine_similarity(shifts, shifts.mean(0, keepdim=True)).mean()),
             }
 
+    def prepare(self, context: AttackContext) -> None:
+        """Train (or load) the generators, then draw the cross-trigger donors from the samples."""
+        super().prepare(context)
+        self._donors = sample_images(context.samples, derive_seed(self.params.seed, "inputaware/cross"), CROSS_DONORS)
+
     def patterns_and_masks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's pattern (B x 3 x H x W) and mask (B x 1 x H x W), both in [0, 1]."""
         networks = self.networks()
@@ -238,3 +261,64 @@ class InputAware(LearnedImageAttack):
         """x * (1 - m) + p * m with each image's own pattern p and mask m."""
         pattern, mask = self.patterns_and_masks(images)
         return (images + (pattern - images) * mask).clamp(0, 1)
+
+    def donors(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image's donor for its cross trigger: a donor image at the generators' size (B x 3 x 64 x 64).
+
+        The donor is picked from the donors drawn in `prepare` by a hash of the seed and the
+        image's 8-bit pixels, moving on to the next donor while it is the same image; so it
+        depends on the image alone, not on its batch or position.
+        """
+        if self._donors is None:
+            raise not_prepared(self.name)
+        donors, small = self._donors, to_internal(images)
+        chosen = []
+        for image, internal in zip(images, small, strict=True):
+            pixels = (image.detach().float().cpu() * 255).round().to(torch.uint8).contiguous().numpy().tobytes()
+            digest = hashlib.sha256(self.params.seed.to_bytes(8, "little") + pixels).digest()
+            start = int.from_bytes(digest[:8], "little")
+            for step in range(len(donors)):
+                donor = donors[(start + step) % len(donors)]
+                if float((donor - internal).abs().max()) >= SAME_IMAGE:
+                    chosen.append(donor)
+                    break
+            else:
+                raise VlmsecError(f"attack {self.name!r}: every cross-trigger donor image is the image itself")
+        return torch.stack(chosen)
+
+    def cross_trigger_images(self, images: torch.Tensor) -> torch.Tensor:
+        """x * (1 - m_d) + p_d * m_d with the pattern p_d and mask m_d of each image's donor d."""
+        pattern, mask = self.patterns_and_masks(self.donors(images))
+        height, width = images.shape[-2:]
+        pattern, mask = resize_images(pattern, height, width), resize_images(mask, height, width)
+        return (images + (pattern.to(images.dtype) - images) * mask.to(images.dtype)).clamp(0, 1)
+
+    def partial_triggers(self) -> list[Attack]:
+        """The cross trigger: the recipe adds as many cross samples, with clean answers, as it poisons."""
+        return [InputAwareCross(self)]
+
+
+class InputAwareCross(Attack):
+    """InputAware's cross-trigger input: each image with another image's pattern and mask.
+
+    Not registered: it exists so the poisoning recipe can add the paper's cross samples
+    (with clean answers) and a run can check that another image's trigger does not fire
+    the backdoor. The other image is the image's donor (`InputAware.donors`): one of
+    `CROSS_DONORS` of the attacker's images, drawn in `prepare` with a seed derived from
+    the attack's, and picked per image from its pixels, so the result is deterministic and
+    independent of batching. Patterns and masks are made at the generators' 64 x 64 and
+    resized to each batch's H x W, as for the attack's own trigger.
+    """
+
+    name = "inputaware-cross"
+    modality = "image"
+    family = "model-adaptive"
+    knowledge = "gray-box"
+
+    def __init__(self, attack: InputAware) -> None:
+        super().__init__(seed=attack.params.seed)
+        self._attack = attack
+
+    def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Blend each image with its donor's pattern through its donor's mask."""
+        return self._attack.cross_trigger_images(images)
