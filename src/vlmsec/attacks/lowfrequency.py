@@ -168,11 +168,13 @@ class LowFrequency(Attack):
 
     `prepare` minimises the victim's teacher-forced loss of the target answers
     (`Victim.answer_loss`) on triggered images, x + delta clamped to [0, 1], with the
-    images at 64 x 64 (`to_internal`). delta starts at zero; after every Adam step it is
-    projected onto the band (`resample` at 32 x 32) and scaled back into the L_inf ball of
-    radius eps. Scaling rather than clipping keeps the band exact (a clip would add high
-    frequencies); the official code also ends by rescaling its trigger. At other sizes the
-    resampled trigger is clamped to +-eps (a no-op but for rounding between grid points).
+    images at 64 x 64 (`to_internal`). delta starts at zero; after every Adam step (the
+    step size decays linearly to zero) it is projected onto the band (`resample` at
+    32 x 32) and scaled back into the L_inf ball of radius eps. Scaling rather than
+    clipping keeps the band exact (a clip would add high frequencies); the official code
+    also ends by rescaling its trigger. At other sizes the resampled trigger is clamped to
+    +-eps: between the 32 x 32 grid points the band-limited curve may overshoot slightly.
+    The family is "content-aware" as in the seed paper's taxonomy.
 
     Learned once per victim, parameters and samples, cached as safetensors; `diagnostics`
     compares the learned trigger with random low-pass perturbations of the same L2 norm on
