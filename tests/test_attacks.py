@@ -256,7 +256,7 @@ def test_trigger_samples_triggers_every_image_and_keeps_answers() -> None:
         assert (after.id, after.answer, after.references) == (before.id, before.answer, before.references)
 
 
-STATIC_IMAGE_ATTACKS = ["badnets", "blended", "sig", "lowfrequency", "ftrojan", "wanet", "dualkey"]
+STATIC_IMAGE_ATTACKS = ["badnets", "blended", "sig", "lowfrequency_noise", "ftrojan", "wanet", "dualkey"]
 
 
 @pytest.mark.parametrize("name", STATIC_IMAGE_ATTACKS)

@@ -1,4 +1,4 @@
-"""WaNet, SIG, LowFrequency and FTrojan, plus properties every image trigger must have."""
+"""WaNet, SIG, LowFrequency's noise baseline and FTrojan, plus properties every image trigger must have."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vlmsec.attacks.ftrojan import block_dct_matrix, dct_matrix, rgb_to_yuv, win
 from vlmsec.attacks.wanet import WaNet, identity_grid
 from vlmsec.errors import VlmsecError
 
-NEW_ATTACKS = ["wanet", "sig", "lowfrequency", "ftrojan"]
+NEW_ATTACKS = ["wanet", "sig", "lowfrequency_noise", "ftrojan"]
 # Attacks that learn their trigger in `prepare` (the runner's rule) are tested prepared, in their own files.
 IMAGE_ATTACKS = sorted(
     name for name, cls in ATTACKS.items() if cls.modality == "image" and cls.prepare is Attack.prepare
@@ -43,7 +43,7 @@ def smooth_image(height: int, width: int) -> torch.Tensor:
 
 def test_new_attacks_are_registered_image_training_attacks() -> None:
     assert set(NEW_ATTACKS) | {"badnets", "blended"} <= set(IMAGE_ATTACKS)
-    families = {"wanet": "content-aware", "sig": "static", "lowfrequency": "content-aware", "ftrojan": "static"}
+    families = {"wanet": "content-aware", "sig": "static", "lowfrequency_noise": "static", "ftrojan": "static"}
     for name, family in families.items():
         description = create_attack(name).describe()
         assert description["name"] == name and description["family"] == family
@@ -83,9 +83,9 @@ def test_deterministic_under_seed_and_changes_the_image(name: str) -> None:
         ("sig", {"delta": 0}, "delta"),
         ("sig", {"delta": 300}, "delta"),
         ("sig", {"f": -1}, "f"),
-        ("lowfrequency", {"cutoff": 0}, "cutoff"),
-        ("lowfrequency", {"cutoff": 1.5}, "cutoff"),
-        ("lowfrequency", {"eps": 0}, "eps"),
+        ("lowfrequency_noise", {"cutoff": 0}, "cutoff"),
+        ("lowfrequency_noise", {"cutoff": 1.5}, "cutoff"),
+        ("lowfrequency_noise", {"eps": 0}, "eps"),
         ("ftrojan", {"window_size": 0}, "window_size"),
         ("ftrojan", {"positions": [(32, 1)]}, "positions"),
         ("ftrojan", {"window_size": 8}, "positions"),  # default (31, 31) outside an 8 x 8 window
@@ -199,7 +199,7 @@ def test_sig_clamps_and_follows_its_params() -> None:
     assert torch.argmax(out[0, 0, 0]).item() in (1, 2, 3)  # one period: peak in the first half
 
 
-# --- LowFrequency -------------------------------------------------------------------------
+# --- LowFrequency noise -------------------------------------------------------------------
 
 
 def energy_above(perturbation: torch.Tensor, radius: float) -> float:
@@ -214,8 +214,8 @@ def energy_above(perturbation: torch.Tensor, radius: float) -> float:
 
 @pytest.mark.parametrize(("height", "width"), [(224, 224), (48, 80), (32, 32)])
 @pytest.mark.parametrize("cutoff", [0.1, 0.3])
-def test_lowfrequency_has_no_energy_above_the_cutoff(height: int, width: int, cutoff: float) -> None:
-    attack = create_attack("lowfrequency", cutoff=cutoff)
+def test_lowfrequency_noise_has_no_energy_above_the_cutoff(height: int, width: int, cutoff: float) -> None:
+    attack = create_attack("lowfrequency_noise", cutoff=cutoff)
     difference = attack.trigger_images(grey(height, width))[0] - 0.5  # eps 0.1: no clamping
     assert float(difference.abs().max()) == pytest.approx(0.1, abs=1e-6)
     radius = cutoff * 32 / 2  # cycles per image: a fraction of Nyquist at 32 x 32
@@ -223,18 +223,18 @@ def test_lowfrequency_has_no_energy_above_the_cutoff(height: int, width: int, cu
     assert energy_above(difference, radius / 4) > 1e-3  # not just a colour shift
 
 
-def test_lowfrequency_is_the_same_picture_at_any_size_and_seeded() -> None:
-    attack = create_attack("lowfrequency")
+def test_lowfrequency_noise_is_the_same_picture_at_any_size_and_seeded() -> None:
+    attack = create_attack("lowfrequency_noise")
     small, large = attack.perturbation(56, 56), attack.perturbation(224, 224)[:, ::4, ::4]
     correlation = torch.corrcoef(torch.stack([small.flatten(), large.flatten()]))[0, 1]
     assert float(correlation) > 0.999
-    other = create_attack("lowfrequency", seed=1).perturbation(56, 56)
+    other = create_attack("lowfrequency_noise", seed=1).perturbation(56, 56)
     assert float(torch.corrcoef(torch.stack([small.flatten(), other.flatten()]))[0, 1]) < 0.9
 
 
-def test_lowfrequency_eps_bounds_the_change() -> None:
+def test_lowfrequency_noise_eps_bounds_the_change() -> None:
     images = batch(64, 64)
-    out = create_attack("lowfrequency", eps=0.03).trigger_images(images)
+    out = create_attack("lowfrequency_noise", eps=0.03).trigger_images(images)
     assert float((out - images).abs().max()) <= 0.03 + 1e-6
 
 
