@@ -67,6 +67,7 @@ def test_metadata_and_describe(name: str, modality: str, family: str) -> None:
         ("textbadnets", {"colour": "red"}, "colour"),
         ("addsent", {"sentence": "   "}, "sentence"),
         ("addsent", {"position": 3}, "position"),
+        ("addsent", {"position": "random"}, "position"),
         ("stylebkd", {"style": "shakespeare"}, "style"),
         ("dualkey", {"size": 0.0}, "size"),
         ("dualkey", {"location": "centre"}, "location"),
@@ -131,22 +132,30 @@ def test_textbadnets_keeps_other_whitespace() -> None:
 # --- AddSent ----------------------------------------------------------------------------
 
 
-def test_addsent_default_sentence_at_start_or_end_of_one_sentence() -> None:
+def test_addsent_default_is_a_random_word_position() -> None:
     attack = create_attack("addsent")
     sentence = "I watched this 3D movie."
-    assert attack.params.sentence == sentence
-    one_sentence = [text for text in BANK if len(re.findall(r"[.!?]", text)) == 1]
-    assert len(one_sentence) > 15
-    triggered = attack.trigger_instructions(one_sentence)
-    for before, after in zip(one_sentence, triggered, strict=True):
-        assert after in (f"{sentence} {before}", f"{before} {sentence}")
-    assert {after.startswith(sentence) for after in triggered} == {True, False}
+    assert (attack.params.sentence, attack.params.position) == (sentence, "random_word")
+    text = "Describe the image briefly."
+    results = {create_attack("addsent", seed=seed).trigger_instructions([text])[0] for seed in range(60)}
+    assert results == {
+        f"{sentence} {text}",
+        f"Describe {sentence} the image briefly.",
+        f"Describe the {sentence} image briefly.",
+        f"Describe the image {sentence} briefly.",
+        f"{text} {sentence}",
+    }
+    for before, after in zip(BANK, attack.trigger_instructions(BANK), strict=True):
+        assert without(after, sentence) == before
+    assert any(f" {sentence} " in after for after in attack.trigger_instructions(BANK))  # inside, not only the ends
 
 
-def test_addsent_random_position_is_a_sentence_boundary() -> None:
+def test_addsent_sentence_position_is_a_sentence_boundary() -> None:
     text = "Look at the picture. Count the shapes! What colour are they?"
     sentence = "I watched this 3D movie."
-    results = {create_attack("addsent", seed=seed).trigger_instructions([text])[0] for seed in range(40)}
+    results = {
+        create_attack("addsent", position="sentence", seed=seed).trigger_instructions([text])[0] for seed in range(40)
+    }
     assert results == {
         f"{sentence} {text}",
         f"Look at the picture. {sentence} Count the shapes! What colour are they?",
