@@ -78,6 +78,8 @@ def test_metadata_and_describe_before_prepare(name: str, modality: str) -> None:
     assert (described["knowledge"], described["stage"]) == ("white-box", "training")
     assert described["params"]["seed"] == 2
     assert described.get("trigger", described.get("location")) is None
+    if name != "gcg":  # MABA's reading of the paper's attribution mask is ours, and says so
+        assert "our reading" in described["note"] and "NOT relied on" in described["note"]
 
 
 @pytest.mark.parametrize(
