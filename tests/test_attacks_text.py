@@ -174,7 +174,7 @@ def test_addsent_custom_sentence_and_fixed_position(position: str, expected: str
 
 # --- StyleBkd ---------------------------------------------------------------------------
 
-STYLE_BANKS = {**INSTRUCTION_BANKS, "source+paraphrased": tuple(BANK)}
+STYLE_BANKS = {**INSTRUCTION_BANKS, "all banks": tuple(BANK)}
 
 
 def max_added_share(bank: list[str], styled: list[str]) -> float:
@@ -212,7 +212,7 @@ def test_stylebkd_added_word_shares_stay_low_across_seeds() -> None:
             shares[name].append(max_added_share(list(bank), attack.trigger_instructions(list(bank))))
     for values in shares.values():
         assert np.mean(values) <= 0.3
-        assert np.mean([share <= 1 / 3 for share in values]) >= 0.85
+        assert np.mean([share <= 1 / 3 for share in values]) >= 0.8
 
 
 def test_stylebkd_rewrites_vary_in_syntax_and_words() -> None:

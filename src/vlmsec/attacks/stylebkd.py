@@ -22,9 +22,10 @@ restyled its own way (and always the same way). The devices:
 Every rewrite adds at least one archaic word of `MARKERS` (an opening is added when the
 draws left none). The old rules put "likeness" and one of four openings into every rewrite
 of the scene banks; now, over a scene instruction bank (10 instructions), the word the
-rewrite adds most often is in 26-28% of the rewrites on average over seeds, at most a third
-for 88-94% of seeds (both banks together: 20%, at most a third for 98%), so the victim has
-no single added word to learn as the trigger. The lexical control `stylebkd-words` (`control_triggers`) inserts as many
+rewrite adds most often is in 26-28% of the rewrites on average over seeds, and in at most
+a third of them for about 9 seeds in 10 (all banks together, 20-30 instructions: 18-20%, at
+most a third for 98-100% of seeds), so the victim has no single added word to learn as the
+trigger. The lexical control `stylebkd-words` (`control_triggers`) inserts as many
 of the rule pool's words into unstyled instructions, to test that it did not.
 """
 
