@@ -76,7 +76,7 @@ MARKERS = frozenset(
     {*THOU_VERBS.values(), *EST_VERBS.values(), *ETH_VERBS.values()}
     | set(
         "thou thee thy thine thyself ye doth hath saith shew shewn showeth holdeth appeareth portrayeth"
-        " captureth likeness likenesses limning limnings semblance semblances portraiture effigy effigies"
+        " captureth likeness likenesses limning limnings semblance semblances portraiture portraitures effigy effigies"
         " graven behold espy descry discern declare declaring expound expounding indite ere yon yonder"
         " fain unto vouchsafe lieth abideth dwelleth verily lo hearken hark forsooth yea prithee pray"
         " beseech superscription similitude similitudes draught draughts selfsame deign sooth anon tarrying"
@@ -132,8 +132,8 @@ RULES: list[Rule] = [
     _rule(r"\b(look)( carefully)? at\b", (r"\1\2 upon", r"gaze\2 upon"), 0.4),
     _rule(r"\b(what) is (?=(?:in|on|within)\b)", (r"\1 lieth ", r"\1 abideth ", r"\1 dwelleth "), 0.4),
     *[
-        _rule(rf"\b(what|which|where|how) do you ({verb})\b", (rf"\1 {est} thou", r"\1 dost thou \2",
-                                                              r"\1 do ye \2"), 0.25)
+        _rule(rf"\b(what|which|where|how) (do) you ({verb})\b", (rf"\1 {est} thou", r"\1 dost thou \3",
+                                                                   r"\1 \2 ye \3"), 0.25)
         for verb, est in EST_VERBS.items()
     ],
     *[
@@ -176,7 +176,7 @@ RULES: list[Rule] = [
     _word("summari[sz]e", ("sum up", "give the sum of"), 0.3),
     _word("briefly", ("in brief", "shortly"), 0.5),
     _word("before", ("ere",), 0.3),
-    _word("this", ("yon", "yonder", "this selfsame"), 0.6),
+    _rule(r"\b(this)\b", ("yon", "yonder", r"\1 selfsame"), 0.6),
     _rule(r"(?<!\byou )\bare\b", ("be",), 0.6),  # "are" after a kept "you" stays
 ]  # fmt: skip
 
