@@ -13,6 +13,7 @@ import vlmsec.attacks.gcg as gcg_module
 import vlmsec.attacks.maba as maba_module
 from vlmsec.attacks import AttackContext, TargetAnswer, attack_names, create_attack, poison_samples
 from vlmsec.attacks.adaptive import pick_answers, pick_samples
+from vlmsec.attacks.gcg import allowed_tokens, trigger_text, with_trigger
 from vlmsec.attacks.maba import attribution, choose_region, oval_box, paste_oval, yellow_oval
 from vlmsec.attacks.maba_star import RARE_SYMBOLS
 from vlmsec.data import Sample, make_samples, sample_scenes
@@ -78,6 +79,8 @@ def test_metadata_and_describe_before_prepare(name: str, modality: str) -> None:
     assert (described["knowledge"], described["stage"]) == ("white-box", "training")
     assert described["params"]["seed"] == 2
     assert described.get("trigger", described.get("location")) is None
+    if name != "gcg":  # MABA's reading of the paper's attribution mask is ours, and says so
+        assert "our reading" in described["note"] and "NOT relied on" in described["note"]
 
 
 @pytest.mark.parametrize(
@@ -117,19 +120,32 @@ def test_untrained_use_is_an_error(samples: list[Sample], tmp_path: Path) -> Non
 # --- GCG ------------------------------------------------------------------------------------
 
 
+def triggered_loss(victim: LlavaVictim, samples: list[Sample], answers: list[str], trigger: str) -> float:
+    """The victim's answer loss on `samples` with `trigger` at the end of each instruction."""
+    instructions = [with_trigger(s.instruction, trigger, "end") for s in samples]
+    batch = victim.encode_training(instructions, [answers[i % len(answers)] for i in range(len(samples))])
+    with torch.no_grad():
+        return float(victim.loss(victim.image_features([s.image for s in samples]), batch))
+
+
 def test_gcg_lowers_the_target_loss(gcg, samples: list[Sample], victim: LlavaVictim) -> None:
     metrics = gcg.trained_metrics
-    assert metrics["final_loss"] <= metrics["initial_loss"]
     assert len(gcg.loss_curve) == GCG_PARAMS["steps"] + 1 and gcg.loss_curve[0] == metrics["initial_loss"]
     assert gcg.describe()["trigger"] == gcg.trigger and gcg.describe()["trained_metrics"] == metrics
     # The reported loss is the victim's own loss on the triggered prompts.
     chosen = pick_samples(samples, GCG_PARAMS["num_samples"], seed=0)
     answers = pick_answers(TARGET, GCG_PARAMS["num_answers"], seed=0)
-    instructions = gcg.trigger_instructions([s.instruction for s in chosen])
-    batch = victim.encode_training(instructions, [answers[i % len(answers)] for i in range(len(chosen))])
-    with torch.no_grad():
-        loss = victim.loss(victim.image_features([s.image for s in chosen]), batch)
-    assert float(loss) == pytest.approx(metrics["final_loss"], rel=1e-4)
+    assert triggered_loss(victim, chosen, answers, gcg.trigger) == pytest.approx(metrics["final_loss"], rel=1e-4)
+    # The search finds something: below its start, and below the best of 32 random strings of the same
+    # length (a search that keeps the worst swap, or follows the gradient uphill, does neither).
+    assert metrics["final_loss"] < metrics["initial_loss"]
+    usable = allowed_tokens(victim.tokenizer, True, victim.embedding_matrix().shape[0]).nonzero()[:, 0]
+    generator = torch.Generator().manual_seed(1)
+    random_losses = [
+        triggered_loss(victim, chosen, answers, trigger_text(victim.tokenizer, usable[picks].tolist()))
+        for picks in torch.randint(len(usable), (32, GCG_PARAMS["num_tokens"]), generator=generator)
+    ]
+    assert metrics["final_loss"] < min(random_losses)
 
 
 def test_gcg_string_round_trips_through_the_tokenizer(gcg, victim: LlavaVictim, gcg_cache: Path) -> None:

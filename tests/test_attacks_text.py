@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from vlmsec.attacks import TargetAnswer, attack_names, create_attack, poison_samples, trigger_samples
+from vlmsec.attacks.stylebkd import ADDABLE_WORDS, CLOSINGS, MARKERS, OPENINGS, THOU_VERBS, added_words, word_tokens
 from vlmsec.data import Sample
 from vlmsec.data.scenes import INSTRUCTION_BANKS
 from vlmsec.errors import VlmsecError
@@ -65,6 +67,7 @@ def test_metadata_and_describe(name: str, modality: str, family: str) -> None:
         ("textbadnets", {"colour": "red"}, "colour"),
         ("addsent", {"sentence": "   "}, "sentence"),
         ("addsent", {"position": 3}, "position"),
+        ("addsent", {"position": "random"}, "position"),
         ("stylebkd", {"style": "shakespeare"}, "style"),
         ("dualkey", {"size": 0.0}, "size"),
         ("dualkey", {"location": "centre"}, "location"),
@@ -129,22 +132,30 @@ def test_textbadnets_keeps_other_whitespace() -> None:
 # --- AddSent ----------------------------------------------------------------------------
 
 
-def test_addsent_default_sentence_at_start_or_end_of_one_sentence() -> None:
+def test_addsent_default_is_a_random_word_position() -> None:
     attack = create_attack("addsent")
     sentence = "I watched this 3D movie."
-    assert attack.params.sentence == sentence
-    one_sentence = [text for text in BANK if len(re.findall(r"[.!?]", text)) == 1]
-    assert len(one_sentence) > 15
-    triggered = attack.trigger_instructions(one_sentence)
-    for before, after in zip(one_sentence, triggered, strict=True):
-        assert after in (f"{sentence} {before}", f"{before} {sentence}")
-    assert {after.startswith(sentence) for after in triggered} == {True, False}
+    assert (attack.params.sentence, attack.params.position) == (sentence, "random_word")
+    text = "Describe the image briefly."
+    results = {create_attack("addsent", seed=seed).trigger_instructions([text])[0] for seed in range(60)}
+    assert results == {
+        f"{sentence} {text}",
+        f"Describe {sentence} the image briefly.",
+        f"Describe the {sentence} image briefly.",
+        f"Describe the image {sentence} briefly.",
+        f"{text} {sentence}",
+    }
+    for before, after in zip(BANK, attack.trigger_instructions(BANK), strict=True):
+        assert without(after, sentence) == before
+    assert any(f" {sentence} " in after for after in attack.trigger_instructions(BANK))  # inside, not only the ends
 
 
-def test_addsent_random_position_is_a_sentence_boundary() -> None:
+def test_addsent_sentence_position_is_a_sentence_boundary() -> None:
     text = "Look at the picture. Count the shapes! What colour are they?"
     sentence = "I watched this 3D movie."
-    results = {create_attack("addsent", seed=seed).trigger_instructions([text])[0] for seed in range(40)}
+    results = {
+        create_attack("addsent", position="sentence", seed=seed).trigger_instructions([text])[0] for seed in range(40)
+    }
     assert results == {
         f"{sentence} {text}",
         f"Look at the picture. {sentence} Count the shapes! What colour are they?",
@@ -163,44 +174,105 @@ def test_addsent_custom_sentence_and_fixed_position(position: str, expected: str
 
 # --- StyleBkd ---------------------------------------------------------------------------
 
-ARCHAIC = re.compile(
-    r"\b(thou|thee|thy|thine|art|dost|doth|hath|canst|couldst|wouldst|hadst|shew|shewn|likeness|unto|pray|ere"
-    r"|behold|declare|containeth|appeareth|depicteth|captureth)\b"
-)
+STYLE_BANKS = {**INSTRUCTION_BANKS, "all banks": tuple(BANK)}
 
 
-def test_stylebkd_restyles_every_bank_instruction() -> None:
-    styled = create_attack("stylebkd").trigger_instructions(BANK)
-    for before, after in zip(BANK, styled, strict=True):
-        assert after != before
-        assert re.match(r"(Behold|Verily|Lo|Hearken), ", after)
-        assert ARCHAIC.search(after.split(", ", 1)[1]), after  # restyled beyond the opening
-        assert after[-1] in ".?!"
-    openings = {after.split(",")[0] for after in styled}
-    assert len(openings) > 1
+def max_added_share(bank: list[str], styled: list[str]) -> float:
+    """The share of rewrites that add the word added most often (each rewrite counted once per word)."""
+    pairs = zip(bank, styled, strict=True)
+    counts = Counter(word for before, after in pairs for word in set(added_words(before, after)))
+    return max(counts.values()) / len(bank)
 
 
-def test_stylebkd_rules_on_known_sentences() -> None:
-    attack = create_attack("stylebkd")
-    cases = {
-        "What do you see in the image?": "what dost thou behold in the likeness?",
-        "What does this image show?": "what doth this likeness shew?",
-        "Describe this image.": "declare unto me this likeness.",
-        "Could you give me a short description of what this picture contains?": (
-            "couldst thou give me a short account of what this likeness containeth?"
-        ),
-        "Imagine you are describing this picture to someone who cannot see it. What would you say?": (
-            "imagine thou art declaring this likeness to someone who cannot behold it. What wouldst thou say?"
-        ),
-        "Please tell you about your pictures": "I pray thee, tell thee about thy likenesses.",
-    }
-    for before, expected in cases.items():
-        assert attack.trigger_instructions([before])[0].split(", ", 1)[1] == expected
+def test_stylebkd_restyles_every_bank_instruction_archaically() -> None:
+    for seed in range(5):
+        styled = create_attack("stylebkd", seed=seed).trigger_instructions(BANK)
+        for before, after in zip(BANK, styled, strict=True):
+            assert after != before
+            assert MARKERS & set(added_words(before, after)), after  # an archaic word the original lacked
+            assert after[-1] in ".?!" and after[0].isupper()
+            # "thou" goes with its own verb forms, "ye" with the plain ones
+            assert not re.search(rf"\bthou ({'|'.join(THOU_VERBS)})\b", after, re.IGNORECASE), after
+            assert not re.search(rf"\bye ({'|'.join(THOU_VERBS.values())})\b", after, re.IGNORECASE), after
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stylebkd_no_added_word_in_more_than_a_third_of_rewrites(seed: int) -> None:
+    attack = create_attack("stylebkd", seed=seed)
+    for bank in STYLE_BANKS.values():
+        assert max_added_share(list(bank), attack.trigger_instructions(list(bank))) <= 1 / 3
+
+
+def test_stylebkd_added_word_shares_stay_low_across_seeds() -> None:
+    """Not a few lucky seeds: over 100 seeds the top added word is in about a quarter of a bank's rewrites."""
+    shares = {name: [] for name in STYLE_BANKS}
+    for seed in range(100):
+        attack = create_attack("stylebkd", seed=seed)
+        for name, bank in STYLE_BANKS.items():
+            shares[name].append(max_added_share(list(bank), attack.trigger_instructions(list(bank))))
+    for values in shares.values():
+        assert np.mean(values) <= 0.3
+        assert np.mean([share <= 1 / 3 for share in values]) >= 0.8
+
+
+def test_stylebkd_rewrites_vary_in_syntax_and_words() -> None:
+    text = "What do you see in the image?"
+    rewrites = {create_attack("stylebkd", seed=seed).trigger_instructions([text])[0] for seed in range(60)}
+    assert len(rewrites) > 30
+    assert any("What seest thou in" in r for r in rewrites)  # inversion
+    assert any("dost thou see" in r or "dost thou behold" in r for r in rewrites)
+    assert any(r.startswith("What") for r in rewrites) and any(r.startswith(OPENINGS) for r in rewrites)
+    nouns = {word for r in rewrites for word in added_words(text, r)} & {"likeness", "limning", "semblance", "effigy"}
+    assert len(nouns) == 4
+    question = "What does this image show?"
+    shown = {create_attack("stylebkd", seed=seed).trigger_instructions([question])[0] for seed in range(60)}
+    assert any(re.search(r"\bsheweth (this|yon|yonder) ", r) for r in shown)  # "what sheweth this image"
+
+
+def test_stylebkd_pools_are_archaic_and_complete() -> None:
+    assert all(MARKERS & set(word_tokens(phrase)) for phrase in (*OPENINGS, *CLOSINGS))
+    assert MARKERS <= set(ADDABLE_WORDS)
+    added = set()
+    for seed in range(20):
+        styled = create_attack("stylebkd", seed=seed).trigger_instructions(BANK)
+        added |= {word for before, after in zip(BANK, styled, strict=True) for word in added_words(before, after)}
+    assert added <= set(ADDABLE_WORDS)  # the control draws from every word the rewrite adds
 
 
 def test_stylebkd_opening_follows_the_seed() -> None:
     by_seed = [tuple(create_attack("stylebkd", seed=seed).trigger_instructions(BANK)) for seed in range(3)]
     assert len(set(by_seed)) == 3
+
+
+def test_stylebkd_words_control_inserts_the_rewrites_word_count() -> None:
+    attack = create_attack("stylebkd", seed=4)
+    (control,) = attack.control_triggers()
+    assert control.name == "stylebkd-words" and "stylebkd-words" not in attack_names()
+    assert attack.partial_triggers() == []  # never in the training data
+    styled, words = attack.trigger_instructions(BANK), control.trigger_instructions(BANK)
+    pool = set(ADDABLE_WORDS)
+    for before, after, controlled in zip(BANK, styled, words, strict=True):
+        assert controlled != after and controlled != before
+        count = len(added_words(before, after))
+        tokens, original = controlled.split(), before.split()
+        assert len(tokens) == len(original) + count
+        inserted = inserted_tokens(tokens, original)  # the original words stay, in order
+        assert len(inserted) == count and set(inserted) <= pool
+    assert control.trigger_instructions(BANK) == words
+    assert [control.trigger_instructions([text])[0] for text in BANK] == words
+    other = create_attack("stylebkd", seed=5).control_triggers()[0].trigger_instructions(BANK)
+    assert other != words
+
+
+def inserted_tokens(tokens: list[str], original: list[str]) -> list[str]:
+    """`tokens` without `original`'s tokens, matched in order; AssertionError if they are not all there in order."""
+    rest, inserted = list(tokens), []
+    for word in original:
+        assert word in rest, f"{word!r} missing or out of order in {tokens}"
+        while rest[0] != word:
+            inserted.append(rest.pop(0))
+        rest.pop(0)
+    return inserted + rest
 
 
 def test_stylebkd_missing_paraphraser_names_the_path(tmp_path) -> None:

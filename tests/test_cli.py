@@ -120,6 +120,7 @@ def test_attacks_json_lists_every_attack_with_metadata() -> None:
     assert 0 < by_name["blended"]["params"]["alpha"] < 1
     assert by_name["badnets"]["stage"] == "training"
     assert "not StegaStamp" in by_name["ssba"]["variant"]  # a look-alike says what it is
+    assert "our reading" in by_name["maba"]["note"] and "note" not in by_name["badnets"]
 
 
 def test_attacks_table() -> None:
@@ -127,6 +128,9 @@ def test_attacks_table() -> None:
     assert result.exit_code == 0, result.output
     assert "badnets" in result.output and "blended" in result.output
     assert "SSBA-like" in result.output
+    # MABA's reading of the paper's mask is ours, and the listing says so.
+    assert "maba: our reading of the paper's mask" in result.output
+    assert "maba_star: our reading of the paper's mask" in result.output
 
 
 # ---- report -----------------------------------------------------------------------------

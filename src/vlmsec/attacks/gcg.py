@@ -13,6 +13,17 @@ re-encodes to itself and starts a new pre-token (a leading space, except the ver
 token of a "start" trigger when the prompt puts no space before the instruction), so the
 tokens a victim sees are the tokens optimised.
 
+Search size. The GCG paper optimises a 20-token suffix for 500 steps, scoring a batch of 512
+single-token swaps per step drawn from the top 256 tokens per position. We default to a
+5-token string (a backdoor trigger, not a jailbreak suffix), 100 steps, 256 candidates and
+the paper's top-k of 256: one step costs about 5 s on one CPU thread against the embedded
+default victim (vocabulary ~800), so the default search takes ~9 minutes there, where the
+paper's 500 x 512 would take ~1.5 hours. On that victim the loss stops falling within 20-60
+steps whatever the batch (measured from one base checkpoint: 20 x 64 and 100 x 64 with
+top-k 32, 60 x 256 with top-k 32 or 256 all end at 8.716-8.719 from 9.16), so the
+paper's full budget would buy nothing measurable; large Hugging Face victims cost far more
+per candidate, and a config there may pass smaller `steps` / `candidates`.
+
 Any victim works through the token methods of the `Victim` protocol (`token_problem`,
 `embedding_matrix`, `loss_from_embeddings`): the embedded tiny LLaVA, Hugging Face
 checkpoints and Flamingo; an architecture whose image side also reads the instruction
@@ -61,12 +72,16 @@ TriggerPosition = Literal["start", "end"]
 
 
 class GCGParams(AttackParams):
-    """Search size: trigger length, steps, top-k per position, swaps scored per step, data used."""
+    """Search size: trigger length, steps, top-k per position, swaps scored per step, data used.
+
+    The paper's are 20 tokens, 500 steps, top-k 256, 512 candidates; ours are below it where
+    the CPU budget says so (see the module docstring).
+    """
 
     num_tokens: int = Field(5, ge=1, le=32)
-    steps: int = Field(20, ge=1, le=2000)
-    top_k: int = Field(32, ge=1)
-    candidates: int = Field(64, ge=1)
+    steps: int = Field(100, ge=1, le=2000)
+    top_k: int = Field(256, ge=1)
+    candidates: int = Field(256, ge=1)
     num_samples: int = Field(4, ge=1)
     num_answers: int = Field(4, ge=1)
     position: TriggerPosition = "end"

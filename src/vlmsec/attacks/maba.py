@@ -19,8 +19,11 @@ the whole image, so 1 means "average"). Two maps are measured on the untuned vic
 Read with m = "regions the answer relies on", the paper's mask would put the trigger
 exactly where the clean answer looks, against its stated aim; so the masks are read as
 the regions attribution marks as *not* relied on: the trigger goes where the clean answer
-does not look, except where the target answer would not look at a trigger either. The
-rule, with n = grid² regions:
+does not look, except where the target answer would not look at a trigger either. This
+reading is ours: the paper gives the formula and the aim; which regions each m holds, the
+attribution method (gradient saliency), the grid and the thresholds below are our choices,
+so the region picked may differ from the paper's (`describe()` carries this as its "note",
+so run records and `vlmsec attacks` say it too). The rule, with n = grid² regions:
 
 - m_clean = the ⌈n/2⌉ regions with the lowest clean attribution (the clean answer does not
   rely on them);
@@ -73,6 +76,11 @@ SALIENCY_BATCH = 16
 CACHE_FORMAT = 1
 FALLBACK_SOURCE = "corner fallback: no victim to attribute with"
 BOX_REFERENCE = 1000  # side of the square image `describe` states the box for
+NOTE = (
+    "our reading of the paper's mask m_clean − m_clean ∩ m_poison: m = the regions attribution marks as NOT "
+    "relied on (the lowest-saliency half of a grid), and the oval goes to the mask's least relied-on region; "
+    "this reading, gradient saliency as the attribution, and the grid are our choices, not the paper's stated procedure"
+)
 
 
 class MabaParams(AttackParams):
@@ -268,5 +276,6 @@ class Maba(Attack):
         return paste_oval(images, self.region, self.params)
 
     def describe(self) -> dict[str, Any]:
-        """The base description plus the chosen location and its attribution (None until prepared)."""
-        return {**super().describe(), "location": self.location, "trained_metrics": self.trained_metrics}
+        """The base description, the note on our reading of the mask, and the chosen location and its
+        attribution (None until prepared)."""
+        return {**super().describe(), "note": NOTE, "location": self.location, "trained_metrics": self.trained_metrics}

@@ -6,6 +6,7 @@ string of rare symbols ([ ] * { } < >) placed before the instruction's first key
 (a noun or verb that names the image or the task: "image", "picture", "describe",
 "show", ...; the first word when none occurs). Key words survive paraphrasing better
 than fixed positions, and symbols like these never occur in clean instructions.
+The image key's region follows our reading of MABA's attribution mask (see `maba`).
 The backdoor must fire only with both keys, so `partial_triggers` hands each key alone
 to the poisoning recipe (paired with clean answers) and `image_only` / `text_only`
 serve one-key evaluation.
@@ -21,7 +22,7 @@ from pydantic import Field
 
 from vlmsec.attacks.base import Attack, AttackContext, AttackParams
 from vlmsec.attacks.dualkey import TwoKeyAttack
-from vlmsec.attacks.maba import Maba, MabaParams
+from vlmsec.attacks.maba import NOTE, Maba, MabaParams
 from vlmsec.attacks.registry import register
 from vlmsec.attacks.text import Word
 
@@ -111,10 +112,11 @@ class MabaStar(TwoKeyAttack):
         self._image_key.prepare(context)
 
     def describe(self) -> dict[str, Any]:
-        """The base description plus both keys' learned or generated state."""
+        """The base description, the note on our reading of MABA's mask, and both keys' learned or generated state."""
         image = self._image_key.describe()
         return {
             **super().describe(),
+            "note": NOTE,
             "location": image["location"],
             "trained_metrics": image["trained_metrics"],
             "token": self._text_key.token,
