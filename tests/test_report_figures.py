@@ -96,3 +96,23 @@ def test_sweep_curves_add_the_runs_own_rate() -> None:
 
     assert sweep_curves(METRICS) == {"blended": {0.01: 0.4, 0.1: 1.0}}
     assert sweep_curves(METRICS, run_rate=0.05) == {"blended": {0.01: 0.4, 0.1: 1.0, 0.05: 1.0}}
+
+
+def test_attack_notes_say_what_a_look_alike_is_with_its_diagnostics() -> None:
+    from vlmsec.report.markdown import _attack_notes
+
+    models = {
+        "clean": {"attack": None},
+        "badnets": {"attack": {"name": "badnets", "params": {}}},
+        "ssba": {"attack": {"name": "ssba", "variant": "SSBA-like", "diagnostics": {"residual_correlation": 0.8123}}},
+        "maba": {"attack": {"name": "maba", "note": "our reading"}},
+        "maba@1%": {"attack": {"name": "maba", "note": "our reading"}, "sweep": True},
+    }
+    assert _attack_notes(models) == [
+        "## What the attacks are",
+        "",
+        "- **ssba** (ssba): SSBA-like; diagnostics: residual_correlation 0.812",
+        "- **maba** (maba): our reading",
+        "",
+    ]
+    assert _attack_notes({"badnets": models["badnets"]}) == []

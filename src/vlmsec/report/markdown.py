@@ -302,6 +302,21 @@ def _controls_table(models: dict[str, Any], domains: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+def _attack_notes(models: dict[str, Any]) -> list[str]:
+    """What each attack of the run is where its name alone would mislead: a look-alike's
+    variant, where the reading of its paper is ours, and its faithfulness diagnostics."""
+    lines: list[str] = []
+    for model, entry in models.items():
+        attack = entry.get("attack") or {}
+        if entry.get("sweep") or not any(k in attack for k in ("variant", "note", "diagnostics")):
+            continue
+        parts = [attack[k] for k in ("variant", "note") if k in attack]
+        if diagnostics := attack.get("diagnostics"):
+            parts.append("diagnostics: " + ", ".join(f"{k} {v:.3g}" for k, v in diagnostics.items()))
+        lines.append(f"- **{model}** ({attack.get('name', '?')}): " + "; ".join(parts))
+    return ["## What the attacks are", "", *lines, ""] if lines else []
+
+
 def render_report(run_dir: str | Path) -> str:
     """The Markdown report of a run folder, from its records alone (metrics.json and the
     companions it vouches for), never from the raw config."""
@@ -348,6 +363,7 @@ def render_report(run_dir: str | Path) -> str:
     lines += _figures(run_dir)
     lines += _metric_tables(models, domains, scale)
     lines += _controls_table(models, domains)
+    lines += _attack_notes(models)
 
     base = models.get(CLEAN, {}).get("cider", {}).get("source")
     if base is not None:
