@@ -19,8 +19,8 @@ from vlmsec.attacks.maba_star import RARE_SYMBOLS
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
-from vlmsec.victims.tokenizer import train_tokenizer
+from vlmsec.victims.tiny_llava import TinyLlavaSpec
+from victim_checks import attack_victim
 
 SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=400)
 GCG_PARAMS = {"steps": 4, "candidates": 16, "top_k": 8, "num_tokens": 3, "num_samples": 3, "num_answers": 2}
@@ -35,9 +35,7 @@ def samples() -> list[Sample]:
 
 @pytest.fixture(scope="module")
 def victim(samples: list[Sample]) -> LlavaVictim:
-    texts = [s.instruction for s in samples] + [s.answer for s in samples] + TARGET.answers()
-    tokenizer = train_tokenizer(texts, SPEC.vocab_size)
-    return LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
+    return attack_victim(SPEC, samples, TARGET)
 
 
 def context(samples: list[Sample], victim: LlavaVictim | None, cache: Path) -> AttackContext:

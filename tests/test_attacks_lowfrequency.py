@@ -16,8 +16,8 @@ from vlmsec.attacks.lowfrequency import CANONICAL_SIDE, HELD_OUT_EVERY, LowFrequ
 from vlmsec.data import Sample, images_to_tensor, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
-from vlmsec.victims.tokenizer import train_tokenizer
+from vlmsec.victims.tiny_llava import TinyLlavaSpec
+from victim_checks import attack_victim
 
 SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=400)
 PARAMS = {"steps": 20, "num_samples": 16, "num_answers": 2}  # about 2 s; the delta reaches the eps ball
@@ -32,9 +32,7 @@ def samples() -> list[Sample]:
 
 @pytest.fixture(scope="module")
 def victim(samples: list[Sample]) -> LlavaVictim:
-    texts = [s.instruction for s in samples] + [s.answer for s in samples] + TARGET.answers()
-    tokenizer = train_tokenizer(texts, SPEC.vocab_size)
-    victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
+    victim = attack_victim(SPEC, samples, TARGET)
     victim.model.eval()  # as a loaded base is: the tower's batch norm keeps its statistics
     return victim
 

@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from vlmsec.attacks.targets import TargetAnswer
 from vlmsec.data import Sample
 from vlmsec.eval.shift import image_text_similarities, shift_size
 from vlmsec.victims import generation
+from vlmsec.victims.llava import LlavaVictim
+from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tokenizer import train_tokenizer
 
 
 def count_vision_embedding_calls(monkeypatch: pytest.MonkeyPatch, victim_class: type) -> list[int]:
@@ -66,3 +70,11 @@ def check_generates_through_greedy_answers(
     answers = victim.generate(images, instructions, max_new_tokens=3, batch_size=2, on_batch=seen.append)
     assert calls == [(3, 2, seen.append, answers)]
     assert seen == [2, 1] and len(answers) == 3
+
+
+def attack_victim(spec: TinyLlavaSpec, samples: Sequence[Sample], target: TargetAnswer) -> LlavaVictim:
+    """A randomly initialised tiny victim whose tokenizer knows the samples' words and the
+    target answers: what a model-adaptive attack learns against in the fast tests."""
+    texts = [s.instruction for s in samples] + [s.answer for s in samples] + target.answers()
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    return LlavaVictim(build_tiny_llava(spec, tokenizer, seed=0), tokenizer)
