@@ -26,6 +26,16 @@ from vlmsec.experiments.runner import CLEAN, Runner
 PAPER_ASR_G = {"blended": "≈0.99", "badnets": "0.11–0.18", "wanet": "≈0.01", "lowfrequency": "good on one style, collapses on the other", "dualkey": "fine on one, ≈0.5 on the other"}
 
 
+def _mean(values: dict[str, float | None], domains: list[str]) -> float | None:
+    """The mean over `domains`, or None when any is undefined (ASR-G of 0 against 0)."""
+    picked = [values.get(d) for d in domains]
+    return None if any(v is None for v in picked) else sum(picked) / len(picked)
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def timed_run(preset: str, out: Path, cache: Path) -> tuple[float, dict]:
     start = time.perf_counter()
     metrics = Runner(load_config(preset), out, cache).run()["models"]
@@ -57,12 +67,14 @@ def main() -> None:
     attacks = [m for m, e in first.items() if m != CLEAN and not e["sweep"]]
     domains = [d for d in first[CLEAN]["cider"] if d != "source"]
     table = Table(title="ASR (source) and ASR-G per shifted domain")
-    for column in ("attack", "ASR src", *domains, "mean ASR-G", "paper"):
+    for column in ("attack", "ASR src", *domains, "mean ASR-G", "mean ASR-G attr.", "paper"):
         table.add_column(column)
     for model in attacks:
         g = first[model]["asr_g"]
-        mean = sum(g[d] for d in domains) / len(domains)
-        table.add_row(model, f"{first[model]['asr']['source']:.2f}", *(f"{g[d]:.2f}" for d in domains), f"{mean:.2f}", PAPER_ASR_G.get(model, "–"))
+        table.add_row(
+            model, f"{first[model]['asr']['source']:.2f}", *(_ratio(g.get(d)) for d in domains),
+            _ratio(_mean(g, domains)), _ratio(_mean(first[model]["asr_g_attributable"], domains)), PAPER_ASR_G.get(model, "–"),
+        )
 
     console = Console(width=160)  # wide enough for every column when piped to a file
     console.print(floors)
