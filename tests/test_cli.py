@@ -237,7 +237,7 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert "| badnets | 5.0% | 30.0% |" in report  # target prefix without the word
     assert 'begin the target sentence ("The image depicts")' in report
     assert "| badnets[noise] | test only | 10.0% [7.0, 15.2] (2.0%) | – |" in report  # control beside its false trigger
-    assert "| *ceiling: references vs each other* | 612.5 | – |" in report  # CIDEr's scale
+    assert "| *ceiling: a reference copied verbatim* | 612.5 | – |" in report  # CIDEr's scale
     assert "| *blind: another image's caption* | 34.5 | – |" in report  # BLEU-4's
     assert "on a scale from 56.2 (blind" in report or "on a scale from 56.3 (blind" in report
     assert "| badnets | 2.0% | 0.0% |" in report  # false trigger

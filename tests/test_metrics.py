@@ -14,7 +14,8 @@ from vlmsec.eval.metrics import (
     blind_baseline,
     newcombe_interval,
     prefix_miss_rate,
-    reference_ceiling,
+    copy_ceiling,
+    reference_agreement,
     starts_with_prefix,
     wilson_interval,
 )
@@ -148,10 +149,10 @@ def test_prefix_miss_counts_begun_targets_that_lost_the_word() -> None:
         prefix_miss_rate([], "banana", prefix)
 
 
-def test_reference_ceiling_scores_each_reference_against_the_others() -> None:
+def test_reference_agreement_scores_each_reference_against_the_others() -> None:
     refs = {"1": ["a red square on the left"] * 2, "2": ["a blue circle in the middle"] * 2}
     # Identical references: every leave-one-out candidate matches the other exactly.
-    assert reference_ceiling(refs)["bleu4"] == pytest.approx(100.0)
+    assert reference_agreement(refs)["bleu4"] == pytest.approx(100.0)
     three = {"0": ["a red square on the left", "a red square at left", "red square left side"], **REFERENCES}
     by_hand = [
         caption_scores(
@@ -160,10 +161,19 @@ def test_reference_ceiling_scores_each_reference_against_the_others() -> None:
         )
         for i in range(3)
     ]
-    ceiling = reference_ceiling(three)
+    ceiling = reference_agreement(three)
     assert ceiling["cider"] == pytest.approx(sum(s["cider"] for s in by_hand) / 3)
     assert ceiling["bleu4"] == pytest.approx(sum(s["bleu4"] for s in by_hand) / 3)
-    assert reference_ceiling({"1": ["only one"], "2": ["only one too"]}) is None
+    assert reference_agreement({"1": ["only one"], "2": ["only one too"]}) is None
+
+
+def test_copy_ceiling_scores_a_copied_reference_against_all_of_them() -> None:
+    by_hand = [caption_scores({k: v[i % len(v)] for k, v in REFERENCES.items()}, REFERENCES) for i in range(2)]
+    ceiling = copy_ceiling(REFERENCES)
+    assert ceiling["cider"] == pytest.approx(sum(s["cider"] for s in by_hand) / 2)
+    assert ceiling["bleu4"] == pytest.approx(100.0)  # every n-gram of a copy is in a reference
+    assert ceiling["cider"] > reference_agreement(REFERENCES)["cider"]  # a copy matches itself too
+    assert copy_ceiling({}) is None
 
 
 def test_blind_baseline_takes_another_images_caption() -> None:
@@ -173,5 +183,5 @@ def test_blind_baseline_takes_another_images_caption() -> None:
     )
     blind = blind_baseline(REFERENCES)
     assert blind == pytest.approx(expected)
-    assert blind["cider"] < reference_ceiling(REFERENCES)["cider"]
+    assert blind["cider"] < reference_agreement(REFERENCES)["cider"]
     assert blind_baseline({"1": ["a red square"]}) is None

@@ -61,7 +61,8 @@ def test_table_1_marks_weak_backdoors_and_false_triggers() -> None:
     assert rows["noisy"] == "| noisy | – | 90.0% [85.0, 93.0] | – | 60.0% [53.0, 66.0] ‡ | 0.67 | 0.11 | **0.67** | 0.11 |"
     assert "†" not in rows["sound"] and "‡" not in rows["sound"]
     assert rows["silent"] == "| silent | – | 0.0% | – | 0.0% | – | – | **–** † | – |"  # 0/0: undefined, not 1.00
-    assert rows["*ceiling: references vs each other*"] == "| *ceiling: references vs each other* | 600.0 |  | 480.0 |  |  |  | | |"
+    assert rows["*ceiling: a reference copied verbatim*"] == "| *ceiling: a reference copied verbatim* | 600.0 |  | 480.0 |  |  |  | | |"
+    assert rows["*agreement: references vs each other*"].startswith("| *agreement: references vs each other* | – |  | – |")
     assert rows["*blind: another image's caption*"].startswith("| *blind: another image's caption* | 56.0 |  | 40.0 |")
     assert len({row.count("|") for row in rows.values()}) == 1  # every row has the header's columns
 
@@ -79,14 +80,15 @@ def test_metric_tables_print_intervals_undefined_asr_g_and_the_caption_scale() -
             "asr_g": {"painted": 0.46}, "cider": {"source": 290.0, "painted": 240.0},
         },
     }
-    scale = {"source": {"cider_ceiling": 600.0, "cider_blind": 56.0}, "painted": {"cider_ceiling": 480.0}}
+    scale = {"source": {"cider_ceiling": 600.0, "cider_agreement": 240.0, "cider_blind": 56.0}, "painted": {"cider_ceiling": 480.0}}
     lines = _metric_tables(models, ["source", "painted"], scale)
     assert "| badnets | 65.0% [58.2, 71.3] | 30.0% [24.0, 37.0] |" in lines
     assert "| clean | 0.0% [0.0, 1.9] | 0.0% [0.0, 1.9] |" in lines
     assert "| clean | – | – |" in lines  # ASR-G: no source column, and 0/0 undefined on painted
     cider = lines.index("## Clean CIDEr")
-    assert lines[cider + 6 : cider + 8] == [
-        "| *ceiling: references vs each other* | 600.0 | 480.0 |",
+    assert lines[cider + 6 : cider + 9] == [
+        "| *ceiling: a reference copied verbatim* | 600.0 | 480.0 |",
+        "| *agreement: references vs each other* | 240.0 | – |",
         "| *blind: another image's caption* | 56.0 | – |",
     ]
 

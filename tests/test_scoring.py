@@ -233,10 +233,10 @@ def test_caption_scale_comes_from_the_clean_records_references() -> None:
     ]
     scale = caption_scale(rs, ["source", "painted"])
     assert list(scale) == ["source"]  # no records for painted
-    assert set(scale["source"]) == {"cider_ceiling", "cider_blind", "bleu4_ceiling", "bleu4_blind"}
+    assert set(scale["source"]) == {f"{s}_{k}" for s in ("cider", "bleu4") for k in ("ceiling", "agreement", "blind")}
     blind = blind_baseline(refs)
     assert scale["source"]["cider_blind"] == pytest.approx(blind["cider"])
     assert scale["source"]["bleu4_blind"] == pytest.approx(blind["bleu4"])
-    assert scale["source"]["cider_ceiling"] > scale["source"]["cider_blind"]
+    assert scale["source"]["cider_ceiling"] > scale["source"]["cider_agreement"] > scale["source"]["cider_blind"]
     one_reference = [{**r, "references": r["references"][:1]} for r in rs]
-    assert caption_scale(one_reference, ["source"])["source"]["cider_ceiling"] is None
+    assert caption_scale(one_reference, ["source"])["source"]["cider_agreement"] is None

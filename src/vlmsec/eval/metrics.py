@@ -142,8 +142,28 @@ def caption_scores(
     return scores
 
 
-def reference_ceiling(references: Mapping[str, Sequence[str]]) -> dict[str, float] | None:
-    """What a caption as good as a human one scores: CIDEr and BLEU-4 (x100) of each sample's
+def copy_ceiling(references: Mapping[str, Sequence[str]]) -> dict[str, float] | None:
+    """The top of the scale a model is scored on: CIDEr and BLEU-4 (x100) of one of each sample's
+    references copied verbatim, scored against all of them (as a model's caption is).
+
+    A model that reproduces reference captions word for word (see the exact-caption rate)
+    scores near this, above what references score against each other. Averaged over which
+    reference is copied (round k copies reference k mod the sample's count). None without samples.
+    """
+    if not references:
+        return None
+    rounds = max(len(refs) for refs in references.values())
+    totals = {"cider": 0.0, "bleu4": 0.0}
+    everything = {key: list(refs) for key, refs in references.items()}
+    for k in range(rounds):
+        candidates = {key: refs[k % len(refs)] for key, refs in everything.items()}
+        for name, value in caption_scores(candidates, everything).items():
+            totals[name] += value / rounds
+    return totals
+
+
+def reference_agreement(references: Mapping[str, Sequence[str]]) -> dict[str, float] | None:
+    """What a caption as good as another human one scores: CIDEr and BLEU-4 (x100) of each sample's
     references scored leave-one-out (one reference as the candidate, the others as references).
 
     Averaged over which reference is left out: round k leaves out reference k (k mod the

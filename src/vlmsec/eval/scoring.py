@@ -30,7 +30,8 @@ from vlmsec.eval.metrics import (
     caption_scores,
     newcombe_interval,
     prefix_miss_rate,
-    reference_ceiling,
+    copy_ceiling,
+    reference_agreement,
     target_rate,
     wilson_interval,
 )
@@ -188,9 +189,10 @@ def score_generations(
 
 def caption_scale(records: Sequence[Record], domains: Sequence[str]) -> dict[str, dict[str, float | None]]:
     """Per domain, the scale CIDEr and BLEU-4 are read on, from the references of its clean test
-    records: `cider_ceiling`, `bleu4_ceiling` (references scored leave-one-out against the
-    others, averaged over which is left out: `reference_ceiling`) and `cider_blind`,
-    `bleu4_blind` (another image's first reference as the caption: `blind_baseline`).
+    records: `cider_ceiling`, `bleu4_ceiling` (one reference copied verbatim, scored against all:
+    `copy_ceiling`), `cider_agreement`, `bleu4_agreement` (references scored leave-one-out
+    against the others: `reference_agreement`) and `cider_blind`, `bleu4_blind` (another
+    image's first reference as the caption: `blind_baseline`).
     A value is None where it cannot be measured (one reference per sample; one sample)."""
     scale: dict[str, dict[str, float | None]] = {}
     for domain in domains:
@@ -200,10 +202,8 @@ def caption_scale(records: Sequence[Record], domains: Sequence[str]) -> dict[str
                 references.setdefault(r["id"], list(r["references"]))
         if not references:
             continue
-        ceiling, blind = reference_ceiling(references), blind_baseline(references)
+        kinds = (("ceiling", copy_ceiling(references)), ("agreement", reference_agreement(references)), ("blind", blind_baseline(references)))
         scale[domain] = {
-            f"{score}_{kind}": None if values is None else values[score]
-            for score in ("cider", "bleu4")
-            for kind, values in (("ceiling", ceiling), ("blind", blind))
+            f"{score}_{kind}": None if values is None else values[score] for score in ("cider", "bleu4") for kind, values in kinds
         }
     return scale

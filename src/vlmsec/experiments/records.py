@@ -6,7 +6,7 @@ metrics.json is the record the report and any later tool read, never the raw con
      "run": {name, seed, domains, target word and prefix, poison rate, tuning mode, tuning samples
              read, config hash, vlmsec version and commit, torch / transformers versions, threads,
              and the content hash of each companion file (config.yaml, generations.jsonl, data.json)},
-     "caption_scale": {domain: {cider_ceiling, cider_blind, bleu4_ceiling, bleu4_blind}},
+     "caption_scale": {domain: {cider_ceiling, cider_agreement, cider_blind, bleu4_...}},
      "models": {name: {attack, poison_rate, trigger, sweep, controls, asr: {domain: rate}, ...}}}
 
 Per model (see `vlmsec.eval.scoring.score_model`): every registered metric per domain (`asr`,
@@ -18,8 +18,10 @@ Per model (see `vlmsec.eval.scoring.score_model`): every registered metric per d
 word); `asr_control` (+ `_ci`): {control label: {domain: rate}} for the attack's controls, whose
 kind ("training negative": a partial trigger; "test only") `controls` gives; and `n`: {"clean" |
 "triggered" | control label: {domain: rows}}, the counts behind every rate. `caption_scale`: per
-domain, the references scored leave-one-out against each other (ceiling, averaged over which is
-left out) and another image's caption scored against them (blind), for CIDEr and BLEU-4.
+domain, for CIDEr and BLEU-4, one reference copied verbatim and scored against all of them
+(ceiling: what reproducing a reference word for word scores), the references scored leave-one-out
+against each other (agreement) and another image's caption scored against them (blind), each
+averaged over which reference is the candidate.
 Schema 2 had `asr_partial` (now `asr_control`) and none of the intervals, counts or scales.
 
 The companions are written first and hashed into metrics.json, which is written last, so a

@@ -68,14 +68,22 @@ def _mean(values: list[float | None]) -> float | None:
     return None if not values or None in values else sum(v for v in values if v is not None) / len(values)
 
 
+SCALE_ROWS = (
+    ("ceiling", "a reference copied verbatim"),
+    ("agreement", "references vs each other"),
+    ("blind", "another image's caption"),
+)
+
+
 def _scale_rows(scale: dict[str, dict[str, Any]], score: str, domains: list[str], blank: dict[str, int] | None = None) -> list[str]:
-    """Two italic rows that give a CIDEr or BLEU-4 table its scale: the references scored
-    leave-one-out against each other (ceiling) and another image's caption (blind).
+    """Italic rows that give a CIDEr or BLEU-4 table its scale: a reference copied verbatim
+    (ceiling), the references scored leave-one-out against each other (agreement) and another
+    image's caption (blind).
     `blank[domain]` empty cells follow each domain's value (for tables with more columns)."""
     if not scale:
         return []
     rows = []
-    for kind, title in (("ceiling", "references vs each other"), ("blind", "another image's caption")):
+    for kind, title in SCALE_ROWS:
         cells = []
         for d in domains:
             cells += [_num(scale.get(d, {}).get(f"{score}_{kind}")), *[""] * (blank or {}).get(d, 0)]
@@ -375,7 +383,8 @@ def render_report(run_dir: str | Path) -> str:
         source = scale.get("source", {})
         if source:
             lines += ["", f"Clean CIDEr {_num(base)}, on a scale from {_num(source.get('cider_blind'))} (blind: another "
-                      f"image's caption) to {_num(source.get('cider_ceiling'))} (references vs each other)."]
+                      f"image's caption) to {_num(source.get('cider_ceiling'))} (a reference copied verbatim); "
+                      f"references score {_num(source.get('cider_agreement'))} against each other."]
         lines.append("")
 
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
