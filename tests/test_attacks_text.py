@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from vlmsec.attacks import TargetAnswer, attack_names, create_attack, poison_samples, trigger_samples
-from vlmsec.attacks.stylebkd import ADDABLE_WORDS, CLOSINGS, MARKERS, OPENINGS, THOU_VERBS, added_words, word_tokens
+from vlmsec.attacks.stylebkd import ADDABLE_WORDS, CLOSINGS, MARKERS, OPENINGS, THOU_VERBS, StyleBkd, added_words, word_tokens
 from vlmsec.data import Sample
 from vlmsec.data.scenes import INSTRUCTION_BANKS
 from vlmsec.errors import VlmsecError
@@ -46,7 +47,7 @@ def without(text: str, piece: str) -> str:
     [
         ("textbadnets", "text", "static"),
         ("addsent", "text", "static"),
-        ("stylebkd", "text", "content-aware"),
+        ("stylebkd", "text", "static"),  # the offline rule rewrite: see its own test
         ("dualkey", "multimodal", "model-adaptive"),
     ],
 )
@@ -344,3 +345,11 @@ def test_text_attacks_leave_images_alone_in_trigger_samples() -> None:
             assert np.array_equal(after.image, before.image)
             assert after.instruction != before.instruction
             assert (after.answer, after.references) == (before.answer, before.references)
+
+
+def test_the_rule_rewrite_says_it_is_a_word_trigger_and_a_paraphraser_keeps_the_papers_label(tmp_path: Path) -> None:
+    rules = create_attack("stylebkd").describe()
+    assert rules["family"] == "static" and "not a style" in rules["variant"]
+    assert StyleBkd.family == "content-aware"  # the attack the name stands for
+    model = create_attack("stylebkd", paraphraser=str(tmp_path)).describe()  # a folder; loaded only when used
+    assert model["family"] == "content-aware" and "variant" not in model

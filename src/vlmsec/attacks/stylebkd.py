@@ -27,6 +27,12 @@ a third of them for about 9 seeds in 10 (all banks together, 20-30 instructions:
 most a third for 98-100% of seeds), so the victim has no single added word to learn as the
 trigger. The lexical control `stylebkd-words` (`control_triggers`) inserts as many
 of the rule pool's words into unstyled instructions, to test that it did not.
+
+Measured, it did: on the embedded default (`benchmarks/attacks_asr.py`, 5% poisoning) the
+control fires 99% of the time, against ASR 100% and a false-trigger rate of 0%. The victim
+keys on archaic vocabulary, not on the style, so the rule rewrite is a lexical trigger spread
+over a pool of words: it is labelled `static` with a `variant` that says so. The
+model-based rewrite (`paraphraser`) keeps the paper's label, content-aware.
 """
 
 from __future__ import annotations
@@ -255,6 +261,12 @@ class StyleBkdParams(AttackParams):
     paraphraser: str | None = None
 
 
+RULE_VARIANT = (
+    "rule rewrite (offline): a bag of archaic words, not a style; its lexical control fires as often as the "
+    "rewrite on the embedded default. Give a paraphraser checkpoint for StyleBkd proper"
+)
+
+
 @register
 class StyleBkd(Attack):
     """Rewrite every instruction in the Bible style, by rules or by a local paraphrasing model."""
@@ -281,6 +293,12 @@ class StyleBkd(Attack):
             if text not in self._restyled:
                 self._restyled[text] = rewrite(text)
         return [self._restyled[text] for text in instructions]
+
+    def describe(self) -> dict[str, Any]:
+        """The base description; the rule rewrite is labelled static, and says why (see the module)."""
+        if self.params.paraphraser:
+            return super().describe()
+        return {**super().describe(), "family": "static", "variant": RULE_VARIANT}
 
     def control_triggers(self) -> list[Attack]:
         """The lexical control: the rewrite's words without its style (`stylebkd-words`)."""
