@@ -127,10 +127,10 @@ def test_attacks_table() -> None:
     result = invoke("attacks")
     assert result.exit_code == 0, result.output
     assert "badnets" in result.output and "blended" in result.output
-    assert "SSBA-like" in result.output
+    assert "* ssba: SSBA-like" in result.output and "* stylebkd: rule rewrite" in result.output
     # MABA's reading of the paper's mask is ours, and the listing says so.
-    assert "maba: our reading of the paper's mask" in result.output
-    assert "maba_star: our reading of the paper's mask" in result.output
+    assert "* maba: our reading of the paper's mask" in result.output
+    assert "* maba_star: our reading of the paper's mask" in result.output
 
 
 # ---- report -----------------------------------------------------------------------------

@@ -100,8 +100,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by
 
 @app.command()
 def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
-    """List the registered attacks with their metadata and default parameters, and any attack's note
-    (e.g. where its reading of the paper is ours)."""
+    """List the registered attacks with their metadata and default parameters, then what any
+    attack is beside its name (a look-alike's variant) and any note (where its reading of the paper is ours)."""
     from vlmsec.attacks import ATTACKS, create_attack
 
     described = [create_attack(name).describe() for name in sorted(ATTACKS)]
@@ -112,12 +112,13 @@ def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON l
     for column in ("name", "modality", "family", "knowledge", "stage", "params"):
         table.add_column(column)
     for d in described:
-        name = d["name"] + (f"\n({d['variant']})" if "variant" in d else "")
+        name = d["name"] + (" *" if "variant" in d or "note" in d else "")
         table.add_row(name, d["modality"], d["family"], d["knowledge"], d["stage"], json.dumps(d["params"]))
     console.print(table)
     for d in described:
-        if note := d.get("note"):
-            console.print(f"{d['name']}: {note}", highlight=False, soft_wrap=True)
+        for text in (d.get("variant"), d.get("note")):
+            if text:
+                console.print(f"* {d['name']}: {text}", highlight=False, soft_wrap=True)
 
 
 @app.command()
