@@ -89,9 +89,20 @@ def test_summary_gives_mean_sample_std_min_and_max_per_model_and_domain() -> Non
     assert "bleu4" not in summary["models"]["badnets"]
     markdown = render_seed_summary(summary)
     assert "| badnets | 80.0% ± 20.0 (60.0–100.0) | 40.0% ± 10.0 (30.0–50.0) |" in markdown
-    assert "| badnets | – | 0.60 ± 0.14 (0.50–0.70) [2 of 3 seeds] |" in markdown
+    assert "| badnets | – | 0.60 ± 0.14 (0.50–0.70) [2 of 3 seeds] | 0.60 ± 0.14 (0.50–0.70) [2 of 3 seeds] |" in markdown
     assert "| badnets | 310.0 ± 10.0 (300.0–320.0) | – |" in markdown
     assert "poison.seed derives from each seed" in markdown
+
+
+def test_mean_asr_g_is_each_seeds_mean_over_the_shifted_domains() -> None:
+    def run(g: dict[str, float | None]) -> dict[str, Any]:
+        return {"run": {"domains": ["source", "a", "b"]}, "models": {"m": {"asr_g": g, "asr_g_attributable": g}}}
+
+    summary = summarize_seeds({0: run({"a": 0.4, "b": 0.8}), 1: run({"a": 1.0, "b": 1.0}), 2: run({"a": None, "b": 0.5})}, "")
+    mean = summary["models"]["m"]["asr_g"]["mean"]
+    assert (mean["mean"], mean["seeds"]) == (pytest.approx(0.8), 2)  # seeds 0 and 1 (0.6, 1.0); seed 2 has an undefined domain
+    assert summary["models"]["m"]["asr_g_attributable"]["mean"] == mean
+    assert "| m | – | 0.70 ± 0.42 (0.40–1.00) [2 of 3 seeds] | 0.77 ± 0.25 (0.50–1.00) | 0.80 ± 0.28 (0.60–1.00) [2 of 3 seeds] |" in render_seed_summary(summary)
 
 
 def test_run_with_seeds_writes_one_run_per_seed_and_the_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,9 @@ from vlmsec.experiments.config import ExperimentConfig, parse_config
 from vlmsec.seeds import derive_seed
 
 # Table 1's numbers: what a seed moves and a reader compares.
-SEED_METRICS = ("asr", "asr_g", "false_trigger", "cider")
+SEED_METRICS = ("asr", "asr_g", "asr_g_attributable", "false_trigger", "cider")
+# Ratios whose mean over the shifted domains is Table 1's last column: spread over seeds under "mean".
+MEAN_OVER_DOMAINS = ("asr_g", "asr_g_attributable")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -75,13 +77,18 @@ def summarize_seeds(runs: dict[int, dict[str, Any]], note: str) -> dict[str, Any
     """Mean and spread over seeds of `SEED_METRICS`, per model and domain, from each seed's metrics.json.
 
     `std` is the sample standard deviation (n − 1). An undefined value (ASR-G null: no ASR in
-    either domain) is left out, and `seeds` says how many seeds had a value.
+    either domain) is left out, and `seeds` says how many seeds had a value. ASR-G and its
+    attributable twin also get a pseudo-domain "mean": each seed's mean over the shifted
+    domains (left out for a seed where any of them is undefined).
     """
     collected: dict[str, dict[str, dict[str, list[float]]]] = {}
     for metrics in runs.values():
         for model, entry in metrics["models"].items():
             for metric in SEED_METRICS:
-                for domain, value in entry.get(metric, {}).items():
+                values = dict(entry.get(metric, {}))
+                if metric in MEAN_OVER_DOMAINS and values and None not in values.values():
+                    values["mean"] = statistics.fmean(values.values())
+                for domain, value in values.items():
                     if value is not None:
                         collected.setdefault(model, {}).setdefault(metric, {}).setdefault(domain, []).append(value)
     models = {

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-TITLES = {"asr": "ASR", "asr_g": "ASR-G (source → domain)", "false_trigger": "False-trigger rate", "cider": "Clean CIDEr"}
+TITLES = {
+    "asr": "ASR",
+    "asr_g": "ASR-G (source → domain; mean: each seed's mean over the shifted domains)",
+    "asr_g_attributable": "ASR-G of the trigger-attributable ASR, max(ASR − false trigger, 0)",
+    "false_trigger": "False-trigger rate",
+    "cider": "Clean CIDEr",
+}
 PERCENT = {"asr", "false_trigger"}
 
 
@@ -12,7 +18,7 @@ def _cell(metric: str, spread: dict[str, Any] | None) -> str:
     """"65.0% ± 3.1 (61.5–68.0)": mean ± sample std (min–max), in points for rates."""
     if spread is None:
         return "–"
-    scale, digits, unit = (100, 1, "%") if metric in PERCENT else (1, 2, "") if metric == "asr_g" else (1, 1, "")
+    scale, digits, unit = (100, 1, "%") if metric in PERCENT else (1, 2, "") if metric.startswith("asr_g") else (1, 1, "")
     mean, std, low, high = (scale * spread[k] for k in ("mean", "std", "min", "max"))
     return f"{mean:.{digits}f}{unit} ± {std:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
@@ -33,10 +39,11 @@ def render_seed_summary(summary: dict[str, Any]) -> str:
         rows = [(model, per_metric[metric]) for model, per_metric in models.items() if metric in per_metric]
         if not rows:
             continue
-        lines += [f"## {TITLES.get(metric, metric)}", "", "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        columns = [*domains, "mean"] if any("mean" in per_domain for _, per_domain in rows) else list(domains)
+        lines += [f"## {TITLES.get(metric, metric)}", "", "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
         for model, per_domain in rows:
             cells = []
-            for d in domains:
+            for d in columns:
                 cell = _cell(metric, per_domain.get(d))
                 if d in per_domain and per_domain[d]["seeds"] < len(seeds):
                     cell += f" [{per_domain[d]['seeds']} of {len(seeds)} seeds]"
