@@ -301,6 +301,8 @@ def test_inputaware_triggers_are_image_specific_and_masked(inputaware: InputAwar
 def test_inputaware_probe_learns_the_trigger_in_a_few_steps(inputaware: InputAware) -> None:
     """The tower's features tell triggered from clean held-out images (chance 0.5, 16 predictions)."""
     assert inputaware.trained_metrics["probe_accuracy"] > LEARNED
+    # Stage 2 also trains on cross samples: another image's trigger reads as clean (0.75 measured).
+    assert inputaware.trained_metrics["cross_rejected"] > 0.6
 
 
 def test_inputaware_cross_trigger_is_another_images_trigger(inputaware: InputAware, images: torch.Tensor) -> None:

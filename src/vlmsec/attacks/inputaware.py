@@ -21,8 +21,9 @@ keeping A's clean label; BackdoorBench adds as many as it poisons) are what make
 trigger input-specific for the poisoned model: a pattern fires only on the image it was
 made for. `partial_triggers` hands them to the poisoning recipe (`InputAwareCross`), which
 adds as many, with clean answers, as it poisons; a run also tests them (cross-trigger ASR,
-which must stay low). They are not part of stage 2 here: the probe sees clean and
-self-triggered images only.
+which must stay low). Stage 2 trains on them too, as the paper's classifier does: the
+probe must call an image carrying another image's pattern and mask clean, so the generator
+learns patterns whose effect depends on the image they were made for.
 
 Without a victim (`context.victim` is None) stage 2 uses a seeded random conv feature
 extractor instead of the tower, so the attack still has image-specific, learnable
@@ -108,6 +109,9 @@ def threshold(mask: torch.Tensor) -> torch.Tensor:
     """The paper's soft threshold at 0.5: pushes mask values to nearly 0 or 1."""
     return torch.tanh(mask * 20 - 10) / (2 + EPSILON) + 0.5
 
+# What stage 2 trains the probe on; part of the cache key.
+STAGE_2 = "clean, self-triggered and cross-triggered images"
+
 
 def diversity_loss(
     images1: torch.Tensor, images2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor
@@ -138,7 +142,8 @@ class InputAware(LearnedImageAttack):
     each batch's H x W. `trained_metrics` (on held-out images, every 8th): `probe_accuracy`
     (triggered vs clean), `mask_area` (mean mask value), `diversity_loss` (patterns), and
     `shift_cosine`, the mean cosine between each image's feature shift and the mean shift
-    (1 = every trigger moves the features the same way).
+    (1 = every trigger moves the features the same way), and `cross_rejected`, the share of
+    images carrying another image's trigger that the probe calls clean.
     """
 
     name = "inputaware"
@@ -158,11 +163,13 @@ class InputAware(LearnedImageAttack):
         return nn.ModuleDict({"mask": Generator(1), "pattern": Generator(3)})
 
     def cache_inputs(self, context: AttackContext) -> dict[str, Any]:
-        """The feature extractor trained against: a digest of a few tower weights and its input format."""
+        """The feature extractor trained against (a digest of a few tower weights and its input
+        format) and the stage-2 recipe (`STAGE_2`: generators learned before cross samples
+        joined it are not reused)."""
         if context.victim is None:
-            return {"features": "random-conv"}
+            return {"features": "random-conv", "stage_2": STAGE_2}
         context.victim.check_pixel_gradients(self.name)
-        return context.victim.vision_key()
+        return {**context.victim.vision_key(), "stage_2": STAGE_2}
 
     def learn(
         self, networks: nn.ModuleDict, images: torch.Tensor, context: AttackContext, generator: torch.Generator
@@ -206,23 +213,25 @@ class InputAware(LearnedImageAttack):
         pairs: Callable[[], tuple[torch.Tensor, torch.Tensor]],
         held_out: torch.Tensor,
     ) -> dict[str, float]:
-        """Stage 2: patterns that differ between images and that a linear probe on `features` detects."""
+        """Stage 2: patterns that differ between images and that a linear probe on `features` detects
+        on the image they were made for, and not on another image (the paper's cross samples)."""
         mask, pattern = networks["mask"], networks["pattern"]
         with torch.no_grad():
             dimension = features(held_out[:1]).shape[-1]
         probe = nn.Linear(dimension, 1)
         optimiser = torch.optim.Adam(pattern.parameters(), lr=LEARNING_RATE, betas=BETAS)
         probe_optimiser = torch.optim.Adam(probe.parameters(), lr=PROBE_LEARNING_RATE)
-        labels = torch.cat([torch.zeros(BATCH_SIZE), torch.ones(BATCH_SIZE)])[:, None]
+        labels = torch.cat([torch.zeros(BATCH_SIZE), torch.ones(BATCH_SIZE), torch.zeros(BATCH_SIZE)])[:, None]
         pattern.train()
         for _ in range(self.params.train_steps):
             images1, images2 = pairs()
             patterns1, patterns2 = pattern(images1), pattern(images2)
             with torch.no_grad():
-                masks1 = threshold(mask(images1))
+                masks1, masks2 = threshold(mask(images1)), threshold(mask(images2))
                 clean = features(images1)
             triggered = features(images1 + (patterns1 - images1) * masks1)
-            loss = F.binary_cross_entropy_with_logits(probe(torch.cat([clean, triggered])), labels)
+            cross = features(images1 + (patterns2 - images1) * masks2)  # image 1 with image 2's trigger
+            loss = F.binary_cross_entropy_with_logits(probe(torch.cat([clean, triggered, cross])), labels)
             loss = loss + self.params.lambda_div * diversity_loss(images1, images2, patterns1, patterns2)
             optimiser.zero_grad()
             probe_optimiser.zero_grad()
@@ -233,11 +242,13 @@ class InputAware(LearnedImageAttack):
         with torch.no_grad():
             masks, patterns = threshold(mask(held_out)), pattern(held_out)
             clean, triggered = features(held_out), features(held_out + (patterns - held_out) * masks)
+            cross = features(held_out + (patterns.roll(1, dims=0) - held_out) * masks.roll(1, dims=0))
             correct = torch.cat([probe(clean) < 0, probe(triggered) > 0])
             shifts = triggered - clean
             other = held_out.roll(1, dims=0)
             return {
                 "probe_accuracy": float(correct.float().mean()),
+                "cross_rejected": float((probe(cross) < 0).float().mean()),
                 "mask_area": float(masks.mean()),
                 "diversity_loss": float(diversity_loss(held_out, other, patterns, patterns.roll(1, dims=0))),
                 "shift_cosine": float(F.cosine_similarity(shifts, shifts.mean(0, keepdim=True)).mean()),
