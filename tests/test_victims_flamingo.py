@@ -28,6 +28,7 @@ from transformers import (
 
 from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
 from vlmsec.attacks.adaptive import pick_answers, pick_samples
+from vlmsec.attacks.inputaware import STAGE_2
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
@@ -415,7 +416,7 @@ def test_maba_and_inputaware_learn_against_the_flamingo_tower(
     inputaware = create_attack("inputaware", train_steps=2)
     inputaware.prepare(context)
     assert embedded  # stage 2 trained through the open_clip tower
-    assert inputaware.cache_inputs(context) == victim.vision_key()
+    assert inputaware.cache_inputs(context) == {**victim.vision_key(), "stage_2": STAGE_2}
 
 
 GCG_TINY = {"num_tokens": 2, "steps": 2, "candidates": 8, "top_k": 8, "num_samples": 2, "num_answers": 1}

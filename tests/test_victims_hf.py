@@ -30,6 +30,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrain
 
 from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
 from vlmsec.attacks.adaptive import pick_answers, pick_samples
+from vlmsec.attacks.inputaware import STAGE_2
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
@@ -652,7 +653,7 @@ def test_runner_gives_maba_and_inputaware_the_hf_victim(built, samples, tmp_path
     (weights,) = (tmp_path / "cache" / "attacks" / "inputaware").glob("*.safetensors")
     victim = HFVictim.load(tmp_path / "base")
     context = AttackContext(samples=samples, target=TargetAnswer(), cache_dir=tmp_path / "cache" / "attacks", victim=victim)
-    assert inputaware.cache_inputs(context) == victim.vision_key()
+    assert inputaware.cache_inputs(context) == {**victim.vision_key(), "stage_2": STAGE_2}
     assert inputaware.cache_inputs(context)["tower"] == "CLIPVisionModel"
     assert inputaware.cache_path(context, inputaware.training_images(context)) == weights
 
