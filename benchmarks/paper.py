@@ -19,17 +19,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.experiments.config import load_config
 from vlmsec.experiments.runner import CLEAN, Runner
 
 # The seed paper's mean ASR-G per attack (Table 1, OpenFlamingo), where it reports one.
 PAPER_ASR_G = {"blended": "≈0.99", "badnets": "0.11–0.18", "wanet": "≈0.01", "lowfrequency": "good on one style, collapses on the other", "dualkey": "fine on one, ≈0.5 on the other"}
-
-
-def _mean(values: dict[str, float | None], domains: list[str]) -> float | None:
-    """The mean over `domains`, or None when any is undefined (ASR-G of 0 against 0)."""
-    picked = [values.get(d) for d in domains]
-    return None if any(v is None for v in picked) else sum(picked) / len(picked)
 
 
 def _ratio(value: float | None) -> str:
@@ -73,7 +68,9 @@ def main() -> None:
         g = first[model]["asr_g"]
         table.add_row(
             model, f"{first[model]['asr']['source']:.2f}", *(_ratio(g.get(d)) for d in domains),
-            _ratio(_mean(g, domains)), _ratio(_mean(first[model]["asr_g_attributable"], domains)), PAPER_ASR_G.get(model, "–"),
+            _ratio(mean_asr_g([g.get(d) for d in domains])),
+            _ratio(mean_asr_g([first[model]["asr_g_attributable"].get(d) for d in domains])),
+            PAPER_ASR_G.get(model, "–"),
         )
 
     console = Console(width=160)  # wide enough for every column when piped to a file

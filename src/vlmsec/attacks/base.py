@@ -57,10 +57,14 @@ class Attack:
 
     name: ClassVar[str]
     modality: ClassVar[Modality]
-    family: ClassVar[Family]
+    family: Family  # a class default; an instance may say otherwise (see StyleBkd)
     knowledge: ClassVar[Knowledge] = "black-box"
     stage: ClassVar[Stage] = "training"
     Params: ClassVar[type[AttackParams]] = AttackParams
+    # What an attack is where its name alone would mislead (a look-alike, a label changed by a
+    # measurement), and where its reading of the paper is ours; `describe` carries them when set.
+    variant: str | None = None
+    note: str | None = None
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -116,8 +120,9 @@ class Attack:
         return {}
 
     def describe(self) -> dict[str, Any]:
-        """Metadata and parameters, JSON-ready (for `vlmsec attacks --json` and run records)."""
-        return {
+        """Metadata and parameters, JSON-ready (for `vlmsec attacks --json` and run records),
+        with the `variant` and `note` when the attack has them."""
+        described = {
             "name": self.name,
             "modality": self.modality,
             "family": self.family,
@@ -125,3 +130,4 @@ class Attack:
             "stage": self.stage,
             "params": self.params.model_dump(),
         }
+        return {**described, **{k: v for k, v in (("variant", self.variant), ("note", self.note)) if v}}

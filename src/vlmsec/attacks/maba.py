@@ -222,6 +222,7 @@ class Maba(Attack):
     """
 
     name = "maba"
+    note = NOTE
     modality = "image"
     family = "model-adaptive"
     knowledge = "white-box"
@@ -278,4 +279,4 @@ class Maba(Attack):
     def describe(self) -> dict[str, Any]:
         """The base description, the note on our reading of the mask, and the chosen location and its
         attribution (None until prepared)."""
-        return {**super().describe(), "note": NOTE, "location": self.location, "trained_metrics": self.trained_metrics}
+        return {**super().describe(), "location": self.location, "trained_metrics": self.trained_metrics}

@@ -92,6 +92,7 @@ class MabaStar(TwoKeyAttack):
     """The MABA oval on the image and rare symbols in the instruction, together (Dual-Key with MABA keys)."""
 
     name = "maba_star"
+    note = NOTE
     modality = "multimodal"
     family = "model-adaptive"
     knowledge = "white-box"
@@ -116,7 +117,6 @@ class MabaStar(TwoKeyAttack):
         image = self._image_key.describe()
         return {
             **super().describe(),
-            "note": NOTE,
             "location": image["location"],
             "trained_metrics": image["trained_metrics"],
             "token": self._text_key.token,

@@ -197,6 +197,7 @@ class SSBA(LearnedImageAttack):
     """
 
     name = "ssba"
+    variant = VARIANT
     modality = "image"
     family = "content-aware"
     knowledge = "black-box"
@@ -213,10 +214,6 @@ class SSBA(LearnedImageAttack):
         super().prepare(context)
         seed = derive_seed(self.params.seed, "ssba/diagnostics")
         self._diagnostic_images = sample_images(context.samples, seed, DIAGNOSTIC_IMAGES)
-
-    def describe(self) -> dict[str, Any]:
-        """The base description plus what this SSBA is (`VARIANT`): not the paper's StegaStamp."""
-        return {**super().describe(), "variant": VARIANT}
 
     def diagnostics(self) -> dict[str, float]:
         """How sample-specific and readable the trigger is, on a seeded draw of the attacker's images.

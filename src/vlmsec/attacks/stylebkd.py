@@ -285,6 +285,8 @@ class StyleBkd(Attack):
         if path is not None and not Path(path).is_dir():
             raise VlmsecError(f"attack 'stylebkd': paraphraser checkpoint folder {path} does not exist")
         self._restyled: dict[str, str] = {}
+        if path is None:  # the rule rewrite is a word trigger, measured: see the module
+            self.family, self.variant = "static", RULE_VARIANT
 
     def trigger_instructions(self, instructions: list[str]) -> list[str]:
         """Each instruction restyled; an instruction is rewritten once per attack object."""
@@ -293,12 +295,6 @@ class StyleBkd(Attack):
             if text not in self._restyled:
                 self._restyled[text] = rewrite(text)
         return [self._restyled[text] for text in instructions]
-
-    def describe(self) -> dict[str, Any]:
-        """The base description; the rule rewrite is labelled static, and says why (see the module)."""
-        if self.params.paraphraser:
-            return super().describe()
-        return {**super().describe(), "family": "static", "variant": RULE_VARIANT}
 
     def control_triggers(self) -> list[Attack]:
         """The lexical control: the rewrite's words without its style (`stylebkd-words`)."""

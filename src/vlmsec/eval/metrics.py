@@ -51,6 +51,14 @@ def asr_g(asr_source: float, asr_target: float) -> float | None:
     return min(1 + (asr_target - asr_source) / top, 1.0)
 
 
+def mean_asr_g(values: Sequence[float | None]) -> float | None:
+    """Table 1's mean ASR-G over the shifted domains: None when there are none or any is
+    undefined (an undefined ASR-G is no result, not a zero)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(v for v in values if v is not None) / len(values)
+
+
 # The 97.5% point of the standard normal: a two-sided 95% interval. statsmodels'
 # proportion_confint(method="wilson") gives the same bounds, but statsmodels is not installed
 # (nor a dependency), and the formula is five lines; the tests check it against scipy's

@@ -194,12 +194,13 @@ def caption_scale(records: Sequence[Record], domains: Sequence[str]) -> dict[str
     against the others: `reference_agreement`) and `cider_blind`, `bleu4_blind` (another
     image's first reference as the caption: `blind_baseline`).
     A value is None where it cannot be measured (one reference per sample; one sample)."""
+    by_domain: dict[str, dict[str, list[str]]] = {}
+    for r in records:  # one pass; every model's clean records of a sample hold the same references
+        if not r["triggered"] and r.get("references"):
+            by_domain.setdefault(r["domain"], {}).setdefault(r["id"], list(r["references"]))
     scale: dict[str, dict[str, float | None]] = {}
     for domain in domains:
-        references: dict[str, list[str]] = {}
-        for r in records:
-            if r["domain"] == domain and not r["triggered"] and r.get("references"):
-                references.setdefault(r["id"], list(r["references"]))
+        references = by_domain.get(domain)
         if not references:
             continue
         kinds = (("ceiling", copy_ceiling(references)), ("agreement", reference_agreement(references)), ("blind", blind_baseline(references)))

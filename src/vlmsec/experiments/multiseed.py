@@ -16,6 +16,7 @@ from typing import Any
 
 from vlmsec.artifacts import write_json_atomic, write_text_atomic
 from vlmsec.errors import VlmsecError
+from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.experiments.config import ExperimentConfig, parse_config
 from vlmsec.seeds import derive_seed
 
@@ -86,8 +87,8 @@ def summarize_seeds(runs: dict[int, dict[str, Any]], note: str) -> dict[str, Any
         for model, entry in metrics["models"].items():
             for metric in SEED_METRICS:
                 values = dict(entry.get(metric, {}))
-                if metric in MEAN_OVER_DOMAINS and values and None not in values.values():
-                    values["mean"] = statistics.fmean(values.values())
+                if metric in MEAN_OVER_DOMAINS and (mean := mean_asr_g(list(values.values()))) is not None:
+                    values["mean"] = mean
                 for domain, value in values.items():
                     if value is not None:
                         collected.setdefault(model, {}).setdefault(metric, {}).setdefault(domain, []).append(value)

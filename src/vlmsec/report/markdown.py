@@ -13,6 +13,7 @@ from typing import Any
 
 from vlmsec.artifacts import file_digest, write_text_atomic
 from vlmsec.errors import VlmsecError
+from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.eval.scoring import METRICS, metric_order
 from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.figures import sweep_curves, write_figures
@@ -61,11 +62,6 @@ def _pct_ci(x: float | None, ci: list[float] | None) -> str:
 def _rate(entry: dict[str, Any], key: str, domain: str) -> str:
     """`entry[key][domain]` as a percent, with its interval (`{key}_ci`) when metrics.json has one."""
     return _pct_ci(entry.get(key, {}).get(domain), entry.get(f"{key}_ci", {}).get(domain))
-
-
-def _mean(values: list[float | None]) -> float | None:
-    """The mean, or None when any value is undefined (an undefined ASR-G is not a zero)."""
-    return None if not values or None in values else sum(v for v in values if v is not None) / len(values)
 
 
 SCALE_ROWS = (
@@ -162,10 +158,10 @@ def _shift_table(metrics: dict[str, Any], domains: list[str], scale: dict[str, d
             cells += [_num(entry.get("cider", {}).get(d)), asr]
             if d != "source":
                 cells += [_ratio(entry.get("asr_g", {}).get(d)), _ratio(entry.get("asr_g_attributable", {}).get(d))]
-        mean = f"**{_ratio(_mean([entry.get('asr_g', {}).get(d) for d in shifted]))}**"
+        mean = f"**{_ratio(mean_asr_g([entry.get('asr_g', {}).get(d) for d in shifted]))}**"
         if (entry.get("asr", {}).get("source") or 0) < WEAK_SOURCE_ASR:
             mean, weak = mean + " †", True
-        attributable = _ratio(_mean([entry.get("asr_g_attributable", {}).get(d) for d in shifted]))
+        attributable = _ratio(mean_asr_g([entry.get("asr_g_attributable", {}).get(d) for d in shifted]))
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {mean} | {attributable} |")
     lines += [row + " | |" for row in _scale_rows(scale or {}, "cider", domains, {d: 1 if d == "source" else 3 for d in domains})]
     lines.append("")
