@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from vlmsec.data.safety import SafetyDataSpec
 from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
 from vlmsec.seeds import derive_seed
@@ -229,6 +230,25 @@ class BaseStageSpec(_Strict):
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(mode="full", epochs=3, learning_rate=1e-3))
 
 
+class SafetySpec(_Strict):
+    """The safety stage (VLGuard's mixed tuning on refusals and helpful answers) and the refusal
+    numbers read after it; needs a victim with a pretrained, instruction-tuned language model."""
+
+    data: SafetyDataSpec = Field(default_factory=SafetyDataSpec, description="harmful and benign request sets and their split")
+    training: TrainingSpec = Field(
+        default_factory=lambda: TrainingSpec(mode="lora", epochs=2, batch_size=8, learning_rate=2e-4, weight_decay=0.0)
+    )
+    image_share: float = Field(0.5, ge=0, le=1, description="share of safety requests tuned with a scene image (the rest have none)")
+    caption_share: float = Field(
+        0.5, ge=0, description="clean caption samples mixed in, as a share of the safety requests (keeps captioning)"
+    )
+    test_size: int = Field(100, ge=1, description="held-out harmful and benign requests each, tested text-only and with an image")
+    distill_tokens: int = Field(64, ge=1, description="length of the victim's own answers to benign requests")
+    judge: PathInput | None = Field(
+        None, description="a local Hugging Face causal-LM folder that judges refusal; default: the victim's own language model"
+    )
+
+
 class EvalSpec(_Strict):
     """Generation settings for evaluation."""
 
@@ -270,6 +290,7 @@ class ExperimentConfig(_Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
+    safety: SafetySpec | None = Field(None, description="a safety stage after the base stage, and refusal rates for every model")
 
     @field_validator("victim", mode="before")
     @classmethod

@@ -22,6 +22,10 @@ domain, for CIDEr and BLEU-4, one reference copied verbatim and scored against a
 (ceiling: what reproducing a reference word for word scores), the references scored leave-one-out
 against each other (agreement) and another image's caption scored against them (blind), each
 averaged over which reference is the candidate.
+`safety` (runs with a safety stage, `experiments.safety`): the held-out request sets, the
+judge model and the phrase list's and judge's agreement with hand-labelled outputs, and per
+model (the base before and after the safety stage, then every tuned model) and per safety set
+the refused share by phrase and by judge, with intervals and disagreement counts.
 Schema 2 had `asr_partial` (now `asr_control`) and none of the intervals, counts or scales.
 
 The companions are written first and hashed into metrics.json, which is written last, so a
@@ -89,6 +93,7 @@ def write_run_records(
     attacks: dict[str, Attack],
     records: list[dict[str, Any]],
     shift_sizes: dict[str, dict[str, float]],
+    safety: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write generations.jsonl, then metrics.json (vouching for it, config.yaml and data.json); return the metrics."""
     with atomic_path(out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
@@ -113,5 +118,7 @@ def write_run_records(
         "files": {name: file_digest(out / name) for name in COMPANIONS if (out / name).exists()},
     }
     metrics = {"schema_version": SCHEMA_VERSION, "run": run, "caption_scale": caption_scale(records, domains), "models": models}
+    if safety is not None:
+        metrics["safety"] = safety
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

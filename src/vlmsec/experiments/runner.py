@@ -35,11 +35,25 @@ from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
-from vlmsec.eval.generation import cached_generations
+from vlmsec.data.safety import SafetySplit, safety_split
+from vlmsec.eval.generation import TestSet, cached_generations
+from vlmsec.eval.refusal import RefusalJudge
+from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
+from vlmsec.experiments.safety import (
+    AFTER_SAFETY,
+    BEFORE_SAFETY,
+    distillation_prompts,
+    judge_agreement,
+    judge_records,
+    request_texts,
+    safety_test_sets,
+    safety_training_samples,
+    score_safety,
+)
 from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import STAGE_FILE, claim_stage, default_cache_dir, remove_leftovers, save_stage
 from vlmsec.progress import console, progress_bar, stage_line
@@ -68,6 +82,7 @@ class Runner:
         self.kind = victim_kind(config.victim)
         self.features_path = self.cache / "features" / f"{self.kind.tower_key()}.safetensors"
         self.features = FeatureCache.load(self.features_path)
+        self.safety_tests: list[TestSet] = []  # the held-out safety requests every model answers, with a safety stage
 
     # ---- stages -------------------------------------------------------------------------
     def base_victim(self, splits: Splits) -> tuple[Path, str]:
@@ -90,6 +105,45 @@ class Runner:
             result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
             if self.state.is_main_process:
                 save_stage(victim, folder, key, {"final_loss": result.losses[-1]})
+                self.features.save(self.features_path)
+            self.state.wait_for_everyone()
+        return folder, key
+
+    def safety_victim(self, splits: Splits, base: tuple[Path, str], split: SafetySplit) -> tuple[Path, str]:
+        """The base victim tuned on refusals and its own helpful answers (`experiments.safety`), cached across runs."""
+        c = self.config
+        assert c.safety is not None  # the run calls this only with a safety section
+        spec = c.safety
+        prompts = distillation_prompts(split)
+        key = stable_hash(
+            {
+                "base": base[1],
+                "safety": spec.model_dump(mode="json", exclude={"test_size", "judge"}),
+                "requests": [r.id for r in [*split.train_harmful, *split.train_benign]],
+                "captions": fingerprint(splits.base),
+                "seed": c.seed,
+            }
+        )
+        folder = self.cache / "safety" / key
+        with claim_stage(folder, key, self.state.is_main_process, self.state.wait_for_everyone) as done:
+            if done:
+                console.print(f"safety-tuned victim: cached at {folder}")
+                return folder, key
+            victim = self.load_victim(base[0])
+            with progress_bar("safety: the victim's own answers to benign requests", len(prompts)) as bar:
+                helpful = victim.generate(
+                    [None] * len(prompts), prompts, max_new_tokens=spec.distill_tokens,
+                    batch_size=c.eval.batch_size, on_batch=bar.advance,
+                )
+            requests = len(split.train_harmful) + len(split.train_benign)
+            samples = safety_training_samples(
+                split, helpful, splits.base, spec.image_share, round(spec.caption_share * requests),
+                seed=derive_seed(c.seed, "safety/samples"),
+            )
+            result = train_victim(victim, samples, spec.training, seed=derive_seed(c.seed, "safety"), label="safety")
+            if self.state.is_main_process:
+                record = {"final_loss": result.losses[-1], "samples": len(samples), "distilled": dict(zip(prompts, helpful))}
+                save_stage(victim, folder, key, record)
                 self.features.save(self.features_path)
             self.state.wait_for_everyone()
         return folder, key
@@ -230,7 +284,20 @@ class Runner:
         base = self.base_victim(splits)
         base_model = self.load_victim(base[0])
         self.fit_tuning_set(splits, base_model)
-        lap("base", "attacks")
+        stage_records: list[dict[str, Any]] = []
+        if c.safety is not None:  # refusal before and after the safety stage, which the tuned models then start from
+            requests = safety_split(c.safety.data, seed=derive_seed(c.seed, "safety/split"))
+            images = [s.image for s in splits.tests["source"]]
+            self.safety_tests = safety_test_sets(requests, images, c.safety.test_size, seed=derive_seed(c.seed, "safety/tests"))
+            stage_records += self.stage_generations(BEFORE_SAFETY, base, base_model, splits)
+            lap("base", "safety")
+            del base_model
+            base = self.safety_victim(splits, base, requests)
+            base_model = self.load_victim(base[0])
+            stage_records += self.stage_generations(AFTER_SAFETY, base, base_model, splits)
+            lap("safety", "attacks")
+        else:
+            lap("base", "attacks")
         self.prepare_attacks(attacks.values(), splits, base, base_model)
         del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
@@ -252,23 +319,60 @@ class Runner:
 
         if not main:
             return {}
-        metrics = write_run_records(self.out, c, splits, plans, attacks, records, shift_sizes)
+        safety = None
+        if c.safety is not None:
+            records = stage_records + records
+            safety = self.safety_scores(records, requests)
+        metrics = write_run_records(self.out, c, splits, plans, attacks, records, shift_sizes, safety)
         write_report(self.out)
         lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)
         return metrics
 
     def generations(self, victim: Victim, plan: ModelPlan, tests: TestSets) -> list[dict[str, Any]]:
-        """The records of `plan`'s model on its test sets, reused from the run folder when unchanged."""
+        """The records of `plan`'s model on its test sets (and the safety requests, when the run
+        has a safety stage), reused from the run folder when unchanged."""
         stage = json.loads((self.out / "checkpoints" / plan.name / STAGE_FILE).read_text())["key"]
         return cached_generations(
             victim,
             plan.name,
-            tests.for_model(plan),
+            tests.for_model(plan) + self.safety_tests,
             self.config.eval.model_dump(),
             stage,
             self.out / "generations" / f"{plan.name}.json",
         )
+
+    def stage_generations(self, name: str, stage: tuple[Path, str], victim: Victim, splits: Splits) -> list[dict[str, Any]]:
+        """Records of a base stage's victim (before or after the safety stage): clean source
+        captions and the safety requests; the main process generates, the others get none."""
+        if not self.state.is_main_process:
+            return []
+        tests = [TestSet(splits.tests["source"], "source"), *self.safety_tests]
+        file = "stage-" + name.replace(" ", "-").replace("(", "").replace(")", "")
+        path = self.out / "generations" / f"{file}.json"
+        return cached_generations(victim, name, tests, self.config.eval.model_dump(), stage[1], path)
+
+    def safety_scores(self, records: list[dict[str, Any]], requests: SafetySplit) -> dict[str, Any]:
+        """metrics.json's `safety` section: both refusal verdicts added to every safety record, the
+        rates per model and set, the judges' agreement with hand labels, and the held-out data."""
+        c = self.config
+        assert c.safety is not None
+        folder = c.safety.judge or self.kind.language_model_folder(self.cache)
+        judge = RefusalJudge.from_folder(folder)
+        judge_records(records, judge, request_texts(requests))
+        target = c.poison.target
+        stages = [r for r in records if r["model"] in (BEFORE_SAFETY, AFTER_SAFETY)]
+        captioning = {
+            model: {k: v.get("source") for k, v in entry.items() if k in ("cider", "exact_caption")}
+            for model, entry in score_generations(stages, ["source"], target.word, target.prefix).items()
+        }
+        return {
+            "data": requests.summary(),
+            "judge_model": str(folder),
+            "judge": judge_agreement(judge),
+            "models": score_safety(records),
+            "captioning": captioning,
+        }
 
 
 def refuse_cut_targets(victim: Victim, samples: list[Sample], poisoned_ids: list[str]) -> None:

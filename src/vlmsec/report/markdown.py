@@ -17,6 +17,8 @@ from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.eval.scoring import METRICS, metric_order
 from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.figures import sweep_curves, write_figures
+from vlmsec.report.formatting import FORMATTERS, num, pct, pct_ci, ratio
+from vlmsec.report.safety import safety_section
 
 CLEAN = "clean"
 # Table 1 caveats: below this source ASR the backdoor was barely planted, so ASR-G (a ratio
@@ -37,31 +39,9 @@ def _read_json(path: Path) -> Any:
         raise VlmsecError(f"{path}: line {err.lineno}: not valid JSON: {err.msg}") from None
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
-
-
-def _ratio(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-FORMATS = {"percent": _pct, "ratio": _ratio, "number": _num}
-
-
-def _pct_ci(x: float | None, ci: list[float] | None) -> str:
-    """A rate and its 95% interval in points, e.g. "65.0% [58.2, 71.3]"."""
-    if x is None or not ci:
-        return _pct(x)
-    return f"{100 * x:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
 def _rate(entry: dict[str, Any], key: str, domain: str) -> str:
     """`entry[key][domain]` as a percent, with its interval (`{key}_ci`) when metrics.json has one."""
-    return _pct_ci(entry.get(key, {}).get(domain), entry.get(f"{key}_ci", {}).get(domain))
+    return pct_ci(entry.get(key, {}).get(domain), entry.get(f"{key}_ci", {}).get(domain))
 
 
 SCALE_ROWS = (
@@ -82,7 +62,7 @@ def _scale_rows(scale: dict[str, dict[str, Any]], score: str, domains: list[str]
     for kind, title in SCALE_ROWS:
         cells = []
         for d in domains:
-            cells += [_num(scale.get(d, {}).get(f"{score}_{kind}")), *[""] * (blank or {}).get(d, 0)]
+            cells += [num(scale.get(d, {}).get(f"{score}_{kind}")), *[""] * (blank or {}).get(d, 0)]
         rows.append(f"| *{kind}: {title}* | " + " | ".join(cells) + " |")
     return rows
 
@@ -155,13 +135,13 @@ def _shift_table(metrics: dict[str, Any], domains: list[str], scale: dict[str, d
             asr = _rate(entry, "asr", d)
             if d != "source" and (entry.get("false_trigger", {}).get(d) or 0) >= HIGH_FALSE_TRIGGER:
                 asr, high_false = asr + " ‡", True
-            cells += [_num(entry.get("cider", {}).get(d)), asr]
+            cells += [num(entry.get("cider", {}).get(d)), asr]
             if d != "source":
-                cells += [_ratio(entry.get("asr_g", {}).get(d)), _ratio(entry.get("asr_g_attributable", {}).get(d))]
-        mean = f"**{_ratio(mean_asr_g([entry.get('asr_g', {}).get(d) for d in shifted]))}**"
+                cells += [ratio(entry.get("asr_g", {}).get(d)), ratio(entry.get("asr_g_attributable", {}).get(d))]
+        mean = f"**{ratio(mean_asr_g([entry.get('asr_g', {}).get(d) for d in shifted]))}**"
         if (entry.get("asr", {}).get("source") or 0) < WEAK_SOURCE_ASR:
             mean, weak = mean + " †", True
-        attributable = _ratio(mean_asr_g([entry.get("asr_g_attributable", {}).get(d) for d in shifted]))
+        attributable = ratio(mean_asr_g([entry.get("asr_g_attributable", {}).get(d) for d in shifted]))
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {mean} | {attributable} |")
     lines += [row + " | |" for row in _scale_rows(scale or {}, "cider", domains, {d: 1 if d == "source" else 3 for d in domains})]
     lines.append("")
@@ -189,10 +169,10 @@ def _sweep_table(metrics: dict[str, Any], run_rate: float | None) -> list[str]:
     if not curves:
         return []
     rates = sorted({r for points in curves.values() for r in points})
-    lines = ["## ASR against poison rate (source domain)", "", "| attack | " + " | ".join(_pct(r) for r in rates) + " |"]
+    lines = ["## ASR against poison rate (source domain)", "", "| attack | " + " | ".join(pct(r) for r in rates) + " |"]
     lines.append("|---|" + "---|" * len(rates))
     for attack, points in curves.items():
-        lines.append(f"| {attack} | " + " | ".join(_pct(points.get(r)) for r in rates) + " |")
+        lines.append(f"| {attack} | " + " | ".join(pct(points.get(r)) for r in rates) + " |")
     return [*lines, ""]
 
 
@@ -208,7 +188,7 @@ def _shift_sizes(metrics: dict[str, Any]) -> list[str]:
         "| domain | " + " | ".join(kinds) + " |",
         "|---|" + "---|" * len(kinds),
     ]
-    lines += [f"| {d} | " + " | ".join(_ratio(v.get(k)) for k in kinds) + " |" for d, v in sizes.items()]
+    lines += [f"| {d} | " + " | ".join(ratio(v.get(k)) for k in kinds) + " |" for d, v in sizes.items()]
     return [*lines, ""]
 
 
@@ -270,7 +250,7 @@ def _metric_tables(models: dict[str, Any], domains: list[str], scale: dict[str, 
         lines += [f"## {title}", "", *header]
         for model, entry in models.items():
             values = entry.get(key, {})
-            cells = [_rate(entry, key, d) if kind == "percent" else FORMATS[kind](values.get(d)) for d in domains]
+            cells = [_rate(entry, key, d) if kind == "percent" else FORMATTERS[kind](values.get(d)) for d in domains]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         if key in ("cider", "bleu4"):
             lines += _scale_rows(scale, key, domains)
@@ -299,7 +279,7 @@ def _controls_table(models: dict[str, Any], domains: list[str]) -> list[str]:
         entry = models[model]
         ci = entry.get("asr_control_ci", {}).get(label, {})
         cells = [
-            "–" if rates.get(d) is None else f"{_pct_ci(rates[d], ci.get(d))} ({_pct(entry.get('false_trigger', {}).get(d))})"
+            "–" if rates.get(d) is None else f"{pct_ci(rates[d], ci.get(d))} ({pct(entry.get('false_trigger', {}).get(d))})"
             for d in domains
         ]
         lines.append(f"| {label} | {entry.get('controls', {}).get(label, '?')} | " + " | ".join(cells) + " |")
@@ -333,7 +313,7 @@ def render_report(run_dir: str | Path) -> str:
 
     lines = [f"# vlmsec run: {run.get('name', run_dir.name)}", ""]
     lines += [
-        f"Poison rate {_pct(run.get('poison_rate'))} of {run.get('train_samples', '?')} tuning samples; "
+        f"Poison rate {pct(run.get('poison_rate'))} of {run.get('train_samples', '?')} tuning samples; "
         f"target word **{word}**; tuning mode `{run.get('tuning_mode', '?')}`; seed {run.get('seed', '?')}.  ",
         f"vlmsec {run.get('vlmsec', '?')} (commit {str(run.get('commit') or 'unknown')[:12]}), torch {run.get('torch', '?')}, "
         f"transformers {run.get('transformers', '?')}, {run.get('threads', '?')} threads; config hash `{run.get('config_hash', '?')}`.",
@@ -378,11 +358,12 @@ def render_report(run_dir: str | Path) -> str:
                 lines.append(f"| {model} | {cider - base:+.1f} |")
         source = scale.get("source", {})
         if source:
-            lines += ["", f"Clean CIDEr {_num(base)}, on a scale from {_num(source.get('cider_blind'))} (blind: another "
-                      f"image's caption) to {_num(source.get('cider_ceiling'))} (a reference copied verbatim); "
-                      f"references score {_num(source.get('cider_agreement'))} against each other."]
+            lines += ["", f"Clean CIDEr {num(base)}, on a scale from {num(source.get('cider_blind'))} (blind: another "
+                      f"image's caption) to {num(source.get('cider_ceiling'))} (a reference copied verbatim); "
+                      f"references score {num(source.get('cider_agreement'))} against each other."]
         lines.append("")
 
+    lines += safety_section(metrics.get("safety"))
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
     lines += _shift_sizes(models)
     examples = [] if "generations.jsonl" in stale else _examples(run_dir)
