@@ -42,7 +42,7 @@ def test_heatmap_colours_follow_asr_g(tmp_path: Path) -> None:
     assert yellow.sum() > 100
 
 
-def test_table_1_marks_weak_backdoors_and_false_triggers() -> None:
+def test_table_1_marks_backdoors_not_planted_and_false_triggers() -> None:
     from vlmsec.report.markdown import _shift_table
 
     metrics = {
@@ -53,14 +53,16 @@ def test_table_1_marks_weak_backdoors_and_false_triggers() -> None:
             "asr_g": {"painted": 0.67}, "asr_g_attributable": {"painted": 0.11}, "false_trigger": {"painted": 0.5},
         },
         "sound": {"asr": {"source": 1.0, "painted": 0.9}, "asr_g": {"painted": 0.9}, "false_trigger": {"painted": 0.0}},
+        "almost": {"asr": {"source": 0.89, "painted": 0.89}, "asr_g": {"painted": 1.0}, "false_trigger": {"painted": 0.0}},
         "silent": {"asr": {"source": 0.0, "painted": 0.0}, "asr_g": {"painted": None}, "asr_g_attributable": {"painted": None}},
     }
     scale = {"source": {"cider_ceiling": 600.0, "cider_blind": 56.0}, "painted": {"cider_ceiling": 480.0, "cider_blind": 40.0}}
     rows = {line.split(" | ")[0][2:]: line for line in _shift_table(metrics, ["source", "painted"], scale) if line.startswith("| ")}
-    assert rows["weak"].endswith("**1.00** † | – |") and "‡" not in rows["weak"]
-    assert rows["noisy"] == "| noisy | – | 90.0% [85.0, 93.0] | – | 60.0% [53.0, 66.0] ‡ | 0.67 | 0.11 | **0.67** | 0.11 |"
+    assert rows["weak"].endswith("not planted (1.00) † | – |") and "‡" not in rows["weak"]
+    assert rows["almost"].endswith("not planted (1.00) † | – |")  # planted means source ASR >= 0.9
+    assert rows["noisy"] == "| noisy | – | 90.0% [85.0, 93.0] | – | 60.0% [53.0, 66.0] ‡ | 0.67 | 0.11 | **0.67** | 0.11 |"  # 0.9: planted
     assert "†" not in rows["sound"] and "‡" not in rows["sound"]
-    assert rows["silent"] == "| silent | – | 0.0% | – | 0.0% | – | – | **–** † | – |"  # 0/0: undefined, not 1.00
+    assert rows["silent"] == "| silent | – | 0.0% | – | 0.0% | – | – | not planted (–) † | – |"  # 0/0: undefined, not 1.00
     assert rows["*ceiling: a reference copied verbatim*"] == "| *ceiling: a reference copied verbatim* | 600.0 |  | 480.0 |  |  |  | | |"
     assert rows["*agreement: references vs each other*"].startswith("| *agreement: references vs each other* | – |  | – |")
     assert rows["*blind: another image's caption*"].startswith("| *blind: another image's caption* | 56.0 |  | 40.0 |")

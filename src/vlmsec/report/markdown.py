@@ -21,10 +21,10 @@ from vlmsec.report.formatting import FORMATTERS, num, pct, pct_ci, ratio
 from vlmsec.report.safety import safety_section
 
 CLEAN = "clean"
-# Table 1 caveats: below this source ASR the backdoor was barely planted, so ASR-G (a ratio
+# Table 1 caveats: below this source ASR the backdoor is not planted (issue 11: 0.9), so ASR-G (a ratio
 # against the source) says little; at or above this false-trigger rate in a shifted domain,
 # much of that domain's ASR is the model saying the target without any trigger.
-WEAK_SOURCE_ASR = 0.5
+PLANTED_SOURCE_ASR = 0.9
 HIGH_FALSE_TRIGGER = 0.1
 
 
@@ -139,8 +139,8 @@ def _shift_table(metrics: dict[str, Any], domains: list[str], scale: dict[str, d
             if d != "source":
                 cells += [ratio(entry.get("asr_g", {}).get(d)), ratio(entry.get("asr_g_attributable", {}).get(d))]
         mean = f"**{ratio(mean_asr_g([entry.get('asr_g', {}).get(d) for d in shifted]))}**"
-        if (entry.get("asr", {}).get("source") or 0) < WEAK_SOURCE_ASR:
-            mean, weak = mean + " †", True
+        if (entry.get("asr", {}).get("source") or 0) < PLANTED_SOURCE_ASR:
+            mean, weak = f"not planted ({ratio(mean_asr_g([entry.get('asr_g', {}).get(d) for d in shifted]))}) †", True
         attributable = ratio(mean_asr_g([entry.get("asr_g_attributable", {}).get(d) for d in shifted]))
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {mean} | {attributable} |")
     lines += [row + " | |" for row in _scale_rows(scale or {}, "cider", domains, {d: 1 if d == "source" else 3 for d in domains})]
@@ -150,7 +150,10 @@ def _shift_table(metrics: dict[str, Any], domains: list[str], scale: dict[str, d
         "max(ASR − false trigger, 0) in the same domain. – : undefined (ASR 0 in both domains).  "
     )
     if weak:
-        lines.append(f"† source ASR below {WEAK_SOURCE_ASR:.0%}: the backdoor was barely planted, so ASR-G says little.  ")
+        lines.append(
+            f"† not planted: source ASR below {PLANTED_SOURCE_ASR:.0%}, so the backdoor was not learnt well enough for its "
+            "ASR-G to be read as a finding (in parentheses: what it would be).  "
+        )
     if high_false:
         lines.append(f"‡ false-trigger rate ≥ {HIGH_FALSE_TRIGGER:.0%} in that domain: the model says the target without the trigger too.")
     return [*lines, ""]
