@@ -363,7 +363,8 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     if not isinstance(data, dict):
         raise VlmsecError(f"{source}: a config must be a mapping of fields, got {type(data).__name__}")
     try:
-        config = ExperimentConfig.model_validate(data)
+        # base_dir: relative files inside nested models (safety.data) are taken against the config's folder.
+        config = ExperimentConfig.model_validate(data, context={"base_dir": base_dir} if base_dir is not None else None)
     except ValidationError as err:
         raise VlmsecError(f"{source}: invalid config\n{_format_errors(err)}") from None
     _check_names(config, source)
@@ -380,6 +381,8 @@ def _resolve_paths(config: ExperimentConfig, base_dir: Path) -> None:
     if data.train_file is not None:
         data.train_file = base_dir / data.train_file
     data.test_files = {name: base_dir / path for name, path in data.test_files.items()}
+    if config.safety is not None and config.safety.judge is not None:
+        config.safety.judge = base_dir / config.safety.judge
 
 
 def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None:

@@ -35,7 +35,7 @@ from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
-from vlmsec.data.safety import SafetySplit, safety_split
+from vlmsec.data.safety import SafetySplit
 from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.refusal import RefusalJudge
 from vlmsec.eval.scoring import score_generations
@@ -286,7 +286,7 @@ class Runner:
         self.fit_tuning_set(splits, base_model)
         stage_records: list[dict[str, Any]] = []
         if c.safety is not None:  # refusal before and after the safety stage, which the tuned models then start from
-            requests = safety_split(c.safety.data, seed=derive_seed(c.seed, "safety/split"))
+            requests = c.safety.data.split(seed=derive_seed(c.seed, "safety/split"))
             images = [s.image for s in splits.tests["source"]]
             self.safety_tests = safety_test_sets(requests, images, c.safety.test_size, seed=derive_seed(c.seed, "safety/tests"))
             stage_records += self.stage_generations(BEFORE_SAFETY, base, base_model, splits)
