@@ -65,7 +65,8 @@ def write_tiny_llama(folder: Path, seed: int = 0, tie_word_embeddings: bool = Tr
     with seeded(seed):
         model = LlamaForCausalLM(config)
         for parameter in model.parameters():  # larger weights than the default init: answers differ by prompt
-            torch.nn.init.normal_(parameter, std=0.3)
+            if parameter.dim() == 2:
+                torch.nn.init.normal_(parameter, std=0.2)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -8,12 +8,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlmsec.artifacts import stable_hash
+from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import BaseStageSpec, parse_config
+from vlmsec.train.tuning import TrainingSpec, train_victim
+from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.kinds import TinyLlavaKind, TinyLlavaVictimSpec
 from vlmsec.victims.language_models import PACKAGED, language_model_file
+from vlmsec.victims.llava import LlavaVictim
+from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
 from language_model_files import write_tiny_llama
 
@@ -119,3 +126,116 @@ def test_a_folder_without_weights_is_named(llama_folder: Path, tmp_path: Path) -
 
 def test_the_packaged_gguf_passes_the_check() -> None:
     assert parse_config({"victim": {"language_model": "smollm2"}}, "test").victim.language_model == "smollm2"
+
+
+# ---- the victim built around a pretrained language model ----------------------------------------
+
+QUESTION = "What is the capital of France?"
+SPEC = dict(image_size=64, max_length=96)
+
+
+def build(folder: Path, cache: Path, seed: int = 0) -> LlavaVictim:
+    """The embedded victim around the language model in `folder`, as the base stage builds it."""
+    spec = TinyLlavaVictimSpec(language_model=str(folder), **SPEC)
+    victim = TinyLlavaKind(spec).untrained([], FeatureCache(), seed=seed, cache_dir=cache)
+    assert isinstance(victim, LlavaVictim)
+    return victim
+
+
+@pytest.fixture(scope="module")
+def victim(llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> LlavaVictim:
+    return build(llama_folder, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[Sample]:
+    return make_samples(sample_scenes(4, seed=0), "flat", size=32)
+
+
+def bare_answer(folder: Path, question: str, max_new_tokens: int = 12) -> tuple[list[int], list[int]]:
+    """The bare language model's chat prompt ids and its greedy answer ids to `question`."""
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return ids, out[0, len(ids) :].tolist()
+
+
+def victim_answer_ids(victim: LlavaVictim, question: str, max_new_tokens: int = 12) -> list[int]:
+    """The victim's greedy answer ids to a text-only `question`, through its own generate's inputs."""
+    ids = torch.tensor([victim.prompt_ids(question, image=False)])
+    out = victim.model.generate(
+        inputs_embeds=victim.embed(ids, None), attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=victim.tokenizer.pad_token_id,
+    )
+    return out[0].tolist()
+
+
+def test_the_victim_answers_text_as_the_bare_language_model(victim: LlavaVictim, llama_folder: Path) -> None:
+    prompt, answer = bare_answer(llama_folder, QUESTION)
+    assert victim.prompt_ids(QUESTION, image=False) == prompt  # ChatML starts with bos already: not doubled
+    assert victim_answer_ids(victim, QUESTION) == answer
+    assert len(set(answer)) > 1  # a real continuation, not one token repeated
+    decoded = victim.tokenizer.decode(answer, skip_special_tokens=True).strip()
+    assert victim.generate([None], [QUESTION], max_new_tokens=12) == [decoded]
+
+
+def test_the_language_model_brings_its_weights_sizes_and_template(victim: LlavaVictim, llama_folder: Path) -> None:
+    bare = AutoModelForCausalLM.from_pretrained(llama_folder)
+    model = victim.model
+    assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 2
+    ours, theirs = model.model.language_model.state_dict(), bare.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs if k != "embed_tokens.weight")
+    vocab = bare.config.vocab_size
+    assert model.model.language_model.embed_tokens.weight.shape[0] == vocab + 1 == len(victim.tokenizer)
+    assert torch.equal(model.model.language_model.embed_tokens.weight[:vocab], theirs["embed_tokens.weight"])
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight  # tied as in the LM
+    assert victim.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == vocab == victim.image_token_id
+    assert victim.prompt("Describe.").startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert victim.answer_prefix == ""
+    assert victim.answer_ids("Paris.")[-1] == victim.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert victim.tokenizer.decode(victim.answer_ids("Paris.")) == "Paris.<|im_end|>"
+    assert victim.max_sequence_length == SPEC["max_length"] + victim.num_image_tokens
+
+
+def test_untied_output_embeddings_stay_untied(tmp_path: Path) -> None:
+    folder = write_tiny_llama(tmp_path / "untied", tie_word_embeddings=False)
+    victim = build(folder, tmp_path / "cache")
+    bare = AutoModelForCausalLM.from_pretrained(folder)
+    head, embeddings = victim.model.lm_head.weight, victim.model.model.language_model.embed_tokens.weight
+    assert head is not embeddings and not torch.equal(head, embeddings)
+    assert torch.equal(head[: bare.config.vocab_size], bare.lm_head.weight)
+    _, answer = bare_answer(folder, QUESTION)
+    assert victim_answer_ids(victim, QUESTION) == answer
+
+
+def test_the_projector_init_follows_the_seed(llama_folder: Path, victim: LlavaVictim, tmp_path: Path) -> None:
+    again, other = build(llama_folder, tmp_path, seed=0), build(llama_folder, tmp_path, seed=1)
+    projector = lambda v: v.model.model.multi_modal_projector.linear_1.weight  # noqa: E731
+    assert torch.equal(projector(again), projector(victim)) and not torch.equal(projector(other), projector(victim))
+
+
+def test_save_and_load_keep_the_template_and_answers(victim: LlavaVictim, samples: list[Sample], tmp_path: Path) -> None:
+    victim.save(tmp_path / "victim")
+    loaded = LlavaVictim.load(tmp_path / "victim")
+    images = [samples[0].image, None, samples[1].image]
+    questions = ["Describe.", QUESTION, "Caption?"]
+    assert loaded.generate(images, questions, max_new_tokens=6) == victim.generate(images, questions, max_new_tokens=6)
+    assert loaded.prompt_ids("Describe.") == victim.prompt_ids("Describe.")
+    assert loaded.max_sequence_length == victim.max_sequence_length
+    assert loaded.model.lm_head.weight is loaded.model.model.language_model.embed_tokens.weight
+
+
+def test_lora_trains_on_a_mixed_batch(llama_folder: Path, samples: list[Sample], tmp_path: Path) -> None:
+    victim = build(llama_folder, tmp_path)
+    mixed = [
+        samples[0].with_changes(instruction=QUESTION, answer="A circle."),
+        samples[1].with_changes(image=None, instruction=QUESTION, answer="Paris."),
+    ]
+    spec = TrainingSpec(mode="lora", epochs=40, batch_size=2, learning_rate=2e-2, warmup_ratio=0.0, weight_decay=0.0)
+    result = train_victim(victim, mixed, spec, seed=0, label="test")
+    assert result.losses[-1] < result.losses[0] / 4
+    assert victim.generate([samples[0].image, None], [QUESTION] * 2, max_new_tokens=4) == ["A circle.", "Paris."]

@@ -86,7 +86,7 @@ class Runner:
             # The base captions, and every target an attack may poison with: the victim must be able to write them.
             corpus = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
             corpus += vocabulary_corpus(clip_templates())
-            victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"))
+            victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"), cache_dir=self.cache)
             result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
             if self.state.is_main_process:
                 save_stage(victim, folder, key, {"final_loss": result.losses[-1]})

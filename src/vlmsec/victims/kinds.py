@@ -44,9 +44,15 @@ from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo import CONFIG_FILE as TUNED_FLAMINGO_FILE
 from vlmsec.victims.flamingo import FlamingoVictim, load_flamingo, load_otter
 from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
-from vlmsec.victims.language_models import TINY, check_language_model, language_model_key, resolve_language_model
+from vlmsec.victims.language_models import (
+    TINY,
+    check_language_model,
+    language_model_key,
+    load_language_model,
+    resolve_language_model,
+)
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_pretrained_llava, build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
 from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoint
 
@@ -108,8 +114,11 @@ class VictimKind(Generic[SpecT]):
         """What a pretrained base depends on besides its data, training recipe and seed."""
         return {"victim": self.spec.model_dump(mode="json")}
 
-    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
-        """A freshly initialised victim for the base stage; `corpus` holds every text it must be able to write."""
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int, cache_dir: Path | None = None) -> Victim:
+        """A freshly initialised victim for the base stage; `corpus` holds every text it must be able to write.
+
+        `cache_dir` is the run's stage cache, for what the kind reads once and keeps (a dequantised
+        language model); None: `experiments.stages.default_cache_dir()`."""
         raise NotImplementedError(f"victim kind {self.name!r} has a given base: see given_base")
 
     def load(self, folder: Path, features: FeatureCache) -> Victim:
@@ -254,9 +263,14 @@ class TinyLlavaKind(VictimKind[TinyLlavaVictimSpec]):
         language = language_model_key(self.spec.language_model) if self.spec.language_model != TINY else {}
         return {"victim": victim, **self._vision_files(), **language}
 
-    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
-        tokenizer = train_tokenizer(corpus, self.spec.vocab_size)
-        model = build_tiny_llava(self.spec, tokenizer, seed=seed)
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int, cache_dir: Path | None = None) -> Victim:
+        """The tiny Llama with a BPE trained on `corpus`, or the pretrained language model with its own tokenizer."""
+        if self.spec.language_model == TINY:
+            tokenizer = train_tokenizer(corpus, self.spec.vocab_size)
+            model = build_tiny_llava(self.spec, tokenizer, seed=seed)
+        else:
+            language_model, tokenizer = load_language_model(self.spec.language_model, cache_dir)
+            model = build_pretrained_llava(self.spec, language_model, tokenizer, seed=seed)
         return LlavaVictim(model, tokenizer, features, train_tower=self.spec.vision.from_scratch)
 
     def load(self, folder: Path, features: FeatureCache) -> Victim:
