@@ -11,10 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import vlmsec.experiments.runner as runner_module
 from vlmsec.artifacts import stable_hash
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import BaseStageSpec, parse_config
+from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.splits import build_splits
+from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.kinds import TinyLlavaKind, TinyLlavaVictimSpec
@@ -239,3 +243,69 @@ def test_lora_trains_on_a_mixed_batch(llama_folder: Path, samples: list[Sample],
     result = train_victim(victim, mixed, spec, seed=0, label="test")
     assert result.losses[-1] < result.losses[0] / 4
     assert victim.generate([samples[0].image, None], [QUESTION] * 2, max_new_tokens=4) == ["A circle.", "Paris."]
+
+
+# ---- the base stage as LLaVA trains: alignment, then instruction tuning -------------------------
+
+RUN = {
+    "name": "pretrained-lm",
+    "data": {"base_size": 24, "train_size": 24, "test_size": 4, "image_size": 32, "shifted": {"paraphrased": {"instructions": "paraphrased"}}},
+    "victim": {"image_size": 32, "max_length": 96},
+    "base": {
+        "alignment": {"mode": "projector", "epochs": 1, "batch_size": 8, "learning_rate": 0.01},
+        "training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002},
+    },
+    "tuning": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002},
+    "poison": {"rate": 0.25},
+    "attacks": [{"name": "badnets"}],
+    "eval": {"max_new_tokens": 4, "batch_size": 16, "shift_size": False},
+}
+
+
+def run_config(folder: Path, **changes: dict) -> dict:
+    """`RUN` with `folder` as its language model and top-level sections replaced by `changes`."""
+    return {**RUN, "victim": {**RUN["victim"], "language_model": str(folder)}, **changes}
+
+
+def test_alignment_must_train_the_projector_alone() -> None:
+    with pytest.raises(VlmsecError, match="base.alignment: .*mode 'lora': alignment trains the projector alone"):
+        parse_config({"base": {"alignment": {"mode": "lora"}}}, "test")
+    assert "alignment" in parse_config({"base": {"alignment": {"mode": "projector"}}}, "test").base.model_dump()
+
+
+def test_an_aligned_base_keeps_its_language(llama_folder: Path, tmp_path: Path) -> None:
+    """Alignment alone (and a projector-only instruction phase) moves the projector, not the language:
+    the base victim answers a text-only question token for token as the bare LM does."""
+    config = parse_config(run_config(llama_folder, base={**RUN["base"], "training": RUN["base"]["alignment"]}), "test")
+    runner = Runner(config, tmp_path / "run", tmp_path / "cache")
+    folder, _ = runner.base_victim(build_splits(config))
+    base = runner.load_victim(folder)
+    _, answer = bare_answer(llama_folder, QUESTION)
+    assert victim_answer_ids(base, QUESTION) == answer
+    fresh = build(llama_folder, tmp_path / "cache", seed=derive_seed(config.seed, "victim/init"))
+    projector = lambda v: v.model.model.multi_modal_projector.linear_1.weight  # noqa: E731
+    assert not torch.equal(projector(base), projector(fresh))
+
+
+def test_alignment_changes_the_base_key_and_is_run_first(llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    phases: list[str] = []
+    real = runner_module.train_victim
+
+    def recording(victim, samples, spec, seed, label):  # type: ignore[no-untyped-def]
+        phases.append(f"{label}:{spec.mode}")
+        return real(victim, samples, spec, seed=seed, label=label)
+
+    monkeypatch.setattr(runner_module, "train_victim", recording)
+    with_alignment = parse_config(run_config(llama_folder), "test")
+    without = parse_config(run_config(llama_folder, base={"training": RUN["base"]["training"]}), "test")
+    keys = [Runner(c, tmp_path / "run", tmp_path / "cache").base_victim(build_splits(c))[1] for c in (with_alignment, without)]
+    assert keys[0] != keys[1]
+    assert phases == ["base alignment:projector", "base:lora", "base:lora"]
+
+
+def test_a_run_with_a_pretrained_language_model_completes(llama_folder: Path, tmp_path: Path) -> None:
+    metrics = Runner(parse_config(run_config(llama_folder), "test"), tmp_path / "run", tmp_path / "cache").run()
+    assert set(metrics["models"]) == {"clean", "badnets"}
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "clean" / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in (tmp_path / "run" / "checkpoints" / "clean" / "chat_template.jinja").read_text()
+    assert saved["model_max_length"] == 96 + 1
