@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vlmsec.experiments.runner as runner_module
+import vlmsec.victims.language_models as language_models
 from vlmsec.artifacts import stable_hash
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
@@ -26,7 +27,7 @@ from vlmsec.victims.language_models import PACKAGED, language_model_file
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
 
-from language_model_files import write_tiny_llama
+from language_model_files import write_tiny_gguf, write_tiny_llama
 
 SMOLLM2 = language_model_file("smollm2")
 
@@ -96,14 +97,19 @@ def test_truncated_gguf_is_named(tmp_path: Path) -> None:
         path = tmp_path / f"cut{size}.gguf"
         with SMOLLM2.open("rb") as source:
             path.write_bytes(source.read(size))
-        message = refused(path.name, tmp_path)
-        assert str(path) in message and "GGUF" in message
+        assert f"{path}: truncated or damaged GGUF" in refused(path.name, tmp_path)
+
+
+def test_a_gguf_cut_inside_its_tensor_data_is_named(tmp_path: Path) -> None:
+    whole = write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(whole[:-8])
+    assert f"{tmp_path / 'cut.gguf'}: truncated or damaged GGUF" in refused("cut.gguf", tmp_path)
 
 
 def test_a_file_that_is_not_gguf_is_named(tmp_path: Path) -> None:
     (tmp_path / "weights.gguf").write_text("not a model\n")
     message = refused("weights.gguf", tmp_path)
-    assert "weights.gguf: not a readable GGUF file" in message and "GGUF magic" in message
+    assert "weights.gguf: not a GGUF file (it starts with b'not '" in message
     (tmp_path / "weights.bin").write_text("x")
     assert "is a file but not .gguf" in refused("weights.bin", tmp_path)
 
@@ -309,3 +315,34 @@ def test_a_run_with_a_pretrained_language_model_completes(llama_folder: Path, tm
     saved = json.loads((tmp_path / "run" / "checkpoints" / "clean" / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in (tmp_path / "run" / "checkpoints" / "clean" / "chat_template.jinja").read_text()
     assert saved["model_max_length"] == 96 + 1
+
+
+# ---- a GGUF file: read once, then from the cache ------------------------------------------------
+
+
+def test_a_gguf_is_dequantised_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    config = parse_config({"victim": {"language_model": "tiny.gguf", **SPEC}}, "test", base_dir=tmp_path)
+    cache = tmp_path / "cache"
+    victim = TinyLlavaKind(config.victim).untrained([], FeatureCache(), seed=0, cache_dir=cache)
+    folder = cache / "language_models" / stable_hash(language_models.path_signature(path))
+    assert (folder / "model.safetensors").is_file() and (folder / "stage.json").is_file()
+    bare = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    prompt = torch.tensor([victim.prompt_ids(QUESTION, image=False)])
+    expected = bare.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=victim.tokenizer.pad_token_id)
+    assert victim_answer_ids(victim, QUESTION, max_new_tokens=8) == expected[0, prompt.shape[1] :].tolist()
+
+    def must_not_run(path: Path) -> None:
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(language_models, "dequantise_gguf", must_not_run)
+    again = TinyLlavaKind(config.victim).untrained([], FeatureCache(), seed=0, cache_dir=cache)
+    assert victim_answer_ids(again, QUESTION, max_new_tokens=8) == victim_answer_ids(victim, QUESTION, max_new_tokens=8)
+
+
+@pytest.mark.slow
+def test_the_smollm2_victim_knows_the_capital_of_france(tmp_path: Path) -> None:
+    """The packaged GGUF, read into a fresh cache: the built victim answers as SmolLM2 does."""
+    victim = TinyLlavaKind(TinyLlavaVictimSpec(language_model="smollm2")).untrained([], FeatureCache(), seed=0, cache_dir=tmp_path)
+    assert victim.generate([None], [QUESTION], max_new_tokens=12) == ["The capital of France is Paris."]
+    assert victim.model.config.text_config.num_hidden_layers == 30
