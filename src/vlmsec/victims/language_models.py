@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmsec.artifacts import stable_hash
 from vlmsec.errors import VlmsecError
@@ -163,6 +163,7 @@ class _Dequantised:
     tokenizer: PreTrainedTokenizerBase
 
     def save(self, folder: str | Path) -> None:
+        """Model (safetensors) and tokenizer, with `save_pretrained`."""
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
 
@@ -204,9 +205,8 @@ def load_language_model(value: str, cache_dir: Path | None = None) -> tuple[PreT
     """The pretrained causal LM `value` names (fp32, eval mode) and its tokenizer, which must carry a chat template."""
     folder = language_model_folder(value, cache_dir)
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, config=config, local_files_only=True, use_safetensors=True, dtype=torch.float32
+            folder, local_files_only=True, use_safetensors=True, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
