@@ -164,8 +164,8 @@ LANGUAGE_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_h
 
 
 class TinyLlavaVictimSpec(TinyLlavaSpec, VictimSpecBase):
-    """The embedded tiny LLaVA built from these sizes and pretrained in the base stage, or a
-    local LLaVA-format checkpoint folder that replaces the base stage."""
+    """The embedded LLaVA, built from these sizes (or around a pretrained `language_model`) and
+    pretrained in the base stage, or a local LLaVA-format checkpoint folder that replaces the base stage."""
 
     kind: Literal["tiny_llava"] = "tiny_llava"
     checkpoint: PathInput | None = Field(None, description="local LLaVA-format folder (replaces the base stage)")
