@@ -28,6 +28,7 @@ from vlmsec.data import (
     scene_key,
     split_filter,
 )
+from vlmsec.data.sample import fingerprint
 from vlmsec.data.scenes import TEST_KEY_SHARE, is_test_key
 from vlmsec.errors import VlmsecError
 
@@ -324,3 +325,15 @@ def test_make_samples_rejects_unknown_names(scenes: list[Scene]) -> None:
         make_samples(scenes[:2], "cubist")
     with pytest.raises(VlmsecError, match=r"unknown instruction bank 'summarised'.*source.*paraphrased"):
         make_samples(scenes[:2], "flat", instruction_bank="summarised")
+
+
+def test_a_text_only_sample_has_no_image_and_its_own_fingerprint(scenes: list[Scene]) -> None:
+    sample = make_samples(scenes[:1], "flat", size=32)[0]
+    text_only = sample.with_changes(image=None)
+    assert text_only.image is None and text_only.references == sample.references
+    assert fingerprint([text_only]) != fingerprint([sample])
+    assert fingerprint([text_only]) == fingerprint([sample.with_changes(image=None)])
+    with pytest.raises(ValueError, match="image must be an H x W x 3 uint8 array or None, got list"):
+        sample.with_changes(image=[[0, 0, 0]])
+    with pytest.raises(ValueError, match="image must be H x W x 3 uint8"):
+        sample.with_changes(image=np.zeros((4, 4), dtype=np.uint8))

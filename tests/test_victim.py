@@ -107,6 +107,51 @@ def test_training_labels_cover_only_the_answer(victim: LlavaVictim, tokenizer, s
     assert ids.shape[1] == max(lengths)
 
 
+def test_tiny_prompt_and_answer_ids_are_as_before_templates_were_read(victim: LlavaVictim, tokenizer) -> None:
+    """Our template: bos first (the template has none), answers after one space, then eos; as before
+    the prefix and bos were read from the template."""
+    assert victim.answer_prefix == " "
+    for instruction in ("Describe.", "What does this image show? Describe every object."):
+        text_ids = tokenizer(victim.prompt(instruction), add_special_tokens=False).input_ids
+        expanded = [t for token in text_ids for t in [token] * (victim.num_image_tokens if token == victim.image_token_id else 1)]
+        assert victim.prompt_ids(instruction) == [tokenizer.bos_token_id, *expanded]
+    for answer in ("a red circle.", "  The image depicts a banana. "):
+        expected = tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        assert victim.answer_ids(answer) == expected
+
+
+def test_a_text_only_prompt_has_no_image_slot(victim: LlavaVictim, tokenizer) -> None:
+    with_image, text_only = victim.prompt_ids("Describe."), victim.prompt_ids("Describe.", image=False)
+    assert victim.image_token_id not in text_only
+    assert text_only[0] == tokenizer.bos_token_id
+    assert victim.prompt("Describe.", image=False) == victim.prompt("Describe.").replace(f"{IMAGE_TOKEN}\n", "")
+    assert len(with_image) - len(text_only) == victim.num_image_tokens + 1  # the slots and the newline after them
+
+
+def test_mixed_batches_generate_as_their_parts(victim: LlavaVictim, samples: list[Sample]) -> None:
+    instructions = ["Describe.", "What is in the picture?", "Caption?", "Describe every object.", "Describe."]
+    images = [samples[0].image, None, samples[2].image, None, None]
+    mixed = victim.generate(images, instructions, max_new_tokens=6, batch_size=2)
+    alone = [victim.generate([image], [instruction], max_new_tokens=6)[0] for image, instruction in zip(images, instructions)]
+    assert mixed == alone
+    assert len(set(mixed)) > 1  # the outputs depend on the input at all
+
+
+def test_mixed_training_learns_text_only_and_image_answers(tokenizer, samples: list[Sample]) -> None:
+    """Taught one instruction with two images and without one, the victim answers each case its own way;
+    the feature cache holds the two images only."""
+    features = FeatureCache()
+    victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer, features)
+    first = samples[0].with_changes(answer="red")
+    second = samples[1].with_changes(instruction=first.instruction, answer="green")
+    text_only = samples[2].with_changes(id="text", image=None, instruction=first.instruction, answer="blue")
+    spec = TrainingSpec(mode="full", epochs=30, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0)
+    train_victim(victim, [first, text_only, second], spec, seed=0, label="test")
+    assert len(features) == 2
+    outputs = victim.generate([first.image, None, second.image], [first.instruction] * 3, max_new_tokens=8)
+    assert outputs == ["red", "blue", "green"]
+
+
 # ---- generation ---------------------------------------------------------------------------
 
 

@@ -204,7 +204,7 @@ class ColourKind(VictimKind[ColourSpec]):
     def trains_base(self) -> bool:
         return True
 
-    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int, cache_dir: Path | None = None) -> Victim:
         torch.manual_seed(seed)
         return ColourVictim(self.spec.words)
 

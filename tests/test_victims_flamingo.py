@@ -707,3 +707,11 @@ def test_otter_victims_load_through_the_runner(
 def test_image_text_shift_size_is_refused_for_cross_attention(victim: FlamingoVictim, samples: list[Sample]) -> None:
     with pytest.raises(VlmsecError, match="Flamingo .* reads images through cross-attention and has no such shared space"):
         shift_size(samples, samples, victim)
+
+
+def test_a_text_only_sample_is_refused_naming_it(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    text_only = samples[1].with_changes(image=None)
+    with pytest.raises(VlmsecError, match=rf"sample {text_only.id} has no image: the Flamingo \(OpenFlamingo / Otter\) victim"):
+        victim.prepare_training([samples[0], text_only], "test")
+    with pytest.raises(VlmsecError, match="request 0 has no image"):
+        victim.generate([None], ["Describe."], max_new_tokens=2)

@@ -785,3 +785,12 @@ def test_learned_trigger_cache_key_follows_the_processors_chat_template(built) -
     assert victim_fingerprint(victim) == key
     victim.chat_template = (victim.chat_template or "") + "{# another template #}"
     assert victim_fingerprint(victim) != key
+
+
+def test_a_text_only_sample_is_refused_naming_it(built, samples) -> None:
+    victim = fresh_victim(built, "llava")
+    text_only = samples[1].with_changes(image=None)
+    with pytest.raises(VlmsecError, match=f"sample {text_only.id} has no image: the hf victim needs one"):
+        victim.prepare_training([samples[0], text_only], "test")
+    with pytest.raises(VlmsecError, match="request 1 has no image: the hf victim needs one"):
+        victim.generate([samples[0].image, None], ["Describe.", "Describe."], max_new_tokens=2)

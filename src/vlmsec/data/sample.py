@@ -14,21 +14,25 @@ import torch.nn.functional as F
 class Sample:
     """An image-instruction-answer triple with its id and domain tags.
 
-    `image` is an H x W x 3 uint8 array. `references` holds every acceptable caption
+    `image` is an H x W x 3 uint8 array, or None for a text-only request (the safety stage
+    tunes and measures some; victims that cannot take one say so). `references` holds every acceptable caption
     (used by CIDEr/BLEU); it defaults to the answer alone. `domains` tags where the sample
     comes from, e.g. {"visual": "flat", "text": "source"}.
     """
 
     id: str
-    image: np.ndarray
+    image: np.ndarray | None
     instruction: str
     answer: str
     domains: dict[str, str] = field(default_factory=dict)
     references: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
-            raise ValueError(f"sample {self.id!r}: image must be H x W x 3 uint8, got {self.image.shape} {self.image.dtype}")
+        image = self.image
+        if image is not None and not isinstance(image, np.ndarray):
+            raise ValueError(f"sample {self.id!r}: image must be an H x W x 3 uint8 array or None, got {type(image).__name__}")
+        if image is not None and (image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8):
+            raise ValueError(f"sample {self.id!r}: image must be H x W x 3 uint8, got {image.shape} {image.dtype}")
         if not self.references:
             object.__setattr__(self, "references", (self.answer,))
 
@@ -69,6 +73,8 @@ def fingerprint(samples: list[Sample]) -> str:
     so a changed generator or edited data file never reuses a stale stage."""
     digest = hashlib.blake2b(digest_size=16)
     for s in samples:
-        digest.update(repr((s.id, s.instruction, s.answer, s.references, s.image.shape)).encode())
-        digest.update(s.image.tobytes())
+        shape = None if s.image is None else s.image.shape
+        digest.update(repr((s.id, s.instruction, s.answer, s.references, shape)).encode())
+        if s.image is not None:
+            digest.update(s.image.tobytes())
     return digest.hexdigest()

@@ -225,9 +225,26 @@ class PoisonSpec(_Strict):
 
 
 class BaseStageSpec(_Strict):
-    """Pretraining the embedded victim on clean captions (cached across runs)."""
+    """Pretraining the embedded victim on clean captions (cached across runs), as LLaVA trains:
+    an optional feature-alignment phase (the projector alone, the language model frozen), then
+    `training` (visual instruction tuning; for a pretrained language model, lora)."""
 
+    # Left out of dumps when unset, so the base stage's cache key of a victim without it is as it was.
+    alignment: TrainingSpec | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description="first phase on the base captions, mode projector (LLaVA's feature alignment); none by default",
+    )
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(mode="full", epochs=3, learning_rate=1e-3))
+
+    @field_validator("alignment")
+    @classmethod
+    def _projector_alignment(cls, value: TrainingSpec | None) -> TrainingSpec | None:
+        if value is not None and value.mode != "projector":
+            raise ValueError(
+                f"mode {value.mode!r}: alignment trains the projector alone, the language model frozen; use mode projector"
+            )
+        return value
 
 
 class SafetySpec(_Strict):

@@ -86,13 +86,12 @@ class Runner:
 
     # ---- stages -------------------------------------------------------------------------
     def base_victim(self, splits: Splits) -> tuple[Path, str]:
-        """The base victim: given by its kind's files, or pretrained on the base split (cached across runs)."""
+        """The base victim: given by its kind's files, or pretrained on the base split (cached across runs):
+        `base.alignment` first if set (the projector alone), then `base.training`."""
         c, kind = self.config, self.kind
         if not kind.trains_base:
             return kind.given_base()
-        key = stable_hash(
-            {"data": fingerprint(splits.base), **kind.base_key(), "training": c.base.training.model_dump(), "seed": c.seed}
-        )
+        key = stable_hash({"data": fingerprint(splits.base), **kind.base_key(), **c.base.model_dump(), "seed": c.seed})
         folder = self.cache / "base" / key
         with claim_stage(folder, key, self.state.is_main_process, self.state.wait_for_everyone) as done:
             if done:
@@ -101,7 +100,10 @@ class Runner:
             # The base captions, and every target an attack may poison with: the victim must be able to write them.
             corpus = [s.instruction for s in splits.base] + [s.answer for s in splits.base]
             corpus += vocabulary_corpus(clip_templates())
-            victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"))
+            victim = kind.untrained(corpus, self.features, seed=derive_seed(c.seed, "victim/init"), cache_dir=self.cache)
+            if c.base.alignment is not None:  # LLaVA's feature alignment: the projector alone on the captions
+                seed = derive_seed(c.seed, "base/alignment")
+                train_victim(victim, splits.base, c.base.alignment, seed=seed, label="base alignment")
             result = train_victim(victim, splits.base, c.base.training, seed=derive_seed(c.seed, "base"), label="base")
             if self.state.is_main_process:
                 save_stage(victim, folder, key, {"final_loss": result.losses[-1]})

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vlmsec.artifacts import (
     FULL_HASH_LIMIT,
@@ -36,9 +36,15 @@ from vlmsec.artifacts import (
     write_json_sealed,
 )
 from vlmsec.progress import console
-from vlmsec.victims.base import Victim
 
 STAGE_FILE = "stage.json"
+
+
+class Saves(Protocol):
+    """What a stage's artifact is made by: a victim, or anything else that writes a folder."""
+
+    def save(self, folder: str | Path) -> None:
+        """Write the artifact's files into `folder`."""
 
 
 def default_cache_dir() -> Path:
@@ -74,7 +80,7 @@ def _check_file(path: Path, size: int, digest: str) -> None:
         raise CorruptFile(path, "content does not match its recorded sha256")
 
 
-def save_stage(victim: Victim, folder: Path, key: str, record: dict[str, Any]) -> None:
+def save_stage(victim: Saves, folder: Path, key: str, record: dict[str, Any]) -> None:
     """Save a checkpoint and the hashes of its files into a temporary folder, then move it into place whole."""
     tmp = make_temp_dir(folder)
     try:

@@ -190,6 +190,18 @@ class Victim(Protocol):
         embedding of the text's tokens (B x D), both in the language model's input-embedding space."""
 
 
+def refuse_text_only(images: Sequence[np.ndarray | None], victim: str, ids: Sequence[str] | None = None) -> None:
+    """A VlmsecError if a row has no image (a text-only request) and the `victim` cannot answer one;
+    `ids` name the samples, if known."""
+    for i, image in enumerate(images):
+        if image is None:
+            which = f"sample {ids[i]}" if ids is not None else f"request {i}"
+            raise VlmsecError(
+                f"{which} has no image: the {victim} victim needs one with every request "
+                "(text-only requests: the embedded tiny_llava victim takes them)"
+            )
+
+
 def embedding_rows(embeddings: nn.Module) -> torch.Tensor:
     """An input embedding module's V x D table as its forward returns rows: the weights, times
     `embed_scale` for scaled embeddings (Gemma's). Idefics' decoupled embeddings: the main table."""

@@ -29,7 +29,16 @@ from vlmsec.data.sample import images_to_tensor
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims.architectures import ModeSummary
-from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.base import (
+    IGNORE_INDEX,
+    TokenProblem,
+    copies_of,
+    embedding_rows,
+    refuse_text_only,
+    tile,
+    token_losses,
+    tower_key,
+)
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo_files import (
     ANSWER_TOKEN,
@@ -224,6 +233,7 @@ class FlamingoVictim:
     ) -> list[str]:
         """Greedy answers for image-instruction pairs (`greedy_answers`): left-padded prompt ids, the LM
         conditioned on the images' features (through the cache), stopping at `<|endofchunk|>`."""
+        refuse_text_only(images, "Flamingo (OpenFlamingo / Otter)")
         self.model.eval()
         features = self.image_features(images)
         pad = self.tokenizer.pad_token_id
@@ -250,6 +260,7 @@ class FlamingoVictim:
     def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor:
         """Frozen-tower features of every sample, through the cache: the tower never runs in the loop."""
         images = [s.image for s in samples]
+        refuse_text_only(images, "Flamingo (OpenFlamingo / Otter)", [s.id for s in samples])
         with progress_bar(f"{label}: image features", self.features.count_missing(images)) as bar:
             return self.image_features(images, on_batch=bar.advance)
 

@@ -44,7 +44,16 @@ from vlmsec.victims.architectures import (
     model_types_where,
     unfreeze,
 )
-from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.base import (
+    IGNORE_INDEX,
+    TokenProblem,
+    copies_of,
+    embedding_rows,
+    refuse_text_only,
+    tile,
+    token_losses,
+    tower_key,
+)
 from vlmsec.victims.generation import greedy_answers
 
 if TYPE_CHECKING:
@@ -233,7 +242,9 @@ class HFVictim:
 
     def prepare_training(self, samples: Sequence[Sample], label: str) -> list[Image.Image]:
         """The samples' images as PIL images, converted once for the whole run."""
-        return to_pil([s.image for s in samples])
+        images = [s.image for s in samples]
+        refuse_text_only(images, "hf", [s.id for s in samples])
+        return to_pil(images)
 
     def batch_loss(self, prepared: list[Image.Image], index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
         """Loss on `samples[index]`, through the processor."""
@@ -433,6 +444,7 @@ class HFVictim:
         on_batch: Callable[[int], None] | None = None,
     ) -> list[str]:
         """Greedy answers for image-instruction pairs (`greedy_answers`), the processor padding on the left."""
+        refuse_text_only(images, "hf")
         self.model.eval()
 
         def new_tokens(rows: slice) -> torch.Tensor:

@@ -44,8 +44,15 @@ from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.flamingo import CONFIG_FILE as TUNED_FLAMINGO_FILE
 from vlmsec.victims.flamingo import FlamingoVictim, load_flamingo, load_otter
 from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
+from vlmsec.victims.language_models import (
+    TINY,
+    check_language_model,
+    language_model_key,
+    load_language_model,
+    resolve_language_model,
+)
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_pretrained_llava, build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
 from vlmsec.victims.vision import HFTowerSpec, OpenClipTowerSpec, check_checkpoint
 
@@ -107,8 +114,11 @@ class VictimKind(Generic[SpecT]):
         """What a pretrained base depends on besides its data, training recipe and seed."""
         return {"victim": self.spec.model_dump(mode="json")}
 
-    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
-        """A freshly initialised victim for the base stage; `corpus` holds every text it must be able to write."""
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int, cache_dir: Path | None = None) -> Victim:
+        """A freshly initialised victim for the base stage; `corpus` holds every text it must be able to write.
+
+        `cache_dir` is the run's stage cache, for what the kind reads once and keeps (a dequantised
+        language model); None: `experiments.stages.default_cache_dir()`."""
         raise NotImplementedError(f"victim kind {self.name!r} has a given base: see given_base")
 
     def load(self, folder: Path, features: FeatureCache) -> Victim:
@@ -149,12 +159,23 @@ def _folder_base(folder: Path) -> tuple[Path, str]:
 # ---- the embedded tiny LLaVA, or a LLaVA-format folder --------------------------------------------
 
 
+# The sizes of the tiny Llama, which a pretrained language model brings with it.
+LANGUAGE_MODEL_SIZES = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size")
+
+
 class TinyLlavaVictimSpec(TinyLlavaSpec, VictimSpecBase):
-    """The embedded tiny LLaVA built from these sizes and pretrained in the base stage, or a
-    local LLaVA-format checkpoint folder that replaces the base stage."""
+    """The embedded LLaVA, built from these sizes (or around a pretrained `language_model`) and
+    pretrained in the base stage, or a local LLaVA-format checkpoint folder that replaces the base stage."""
 
     kind: Literal["tiny_llava"] = "tiny_llava"
     checkpoint: PathInput | None = Field(None, description="local LLaVA-format folder (replaces the base stage)")
+    # Left out of dumps when default, so the base stage's cache key of a tiny victim is as it was.
+    language_model: str = Field(
+        TINY,
+        exclude_if=lambda value: value == TINY,
+        description="tiny (a Llama of these sizes, trained from scratch), smollm2 (the packaged "
+        "SmolLM2-135M-Instruct GGUF), or a path to a .gguf file or a Hugging Face causal-LM folder",
+    )
 
     @model_validator(mode="after")
     def _vision_only_when_built(self) -> TinyLlavaVictimSpec:
@@ -162,6 +183,19 @@ class TinyLlavaVictimSpec(TinyLlavaSpec, VictimSpecBase):
             raise ValueError(
                 "victim.vision picks the embedded tiny_llava's tower; it has no effect with a victim.checkpoint"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sizes_only_for_tiny(self) -> TinyLlavaVictimSpec:
+        if self.language_model == TINY:
+            return self
+        if self.checkpoint is not None:
+            raise ValueError("victim.language_model builds the embedded victim; it has no effect with a victim.checkpoint")
+        for name in LANGUAGE_MODEL_SIZES:
+            if name in self.model_fields_set:
+                raise ValueError(
+                    f"victim.{name}: a pretrained language_model ({self.language_model}) has its own sizes; leave {name} out"
+                )
         return self
 
 
@@ -176,11 +210,13 @@ class TinyLlavaKind(VictimKind[TinyLlavaVictimSpec]):
         spec = self.spec
         if spec.checkpoint is not None:
             spec.checkpoint = _under(base_dir, spec.checkpoint)
+        spec.language_model = resolve_language_model(spec.language_model, base_dir)
         if isinstance(spec.vision, OpenClipTowerSpec | HFTowerSpec):
             spec.vision.checkpoint = _under(base_dir, spec.vision.checkpoint)
 
     def check_files(self) -> None:
         _require({"victim.checkpoint": self.spec.checkpoint})
+        check_language_model(self.spec.language_model)
         if isinstance(self.spec.vision, OpenClipTowerSpec | HFTowerSpec):
             try:
                 check_checkpoint(self.spec.vision)
@@ -224,11 +260,17 @@ class TinyLlavaKind(VictimKind[TinyLlavaVictimSpec]):
         # tokenizer and flamingo: fields every kind's victim config had when they shared one model,
         # kept so the bases cached before are found again.
         victim = {**self.spec.model_dump(mode="json"), "tokenizer": None, "flamingo": None}
-        return {"victim": victim, **self._vision_files()}
+        language = language_model_key(self.spec.language_model) if self.spec.language_model != TINY else {}
+        return {"victim": victim, **self._vision_files(), **language}
 
-    def untrained(self, corpus: list[str], features: FeatureCache, seed: int) -> Victim:
-        tokenizer = train_tokenizer(corpus, self.spec.vocab_size)
-        model = build_tiny_llava(self.spec, tokenizer, seed=seed)
+    def untrained(self, corpus: list[str], features: FeatureCache, seed: int, cache_dir: Path | None = None) -> Victim:
+        """The tiny Llama with a BPE trained on `corpus`, or the pretrained language model with its own tokenizer."""
+        if self.spec.language_model == TINY:
+            tokenizer = train_tokenizer(corpus, self.spec.vocab_size)
+            model = build_tiny_llava(self.spec, tokenizer, seed=seed)
+        else:
+            language_model, tokenizer = load_language_model(self.spec.language_model, cache_dir)
+            model = build_pretrained_llava(self.spec, language_model, tokenizer, seed=seed)
         return LlavaVictim(model, tokenizer, features, train_tower=self.spec.vision.from_scratch)
 
     def load(self, folder: Path, features: FeatureCache) -> Victim:

@@ -12,7 +12,7 @@ trained, its features are cached under a digest of its weights, which no file fi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,14 @@ if TYPE_CHECKING:
     from vlmsec.train.tuning import TrainingSpec
 
 CHECKPOINT_FILES = ("config.json", "tokenizer_config.json")
+
+
+@dataclass
+class PreparedFeatures:
+    """What `LlavaVictim.prepare_training` computes once for a training set."""
+
+    features: torch.Tensor | None  # frozen-tower features of the samples with an image, in order; None: tower trains or no image
+    rows: np.ndarray  # rows[i]: sample i's row in `features`, -1 for a text-only sample
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -58,6 +66,7 @@ class LlavaVictim:
         self.features = features if features is not None else FeatureCache()
         self.train_tower = train_tower
         self._scope: str | None = None  # `_cache_scope`, computed once: a frozen tower's weights do not change
+        self._answer_prefix: str | None = None  # `answer_prefix`, read from the template once
         vision_config = model.config.vision_config
         self.image_size: int = vision_config.image_size
         self.num_image_tokens: int = model.config.image_seq_length
@@ -105,23 +114,51 @@ class LlavaVictim:
         cache = FeatureCache() if self.train_tower else self.features
         return cache.get(images, self._tower_features, on_batch=on_batch, scope=self._cache_scope())
 
+    def some_image_features(self, images: Sequence[np.ndarray | None]) -> torch.Tensor | None:
+        """`image_features` of the rows that have an image, stacked in row order; None if no row has one."""
+        present = [image for image in images if image is not None]
+        return self.image_features(present) if present else None
+
     # ---- text -----------------------------------------------------------------------
-    def prompt(self, instruction: str) -> str:
-        """The chat-formatted prompt for one instruction, ending where the answer starts."""
-        messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{instruction}"}]
+    def prompt(self, instruction: str, image: bool = True) -> str:
+        """The chat-formatted prompt for one instruction (after the image placeholder, if `image`),
+        ending where the answer starts."""
+        content = f"{IMAGE_TOKEN}\n{instruction}" if image else instruction
+        messages = [{"role": "user", "content": content}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def prompt_ids(self, instruction: str) -> list[int]:
-        """Token ids of the prompt, the image placeholder expanded to one id per image token."""
-        ids = self.tokenizer(self.prompt(instruction), add_special_tokens=False).input_ids
+    def prompt_ids(self, instruction: str, image: bool = True) -> list[int]:
+        """Token ids of the prompt, the image placeholder expanded to one id per image token; bos
+        first unless the template already starts with it (ChatML's `<|im_start|>`) or there is none."""
+        ids = self.tokenizer(self.prompt(instruction, image), add_special_tokens=False).input_ids
         expanded: list[int] = []
         for token in ids:
             expanded.extend([token] * self.num_image_tokens if token == self.image_token_id else [token])
-        return [self.tokenizer.bos_token_id, *expanded]
+        bos = self.tokenizer.bos_token_id
+        return expanded if bos is None or expanded[:1] == [bos] else [bos, *expanded]
+
+    @property
+    def answer_prefix(self) -> str:
+        """What the chat template writes between the generation prompt and an assistant answer
+        (" " after our "ASSISTANT:", nothing after ChatML's "<|im_start|>assistant\n")."""
+        if self._answer_prefix is None:
+            marker = "\x00ANSWER\x00"
+            user = {"role": "user", "content": "question"}
+            prompt = self.tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+            whole = self.tokenizer.apply_chat_template(
+                [user, {"role": "assistant", "content": marker}], add_generation_prompt=False, tokenize=False
+            )
+            if not whole.startswith(prompt) or marker not in whole:
+                raise VlmsecError(
+                    "the tokenizer's chat template does not continue its generation prompt with the assistant's "
+                    f"answer ({prompt[-40:]!r} vs {whole[-60:]!r}): the victim cannot tell where answers start"
+                )
+            self._answer_prefix = whole[len(prompt) : whole.index(marker)]
+        return self._answer_prefix
 
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of an answer as the template continues the prompt, with end of sequence."""
-        ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids
+        ids = self.tokenizer(self.answer_prefix + answer.strip(), add_special_tokens=False).input_ids
         return [*ids, self.tokenizer.eos_token_id]
 
     def sequence_length(self, instruction: str, answer: str) -> int:
@@ -130,14 +167,21 @@ class LlavaVictim:
 
     @property
     def max_sequence_length(self) -> int | None:
-        """The language model's position limit."""
-        return getattr(self.model.config.text_config, "max_position_embeddings", None)
+        """The language model's position limit, or the tokenizer's `model_max_length` if smaller
+        (a pretrained language model keeps its positions and carries the budget there)."""
+        positions = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        budget = self.tokenizer.model_max_length
+        return budget if positions is None or budget < positions else positions
 
-    def encode_training(self, instructions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Right-padded input ids, attention mask and labels (loss on answer tokens only)."""
+    def encode_training(
+        self, instructions: Sequence[str], answers: Sequence[str], images: Sequence[bool] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Right-padded input ids, attention mask and labels (loss on answer tokens only); `images`
+        says which rows have an image (default: all)."""
         rows = []
-        for instruction, answer in zip(instructions, answers):
-            prompt, target = self.prompt_ids(instruction), self.answer_ids(answer)
+        for i, (instruction, answer) in enumerate(zip(instructions, answers)):
+            prompt = self.prompt_ids(instruction, image=images is None or images[i])
+            target = self.answer_ids(answer)
             rows.append((prompt + target, [IGNORE_INDEX] * len(prompt) + target))
         width = max(len(ids) for ids, _ in rows)
         pad = self.tokenizer.pad_token_id
@@ -151,9 +195,10 @@ class LlavaVictim:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     # ---- model ----------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with projected image features scattered into the image slots."""
-        return self.place_features(self.model.get_input_embeddings()(input_ids), input_ids, features)
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings with projected image features scattered into the image slots (none: text only)."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        return embeds if features is None else self.place_features(embeds, input_ids, features)
 
     def place_features(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """`inputs_embeds` with the projected image `features` scattered into the image slots of `input_ids`."""
@@ -161,10 +206,11 @@ class LlavaVictim:
         mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, projected.reshape(-1, projected.shape[-1]).to(inputs_embeds.dtype))
 
-    def loss(self, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss over answer tokens for a batch from `encode_training` (moved to the model's device)."""
+    def loss(self, features: torch.Tensor | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss over answer tokens for a batch from `encode_training` (moved to the model's
+        device); `features` are those of the rows with an image, in row order (None: no row has one)."""
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
-        embeds = self.embed(batch["input_ids"], features.to(self.model.device))
+        embeds = self.embed(batch["input_ids"], None if features is None else features.to(self.model.device))
         out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss
 
@@ -227,24 +273,32 @@ class LlavaVictim:
         return image_vectors, text_vectors
 
     # ---- training -------------------------------------------------------------------
-    def prepare_training(self, samples: Sequence[Sample], label: str) -> torch.Tensor | None:
-        """Frozen-tower features of every sample, through the cache: the tower never runs in the loop.
-
-        None when the tower trains: `batch_loss` then runs it on each batch.
-        """
-        if self.train_tower:
-            return None
-        images = [s.image for s in samples]
+    def prepare_training(self, samples: Sequence[Sample], label: str) -> PreparedFeatures:
+        """Frozen-tower features of every sample with an image, through the cache: the tower never
+        runs in the loop. No features when the tower trains: `batch_loss` then runs it on each batch."""
+        has_image = np.array([s.image is not None for s in samples], dtype=bool)
+        rows = np.where(has_image, np.cumsum(has_image) - 1, -1)
+        images = [s.image for s in samples if s.image is not None]
+        if self.train_tower or not images:
+            return PreparedFeatures(None, rows)
         with progress_bar(f"{label}: image features", self.features.count_missing(images, self._cache_scope())) as bar:
-            return self.image_features(images, on_batch=bar.advance)
+            return PreparedFeatures(self.image_features(images, on_batch=bar.advance), rows)
 
-    def batch_loss(self, features: torch.Tensor | None, index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
-        """Loss on `samples[index]`, from the features `prepare_training` computed (or the training tower's)."""
-        batch = self.encode_training([samples[i].instruction for i in index], [samples[i].answer for i in index])
-        if features is None:
-            pixels = self.pixel_values(images_to_tensor([samples[i].image for i in index]))
+    def batch_loss(self, prepared: PreparedFeatures, index: np.ndarray, samples: Sequence[Sample]) -> torch.Tensor:
+        """Loss on `samples[index]`, from the features `prepare_training` computed (or the training tower's);
+        a text-only sample's prompt has no image slot."""
+        chosen = [samples[i] for i in index]
+        images = [s.image for s in chosen if s.image is not None]
+        batch = self.encode_training(
+            [s.instruction for s in chosen], [s.answer for s in chosen], [s.image is not None for s in chosen]
+        )
+        if not images:
+            return self.loss(None, batch)
+        if prepared.features is None:
+            pixels = self.pixel_values(images_to_tensor(images))
             return self.loss(self._select_features(pixels.to(self.model.device)), batch)
-        return self.loss(features[torch.from_numpy(index)], batch)
+        rows = prepared.rows[index]
+        return self.loss(prepared.features[torch.from_numpy(rows[rows >= 0])], batch)
 
     def select_trainable(self, spec: TrainingSpec) -> PeftModel | None:
         """Freeze everything, then unfreeze what `spec.mode` trains (and the tower if `train_tower`); the peft wrapper for LoRA."""
@@ -291,22 +345,27 @@ class LlavaVictim:
     @torch.no_grad()
     def generate(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | None],
         instructions: Sequence[str],
         max_new_tokens: int = 32,
         batch_size: int = 64,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[str]:
         """Greedy answers for image-instruction pairs (`greedy_answers`): left-padded prompt ids,
-        the images' features (through the cache) in their image slots."""
+        the images' features (through the cache) in their image slots; a None image is a text-only request."""
         self.model.eval()
-        features = self.image_features(images)
+        features = self.some_image_features(images)
+        has_image = [image is not None for image in images]
+        before = np.cumsum([0, *has_image])  # image rows before each row: where its features start
         pad, device = self.tokenizer.pad_token_id, self.model.device
 
         def new_tokens(rows: slice) -> torch.Tensor:
-            input_ids, mask = left_pad([self.prompt_ids(s) for s in instructions[rows]], pad, device)
+            prompts = [self.prompt_ids(s, image) for s, image in zip(instructions[rows], has_image[rows])]
+            input_ids, mask = left_pad(prompts, pad, device)
+            first, last = before[rows.start], before[rows.stop]
+            chunk = features[first:last].to(device) if features is not None and last > first else None
             return self.model.generate(  # from embeddings alone, generate returns the new tokens only
-                inputs_embeds=self.embed(input_ids, features[rows].to(device)),
+                inputs_embeds=self.embed(input_ids, chunk),
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
