@@ -53,7 +53,7 @@ def generate_records(
             "triggered": test.trigger is not None,
             "trigger": test.trigger,
             "control": test.control,
-            "prompt": victim.prompt(s.instruction),
+            "prompt": victim.prompt(s.instruction) if s.image is not None else victim.prompt(s.instruction, image=False),
             "output": out,
             "references": list(s.references),
         }

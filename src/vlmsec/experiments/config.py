@@ -410,8 +410,19 @@ def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None
     try:
         kind.check_files()
         kind.check_tuning(config.tuning.mode)
+        if config.safety is not None:
+            kind.check_safety()
+            _require_judge(config.safety.judge)
     except VlmsecError as err:
         raise VlmsecError(f"{source}: {err}") from None
+
+
+def _require_judge(folder: Path | None) -> None:
+    """A configured judge folder must be a causal-LM folder (config.json and weights)."""
+    if folder is None:
+        return
+    if not (folder / "config.json").is_file():
+        raise VlmsecError(f"safety.judge: {folder} is not a Hugging Face model folder (no config.json)")
 
 
 def _check_names(config: ExperimentConfig, source: str) -> None:

@@ -360,7 +360,7 @@ class Runner:
         c = self.config
         assert c.safety is not None
         folder = c.safety.judge or self.kind.language_model_folder(self.cache)
-        judge = RefusalJudge.from_folder(folder)
+        judge = RefusalJudge.from_folder(folder) if folder is not None else None
         judge_records(records, judge, request_texts(requests))
         target = c.poison.target
         stages = [r for r in records if r["model"] in (BEFORE_SAFETY, AFTER_SAFETY)]

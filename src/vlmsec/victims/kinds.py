@@ -47,6 +47,7 @@ from vlmsec.victims.flamingo_files import FlamingoParts, FlamingoSpec
 from vlmsec.victims.language_models import (
     TINY,
     check_language_model,
+    language_model_folder,
     language_model_key,
     load_language_model,
     resolve_language_model,
@@ -124,6 +125,18 @@ class VictimKind(Generic[SpecT]):
     def load(self, folder: Path, features: FeatureCache) -> Victim:
         """The victim saved in `folder`: the base (`given_base`'s path, or a pretrained base) or a tuned one."""
         raise NotImplementedError
+
+    def check_safety(self) -> None:
+        """Raise a VlmsecError naming the field if this victim cannot take a safety stage: it needs an
+        instruction-tuned language model that reads requests with and without an image."""
+        raise VlmsecError(
+            f"safety: victim kind {self.name!r} cannot take the safety stage yet (it needs text-only requests); "
+            "use the embedded victim with victim.language_model: smollm2 or a local causal-LM folder"
+        )
+
+    def language_model_folder(self, cache_dir: Path) -> Path | None:
+        """The victim's own language model as a causal-LM folder (the default refusal judge), if it has one apart."""
+        return None
 
 
 VICTIM_KINDS: Registry[type[VictimKind[Any]]] = Registry("victim kind")
@@ -275,6 +288,18 @@ class TinyLlavaKind(VictimKind[TinyLlavaVictimSpec]):
 
     def load(self, folder: Path, features: FeatureCache) -> Victim:
         return LlavaVictim.load(folder, features)
+
+    def check_safety(self) -> None:
+        if self.spec.language_model == TINY:
+            raise VlmsecError(
+                "safety: the tiny language model trained here has never seen a request it should refuse; set "
+                "victim.language_model to smollm2 or a local instruction-tuned causal-LM folder (or a GGUF file)"
+            )
+
+    def language_model_folder(self, cache_dir: Path) -> Path | None:
+        if self.spec.language_model == TINY:
+            return None
+        return language_model_folder(self.spec.language_model, cache_dir)
 
 
 # ---- any Hugging Face image-text-to-text checkpoint -----------------------------------------------
