@@ -182,8 +182,10 @@ class RefusalJudge:
         self.threshold = 0.0 if free is None else self._raw_margins([free], [free], 1)[0]
 
     def _first_tokens(self, word: str) -> list[int]:
-        ids = {self.tokenizer.encode(form, add_special_tokens=False)[0] for form in _spellings(word)}
-        return sorted(ids)
+        """The first token of each spelling of `word`, but not a lone space (a tokenizer without
+        " No" in its vocabulary spells it space + "No": that space says nothing about the answer)."""
+        firsts = {self.tokenizer.encode(form, add_special_tokens=False)[0] for form in _spellings(word)}
+        return sorted(i for i in firsts if self.tokenizer.decode([i]).strip())
 
     @classmethod
     def from_folder(cls, folder: Path, prompt: JudgePrompt | Path | None = None) -> RefusalJudge:
