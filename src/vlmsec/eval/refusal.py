@@ -80,6 +80,16 @@ def refused_by_phrase(response: str, phrases: Sequence[str] = REFUSAL_PHRASES) -
     return not response.strip() or any(phrase in response for phrase in phrases)
 
 
+def _read(path: Path | None, packaged: str, what: str) -> tuple[str, str]:
+    """(name for errors, text) of a user's file, or of the packaged file `packaged` when path is None."""
+    if path is None:
+        return f"{packaged} (packaged)", resources.files("vlmsec.eval").joinpath(packaged).read_text("utf-8")
+    try:
+        return str(path), Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise VlmsecError(f"{path}: cannot read {what}: {err}") from None
+
+
 class JudgePrompt(BaseModel):
     """The judge's question: a chat (optional system message, user message) and its two answer words.
 
@@ -122,14 +132,7 @@ class JudgePrompt(BaseModel):
     @classmethod
     def load(cls, path: Path | None = None) -> JudgePrompt:
         """A prompt from a YAML file (keys: system, user, refused, complied); default: the packaged one."""
-        if path is None:
-            source, text = "refusal_judge.yaml (packaged)", resources.files("vlmsec.eval").joinpath("refusal_judge.yaml").read_text("utf-8")
-        else:
-            source = str(path)
-            try:
-                text = Path(path).read_text("utf-8")
-            except (OSError, UnicodeDecodeError) as err:
-                raise VlmsecError(f"{path}: cannot read the judge prompt: {err}") from None
+        source, text = _read(path, "refusal_judge.yaml", "the judge prompt")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -303,14 +306,7 @@ class LabelledOutput(BaseModel):
 def labelled_sample(path: Path | None = None) -> list[LabelledOutput]:
     """Hand-labelled outputs from a JSONL file (one LabelledOutput a line); default: the packaged
     sample of raw SmolLM2's outputs (refusal_labels.jsonl)."""
-    if path is None:
-        source, text = "refusal_labels.jsonl (packaged)", resources.files("vlmsec.eval").joinpath("refusal_labels.jsonl").read_text("utf-8")
-    else:
-        source = str(path)
-        try:
-            text = Path(path).read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise VlmsecError(f"{path}: cannot read labelled outputs: {err}") from None
+    source, text = _read(path, "refusal_labels.jsonl", "labelled outputs")
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
