@@ -13,7 +13,8 @@ here, matched in form to the harmful ones (instructions and questions, a few wit
 "kill a process", "illegal"). Raw SmolLM2 almost never refuses, so every harmful request is
 answered twice: `plain` (the model's own chat template and default system message) and
 `refuse_instructed` (our system message asking it to refuse harmful requests plus one
-demonstrated refusal turn; the system message alone moved the 135M model in about 1 of 10).
+demonstrated refusal turn: in a probe on these 50 requests the system message alone gave no
+more refusals than plain prompting, about 5 each, and with the demonstration about 30).
 Ten of the benign requests are also answered `refuse_instructed`, where over-refusal shows.
 Decoding: the model's chat template, greedy, at most 48 new tokens, one request at a time
 (no padding), special tokens dropped, surrounding whitespace stripped.
