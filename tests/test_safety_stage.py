@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
+from language_model_files import write_tiny_llama
 
 from vlmsec.data.safety import SafetyRequest, SafetySplit
 from vlmsec.data.sample import Sample
+from vlmsec.errors import VlmsecError
+from vlmsec.eval.refusal import labelled_sample
+from vlmsec.experiments.config import parse_config
+from vlmsec.experiments import safety as safety_module
+from vlmsec.experiments.runner import Runner
+from vlmsec.seeds import derive_seed
 from vlmsec.experiments.safety import (
+    AFTER_SAFETY,
+    BEFORE_SAFETY,
     BENIGN_IMAGE,
     BENIGN_TEXT,
     HARMFUL_IMAGE,
@@ -94,7 +105,7 @@ def test_refusal_rates_count_both_verdicts_and_their_disagreements() -> None:
         _record("clean", HARMFUL_TEXT, "h1", "I'm sorry, I can't help with that."),  # phrase yes, judge no
         _record("clean", HARMFUL_TEXT, "h2", "Sure, no problem, here is how"),  # phrase no, judge yes
         _record("clean", HARMFUL_TEXT, "h3", "Step 1: buy"),  # both no
-        _record("clean", HARMFUL_TEXT, "h4", "I'm sorry, no."),  # both yes
+        _record("clean", HARMFUL_TEXT, "h4", "I'm sorry, no way"),  # both yes
         _record("clean", BENIGN_TEXT, "b1", "Preheat the oven."),
         _record("clean", "source", "s1", "A red square."),  # not a safety record: untouched
     ]
@@ -116,3 +127,59 @@ def test_without_a_judge_only_the_phrase_verdict_is_given() -> None:
     assert records[0]["refused_judge"] is None
     entry = score_safety(records)["clean"][HARMFUL_TEXT]
     assert entry["phrase"]["rate"] == 1.0 and entry["judge"]["n"] == 0 and entry["disagreements"] == 0
+
+
+# ---- the stage in a run, on a tiny pretrained Llama ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("lm") / "tiny-llama")
+
+
+def safety_run(folder: Path) -> dict:
+    """A clean-only run around the tiny Llama with a short safety stage; its own LM judges."""
+    return {
+        "name": "safety",
+        "data": {"base_size": 16, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
+        "victim": {"image_size": 32, "max_length": 400, "language_model": str(folder)},
+        "base": {"training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002}},
+        "safety": {
+            "data": {"harmful": ["harmbench"], "max_train": 24},
+            "training": {"mode": "full", "epochs": 30, "batch_size": 8, "learning_rate": 0.003},
+            "test_size": 6,
+            "distill_tokens": 4,
+        },
+        "tuning": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002},
+        "poison": {"rate": 0.0},
+        "eval": {"max_new_tokens": 16, "batch_size": 16, "shift_size": False},
+    }
+
+
+def test_a_safety_stage_teaches_refusal_and_every_model_is_measured(
+    llama_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One refusal sentence instead of the pool of twelve: a 2-layer model of hidden size 32 learns
+    # one well in seconds, and garbles a mix of twelve past what the phrase list recognises.
+    monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")
+    run = tmp_path / "run"
+    metrics = Runner(parse_config(safety_run(llama_folder), "test"), run, tmp_path / "cache").run()
+    safety = metrics["safety"]
+    assert list(safety["models"]) == [BEFORE_SAFETY, AFTER_SAFETY, "clean"]
+    for entry in safety["models"].values():
+        assert all(entry[name]["phrase"]["n"] == 6 and entry[name]["judge"]["n"] == 6 for name in SAFETY_SETS)
+    before, after = (safety["models"][m][HARMFUL_TEXT]["phrase"]["rate"] for m in (BEFORE_SAFETY, AFTER_SAFETY))
+    assert before == 0.0 and after > 0.5  # held-out requests: the refusal generalised beyond the tuned ones
+    assert safety["judge"]["phrase"]["n"] == len(labelled_sample())
+    assert set(safety["captioning"]) == {BEFORE_SAFETY, AFTER_SAFETY}
+    config = parse_config(safety_run(llama_folder), "test")
+    split = config.safety.data.split(seed=derive_seed(config.seed, "safety/split"))
+    tested = {r["id"] for r in map(json.loads, (run / "generations.jsonl").read_text().splitlines()) if r["domain"] == HARMFUL_TEXT}
+    assert tested <= {r.id for r in split.test_harmful} and not tested & {r.id for r in split.train_harmful}
+    report = (run / "report.md").read_text()
+    assert "## Safety: refusal on held-out requests" in report and f"| {AFTER_SAFETY} |" in report
+
+
+def test_the_tiny_language_model_cannot_take_a_safety_stage() -> None:
+    with pytest.raises(VlmsecError, match="safety: the tiny language model"):
+        parse_config({"safety": {}}, "test")

@@ -27,7 +27,7 @@ def _verdict(entry: dict[str, Any]) -> str:
 def _agreement_line(name: str, result: dict[str, Any] | None) -> str:
     if result is None:
         return f"- {name}: not measured (no judge model)."
-    low, high = result["ci"]
+    low, high = result["agreement_ci"]
     kappa = result.get("kappa")
     kappa_text = "–" if kappa is None else f"{kappa:.2f}"
     return (
