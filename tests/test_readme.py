@@ -23,11 +23,11 @@ MISSING = "{path} (not found|does not exist)"
 
 def _overlay(base: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
     """`fragment` laid over `base`, mappings merged key by key; a mapping naming another `kind`
-    replaces the base's (its fields are its kind's own)."""
+    or another `language_model` replaces the base's (its fields are its kind's, or its LM's, own)."""
     out = dict(base)
     for key, value in fragment.items():
         both_maps = isinstance(value, dict) and isinstance(base.get(key), dict)
-        same_kind = both_maps and value.get("kind") == base[key].get("kind")
+        same_kind = both_maps and all(value.get(k) == base[key].get(k) for k in ("kind", "language_model"))
         out[key] = _overlay(base[key], value) if same_kind else value
     return out
 
