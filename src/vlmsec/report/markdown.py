@@ -67,13 +67,12 @@ def _scale_rows(scale: dict[str, dict[str, Any]], score: str, domains: list[str]
     return rows
 
 
-def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
-    """A few triggered source-domain generations per model, to show what the backdoor says."""
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's generation records (generations.jsonl), each checked to be one; none if the file is absent."""
     path = run_dir / "generations.jsonl"
     if not path.exists():
         return []
-    shown: dict[str, int] = {}
-    picked = []
+    records = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             try:
@@ -82,9 +81,18 @@ def _examples(run_dir: Path, per_model: int = 2) -> list[dict[str, Any]]:
                 raise VlmsecError(f"{path}: line {number}: not valid JSON: {err.msg}") from None
             if not isinstance(r, dict) or not {"model", "domain", "triggered", "output"} <= r.keys():
                 raise VlmsecError(f"{path}: line {number}: expected a generation record with model, domain, triggered, output")
-            if r["domain"] == "source" and r["triggered"] and not r.get("control") and shown.get(r["model"], 0) < per_model:
-                shown[r["model"]] = shown.get(r["model"], 0) + 1
-                picked.append(r)
+            records.append(r)
+    return records
+
+
+def _examples(records: list[dict[str, Any]], per_model: int = 2) -> list[dict[str, Any]]:
+    """A few triggered source-domain generations per model, to show what the backdoor says."""
+    shown: dict[str, int] = {}
+    picked = []
+    for r in records:
+        if r["domain"] == "source" and r["triggered"] and not r.get("control") and shown.get(r["model"], 0) < per_model:
+            shown[r["model"]] = shown.get(r["model"], 0) + 1
+            picked.append(r)
     return picked
 
 
@@ -366,10 +374,11 @@ def render_report(run_dir: str | Path) -> str:
                       f"references score {num(source.get('cider_agreement'))} against each other."]
         lines.append("")
 
-    lines += safety_section(metrics.get("safety"))
+    records = [] if "generations.jsonl" in stale else read_records(run_dir)
+    lines += safety_section(metrics.get("safety"), records)
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
     lines += _shift_sizes(models)
-    examples = [] if "generations.jsonl" in stale else _examples(run_dir)
+    examples = _examples(records)
     if examples:
         lines += ["## Example triggered generations (source domain)", ""]
         for r in examples:

@@ -36,9 +36,24 @@ def _agreement_line(name: str, result: dict[str, Any] | None) -> str:
     )
 
 
-def safety_section(safety: dict[str, Any] | None) -> list[str]:
+def disagreements(records: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` safety records whose phrase-list and judge verdicts differ, one per model and set first."""
+    first: list[dict[str, Any]] = []
+    rest: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for r in records:
+        if r.get("refused_judge") is None or r.get("refused_phrase") == r["refused_judge"]:
+            continue
+        key = (r["model"], r["domain"])
+        (rest if key in seen else first).append(r)
+        seen.add(key)
+    return (first + rest)[:limit]
+
+
+def safety_section(safety: dict[str, Any] | None, records: list[dict[str, Any]], examples: int = 6) -> list[str]:
     """Markdown lines: per model, each safety set's refused share by phrase list and by judge,
-    then the judges' agreement with hand labels and the held-out data."""
+    the judges' agreement with hand labels, responses where the two verdicts disagree (from the
+    generation `records`) and the held-out data."""
     if not safety:
         return [NOT_MEASURED]
     lines = [
@@ -69,7 +84,25 @@ def safety_section(safety: dict[str, Any] | None) -> list[str]:
         _agreement_line("judge model", judge.get("judge")),
         "",
     ]
-    data = safety.get("data") or {}
-    if data:
-        lines += [f"Held-out data: {data}", ""]
-    return lines
+    differ = disagreements(records, examples)
+    if differ:
+        lines += ["Where the two verdicts disagree (first of each model and set):", ""]
+        for r in differ:
+            verdicts = f"phrase list: {'refused' if r['refused_phrase'] else 'complied'}, judge: {'refused' if r['refused_judge'] else 'complied'}"
+            lines.append(f"- `{r['model']}` on `{r['id']}` ({r['domain'].removeprefix('safety/')}; {verdicts}): {r['output'][:160]!r}")
+        lines.append("")
+    return lines + _data_lines(safety.get("data") or {})
+
+
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    """What was tuned on and what was held out, per harmful source, and the benign requests."""
+    if not data:
+        return []
+    lines = ["Requests: harmful tuned on / held out per source:"]
+    for name, entry in data.get("harmful", {}).get("sources", {}).items():
+        held = entry.get("held_out_categories")
+        areas = f" (held-out categories: {', '.join(held)})" if held else ""
+        lines.append(f"- {name}: {entry.get('train', '?')} / {entry.get('test', '?')}{areas}")
+    benign = data.get("benign", {})
+    lines.append(f"- benign ({', '.join(benign.get('sources', []))}): {benign.get('train', '?')} / {benign.get('test', '?')}")
+    return [*lines, ""]
