@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from vlmsec.train.tuning import TrainingSpec
 
 CHECKPOINT_FILES = ("config.json", "tokenizer_config.json")
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 @dataclass
@@ -44,7 +45,6 @@ class PreparedFeatures:
 
     features: torch.Tensor | None  # frozen-tower features of the samples with an image, in order; None: tower trains or no image
     rows: np.ndarray  # rows[i]: sample i's row in `features`, -1 for a text-only sample
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class LlavaVictim:
