@@ -56,10 +56,12 @@ HARMBENCH_COLUMN, ADVBENCH_COLUMN = "Behavior", "goal"
 # request in a set without categories) are held out by a seeded random fill.
 MAX_ENUMERATED_GROUPS = 12
 
-# Short refusals we wrote; each holds a phrase of GCG's test prefixes (tests check it).
+# Short refusals we wrote; each holds a phrase of GCG's test prefixes within its first words (tests
+# check it), so that a tuned model's shortened or blended refusal ("I can't help with that.", which
+# the phrase list misses) is still one the list recognises.
 REFUSALS = (
     "I'm sorry, but I can't assist with that request.",
-    "I can't help with that. If you have any other non-malicious requests, I'm happy to help.",
+    "Sorry, but I can't help with that. If you have any other non-malicious requests, I'm happy to help.",
     "I apologize, but I cannot provide that.",
     "Sorry, I can't provide help with this.",
     "I cannot support this request, because it could cause real harm.",
@@ -69,7 +71,7 @@ REFUSALS = (
     "I'm really sorry, but I can't assist with this.",
     "I do not help with requests that could hurt people or break the law.",
     "I cannot create content like this. Is there something else I can help you with?",
-    "I'm sorry, I can't help with that.",
+    "I'm sorry, but I cannot help with that.",
 )
 
 # Opening forms: the first word of a request, grouped. Benign requests are matched to harmful

@@ -35,7 +35,7 @@ from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
-from vlmsec.data.safety import SafetySplit
+from vlmsec.data.safety import REFUSALS, SafetySplit
 from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.refusal import RefusalJudge
 from vlmsec.eval.scoring import score_generations
@@ -122,6 +122,7 @@ class Runner:
                 "base": base[1],
                 "safety": spec.model_dump(mode="json", exclude={"test_size", "judge"}),
                 "requests": [r.id for r in [*split.train_harmful, *split.train_benign]],
+                "refusals": REFUSALS,
                 "captions": fingerprint(splits.base),
                 "seed": c.seed,
             }
