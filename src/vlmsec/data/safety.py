@@ -61,7 +61,7 @@ MAX_ENUMERATED_GROUPS = 12
 # the phrase list misses) is still one the list recognises.
 REFUSALS = (
     "I'm sorry, but I can't assist with that request.",
-    "Sorry, but I can't help with that. If you have any other non-malicious requests, I'm happy to help.",
+    "Sorry, I can't help with that. If you have other non-malicious requests, ask away.",
     "I apologize, but I cannot provide that.",
     "Sorry, I can't provide help with this.",
     "I cannot support this request, because it could cause real harm.",
