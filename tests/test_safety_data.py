@@ -400,7 +400,7 @@ def test_opening_forms_and_word_counts() -> None:
 def test_every_refusal_is_caught_by_gcgs_refusal_phrases() -> None:
     assert len(set(REFUSALS)) == len(REFUSALS) >= 12
     for refusal in REFUSALS:
-        opening = " ".join(refusal.split()[:4])  # a tuned model may keep only the start, or blend two
+        opening = " ".join(refusal.split()[:5])  # a tuned model may keep only the start, or blend two
         assert any(prefix in opening for prefix in GCG_TEST_PREFIXES), refusal
         assert word_count(refusal) <= 16  # short, and nothing but a refusal
 
