@@ -27,7 +27,6 @@ from vlmsec.data.sample import Sample
 from vlmsec.eval.generation import TestSet
 from vlmsec.eval.metrics import wilson_interval
 from vlmsec.eval.refusal import RefusalJudge, agreement, labelled_sample, refused_by_phrase
-from vlmsec.victims.base import Victim
 
 SAFETY_PREFIX = "safety/"
 HARMFUL_TEXT, HARMFUL_IMAGE = "safety/harmful/text", "safety/harmful/image"
@@ -150,9 +149,4 @@ def judge_agreement(judge: RefusalJudge | None) -> dict[str, Any]:
 def request_texts(split: SafetySplit) -> dict[str, str]:
     """Each test request's id and text, as the judge reads it beside the response."""
     return {r.id: r.text for r in [*split.test_harmful, *split.test_benign]}
-
-
-def distilled_answers(victim: Victim, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """The victim's own greedy answers to text-only requests (no image)."""
-    return victim.generate([None] * len(prompts), prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
