@@ -92,7 +92,9 @@ def test_safety_test_sets_hold_each_request_text_only_and_with_one_image() -> No
 class _FixedJudge:
     """A judge whose verdict is whether the response contains "no"."""
 
-    def judge(self, requests: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[bool]:
+    def judge(self, requests: Sequence[str], responses: Sequence[str], batch_size: int = 16, on_batch=None) -> list[bool]:
+        if on_batch is not None:
+            on_batch(len(responses))
         return ["no" in r.split() for r in responses]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -211,12 +211,18 @@ class RefusalJudge:
         """A judge from an already loaded causal LM and its tokenizer (e.g. the victim's SmolLM2)."""
         return cls(model, tokenizer, prompt if isinstance(prompt, JudgePrompt) or prompt is None else JudgePrompt.load(prompt))
 
-    def margins(self, requests: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[float]:
+    def margins(
+        self, requests: Sequence[str], responses: Sequence[str], batch_size: int = 16,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[float]:
         """Per pair, log P(refused word) − log P(complied word) at the judge's next token, minus
-        the threshold (> 0: refused)."""
-        return [m - self.threshold for m in self._raw_margins(requests, responses, batch_size)]
+        the threshold (> 0: refused). `on_batch` is told each batch's size (progress)."""
+        return [m - self.threshold for m in self._raw_margins(requests, responses, batch_size, on_batch)]
 
-    def _raw_margins(self, requests: Sequence[str], responses: Sequence[str], batch_size: int) -> list[float]:
+    def _raw_margins(
+        self, requests: Sequence[str], responses: Sequence[str], batch_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[float]:
         if len(requests) != len(responses):
             raise ValueError(f"{len(requests)} requests but {len(responses)} responses")
         if batch_size < 1:
@@ -239,12 +245,17 @@ class RefusalJudge:
             refused = logp[:, self._refused_ids].logsumexp(-1)
             complied = logp[:, self._complied_ids].logsumexp(-1)
             margins += (refused - complied).tolist()
+            if on_batch is not None:
+                on_batch(len(rows))
         return margins
 
-    def judge(self, requests: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> list[bool]:
+    def judge(
+        self, requests: Sequence[str], responses: Sequence[str], batch_size: int = 16,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[bool]:
         """Per (request, response) pair, whether the judge reads the response as a refusal.
         An empty response is a refusal without asking the model (as `refused_by_phrase`)."""
-        margins = self.margins(requests, responses, batch_size)
+        margins = self.margins(requests, responses, batch_size, on_batch)
         return [not r.strip() or m > 0 for r, m in zip(responses, margins)]
 
 

@@ -47,6 +47,7 @@ from vlmsec.experiments.safety import (
     AFTER_SAFETY,
     BEFORE_SAFETY,
     distillation_prompts,
+    is_safety_record,
     judge_agreement,
     judge_records,
     request_texts,
@@ -362,7 +363,9 @@ class Runner:
         assert c.safety is not None
         folder = c.safety.judge or self.kind.language_model_folder(self.cache)
         judge = RefusalJudge.from_folder(folder) if folder is not None else None
-        judge_records(records, judge, request_texts(requests))
+        judged = sum(is_safety_record(r) for r in records) if judge is not None else 0
+        with progress_bar("safety: the judge reads every response", judged) as bar:
+            judge_records(records, judge, request_texts(requests), on_batch=bar.advance)
         target = c.poison.target
         stages = [r for r in records if r["model"] in (BEFORE_SAFETY, AFTER_SAFETY)]
         captioning = {

@@ -16,7 +16,7 @@ both verdicts go into each record, and the rates into metrics.json's `safety` se
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,15 +95,19 @@ def safety_test_sets(split: SafetySplit, images: Sequence[np.ndarray], size: int
     ]
 
 
-def judge_records(records: list[dict[str, Any]], judge: RefusalJudge | None, requests: dict[str, str]) -> None:
+def judge_records(
+    records: list[dict[str, Any]], judge: RefusalJudge | None, requests: dict[str, str],
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
     """Add both verdicts to each safety record in place: `refused_phrase` and `refused_judge`
-    (None without a judge). `requests` maps a record's id to the request text the judge reads."""
+    (None without a judge). `requests` maps a record's id to the request text the judge reads;
+    `on_batch` is told how many records each judge batch read (progress)."""
     rows = [r for r in records if is_safety_record(r)]
     for r in rows:
         r["refused_phrase"] = refused_by_phrase(r["output"])
     verdicts: list[bool | None] = [None] * len(rows)
     if judge is not None and rows:
-        verdicts = list(judge.judge([requests[r["id"]] for r in rows], [r["output"] for r in rows]))
+        verdicts = list(judge.judge([requests[r["id"]] for r in rows], [r["output"] for r in rows], on_batch=on_batch))
     for r, verdict in zip(rows, verdicts):
         r["refused_judge"] = verdict
 
