@@ -280,7 +280,7 @@ def test_a_judge_leaning_to_one_word_gives_that_verdict(judge_folder: Path) -> N
         handle.remove()
 
 
-def test_each_row_gets_its_own_verdict_under_left_padding(judge_folder: Path) -> None:
+def test_each_row_gets_its_own_verdict_in_a_padded_batch(judge_folder: Path) -> None:
     judge = RefusalJudge.from_folder(judge_folder, prompt=UNCALIBRATED)
     wanted = [False, True, True, False, True]
     handle = _lean(judge, judge._refused_ids, rows=wanted, by=30.0)
