@@ -246,3 +246,16 @@ def test_a_run_crafts_answers_and_scores_inference_attacks_against_the_deployed_
     again = Runner(parse_config(inference_run(llama_folder), "test"), run, tmp_path / "cache").run()
     assert again["inference_attacks"]["attacks"]["inject"]["success"] == inject["success"]
     assert again["inference_attacks"]["attacks"]["inject"]["cost"] == inject["cost"]  # not crafted again
+
+
+def test_the_attack_listing_shows_inference_attacks_with_stage_and_goal() -> None:
+    from typer.testing import CliRunner
+
+    from vlmsec.cli import app
+
+    listed = {d["name"]: d for d in json.loads(CliRunner().invoke(app, ["attacks", "--json"]).stdout)}
+    assert listed["figstep"]["stage"] == "inference" and listed["figstep"]["goal"] == "jailbreak"
+    assert listed["figstep_pro"]["goal"] == "jailbreak" and listed["typographic"]["goal"] == "targeted"
+    assert "goal" not in listed["badnets"]
+    table = CliRunner().invoke(app, ["attacks"]).output  # a narrow table cuts long cells ("typogra…")
+    assert any("typogra" in line and "inferen" in line and "targeted" in line for line in table.splitlines())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -88,6 +88,10 @@ class InferenceAttack(Attack):
         that need no model; a universal attack learns one image on `train` and applies it to
         `requests` (never tuned on them). Deterministic under the attack's seed."""
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """`Attack.describe`, with the goal and whether the attack needs the victim's pixel gradients."""
+        return {**super().describe(), "goal": self.goal, "needs_gradients": self.needs_gradients}
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Inference attacks craft whole inputs (`craft`); they plant no trigger in tuning data."""

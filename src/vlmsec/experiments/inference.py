@@ -307,7 +307,7 @@ def score_inference(
         rows = [r for r in records if r["attack"] == key]
         baselines = {NO_ATTACK: goal_scores(goal, [r for r in records if r["attack"] == NO_ATTACK and r["goal"] == goal])}
         if attack.epsilon is None:
-            baselines["uniform noise"] = not_measured("not a perturbation attack (no epsilon)")
+            baselines["uniform noise"] = not_measured("not a perturbation attack: it has no epsilon")
         else:
             label = noise_label(attack.epsilon)
             baselines["uniform noise"] = {
@@ -316,7 +316,6 @@ def score_inference(
             }
         entry = {
             **attack.describe(),
-            "goal": goal,
             "epsilon": attack.epsilon,
             "n": len(rows),
             "success": goal_scores(goal, rows),
