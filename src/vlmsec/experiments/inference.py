@@ -22,12 +22,13 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_sealed
 from vlmsec.attacks import Attack
@@ -36,10 +37,10 @@ from vlmsec.attacks.typeset import word_image
 from vlmsec.data.images import load_image, save_image
 from vlmsec.data.safety import SafetySplit
 from vlmsec.data.sample import Sample, fingerprint
+from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.inference import goal_scores, not_measured, perturbation_size, reading_scores, size_summary
 from vlmsec.eval.refusal import RefusalJudge, refused_by_phrase
-from vlmsec.errors import VlmsecError
 from vlmsec.progress import console
 from vlmsec.seeds import derive_seed
 from vlmsec.victims.base import Victim
@@ -285,9 +286,7 @@ def attack_sizes(attack: InferenceAttack, requests: Sequence[AttackRequest], inp
 
 
 def _resized(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`image` resized (Lanczos) to `shape` (height, width), uint8."""
-    from PIL import Image
-
+    """`image` resized (Lanczos, as the typeset attacks resize) to `shape` (height, width), uint8."""
     return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 

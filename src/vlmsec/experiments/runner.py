@@ -33,6 +33,7 @@ from accelerate.utils import parse_flag_from_env
 
 from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
+from vlmsec.attacks.inference import InferenceAttack
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
@@ -54,7 +55,6 @@ from vlmsec.experiments.inference import (
 )
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
-from vlmsec.attacks.inference import InferenceAttack
 from vlmsec.experiments.safety import (
     AFTER_SAFETY,
     BEFORE_SAFETY,
