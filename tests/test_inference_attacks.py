@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from language_model_files import write_tiny_llama
@@ -259,3 +260,67 @@ def test_the_attack_listing_shows_inference_attacks_with_stage_and_goal() -> Non
     assert "goal" not in listed["badnets"]
     table = CliRunner().invoke(app, ["attacks"]).output  # a narrow table cuts long cells ("typogra…")
     assert any("typogra" in line and "inferen" in line and "targeted" in line for line in table.splitlines())
+
+
+class _SignPattern(InferenceAttack):
+    """A stand-in white-box perturbation attack (as `pgd` plugs in): a fixed ±epsilon sign pattern on the image."""
+
+    name = "test_sign_pattern"
+    modality = "image"
+    knowledge = "white-box"
+    goal = "targeted"
+    needs_gradients = True
+
+    @property
+    def epsilon(self) -> float:
+        return 8 / 255
+
+    def craft(self, requests, victim, train=()):
+        from vlmsec.attacks.inference import AdversarialInput, to_tensor, to_uint8
+
+        assert victim is not None and len(train) > 0  # white box: the victim; universal: a training set
+        clean = to_tensor([r.image for r in requests])
+        pattern = torch.where(torch.arange(clean[0].numel()).reshape(clean[0].shape) % 2 == 0, 1.0, -1.0)
+        images = to_uint8(clean + self.epsilon * pattern)
+        return [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, images)]
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"steps": 1}
+
+
+TINY_LM_RUN = {
+    "name": "inference-tiny",
+    "data": {"base_size": 24, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
+    "victim": {"image_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vocab_size": 400},
+    "base": {"training": {"mode": "full", "epochs": 1, "batch_size": 8, "learning_rate": 0.002}},
+    "tuning": {"mode": "full", "epochs": 1, "batch_size": 8, "learning_rate": 0.002},
+    "poison": {"rate": 0.0},
+    "attacks": [{"name": "test_sign_pattern"}],
+    "eval": {"max_new_tokens": 6, "batch_size": 16, "shift_size": False},
+}
+
+
+def test_a_registered_perturbation_attack_runs_against_the_base_with_a_noise_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlmsec.attacks.registry import ATTACKS
+    from vlmsec.victims.llava import LlavaVictim
+
+    ATTACKS.register(_SignPattern)
+    checked: list[str] = []
+    monkeypatch.setattr(LlavaVictim, "check_pixel_gradients", lambda self, attack: checked.append(attack))
+    try:
+        metrics = Runner(parse_config(TINY_LM_RUN, "test"), tmp_path / "run", tmp_path / "cache").run()
+    finally:
+        ATTACKS.unregister(_SignPattern.name)
+    section = metrics["inference_attacks"]
+    assert section["victim"] == "base" and section["reading"] is None  # no safety stage; nothing typeset
+    assert checked == ["test_sign_pattern"]
+    entry = section["attacks"]["test_sign_pattern"]
+    noise = entry["baselines"]["uniform noise"]
+    assert noise["epsilon"] == pytest.approx(8 / 255) and noise["contains"]["n"] == 4
+    assert entry["size"]["linf"]["max"] == pytest.approx(8 / 255, abs=0.5 / 255)
+    assert entry["cost"]["steps"] == 1 and "not_measured" in entry["cost"]["queries"]
+    assert "meaningful" not in entry
+    noisy = sorted((tmp_path / "run" / "adversarial").glob("targeted-uniform-noise-eps*/*.png"))
+    assert len(noisy) == 4
