@@ -130,6 +130,10 @@ class InferenceStage:
     def saved(self, folder: str, inputs: Sequence[AdversarialInput]) -> list[AdversarialInput]:
         """Write each input's image as `adversarial/<folder>/<id>.png` and return the inputs with the images read back."""
         directory = self.out / "adversarial" / folder
+        names = [_slug(item.id) for item in inputs]
+        if len(set(names)) < len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise VlmsecError(f"{directory}: two request ids would share the file {twice}.png")
         read: list[AdversarialInput] = []
         for item in inputs:
             path = directory / f"{_slug(item.id)}.png"
