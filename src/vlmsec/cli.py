@@ -101,7 +101,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by
 @app.command()
 def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
     """List the registered attacks with their metadata and default parameters, then what any
-    attack is beside its name (a look-alike's variant) and any note (where its reading of the paper is ours)."""
+    attack is beside its name (a look-alike's variant) and any note (where its reading of the paper is ours).
+
+    Stage: training (a backdoor planted in the tuning data) or inference (inputs crafted against the
+    tuned victim); goal: what an inference attack wants (targeted output, jailbreak, ...)."""
     from vlmsec.attacks import ATTACKS, create_attack
 
     described = [create_attack(name).describe() for name in sorted(ATTACKS)]
@@ -109,11 +112,11 @@ def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON l
         typer.echo(json.dumps(described, indent=2))
         return
     table = Table(title="attacks")
-    for column in ("name", "modality", "family", "knowledge", "stage", "params"):
+    for column in ("name", "modality", "family", "knowledge", "stage", "goal", "params"):
         table.add_column(column)
     for d in described:
         name = d["name"] + (" *" if "variant" in d or "note" in d else "")
-        table.add_row(name, d["modality"], d["family"], d["knowledge"], d["stage"], json.dumps(d["params"]))
+        table.add_row(name, d["modality"], d["family"], d["knowledge"], d["stage"], d.get("goal", "backdoor"), json.dumps(d["params"]))
     console.print(table)
     for d in described:
         for text in (d.get("variant"), d.get("note")):
@@ -147,6 +150,11 @@ def trigger(
 
     try:
         chosen = create_attack(attack, seed=seed)
+        if chosen.stage == "inference":
+            raise VlmsecError(
+                f"attack {attack!r} acts at inference time: it crafts whole inputs against a tuned victim in a run "
+                "(list it under `attacks` in a config), not a trigger applied to one image"
+            )
         pixels = load_image(image)
         if type(chosen).prepare is not Attack.prepare:
             from vlmsec.experiments.config import load_config

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ class AdversarialInput:
 class InferenceAttack(Attack):
     """Base of the attacks that craft inputs against a tuned victim; nothing in tuning is touched.
 
-    Subclasses set `goal`, `knowledge` and `needs_gradients` and implement `craft`. `epsilon`
+    Subclasses set `goal`, `knowledge` and `needs_gradients` (and `typeset`, `edits_image` where
+    they differ) and implement `craft`. `epsilon`
     is the L-infinity budget in [0, 1] of a perturbation attack (None: not a perturbation), so
     the runner can score random noise of the same size beside it. `diagnostics()` after `craft`
     gives its cost: optimisation steps, queries, seconds per image.
@@ -68,6 +69,12 @@ class InferenceAttack(Attack):
     family = "model-adaptive"
     goal: ClassVar[Goal]
     needs_gradients: ClassVar[bool] = False
+    # Whether the attack works through text drawn in the image: its results mean something only on a
+    # victim that reads (the runner measures the victim's word reading when one is in a run).
+    typeset: ClassVar[bool] = False
+    # Whether the adversarial image is the request's image changed (its size against that image is
+    # measured), or a new image that replaces it (FigStep's typeset list: no perturbation to measure).
+    edits_image: ClassVar[bool] = True
 
     @property
     def epsilon(self) -> float | None:
@@ -81,6 +88,10 @@ class InferenceAttack(Attack):
         that need no model; a universal attack learns one image on `train` and applies it to
         `requests` (never tuned on them). Deterministic under the attack's seed."""
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """`Attack.describe`, with the goal and whether the attack needs the victim's pixel gradients."""
+        return {**super().describe(), "goal": self.goal, "needs_gradients": self.needs_gradients}
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Inference attacks craft whole inputs (`craft`); they plant no trigger in tuning data."""

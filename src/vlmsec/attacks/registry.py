@@ -22,6 +22,11 @@ def attack_names() -> list[str]:
     return ATTACKS.names()
 
 
+def acts_at_inference(name: str) -> bool:
+    """Whether the registered attack `name` crafts inputs at inference time (nothing of it is tuned)."""
+    return name in ATTACKS and ATTACKS.get(name).stage == "inference"
+
+
 def create_attack(name: str, **params: Any) -> Attack:
     """Build the attack called `name` with validated `params`."""
     return ATTACKS.create(name, **params)

@@ -385,6 +385,7 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     except ValidationError as err:
         raise VlmsecError(f"{source}: invalid config\n{_format_errors(err)}") from None
     _check_names(config, source)
+    _check_inference_attacks(config, source)
     _check_model_names(config, source)
     _check_poison(config, source)
     if base_dir is not None:
@@ -453,6 +454,32 @@ def _check_names(config: ExperimentConfig, source: str) -> None:
             raise VlmsecError(f"{source}: attacks[{i}]: {err}") from None
 
 
+def _check_inference_attacks(config: ExperimentConfig, source: str) -> None:
+    """Inference-time attacks: a goal the run measures, a safety section for jailbreaks (their
+    requests are its held-out harmful ones, their victim the one it tunes to refuse), no sweep."""
+    from vlmsec.attacks import create_attack
+    from vlmsec.attacks.inference import InferenceAttack
+    from vlmsec.attacks.registry import acts_at_inference
+    from vlmsec.experiments.inference import GOALS
+
+    for i, spec in enumerate(config.attacks):
+        if not acts_at_inference(spec.name):
+            continue
+        where = f"{source}: attacks[{i}] ({spec.key!r})"
+        attack = create_attack(spec.name, **spec.params)
+        assert isinstance(attack, InferenceAttack)
+        goal = attack.goal
+        if goal not in GOALS:
+            raise VlmsecError(f"{where}: goal {goal!r} is not run yet; runs measure {', '.join(GOALS)}")
+        if goal == "jailbreak" and config.safety is None:
+            raise VlmsecError(
+                f"{where}: a jailbreak attack needs the run's `safety` section: it is run on the held-out harmful "
+                "requests and against the safety-tuned victim that section makes"
+            )
+        if spec.key in config.sweep.attacks:
+            raise VlmsecError(f"{source}: sweep.attacks: {spec.key!r} acts at inference time and tunes no model to sweep")
+
+
 def _check_model_names(config: ExperimentConfig, source: str) -> None:
     """Each model's files are named after it (`checkpoints/<model>`): two models of one name
     would overwrite each other. Sweep points are named `<label>@<rate>%`."""
@@ -468,8 +495,10 @@ def _check_model_names(config: ExperimentConfig, source: str) -> None:
 
 
 def _check_poison(config: ExperimentConfig, source: str) -> None:
-    """Attacks need a poison rate above 0; generated data has a known size, so its counts are checked now."""
-    if config.attacks and config.poison.rate == 0:
+    """Training-stage attacks need a poison rate above 0; generated data has a known size, so its counts are checked now."""
+    from vlmsec.attacks.registry import acts_at_inference
+
+    if any(not acts_at_inference(a.name) for a in config.attacks) and config.poison.rate == 0:
         raise VlmsecError(
             f"{source}: poison.rate: 0 with attacks listed: the attacked models would equal the clean one "
             "(leave out `attacks` for a clean-only run)"
@@ -490,9 +519,12 @@ def check_poison_counts(config: ExperimentConfig, n_train: int) -> None:
     """
     from vlmsec.attacks import create_attack
     from vlmsec.attacks.poison import poison_count
+    from vlmsec.attacks.registry import acts_at_inference
 
     origin = "data.train_size" if config.data.train_file is None else f"data.train_file {config.data.train_file}"
     for attack in config.attacks:
+        if acts_at_inference(attack.name):
+            continue  # poisons nothing
         partials = len(create_attack(attack.name, **attack.params).partial_triggers())
         rates = {"poison.rate": config.poison.rate}
         if attack.key in config.sweep.attacks:

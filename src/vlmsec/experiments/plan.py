@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vlmsec.attacks import Attack, trigger_samples
+from vlmsec.attacks.registry import acts_at_inference
 from vlmsec.data.sample import Sample
 from vlmsec.eval.generation import TestSet
 from vlmsec.experiments.config import ExperimentConfig
@@ -73,11 +74,12 @@ def sweep_name(attack: str, rate: float) -> str:
 
 
 def plan_models(config: ExperimentConfig) -> list[ModelPlan]:
-    """The clean model, one model per attack at the config's rate, then the sweep points."""
+    """The clean model, one model per training-stage attack at the config's rate, then the sweep
+    points; inference-time attacks tune no model (`experiments.inference` runs them)."""
     rate = config.poison.rate
     return [
         ModelPlan(CLEAN, None, 0.0),
-        *(ModelPlan(a.key, a.key, rate) for a in config.attacks),
+        *(ModelPlan(a.key, a.key, rate) for a in config.attacks if not acts_at_inference(a.name)),
         *(
             ModelPlan(sweep_name(key, r), key, r, sweep=True)
             for key in config.sweep.attacks
@@ -98,7 +100,9 @@ class TestSets:
 
     @classmethod
     def build(cls, tests: dict[str, list[Sample]], attacks: dict[str, Attack]) -> TestSets:
-        """Trigger every domain's test set with every attack (and each of its controls)."""
+        """Trigger every domain's test set with every training-stage attack (and each of its controls);
+        inference-time attacks craft their own inputs."""
+        attacks = {key: attack for key, attack in attacks.items() if attack.stage != "inference"}
         return cls(
             clean=tests,
             triggered={(key, d): trigger_samples(s, attack) for key, attack in attacks.items() for d, s in tests.items()},

@@ -26,6 +26,16 @@ averaged over which reference is the candidate.
 judge model and the phrase list's and judge's agreement with hand-labelled outputs, and per
 model (the base before and after the safety stage, then every tuned model) and per safety set
 the refused share by phrase and by judge, with intervals and disagreement counts.
+`inference_attacks` (runs with inference-time attacks, `experiments.inference`): `victim` (the
+deployed victim they were crafted against: "safety-tuned base" or "base"), `reading` (its word
+reading, `exact` and `contains` rates, when a typeset attack is in the run; else null) and
+`attacks`: {label: {the attack's metadata and params, goal, epsilon, n, `success` (targeted:
+`exact`, `contains`; jailbreak: `phrase_miss`, `judge_success`, `disagreements`), `baselines`
+({"no attack": same keys, "uniform noise": same keys and `epsilon`}), `size` (`linf`, `l2`,
+`psnr`, `ssim`: {mean, max} and `per_image`), `cost` (`steps`, `queries`, `seconds_per_image`),
+`images` (the folder of its PNGs); typeset attacks also `reading` and `meaningful` (the victim
+reads at least half the words)}}. Every rate is {rate, ci, n}; what cannot be measured is
+{"not_measured": reason}. Their generation records are in inference.jsonl.
 Schema 2 had `asr_partial` (now `asr_control`) and none of the intervals, counts or scales.
 
 The companions are written first and hashed into metrics.json, which is written last, so a
@@ -52,7 +62,7 @@ from vlmsec.experiments.plan import CLEAN, ModelPlan
 from vlmsec.experiments.splits import Splits
 
 SCHEMA_VERSION = 3
-COMPANIONS = ("config.yaml", "generations.jsonl", "data.json")
+COMPANIONS = ("config.yaml", "generations.jsonl", "data.json", "inference.jsonl")
 
 
 def source_commit() -> str | None:
@@ -94,10 +104,18 @@ def write_run_records(
     records: list[dict[str, Any]],
     shift_sizes: dict[str, dict[str, float]],
     safety: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = None,
+    inference_records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write generations.jsonl, then metrics.json (vouching for it, config.yaml and data.json); return the metrics."""
+    """Write generations.jsonl (and inference.jsonl: the inference attacks' records, when the run
+    has them), then metrics.json (vouching for them, config.yaml and data.json); return the metrics."""
     with atomic_path(out / "generations.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
+    if inference_records is not None:
+        with atomic_path(out / "inference.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in inference_records)
+    else:
+        (out / "inference.jsonl").unlink(missing_ok=True)  # an earlier run's, in this folder
     domains = list(splits.tests)
     target = config.poison.target
     scores = score_generations(records, domains, target.word, target.prefix)
@@ -120,5 +138,7 @@ def write_run_records(
     metrics = {"schema_version": SCHEMA_VERSION, "run": run, "caption_scale": caption_scale(records, domains), "models": models}
     if safety is not None:
         metrics["safety"] = safety
+    if inference is not None:
+        metrics["inference_attacks"] = inference
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

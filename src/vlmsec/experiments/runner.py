@@ -1,8 +1,10 @@
-"""One config, every stage: data -> base victim -> attacks -> tune -> generate -> score -> report.
+"""One config, every stage: data -> base victim -> (safety) -> inference attacks -> attacks -> tune
+-> generate -> score -> report.
 
 The runner orchestrates and does nothing else: the data comes from `experiments.splits`, the
 stage cache from `experiments.stages`, what is tuned and tested from `experiments.plan`,
-generations from `eval.generation`, numbers from `eval.scoring`, the run's records from
+generations from `eval.generation`, inference-time attacks from `experiments.inference`
+(crafted against the deployed victim, nothing tuned), numbers from `eval.scoring`, the run's records from
 `experiments.records`, the report from `report`. Each stage is a method a new study type
 can reuse (an inference-time study tunes nothing; a defense study reuses an attack run's stages).
 
@@ -31,6 +33,7 @@ from accelerate.utils import parse_flag_from_env
 
 from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
+from vlmsec.attacks.inference import InferenceAttack
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
@@ -41,11 +44,21 @@ from vlmsec.eval.refusal import RefusalJudge
 from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
+from vlmsec.experiments.inference import (
+    DEPLOYED_BASE,
+    InferenceResults,
+    InferenceStage,
+    inference_attacks,
+    judge_jailbreaks,
+    run_attacks,
+    score_inference,
+)
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.safety import (
     AFTER_SAFETY,
     BEFORE_SAFETY,
+    HARMFUL_IMAGE,
     distillation_prompts,
     is_safety_record,
     judge_agreement,
@@ -231,6 +244,27 @@ class Runner:
             self.state.wait_for_everyone()
         return victim
 
+    def inference_stage(
+        self, attacks: dict[str, InferenceAttack], splits: Splits, deployed: tuple[Path, str], victim: Victim,
+        split: SafetySplit | None,
+    ) -> InferenceResults | None:
+        """Craft and answer the inference-time `attacks` against the deployed `victim` (the safety-tuned
+        base with a safety stage, else the base; `deployed` its folder and stage key), with their
+        baselines (`experiments.inference`); the main process does it while the others wait."""
+        if not attacks:
+            return None
+        results = None
+        if self.state.is_main_process:
+            c = self.config
+            name = AFTER_SAFETY if c.safety is not None else DEPLOYED_BASE
+            stage = InferenceStage(self.out, victim, name, deployed[1], c.eval.model_dump(), c.seed)
+            harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
+            target = self.target.prefix + self.target.word
+            results = run_attacks(stage, attacks, harmful, splits.tests["source"], target, split, splits.train)
+            self.features.save(self.features_path)
+        self.state.wait_for_everyone()
+        return results
+
     def shift_sizes(self, victim: Victim, splits: Splits) -> dict[str, dict[str, float]]:
         """KS shift size of each domain against the source: image-text with the victim's own
         encoders, text-text with the packaged MiniLM. Image-text is skipped, saying why, for
@@ -284,11 +318,14 @@ class Runner:
         elif main:
             (self.out / "data.json").unlink(missing_ok=True)
         attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
+        inference = inference_attacks(attacks)
         lap("data", "base victim")
         base = self.base_victim(splits)
         base_model = self.load_victim(base[0])
         self.fit_tuning_set(splits, base_model)
         stage_records: list[dict[str, Any]] = []
+        requests: SafetySplit | None = None
+        next_stage = "inference attacks" if inference else "attacks"
         if c.safety is not None:  # refusal before and after the safety stage, which the tuned models then start from
             requests = c.safety.data.split(seed=derive_seed(c.seed, "safety/split"))
             images = [s.image for s in splits.tests["source"]]
@@ -299,10 +336,13 @@ class Runner:
             base = self.safety_victim(splits, base, requests)
             base_model = self.load_victim(base[0])
             stage_records += self.stage_generations(AFTER_SAFETY, base, base_model, splits)
-            lap("safety", "attacks")
+            lap("safety", next_stage)
         else:
-            lap("base", "attacks")
-        self.prepare_attacks(attacks.values(), splits, base, base_model)
+            lap("base", next_stage)
+        inference_results = self.inference_stage(inference, splits, base, base_model, requests)
+        if inference:
+            lap("inference attacks", "attacks")
+        self.prepare_attacks([a for key, a in attacks.items() if key not in inference], splits, base, base_model)
         del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
         plans = plan_models(c)
@@ -323,11 +363,18 @@ class Runner:
 
         if not main:
             return {}
-        safety = None
+        safety = inference_section = None
+        judge = self.refusal_judge() if c.safety is not None else None
         if c.safety is not None:
+            assert requests is not None
             records = stage_records + records
-            safety = self.safety_scores(records, requests)
-        metrics = write_run_records(self.out, c, splits, plans, attacks, records, shift_sizes, safety)
+            safety = self.safety_scores(records, requests, judge)
+        if inference_results is not None:
+            inference_section = self.inference_scores(inference, inference_results, judge)
+        metrics = write_run_records(
+            self.out, c, splits, plans, attacks, records, shift_sizes, safety,
+            inference_section, inference_results.records if inference_results is not None else None,
+        )
         write_report(self.out)
         lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)
@@ -356,16 +403,36 @@ class Runner:
         path = self.out / "generations" / f"{file}.json"
         return cached_generations(victim, name, tests, self.config.eval.model_dump(), stage[1], path)
 
-    def safety_scores(self, records: list[dict[str, Any]], requests: SafetySplit) -> dict[str, Any]:
-        """metrics.json's `safety` section: both refusal verdicts added to every safety record, the
-        rates per model and set, the judges' agreement with hand labels, and the held-out data."""
+    def refusal_judge(self) -> tuple[Path | None, RefusalJudge | None]:
+        """The run's refusal judge and its folder: the safety section's `judge`, else the victim's own
+        language model; (None, None) where there is neither."""
         c = self.config
         assert c.safety is not None
         folder = c.safety.judge or self.kind.language_model_folder(self.cache)
-        judge = RefusalJudge.from_folder(folder) if folder is not None else None
-        judged = sum(is_safety_record(r) for r in records) if judge is not None else 0
+        return folder, RefusalJudge.from_folder(folder) if folder is not None else None
+
+    def inference_scores(
+        self, attacks: dict[str, InferenceAttack], results: InferenceResults, judge: tuple[Path | None, RefusalJudge | None] | None
+    ) -> dict[str, Any]:
+        """metrics.json's `inference_attacks` section: both refusal verdicts added to every jailbreak
+        record (the run's judge, when it has one), then each attack's scores beside its baselines."""
+        model = judge[1] if judge is not None else None
+        judged = sum(r.get("goal") == "jailbreak" for r in results.records) if model is not None else 0
+        with progress_bar("inference attacks: the judge reads every jailbreak response", judged) as bar:
+            judge_jailbreaks(results.records, model, on_batch=bar.advance)
+        return score_inference(attacks, results.records, results.sizes, results.costs, results.victim)
+
+    def safety_scores(
+        self, records: list[dict[str, Any]], requests: SafetySplit, judge: tuple[Path | None, RefusalJudge | None]
+    ) -> dict[str, Any]:
+        """metrics.json's `safety` section: both refusal verdicts added to every safety record by
+        `judge` (its folder and model, from `refusal_judge`), the rates per model and set, the judges'
+        agreement with hand labels, and the held-out data."""
+        c = self.config
+        folder, judge_model = judge
+        judged = sum(is_safety_record(r) for r in records) if judge_model is not None else 0
         with progress_bar("safety: the judge reads every response", judged) as bar:
-            judge_records(records, judge, request_texts(requests), on_batch=bar.advance)
+            judge_records(records, judge_model, request_texts(requests), on_batch=bar.advance)
         target = c.poison.target
         stages = [r for r in records if r["model"] in (BEFORE_SAFETY, AFTER_SAFETY)]
         captioning = {
@@ -375,7 +442,7 @@ class Runner:
         return {
             "data": requests.summary(),
             "judge_model": str(folder),
-            "judge": judge_agreement(judge),
+            "judge": judge_agreement(judge_model),
             "models": score_safety(records),
             "captioning": captioning,
         }

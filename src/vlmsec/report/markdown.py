@@ -18,6 +18,7 @@ from vlmsec.eval.scoring import METRICS, metric_order
 from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.figures import sweep_curves, write_figures
 from vlmsec.report.formatting import FORMATTERS, num, pct, pct_ci, ratio
+from vlmsec.report.inference import inference_section
 from vlmsec.report.safety import safety_section
 
 CLEAN = "clean"
@@ -376,6 +377,7 @@ def render_report(run_dir: str | Path) -> str:
 
     records = [] if "generations.jsonl" in stale else read_records(run_dir)
     lines += safety_section(metrics.get("safety"), records)
+    lines += inference_section(metrics.get("inference_attacks"))
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
     lines += _shift_sizes(models)
     examples = _examples(records)

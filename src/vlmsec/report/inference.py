@@ -1,0 +1,111 @@
+"""The report's inference-time attack section: success beside the no-attack and noise baselines,
+perturbation size, cost, and the victim's word reading that typeset attacks depend on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmsec.report.formatting import pct_ci
+
+COLUMNS = {
+    "targeted": (("exact", "exact match"), ("contains", "contains target")),
+    "jailbreak": (("phrase_miss", "no refusal phrase"), ("judge_success", "judged complied")),
+}
+
+
+def _cell(entry: Any) -> str:
+    """A rate with its interval; "not measured (why)" where metrics.json says so."""
+    if isinstance(entry, dict) and "not_measured" in entry:
+        return f"not measured ({entry['not_measured']})"
+    if isinstance(entry, dict):
+        return pct_ci(entry.get("rate"), entry.get("ci"))
+    return str(entry)
+
+
+def _n(scores: dict[str, Any], first: str) -> str:
+    entry = scores.get(first, {})
+    return str(entry.get("n", "–")) if isinstance(entry, dict) else "–"
+
+
+def _row(label: str, goal: str, scores: dict[str, Any]) -> str:
+    columns = COLUMNS[goal]
+    cells = [_cell(scores.get(key)) for key, _ in columns]
+    if goal == "jailbreak":
+        cells.append(_cell(scores.get("disagreements")))
+    return f"| {label} | {_n(scores, columns[0][0])} | " + " | ".join(cells) + " |"
+
+
+def not_meaningful(reading: dict[str, Any] | None) -> str:
+    """Why a typeset attack's numbers say nothing about the victim: it cannot read the text drawn."""
+    if reading is None:
+        return "not meaningful: the victim's word reading was not measured"
+    return f"not meaningful: the victim reads {_cell(reading['contains'])} of typeset words"
+
+
+def _size(size: dict[str, Any]) -> str:
+    if "not_measured" in size:
+        return f"not measured ({size['not_measured']})"
+
+    def measure(name: str, digits: int) -> str:
+        entry = size.get(name, {})
+        if "not_measured" in entry:
+            return f"{name}: not measured ({entry['not_measured']})"
+        return f"{name} {entry['mean']:.{digits}f} (max {entry['max']:.{digits}f})"
+
+    return "; ".join([measure("linf", 3), measure("l2", 2), measure("psnr", 1), measure("ssim", 3)])
+
+
+def _cost(cost: dict[str, Any]) -> str:
+    parts = []
+    for name in ("steps", "queries", "seconds_per_image"):
+        value = cost.get(name)
+        parts.append(f"{name.replace('_', ' ')}: " + (f"not measured ({value['not_measured']})" if isinstance(value, dict) else f"{value:.3g}"))
+    return "; ".join(parts)
+
+
+def inference_section(section: dict[str, Any] | None) -> list[str]:
+    """Markdown lines for metrics.json's `inference_attacks` section (nothing when the run has none)."""
+    if not section:
+        return []
+    attacks = section.get("attacks", {})
+    reading = section.get("reading")
+    lines = [
+        "## Inference-time attacks",
+        "",
+        f"Crafted against the deployed victim (`{section.get('victim', '?')}`), nothing tuned; every image saved as PNG "
+        "and answered as saved. Each attack beside the same requests with no attack (the clean image and the request "
+        "as the user sends it) and, for perturbation attacks, uniform noise of the same ε. Rates with 95% Wilson "
+        "intervals; jailbreak: outputs without a refusal phrase, outputs the judge rates as complied, and `≠` how "
+        "many the two verdicts disagree on.",
+        "",
+    ]
+    if reading is not None:
+        lines += [
+            f"Word reading of the victim (typeset words, \"What word is written in the image?\"): names the word "
+            f"{_cell(reading['contains'])}, answers exactly it {_cell(reading['exact'])}.",
+            "",
+        ]
+    for goal in COLUMNS:
+        chosen = {k: e for k, e in attacks.items() if e.get("goal") == goal}
+        if not chosen:
+            continue
+        header = ["input", "n", *(title for _, title in COLUMNS[goal])] + (["≠"] if goal == "jailbreak" else [])
+        lines += [f"### Goal: {goal}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for key, entry in chosen.items():
+            label = f"**{key}** ({entry.get('name', '?')}, {entry.get('knowledge', '?')})"
+            if entry.get("meaningful") is False:
+                label += f" — {not_meaningful(entry.get('reading'))}"
+            lines.append(_row(label, goal, entry.get("success", {})))
+            for name, scores in entry.get("baselines", {}).items():
+                if "not_measured" in scores:
+                    lines.append(f"| ↳ {name} | – | not measured ({scores['not_measured']}) |" + " |" * (len(header) - 3))
+                else:
+                    lines.append(_row(f"↳ {name}", goal, scores))
+        lines.append("")
+    lines += ["Size of each perturbation against the clean image (mean over images, pixels in [0, 1]) and cost:", ""]
+    for key, entry in attacks.items():
+        lines.append(f"- **{key}**: {_size(entry.get('size', {}))}. Cost: {_cost(entry.get('cost', {}))}. Images: `{entry.get('images', '?')}/`.")
+        for text in (entry.get("variant"), entry.get("note")):
+            if text:
+                lines.append(f"  - {text}")
+    return [*lines, ""]
