@@ -176,6 +176,8 @@ def test_a_jailbreak_attack_without_a_safety_section_is_a_config_error() -> None
 def test_inference_attacks_tune_no_model() -> None:
     config = parse_config({"attacks": [{"name": "typographic"}, {"name": "badnets"}], "poison": {"rate": 0.1}}, "test")
     assert [p.name for p in plan_models(config)] == ["clean", "badnets"]
+    alone = parse_config({"attacks": [{"name": "typographic"}], "poison": {"rate": 0.0}}, "test")
+    assert plan_models(alone) == []  # nothing to compare a tuned model with: the deployed victim is attacked as is
     assert parse_config({"attacks": [{"name": "typographic"}], "poison": {"rate": 0.0}}, "test").poison.rate == 0.0
 
 
@@ -185,7 +187,7 @@ def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def inference_run(folder: Path) -> dict:
-    """A clean-only run around the tiny Llama with a short safety stage, a figstep and a typographic attack."""
+    """An inference-only run around the tiny Llama with a short safety stage, a figstep and a typographic attack."""
     return {
         "name": "inference",
         "data": {"base_size": 16, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
@@ -210,7 +212,7 @@ def test_a_run_crafts_answers_and_scores_inference_attacks_against_the_deployed_
     monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")
     run = tmp_path / "run"
     metrics = Runner(parse_config(inference_run(llama_folder), "test"), run, tmp_path / "cache").run()
-    assert list(metrics["models"]) == ["clean"]  # nothing tuned for an inference attack
+    assert metrics["models"] == {}  # an inference-only study tunes nothing, not even a clean model
     section = metrics["inference_attacks"]
     assert section["victim"] == AFTER_SAFETY
     assert section["reading"]["contains"]["n"] == len(READING_WORDS)

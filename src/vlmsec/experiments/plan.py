@@ -75,8 +75,11 @@ def sweep_name(attack: str, rate: float) -> str:
 
 def plan_models(config: ExperimentConfig) -> list[ModelPlan]:
     """The clean model, one model per training-stage attack at the config's rate, then the sweep
-    points; inference-time attacks tune no model (`experiments.inference` runs them)."""
+    points; inference-time attacks tune no model (`experiments.inference` runs them), so a study
+    of inference-time attacks alone plans none: the deployed victim is attacked as it is."""
     rate = config.poison.rate
+    if config.attacks and all(acts_at_inference(a.name) for a in config.attacks):
+        return []
     return [
         ModelPlan(CLEAN, None, 0.0),
         *(ModelPlan(a.key, a.key, rate) for a in config.attacks if not acts_at_inference(a.name)),

@@ -346,7 +346,7 @@ class Runner:
         del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
         plans = plan_models(c)
-        lap("attacks", f"tune {plans[0].name}")
+        lap("attacks", f"tune {plans[0].name}" if plans else "score and report")
 
         records: list[dict[str, Any]] = []
         shift_sizes: dict[str, dict[str, float]] = {}
