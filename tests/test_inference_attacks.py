@@ -203,6 +203,7 @@ def inference_run(folder: Path) -> dict:
         "poison": {"rate": 0.0},
         "attacks": [{"name": "figstep"}, {"name": "typographic", "label": "inject", "params": {"position": "top"}}],
         "eval": {"max_new_tokens": 8, "batch_size": 16, "shift_size": False},
+        "inference": {"requests": 3},  # of 5 held-out harmful requests and 4 source test samples
     }
 
 
@@ -217,15 +218,15 @@ def test_a_run_crafts_answers_and_scores_inference_attacks_against_the_deployed_
     assert section["victim"] == AFTER_SAFETY
     assert section["reading"]["contains"]["n"] == len(READING_WORDS)
     figstep, inject = section["attacks"]["figstep"], section["attacks"]["inject"]
-    assert figstep["goal"] == "jailbreak" and figstep["n"] == 5 and figstep["knowledge"] == "black-box"
+    assert figstep["goal"] == "jailbreak" and figstep["n"] == 3 and figstep["knowledge"] == "black-box"
     assert set(figstep["success"]) == {"phrase_miss", "judge_success", "disagreements"}
-    assert figstep["success"]["phrase_miss"]["n"] == 5 and figstep["success"]["judge_success"]["n"] == 5
-    assert figstep["baselines"][NO_ATTACK]["phrase_miss"]["n"] == 5
+    assert figstep["success"]["phrase_miss"]["n"] == 3 and figstep["success"]["judge_success"]["n"] == 3
+    assert figstep["baselines"][NO_ATTACK]["phrase_miss"]["n"] == 3
     assert "not_measured" in figstep["baselines"]["uniform noise"]  # not a perturbation attack
     assert "not_measured" in figstep["size"]  # the typeset list replaces the image
-    assert inject["goal"] == "targeted" and inject["n"] == 4
-    assert {"exact", "contains"} == set(inject["success"]) and inject["baselines"][NO_ATTACK]["contains"]["n"] == 4
-    assert 0 < inject["size"]["linf"]["mean"] <= 1 and len(inject["size"]["per_image"]) == 4
+    assert inject["goal"] == "targeted" and inject["n"] == 3
+    assert {"exact", "contains"} == set(inject["success"]) and inject["baselines"][NO_ATTACK]["contains"]["n"] == 3
+    assert 0 < inject["size"]["linf"]["mean"] <= 1 and len(inject["size"]["per_image"]) == 3
     assert inject["cost"]["steps"] == 0 and inject["cost"]["seconds_per_image"] > 0
     assert "meaningful" in inject and "meaningful" in figstep
 

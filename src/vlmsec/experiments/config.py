@@ -274,6 +274,15 @@ class EvalSpec(_Strict):
     shift_size: bool = Field(True, description="KS shift size of each domain against the source (clean model, MiniLM)")
 
 
+class InferenceSpec(_Strict):
+    """How inference-time attacks are run: on how many requests (the optimisation attacks cost
+    hundreds of forward and backward passes per image on a CPU)."""
+
+    requests: int | None = Field(
+        None, ge=1, description="each inference-time attack runs on the first n requests of its goal's test set; null: all"
+    )
+
+
 class SweepSpec(_Strict):
     """A poison-rate sweep: these attacks are also tuned at each rate and tested on the source domain."""
 
@@ -308,6 +317,7 @@ class ExperimentConfig(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     safety: SafetySpec | None = Field(None, description="a safety stage after the base stage, and refusal rates for every model")
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
 
     @field_validator("victim", mode="before")
     @classmethod

@@ -260,7 +260,8 @@ class Runner:
             stage = InferenceStage(self.out, victim, name, deployed[1], c.eval.model_dump(), c.seed)
             harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
             target = self.target.prefix + self.target.word
-            results = run_attacks(stage, attacks, harmful, splits.tests["source"], target, split, splits.train)
+            n = c.inference.requests  # None: every request
+            results = run_attacks(stage, attacks, harmful[:n], splits.tests["source"][:n], target, split, splits.train)
             self.features.save(self.features_path)
         self.state.wait_for_everyone()
         return results
