@@ -16,9 +16,12 @@ from vlmsec.attacks.wanet import WaNet, identity_grid
 from vlmsec.errors import VlmsecError
 
 NEW_ATTACKS = ["wanet", "sig", "lowfrequency_noise", "ftrojan"]
-# Attacks that learn their trigger in `prepare` (the runner's rule) are tested prepared, in their own files.
+# Attacks that learn their trigger in `prepare` (the runner's rule) are tested prepared, in their own files;
+# inference-time attacks craft whole inputs (`craft`) and plant no trigger.
 IMAGE_ATTACKS = sorted(
-    name for name, cls in ATTACKS.items() if cls.modality == "image" and cls.prepare is Attack.prepare
+    name
+    for name, cls in ATTACKS.items()
+    if cls.modality == "image" and cls.stage == "training" and cls.prepare is Attack.prepare
 )
 SIZES = [(48, 80), (224, 224), (33, 17)]
 

@@ -202,10 +202,8 @@ def quantise(images: torch.Tensor, clean: Sequence[np.ndarray], epsilon: float |
     if epsilon is None:
         return quantised
     budget = uint8_budget(epsilon)
-    return [
-        np.clip(q.astype(np.int16), c.astype(np.int16) - budget, c.astype(np.int16) + budget).clip(0, 255).astype(np.uint8)
-        for q, c in zip(quantised, clean, strict=True)
-    ]
+    low_high = [(c.astype(np.int16) - budget, c.astype(np.int16) + budget) for c in clean]
+    return [np.clip(q, low, high).astype(np.uint8) for q, (low, high) in zip(quantised, low_high, strict=True)]
 
 
 class PgdAttack(InferenceAttack):
@@ -235,7 +233,7 @@ class PgdAttack(InferenceAttack):
     def _victim(self, victim: Victim | None) -> Victim:
         """`victim`, checked for pixel gradients; a VlmsecError without one."""
         if victim is None:
-            raise VlmsecError(f"attack {self.name!r} is white-box: it needs the victim's pixel gradients, got no victim")
+            raise VlmsecError(f"attack {self.name!r} is white-box: it needs the victim's pixel gradients; got no victim")
         victim.check_pixel_gradients(self.name)
         return victim
 
