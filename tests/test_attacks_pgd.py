@@ -138,6 +138,15 @@ def test_deterministic_under_seed(samples: list[Sample], victim: LlavaVictim) ->
     assert not np.array_equal(first[0], other[0])
 
 
+def test_craft_leaves_the_victim_as_it_was(samples: list[Sample], victim: LlavaVictim) -> None:
+    flags = [p.requires_grad for p in victim.model.parameters()]
+    victim.model.train()
+    create_attack("pgd", steps=1).craft(requests(samples[:1]), victim)
+    assert victim.model.training and [p.requires_grad for p in victim.model.parameters()] == flags
+    assert any(flags) and not all(flags)  # the LM trainable, the tower frozen: both restored
+    victim.model.eval()
+
+
 def test_requests_of_different_sizes_are_each_optimised_at_their_own(
     samples: list[Sample], victim: LlavaVictim
 ) -> None:
