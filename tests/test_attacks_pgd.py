@@ -139,11 +139,13 @@ def test_deterministic_under_seed(samples: list[Sample], victim: LlavaVictim) ->
 
 
 def test_craft_leaves_the_victim_as_it_was(samples: list[Sample], victim: LlavaVictim) -> None:
+    victim.model.lm_head.requires_grad_(True)  # some weights trainable, others frozen: both restored
     flags = [p.requires_grad for p in victim.model.parameters()]
+    assert any(flags) and not all(flags)
     victim.model.train()
     create_attack("pgd", steps=1).craft(requests(samples[:1]), victim)
     assert victim.model.training and [p.requires_grad for p in victim.model.parameters()] == flags
-    assert any(flags) and not all(flags)  # the LM trainable, the tower frozen: both restored
+    victim.model.lm_head.requires_grad_(False)
     victim.model.eval()
 
 
