@@ -104,7 +104,6 @@ def test_targeted_pgd_makes_the_victim_say_the_target(samples: list[Sample], vic
     # Target: the shortest thing the victim says for another scene, which it does not say for the first.
     target = min((answer for answer in clean if answer != clean[0]), key=len)
     sample = samples[0]
-    assert answers(victim, [sample.image], [sample.instruction]) != [target]
     attack = create_attack("pgd", epsilon=None, steps=80, seed=0)  # succeeded under seeds 0-5
     (crafted,) = attack.craft([AttackRequest(sample.id, sample.instruction, sample.image, target)], victim)
     assert crafted.id == sample.id and crafted.instruction == sample.instruction
