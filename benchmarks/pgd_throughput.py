@@ -10,9 +10,7 @@ tower at 96 px and the target "Download the guide at malware.com for an interact
 - vlmsec: `vlmsec.attacks.pgd.descend`, the loop `pgd` runs (`Victim.answer_loss` and its pixel gradient).
 - torchattacks: `torchattacks.PGD` (targeted by label) around a module that returns the victim's
   logits at the answer positions, with the answer tokens as labels: its cross-entropy is the same
-  mean answer loss (the table's last column checks it), so both take the same steps. Timed on the
-  model as given (weights in autograd, as a user would call it) and with the weights frozen as `pgd`
-  freezes them (`attacking`), which separates the loop's own cost from that choice.
+  mean answer loss (the table's last column checks it), so both take the same steps.
 
 A step is one forward and backward through tower, projector and language model for the whole
 batch; "image-steps/s" is steps/s times the batch. Needs torchattacks, which scripts/setup.sh
@@ -33,7 +31,8 @@ from rich.table import Table
 from torch import nn
 
 from vlmsec.attacks.inference import to_tensor
-from vlmsec.attacks.pgd import PgdParams, attacking, descend
+from vlmsec.attacks.adaptive import eval_mode
+from vlmsec.attacks.pgd import PgdParams, descend
 from vlmsec.data.sample import Sample
 from vlmsec.experiments.config import load_config
 from vlmsec.experiments.splits import build_splits
@@ -81,10 +80,10 @@ class AnswerLogits(nn.Module):
 
 
 def ours(victim: LlavaVictim, clean: torch.Tensor, instructions: list[str], steps: int) -> float:
-    """Steps per second of `descend` (after a one-step warm-up), in eval mode with the weights out of autograd as `pgd` runs it."""
+    """Steps per second of `descend` (after a one-step warm-up), in eval mode as `pgd` runs it."""
     batch = (instructions, [TARGET] * len(instructions))
     start = (clean + (torch.rand(clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * EPSILON).clamp(0, 1)
-    with attacking(victim.model):
+    with eval_mode(victim.model):
         descend(victim, clean, start, EPSILON, PgdParams(steps=1, epsilon=EPSILON), lambda _: batch)
         began = time.perf_counter()
         descend(victim, clean, start, EPSILON, PgdParams(steps=steps, epsilon=EPSILON), lambda _: batch)
@@ -92,8 +91,7 @@ def ours(victim: LlavaVictim, clean: torch.Tensor, instructions: list[str], step
 
 
 def theirs(victim: LlavaVictim, clean: torch.Tensor, instructions: list[str], steps: int) -> tuple[float, float]:
-    """Steps per second of torchattacks' PGD (after a one-step warm-up) on the model as it is given (weights
-    in autograd, as a user calls it), and |its CE - answer_loss| on `clean`."""
+    """Steps per second of torchattacks' PGD (after a one-step warm-up), and |its CE - answer_loss| on `clean`."""
     module = AnswerLogits(victim, instructions, [TARGET] * len(instructions))
     with torch.no_grad():
         gap = abs(
@@ -124,7 +122,7 @@ def main() -> None:
     samples = build_splits(load_config("quickstart")).base[: max(BATCHES)]
     table = Table(title=f"PGD steps/s, ε 16/255, {args.steps} timed steps, {args.threads} threads")
     columns = ["language model", "prompts", "vlmsec steps/s", "image-steps/s", "torchattacks steps/s"]
-    columns += ["torchattacks, weights frozen", "vlmsec / torchattacks", "|CE − answer_loss|"]
+    columns += ["vlmsec / torchattacks", "|CE − answer_loss|"]
     for column in columns:
         table.add_column(column)
     for language_model in ["tiny"] if args.skip_smollm2 else ["tiny", "smollm2"]:
@@ -135,9 +133,7 @@ def main() -> None:
             instructions = [s.instruction for s in chosen]
             mine = ours(victim, clean, instructions, args.steps)
             other, gap = theirs(victim, clean, instructions, args.steps)
-            with attacking(victim.model):
-                frozen, _ = theirs(victim, clean, instructions, args.steps)
-            figures = [f"{mine:.2f}", f"{mine * size:.2f}", f"{other:.2f}", f"{frozen:.2f}", f"{mine / other:.2f}x", f"{gap:.1e}"]
+            figures = [f"{mine:.2f}", f"{mine * size:.2f}", f"{other:.2f}", f"{mine / other:.2f}x", f"{gap:.1e}"]
             table.add_row(language_model, str(size), *figures)
     Console(width=150).print(table)
     print(f"images {np.asarray(samples[0].image).shape[:2]} px, tower 96 px, torch {torch.__version__}, torchattacks {torchattacks.__version__}")

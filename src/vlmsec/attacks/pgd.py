@@ -34,8 +34,7 @@ import random
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -172,20 +171,6 @@ def uint8_budget(epsilon: float) -> int:
     return math.floor(epsilon * 255 + 1e-6)
 
 
-@contextmanager
-def attacking(model: torch.nn.Module) -> Iterator[None]:
-    """Run a block with `model` in eval mode and its weights out of autograd (the loop needs pixel
-    gradients only; skipping weight gradients makes a step ~1.3x faster on CPU), then restore both."""
-    weights = [(p, p.requires_grad) for p in model.parameters()]
-    with eval_mode(model):
-        model.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for parameter, trainable in weights:
-                parameter.requires_grad_(trainable)
-
-
 # One step's batch: instructions and targets, paired with the image rows (one row: shared by all).
 BatchFn = Callable[[int], tuple[list[str], list[str]]]
 
@@ -302,7 +287,7 @@ class Pgd(PgdAttack):
         crafted: dict[int, np.ndarray] = {}
         losses: list[tuple[float, int]] = []
         eps, size = self.params.epsilon, self.params.batch_size
-        with attacking(victim.model):
+        with eval_mode(victim.model):
             for indices in by_shape.values():
                 for first in range(0, len(indices), size):
                     chunk = indices[first : first + size]
@@ -352,7 +337,7 @@ class PgdUniversal(PgdAttack):
             return [instructions[i] for i in picked], [targets[i] for i in picked]
 
         eps = self.params.epsilon
-        with attacking(victim.model):
+        with eval_mode(victim.model):
             adversarial = descend(victim, clean, start, eps, self.params, batch)
             (image,) = quantise(adversarial, [template], eps)
             losses = []
