@@ -115,6 +115,15 @@ def test_quickstart_preset_loads() -> None:
     assert config.data.train_file is None and config.victim.checkpoint is None
 
 
+def test_the_attacks_preset_shares_the_smollm2_stages_and_tunes_nothing() -> None:
+    from vlmsec.experiments.plan import plan_models
+
+    study, attacks = load_config("smollm2"), load_config("smollm2-attacks")
+    for part in ("data", "victim", "base", "safety", "seed"):  # what the base and safety stage keys are made of
+        assert getattr(attacks, part) == getattr(study, part), part
+    assert plan_models(attacks) == [] and attacks.inference.requests is not None
+
+
 def test_presets_command_lists_quickstart() -> None:
     result = CliRunner().invoke(app, ["presets"])
     assert result.exit_code == 0, result.output
