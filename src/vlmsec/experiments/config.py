@@ -134,6 +134,15 @@ class DataSpec(_Strict):
         default_factory=lambda: ["source", "paraphrased", "detailed"],
         description="instruction families the base victim learns (one name or a list); tuning uses the source domain's",
     )
+    # Left out of dumps when 0, so the config hash of a run without it is as it was.
+    base_reading: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        exclude_if=lambda value: value == 0,
+        description="share of the base split that is rendered-word reading samples (vlmsec.data.words), added to "
+        "the base captions so typographic attacks meet a victim that reads; 0 (none) by default",
+    )
     train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
     test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
     source: DomainSpec = Field(default_factory=DomainSpec)
@@ -411,6 +420,8 @@ def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None
     try:
         kind.check_files()
         kind.check_tuning(config.tuning.mode)
+        if config.data.base_reading and not kind.trains_base:
+            raise VlmsecError(f"data.base_reading: the {config.victim.kind} victim has no base stage to learn reading in")
         if config.safety is not None:
             kind.check_safety()
             _require_judge(config.safety.judge)
