@@ -51,6 +51,7 @@ HELD_OUT_SHARE = 0.2  # share of the other words held out of the reading samples
 # size is set smaller, down to MIN_FONT_SIZE pixels.
 FONT_SIZE_RANGE = (0.2, 0.34)
 MIN_FONT_SIZE = 7
+MIN_IMAGE_SIZE = 34  # the smallest image every packaged word fits at MIN_FONT_SIZE (a test checks it)
 MARGIN = 0.04  # of the image side, kept free around the word's box
 MAX_INK = 90  # ink channels are drawn from 0..MAX_INK: dark on every light background
 
@@ -104,7 +105,7 @@ def render_word(
         raise VlmsecError(f"render_word: background must be {size} x {size} x 3 uint8, got {background.shape} {background.dtype}")
     else:
         image = Image.fromarray(background)
-    low, high = (round(f * size) for f in FONT_SIZE_RANGE)
+    low, high = (max(round(f * size), MIN_FONT_SIZE) for f in FONT_SIZE_RANGE)
     points = int(rng.integers(low, high + 1)) if font_size is None else font_size
     if points < MIN_FONT_SIZE:
         raise VlmsecError(f"render_word: font_size must be >= {MIN_FONT_SIZE}, got {points}")
@@ -165,6 +166,15 @@ def reading_samples(
         if on_sample is not None:
             on_sample()
     return samples
+
+
+def sample_word(sample: Sample) -> str:
+    """The word a reading sample shows, read back from its answer (READING_ANSWER)."""
+    prefix, suffix = READING_ANSWER.split("{}")
+    word = sample.answer.removeprefix(prefix).removesuffix(suffix)
+    if sample.answer != READING_ANSWER.format(word) or not _WORD.fullmatch(word):
+        raise VlmsecError(f"sample {sample.id!r}: not a reading sample (answer {sample.answer!r})")
+    return word
 
 
 def reads_word(output: str, word: str) -> bool:

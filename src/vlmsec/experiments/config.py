@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from vlmsec.data.safety import SafetyDataSpec
+from vlmsec.data.words import MIN_IMAGE_SIZE as MIN_READING_SIZE
 from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
 from vlmsec.seeds import derive_seed
@@ -173,6 +174,14 @@ class DataSpec(_Strict):
         if not value:
             raise ValueError("needs at least one instruction family")
         return value
+
+    @model_validator(mode="after")
+    def _reading_needs_room(self) -> DataSpec:
+        if self.base_reading and self.image_size < MIN_READING_SIZE:
+            raise ValueError(
+                f"base_reading: words are typeset into images of at least {MIN_READING_SIZE} px; image_size is {self.image_size}"
+            )
+        return self
 
     @field_validator("test_files")
     @classmethod
@@ -418,10 +427,10 @@ def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None
     kind = victim_kind(config.victim)
     kind.resolve_paths(base_dir)
     try:
+        if config.data.base_reading and not kind.trains_base:
+            raise VlmsecError("data.base_reading: this victim is given by its files and has no base stage to learn reading in")
         kind.check_files()
         kind.check_tuning(config.tuning.mode)
-        if config.data.base_reading and not kind.trains_base:
-            raise VlmsecError(f"data.base_reading: the {config.victim.kind} victim has no base stage to learn reading in")
         if config.safety is not None:
             kind.check_safety()
             _require_judge(config.safety.judge)

@@ -1,0 +1,95 @@
+"""Can the embedded victim learn to read? Word-reading accuracy after a base stage with reading samples.
+
+    python benchmarks/reading.py [--share 0.2] [--data-size 64] [--victim-size 96] [--test-size 100]
+                                 [--cache runs/reading/cache]
+
+Trains the quickstart preset's base victim (frozen EfficientNet-Lite0 tower, projector, tiny LM
+from scratch) through the runner twice: without reading samples (the baseline, the preset as it
+is) and with `data.base_reading` = --share (rendered-word samples of `vlmsec.data.words` added to
+the base captions), at the data and tower image sizes given. Each victim then reads new
+renderings of words it trained on and of the held-out words it never saw typeset, and captions
+the source test scenes. Reading accuracy is the share of outputs that name the word
+(`reads_word`), with its 95% Wilson interval; captioning is the exact-caption rate and CIDEr, so
+a reading victim that lost its captions shows. Stages are cached in --cache (not $VLMSEC_CACHE,
+so nothing here lands beside a real run's stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vlmsec.data.sample import Sample
+from vlmsec.data.words import reading_samples, reads_word, sample_word
+from vlmsec.eval.metrics import wilson_interval
+from vlmsec.eval.scoring import METRICS
+from vlmsec.experiments.config import ExperimentConfig, load_config
+from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.splits import build_splits, reading_words
+from vlmsec.report.formatting import pct_ci
+from vlmsec.seeds import derive_seed
+from vlmsec.victims.base import Victim
+
+
+def accuracy(victim: Victim, samples: list[Sample], batch_size: int) -> tuple[str, list[str]]:
+    """The share of reading `samples` whose output names its word, with its interval; and the outputs."""
+    outputs = victim.generate([s.image for s in samples], [s.instruction for s in samples], 12, batch_size)
+    hits = sum(reads_word(output, sample_word(s)) for output, s in zip(outputs, samples))
+    return pct_ci(hits / len(samples), list(wilson_interval(hits, len(samples)))), outputs
+
+
+def captioning(victim: Victim, samples: list[Sample], config: ExperimentConfig) -> tuple[str, str]:
+    """Exact-caption rate (with its interval) and CIDEr on the source test scenes."""
+    images, prompts = [s.image for s in samples], [s.instruction for s in samples]
+    outputs = victim.generate(images, prompts, config.eval.max_new_tokens, config.eval.batch_size)
+    rows = [{"id": s.id, "output": o, "references": list(s.references)} for s, o in zip(samples, outputs)]
+    exact = METRICS.get("exact_caption").compute(rows, "")
+    hits = round(exact * len(rows))
+    return pct_ci(exact, list(wilson_interval(hits, len(rows)))), f"{METRICS.get('cider').compute(rows, ''):.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--share", type=float, default=0.2, help="data.base_reading of the reading victim")
+    parser.add_argument("--data-size", type=int, help="data.image_size (default: the preset's)")
+    parser.add_argument("--victim-size", type=int, help="victim.image_size, the tower's input (default: the preset's)")
+    parser.add_argument("--test-size", type=int, default=100, help="reading tests per word set")
+    parser.add_argument("--skip-baseline", action="store_true", help="only the victim with reading samples")
+    parser.add_argument("--cache", type=Path, default=Path("runs/reading/cache"))
+    args = parser.parse_args()
+    preset = load_config("quickstart")
+    data = preset.data.model_copy(update={"image_size": args.data_size or preset.data.image_size})
+    victim = preset.victim.model_copy(update={"image_size": args.victim_size or preset.victim.image_size})
+    shares = [args.share] if args.skip_baseline else [0.0, args.share]
+
+    table = Table(title=f"Reading: quickstart base victim, data {data.image_size} px, tower input {victim.image_size} px")
+    for column in ("base_reading", "base samples", "base time", "trained words", "held-out words", "exact caption", "CIDEr"):
+        table.add_column(column)
+    for share in shares:
+        config = preset.model_copy(update={"attacks": [], "data": data.model_copy(update={"base_reading": share}), "victim": victim})
+        config = ExperimentConfig.model_validate(config.model_dump(mode="json"))  # validated as a config file would be
+        splits = build_splits(config)
+        runner = Runner(config, Path("runs") / "reading", args.cache)
+        start = time.perf_counter()
+        folder, key = runner.base_victim(splits)
+        seconds = time.perf_counter() - start  # near 0 when the stage was cached
+        model = runner.load_victim(folder)
+        words = reading_words(config)
+        cells = []
+        for name, pool in (("trained", words.trained), ("held-out", words.held_out)):
+            tests = reading_samples(pool, args.test_size, data.image_size, derive_seed(config.seed, f"reading/test/{name}"))
+            cell, outputs = accuracy(model, tests, config.eval.batch_size)
+            cells.append(cell)
+            for test, output in list(zip(tests, outputs))[:3]:
+                Console().print(f"  [{share:g} {name}] {test.answer!r} -> {output!r}")
+        exact, cider = captioning(model, splits.tests["source"], config)
+        table.add_row(f"{share:g}", str(len(splits.base)), f"{seconds:.0f} s ({key})", *cells, exact, cider)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
