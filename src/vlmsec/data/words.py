@@ -49,7 +49,7 @@ HELD_OUT_SHARE = 0.2  # share of the other words held out of the reading samples
 
 # Font size range as fractions of the image side; a word too wide for the image at its drawn
 # size is set smaller, down to MIN_FONT_SIZE pixels.
-FONT_SIZE_RANGE = (0.2, 0.34)
+FONT_SIZE_RANGE = (0.36, 0.5)
 MIN_FONT_SIZE = 7
 MIN_IMAGE_SIZE = 34  # the smallest image every packaged word fits at MIN_FONT_SIZE (a test checks it)
 MARGIN = 0.04  # of the image side, kept free around the word's box

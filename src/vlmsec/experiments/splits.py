@@ -38,7 +38,9 @@ def build_splits(config: ExperimentConfig) -> Splits:
     Generated test domains render the *same* test scenes in each style, so a difference
     between domains is the shift and nothing else. No test scene has the objects of a base
     or train scene: scene keys are partitioned between tuning and test (`split_filter`), and
-    the `compositional` scenes show colour-shape pairs no other split holds.
+    the `compositional` scenes show colour-shape pairs no other split holds. With
+    `data.base_reading`, rendered-word reading samples of the run's trained words
+    (`reading_words`) follow the base captions, making up that share of the base split.
     """
     data, seed = config.data, config.seed
     # The user's files first: a bad file fails the run before anything is generated.
