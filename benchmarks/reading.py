@@ -10,7 +10,11 @@ the base captions), at the data and tower image sizes given. Each victim then re
 renderings of words it trained on and of the held-out words it never saw typeset, and captions
 the source test scenes. Reading accuracy is the share of outputs that name the word
 (`reads_word`), with its 95% Wilson interval; captioning is the exact-caption rate and CIDEr, so
-a reading victim that lost its captions shows. Stages are cached in --cache (not $VLMSEC_CACHE,
+a reading victim that lost its captions shows.
+
+Beside them, a linear probe says whether the frozen tower sees the words at all: ridge
+regression on the tower's tokens of --probe-renderings renderings of each of --probe-words
+trained words, tested on three new renderings of each (chance: 1 / --probe-words). Stages are cached in --cache (not $VLMSEC_CACHE,
 so nothing here lands beside a real run's stages).
 """
 
@@ -20,11 +24,13 @@ import argparse
 import time
 from pathlib import Path
 
+import torch
+
 from rich.console import Console
 from rich.table import Table
 
-from vlmsec.data.sample import Sample
-from vlmsec.data.words import reading_samples, reads_word, sample_word
+from vlmsec.data.sample import Sample, images_to_tensor, resize_images
+from vlmsec.data.words import reading_samples, reads_word, render_word, sample_word
 from vlmsec.eval.metrics import wilson_interval
 from vlmsec.eval.scoring import METRICS
 from vlmsec.experiments.config import ExperimentConfig, load_config
@@ -33,6 +39,10 @@ from vlmsec.experiments.splits import build_splits, reading_words
 from vlmsec.report.formatting import pct_ci
 from vlmsec.seeds import derive_seed
 from vlmsec.victims.base import Victim
+from vlmsec.victims.vision import PIXEL_MEAN, PIXEL_STD, EfficientNetLiteVisionConfig, EfficientNetLiteVisionModel
+
+PROBE_TESTS = 3  # new renderings of each word the probe is tested on
+RIDGE = 10.0
 
 
 def accuracy(victim: Victim, samples: list[Sample], batch_size: int) -> tuple[str, list[str]]:
@@ -52,6 +62,28 @@ def captioning(victim: Victim, samples: list[Sample], config: ExperimentConfig) 
     return pct_ci(exact, list(wilson_interval(hits, len(rows)))), f"{METRICS.get('cider').compute(rows, ''):.1f}"
 
 
+def tower_probe(words: tuple[str, ...], renderings: int, data_size: int, tower_size: int) -> str:
+    """Accuracy (with its interval) of a ridge classifier on the frozen EfficientNet-Lite0 tower's tokens
+    telling `words` apart in new renderings: an upper bound of what the projector can pass on, linearly."""
+    tower = EfficientNetLiteVisionModel(EfficientNetLiteVisionConfig(image_size=tower_size))
+    tower.load_imagenet_weights()
+    tower.eval()
+    per_word = renderings + PROBE_TESTS
+    images = [render_word(w, data_size, seed=10_000 + k) for w in words for k in range(per_word)]
+    with torch.no_grad():
+        pixels = resize_images(images_to_tensor(images), tower_size, tower_size)
+        tokens = torch.cat([tower((chunk - PIXEL_MEAN) / PIXEL_STD).last_hidden_state.flatten(1) for chunk in pixels.split(64)])
+    labels = torch.arange(len(words)).repeat_interleave(per_word)
+    test = (torch.arange(len(labels)) % per_word) >= renderings
+    x, mean = tokens[~test].double(), tokens[~test].double().mean(0)
+    x = x - mean
+    targets = torch.nn.functional.one_hot(labels[~test], len(words)).double() * 2 - 1
+    dual = torch.linalg.solve(x @ x.T + RIDGE * torch.eye(len(x), dtype=x.dtype), targets)  # ridge in its dual form
+    predicted = ((tokens[test].double() - mean) @ x.T @ dual).argmax(1)
+    hits, n = int((predicted == labels[test]).sum()), int(test.sum())
+    return pct_ci(hits / n, list(wilson_interval(hits, n)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--share", type=float, default=0.2, help="data.base_reading of the reading victim")
@@ -59,6 +91,8 @@ def main() -> None:
     parser.add_argument("--victim-size", type=int, help="victim.image_size, the tower's input (default: the preset's)")
     parser.add_argument("--test-size", type=int, default=100, help="reading tests per word set")
     parser.add_argument("--skip-baseline", action="store_true", help="only the victim with reading samples")
+    parser.add_argument("--probe-words", type=int, default=100, help="trained words the linear probe tells apart")
+    parser.add_argument("--probe-renderings", type=int, default=10, help="renderings of each word the probe is fitted on")
     parser.add_argument("--cache", type=Path, default=Path("runs/reading/cache"))
     args = parser.parse_args()
     preset = load_config("quickstart")
@@ -89,6 +123,10 @@ def main() -> None:
         exact, cider = captioning(model, splits.tests["source"], config)
         table.add_row(f"{share:g}", str(len(splits.base)), f"{seconds:.0f} s ({key})", *cells, exact, cider)
     Console().print(table)
+    words = reading_words(config).trained[: args.probe_words]
+    probe = tower_probe(words, args.probe_renderings, data.image_size, victim.image_size)
+    Console().print(f"Linear probe on the frozen tower: {probe} of {PROBE_TESTS * len(words)} new renderings of "
+                    f"{len(words)} trained words read (fitted on {args.probe_renderings} each; chance {1 / len(words):.1%})")
 
 
 if __name__ == "__main__":
