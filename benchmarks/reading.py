@@ -1,6 +1,6 @@
 """Can the embedded victim learn to read? Word-reading accuracy after a base stage with reading samples.
 
-    python benchmarks/reading.py [--share 0.2] [--data-size 64] [--victim-size 96] [--test-size 100]
+    python benchmarks/reading.py [--share 0.2] [--data-size 64] [--victim-size 96] [--epochs 3] [--test-size 100]
                                  [--cache runs/reading/cache]
 
 Trains the quickstart preset's base victim (frozen EfficientNet-Lite0 tower, projector, tiny LM
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.2, help="data.base_reading of the reading victim")
     parser.add_argument("--data-size", type=int, help="data.image_size (default: the preset's)")
     parser.add_argument("--victim-size", type=int, help="victim.image_size, the tower's input (default: the preset's)")
+    parser.add_argument("--epochs", type=float, help="base.training.epochs (default: the preset's)")
     parser.add_argument("--test-size", type=int, default=100, help="reading tests per word set")
     parser.add_argument("--skip-baseline", action="store_true", help="only the victim with reading samples")
     parser.add_argument("--probe-words", type=int, default=100, help="trained words the linear probe tells apart")
@@ -98,13 +99,17 @@ def main() -> None:
     preset = load_config("quickstart")
     data = preset.data.model_copy(update={"image_size": args.data_size or preset.data.image_size})
     victim = preset.victim.model_copy(update={"image_size": args.victim_size or preset.victim.image_size})
+    training = preset.base.training.model_copy(update={"epochs": args.epochs or preset.base.training.epochs})
+    base = preset.base.model_copy(update={"training": training})
     shares = [args.share] if args.skip_baseline else [0.0, args.share]
 
-    table = Table(title=f"Reading: quickstart base victim, data {data.image_size} px, tower input {victim.image_size} px")
+    table = Table(title=f"Reading: quickstart base victim, data {data.image_size} px, tower input {victim.image_size} px, "
+                  f"{training.epochs:g} epochs")
     for column in ("base_reading", "base samples", "base time", "trained words", "held-out words", "exact caption", "CIDEr"):
         table.add_column(column)
     for share in shares:
-        config = preset.model_copy(update={"attacks": [], "data": data.model_copy(update={"base_reading": share}), "victim": victim})
+        reading = data.model_copy(update={"base_reading": share})
+        config = preset.model_copy(update={"attacks": [], "data": reading, "victim": victim, "base": base})
         config = ExperimentConfig.model_validate(config.model_dump(mode="json"))  # validated as a config file would be
         splits = build_splits(config)
         runner = Runner(config, Path("runs") / "reading", args.cache)
