@@ -33,6 +33,10 @@ BAD_CONFIGS = {
     "duplicate attack names": ("attacks:\n  - name: badnets\n  - name: badnets\n", ["attacks", "badnets", "unique"]),
     "reserved attack label": ("attacks:\n  - {name: badnets, label: clean}\n", ["attacks", "clean"]),
     "test files without source": ("data:\n  test_files: {other: x.json}\n", ["data.test_files", "source"]),
+    "reading share of 1": ("data: {base_reading: 1}\n", ["data.base_reading", "less than 1"]),
+    "negative reading share": ("data: {base_reading: -0.1}\n", ["data.base_reading"]),
+    "reading without a base stage": ("data: {base_reading: 0.2}\nvictim: {checkpoint: ckpt}\n", ["data.base_reading", "no base stage"]),
+    "reading in tiny images": ("data: {base_reading: 0.2, image_size: 20}\n", ["data", "base_reading", "image_size"]),
     "not a mapping": ("- just\n- a list\n", ["mapping"]),
     # strict types: no bool or string coerced into a number
     "bool for an int": ("data: {train_size: true}\n", ["data.train_size", "integer"]),

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from vlmsec.data.safety import SafetyDataSpec
+from vlmsec.data.words import MIN_IMAGE_SIZE as MIN_READING_SIZE
 from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.inputs import STRICT_INPUT, PathInput, Seed
 from vlmsec.seeds import derive_seed
@@ -134,6 +135,15 @@ class DataSpec(_Strict):
         default_factory=lambda: ["source", "paraphrased", "detailed"],
         description="instruction families the base victim learns (one name or a list); tuning uses the source domain's",
     )
+    # Left out of dumps when 0, so the config hash of a run without it is as it was.
+    base_reading: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        exclude_if=lambda value: value == 0,
+        description="share of the base split that is rendered-word reading samples (vlmsec.data.words), added to "
+        "the base captions so typographic attacks meet a victim that reads; 0 (none) by default",
+    )
     train_size: int = Field(2000, ge=1, description="instruction-tuning set, source domain")
     test_size: int = Field(200, ge=1, description="test scenes, rendered once per domain")
     source: DomainSpec = Field(default_factory=DomainSpec)
@@ -164,6 +174,14 @@ class DataSpec(_Strict):
         if not value:
             raise ValueError("needs at least one instruction family")
         return value
+
+    @model_validator(mode="after")
+    def _reading_needs_room(self) -> DataSpec:
+        if self.base_reading and self.image_size < MIN_READING_SIZE:
+            raise ValueError(
+                f"base_reading: words are typeset into images of at least {MIN_READING_SIZE} px; image_size is {self.image_size}"
+            )
+        return self
 
     @field_validator("test_files")
     @classmethod
@@ -419,6 +437,8 @@ def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None
     kind = victim_kind(config.victim)
     kind.resolve_paths(base_dir)
     try:
+        if config.data.base_reading and not kind.trains_base:
+            raise VlmsecError("data.base_reading: this victim is given by its files and has no base stage to learn reading in")
         kind.check_files()
         kind.check_tuning(config.tuning.mode)
         if config.safety is not None:

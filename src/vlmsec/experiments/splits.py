@@ -14,6 +14,7 @@ from vlmsec.data.formats import AUTO, FORMATS, detect_format, read_dataset
 from vlmsec.data.sample import Sample
 from vlmsec.data.scenes import Scene, SceneSplit, make_samples, sample_scenes, split_filter
 from vlmsec.data.shifts import mix_domains, shift_samples
+from vlmsec.data.words import WordSplit, reading_samples, split_words
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import DomainSpec, ExperimentConfig
 from vlmsec.progress import progress_bar
@@ -37,7 +38,9 @@ def build_splits(config: ExperimentConfig) -> Splits:
     Generated test domains render the *same* test scenes in each style, so a difference
     between domains is the shift and nothing else. No test scene has the objects of a base
     or train scene: scene keys are partitioned between tuning and test (`split_filter`), and
-    the `compositional` scenes show colour-shape pairs no other split holds.
+    the `compositional` scenes show colour-shape pairs no other split holds. With
+    `data.base_reading`, rendered-word reading samples of the run's trained words
+    (`reading_words`) follow the base captions, making up that share of the base split.
     """
     data, seed = config.data, config.seed
     # The user's files first: a bad file fails the run before anything is generated.
@@ -60,7 +63,7 @@ def build_splits(config: ExperimentConfig) -> Splits:
     domains = {"source": data.source, **data.shifted}
     trains_base = victim_kind(config.victim).trains_base
     to_render = (
-        (data.base_size if trains_base else 0)
+        (data.base_size + reading_count(data.base_size, data.base_reading) if trains_base else 0)
         + (data.train_size if train is None else 0)
         + (data.test_size * len(domains) if tests is None else 0)
     )
@@ -75,6 +78,11 @@ def build_splits(config: ExperimentConfig) -> Splits:
             for i, style in enumerate(data.base_styles):
                 base_seed = derive_seed(seed, "data/base")
                 base += render(base_scenes[i :: len(data.base_styles)], style, data.base_instructions, base_seed, f"base-{style}")
+            if data.base_reading:
+                words = reading_words(config).trained
+                n = reading_count(len(base), data.base_reading)
+                reading_seed = derive_seed(seed, "data/reading")
+                base += reading_samples(words, n, data.image_size, reading_seed, "base-reading", on_sample=bar.advance)
         if train is None:
             train_scenes = draw_scenes(config, "train")
             train = render(train_scenes, data.source.style, data.source.instructions, derive_seed(seed, "data/train"), "train")
@@ -85,6 +93,16 @@ def build_splits(config: ExperimentConfig) -> Splits:
                 for name, d in domains.items()
             }
     return Splits(base, train, _shift_domains(tests, domains, seed), data_stats)
+
+
+def reading_count(captions: int, share: float) -> int:
+    """How many reading samples make `share` of a base split that has `captions` scene captions besides."""
+    return round(share * captions / (1 - share))
+
+
+def reading_words(config: ExperimentConfig) -> WordSplit:
+    """The words the run's base stage reads (`trained`) and those held out to test reading."""
+    return split_words(derive_seed(config.seed, "data/words"))
 
 
 SceneSet = Literal["base", "train", "test", "compositional"]
