@@ -56,7 +56,7 @@ def test_typeset_attacks_draw_text_deterministically_at_the_size_asked(name: str
     assert not np.array_equal(crafted[0].image, crafted[1].image)  # each request's own text is drawn
     assert create_attack(name, size=64).craft(requests[:1], None)[0].image.shape == (64, 64, 3)
     diagnostics = attack.diagnostics()
-    assert diagnostics["steps"] == 0 and diagnostics["queries"] == 0 and diagnostics["seconds_per_image"] > 0
+    assert diagnostics == {"steps": 0, "queries": 0}  # drawn, not searched for; the runner times the drawing
 
 
 def test_figstep_draws_dark_text_on_white_with_the_benign_prompt() -> None:

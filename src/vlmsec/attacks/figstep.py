@@ -12,7 +12,6 @@ in one image, with the reference's Pro prompt told to read across the panels.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -73,10 +72,6 @@ class FigStep(InferenceAttack):
     Params: ClassVar[type[TypesetParams]] = FigStepParams
     params: FigStepParams
 
-    def __init__(self, **params: object) -> None:
-        super().__init__(**params)
-        self._seconds: float | None = None
-
     @property
     def variant(self) -> str:  # type: ignore[override]
         return (
@@ -100,16 +95,12 @@ class FigStep(InferenceAttack):
         self, requests: Sequence[AttackRequest], victim: Victim | None = None, train: Sequence[AttackRequest] = ()
     ) -> list[AdversarialInput]:
         """One typeset image per request, sent with the benign prompt; needs no model."""
-        start = time.perf_counter()
         crafted = [AdversarialInput(r.id, to_array(self.image(r.instruction), self.params.size), self.prompt()) for r in requests]
-        self._seconds = (time.perf_counter() - start) / max(len(requests), 1)
         return crafted
 
     def diagnostics(self) -> dict[str, float]:
-        """No optimisation and no queries: the images are drawn, not searched for."""
-        if self._seconds is None:
-            return {}
-        return {"steps": 0, "queries": 0, "seconds_per_image": self._seconds}
+        """No optimisation and no queries: the images are drawn, not searched for (the runner times the drawing)."""
+        return {"steps": 0, "queries": 0}
 
 
 class FigStepProParams(FigStepParams):

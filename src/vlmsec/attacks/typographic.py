@@ -8,7 +8,6 @@ image, resized to `size`; it is wrapped to the image width and drawn smaller, do
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -55,10 +54,6 @@ class Typographic(InferenceAttack):
     Params: ClassVar[type[TypesetParams]] = TypographicParams
     params: TypographicParams
 
-    def __init__(self, **params: object) -> None:
-        super().__init__(**params)
-        self._seconds: float | None = None
-
     @property
     def variant(self) -> str:  # type: ignore[override]
         return f"drawn in {font_name(self.params.font)}, on the user's image resized to {self.params.size} px"
@@ -84,17 +79,13 @@ class Typographic(InferenceAttack):
         self, requests: Sequence[AttackRequest], victim: Victim | None = None, train: Sequence[AttackRequest] = ()
     ) -> list[AdversarialInput]:
         """Each request's image with the instruction drawn in; its text prompt unchanged. Needs no model."""
-        start = time.perf_counter()
         crafted = []
         for r in requests:
             if r.target is None:
                 raise VlmsecError(f"attack {self.name!r}: request {r.id} has no target answer to inject")
             crafted.append(AdversarialInput(r.id, self.inject(r.image, r.target), r.instruction))
-        self._seconds = (time.perf_counter() - start) / max(len(requests), 1)
         return crafted
 
     def diagnostics(self) -> dict[str, float]:
-        """No optimisation and no queries: the instruction is drawn, not searched for."""
-        if self._seconds is None:
-            return {}
-        return {"steps": 0, "queries": 0, "seconds_per_image": self._seconds}
+        """No optimisation and no queries: the instruction is drawn, not searched for (the runner times the drawing)."""
+        return {"steps": 0, "queries": 0}
