@@ -43,7 +43,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.inference import goal_scores, not_measured, perturbation_size, reading_scores, size_summary
 from vlmsec.eval.refusal import RefusalJudge, refused_by_phrase
-from vlmsec.progress import console
+from vlmsec.progress import console, progress_bar
 from vlmsec.seeds import derive_seed
 from vlmsec.victims.base import Victim
 
@@ -159,7 +159,9 @@ class InferenceStage:
         if attack.needs_gradients:
             self.victim.check_pixel_gradients(attack.name)
         start = time.perf_counter()
-        crafted = attack.craft(requests, self.victim, train)
+        with progress_bar(f"{key}: craft adversarial inputs", len(requests)) as bar:
+            crafted = attack.craft(requests, self.victim, train)
+            bar.advance(len(crafted))
         seconds = (time.perf_counter() - start) / max(len(requests), 1)
         if [c.id for c in crafted] != [r.id for r in requests]:
             raise VlmsecError(f"attack {key!r}: crafted inputs do not match the requests one for one, in order")
