@@ -197,7 +197,8 @@ def test_universal_learns_one_image_on_train_and_pairs_it_with_every_request(
     expected = {(r.instruction, affirmative_target(r.instruction)) for r in train}
     assert set(seen) == expected  # the train behaviours with their affirmative targets; never a test request
     assert len(seen) == 5 * 2 + 2 + 1  # 5 steps of 2 sampled targets, then the final loss on all 3
-    assert set(attack.diagnostics()) == {"steps", "seconds_per_image", "final_loss"}
+    assert set(attack.diagnostics()) == {"steps", "seconds_per_image", "final_loss", "linf_to_start_image"}
+    assert attack.diagnostics()["linf_to_start_image"] == change.max() / 255  # its size, where it has one
 
 
 def test_universal_uses_a_train_requests_own_target(

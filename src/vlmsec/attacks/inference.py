@@ -73,7 +73,8 @@ class InferenceAttack(Attack):
     # victim that reads (the runner measures the victim's word reading when one is in a run).
     typeset: ClassVar[bool] = False
     # Whether the adversarial image is the request's image changed (its size against that image is
-    # measured), or a new image that replaces it (FigStep's typeset list: no perturbation to measure).
+    # measured), or a new image that replaces it (FigStep's typeset list, a universal image: no
+    # perturbation of the request's image to measure).
     edits_image: ClassVar[bool] = True
 
     @property

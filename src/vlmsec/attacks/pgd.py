@@ -247,6 +247,7 @@ class PgdUniversal(PgdAttack):
 
     name = "pgd_universal"
     goal = "jailbreak"
+    edits_image = False  # one image replaces every request's; its budget holds around its start image
     variant = UNIVERSAL_VARIANT
     note = UNIVERSAL_NOTE
 
@@ -285,5 +286,6 @@ class PgdUniversal(PgdAttack):
                     loss = victim.answer_loss(saved.expand(count, -1, -1, -1), instructions[rows], targets[rows])
                     losses.append((float(loss), count))
         self._finish(time.perf_counter() - start_time, 1, losses)
+        self._diagnostics["linf_to_start_image"] = float(np.abs(image.astype(np.int16) - template.astype(np.int16)).max()) / 255
         image.setflags(write=False)  # one image shared by every output
         return [AdversarialInput(r.id, image, r.instruction) for r in requests]

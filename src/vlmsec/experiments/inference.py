@@ -280,7 +280,10 @@ def attack_sizes(attack: InferenceAttack, requests: Sequence[AttackRequest], inp
     adversarial image's size when they differ, as the attack saw it); not measured for attacks
     whose image replaces the clean one."""
     if not attack.edits_image:
-        return not_measured("the attack replaces the image (typeset text on a blank canvas): no perturbation of the clean image")
+        return not_measured(
+            "the attack replaces the request's image (typeset text on a blank canvas, or one universal image for "
+            "every request): no perturbation of it to measure"
+        )
     per_image = {}
     for request, item in zip(requests, inputs, strict=True):
         clean = request.image
@@ -325,7 +328,10 @@ def score_inference(
             "success": goal_scores(goal, rows),
             "baselines": baselines,
             "size": sizes[key],
-            "cost": {m: costs[key].get(m, not_measured("the attack does not report it")) for m in ("steps", "queries", "seconds_per_image")},
+            "cost": {  # the three every attack is read by, then whatever else it measured of itself
+                **{m: costs[key].get(m, not_measured("the attack does not report it")) for m in ("steps", "queries", "seconds_per_image")},
+                **costs[key],
+            },
             "images": f"adversarial/{key}",
         }
         if attack.typeset:

@@ -57,8 +57,7 @@ def _size(size: dict[str, Any]) -> str:
 
 def _cost(cost: dict[str, Any]) -> str:
     parts = []
-    for name in ("steps", "queries", "seconds_per_image"):
-        value = cost.get(name)
+    for name, value in cost.items():  # steps, queries, seconds per image, then the attack's own
         parts.append(f"{name.replace('_', ' ')}: " + (f"not measured ({value['not_measured']})" if isinstance(value, dict) else f"{value:.3g}"))
     return "; ".join(parts)
 
