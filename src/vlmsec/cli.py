@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -69,13 +69,20 @@ def run(
         return
     if not metrics:
         return  # another process of `accelerate launch`: the main one prints
+    if metrics["models"]:
+        _print_models(cfg.name, metrics["models"])
+    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
+
+
+def _print_models(run_name: str, models: dict[str, Any]) -> None:
+    """The tuned models' source-domain metrics as a table."""
     from vlmsec.eval.scoring import METRICS, metric_order
 
     names = metric_order()
-    table = Table(title=f"{cfg.name}: source domain")
+    table = Table(title=f"{run_name}: source domain")
     for column in ("model", *(METRICS.get(n).title for n in names)):
         table.add_column(column)
-    for model, entry in metrics["models"].items():
+    for model, entry in models.items():
         cells = []
         for name in names:
             value = entry.get(name, {}).get("source")
@@ -83,7 +90,6 @@ def run(
             cells.append("–" if value is None else f"{value:.2f}" if percent else f"{value:.1f}")
         table.add_row(model, *cells)
     console.print(table)
-    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
 
 
 @app.command()
