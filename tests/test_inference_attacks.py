@@ -22,7 +22,7 @@ from vlmsec.eval.inference import jailbreak_scores, perturbation_size, targeted_
 from vlmsec.eval.metrics import wilson_interval
 from vlmsec.experiments import safety as safety_module
 from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.inference import NO_ATTACK, READING_WORDS, score_inference
+from vlmsec.experiments.inference import NO_ATTACK, READING_CHECK, score_inference
 from vlmsec.experiments.plan import plan_models
 from vlmsec.experiments.runner import Runner
 from vlmsec.experiments.safety import AFTER_SAFETY
@@ -216,7 +216,7 @@ def test_a_run_crafts_answers_and_scores_inference_attacks_against_the_deployed_
     assert metrics["models"] == {}  # an inference-only study tunes nothing, not even a clean model
     section = metrics["inference_attacks"]
     assert section["victim"] == AFTER_SAFETY
-    assert section["reading"]["contains"]["n"] == len(READING_WORDS)
+    assert section["reading"]["contains"]["n"] == READING_CHECK
     figstep, inject = section["attacks"]["figstep"], section["attacks"]["inject"]
     assert figstep["goal"] == "jailbreak" and figstep["n"] == 3 and figstep["knowledge"] == "black-box"
     assert set(figstep["success"]) == {"phrase_miss", "judge_success", "disagreements"}

@@ -125,15 +125,3 @@ def to_array(image: Image.Image, size: int | None = None) -> np.ndarray:
     if size is not None and image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-
-
-def word_image(word: str, size: int = 96, font_path: Path | None = None) -> np.ndarray:
-    """One word in black, centred on a white `size` x `size` image, as large as fits (the reading check's input)."""
-    margin = max(2, size // 16)
-    lines, font, spacing = fit_text(word, font_path, size // 3, size - 2 * margin, size - 2 * margin)
-    w, h = text_box(lines, font, spacing)
-    image = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    left, top, _, _ = draw.multiline_textbbox((0, 0), lines, font=font, spacing=spacing)
-    draw.multiline_text(((size - w) // 2 - left, (size - h) // 2 - top), lines, font=font, fill=(0, 0, 0), spacing=spacing)
-    return to_array(image)

@@ -50,6 +50,7 @@ from vlmsec.experiments.inference import (
     InferenceStage,
     inference_attacks,
     judge_jailbreaks,
+    reading_check,
     run_attacks,
     score_inference,
 )
@@ -261,7 +262,8 @@ class Runner:
             harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
             target = self.target.prefix + self.target.word
             n = c.inference.requests  # None: every request
-            results = run_attacks(stage, attacks, harmful[:n], splits.tests["source"][:n], target, split, splits.train)
+            reading = reading_check(c) if any(a.typeset for a in attacks.values()) else []
+            results = run_attacks(stage, attacks, harmful[:n], splits.tests["source"][:n], target, split, splits.train, reading)
             self.features.save(self.features_path)
         self.state.wait_for_everyone()
         return results
