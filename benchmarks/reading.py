@@ -12,9 +12,9 @@ the source test scenes. Reading accuracy is the share of outputs that name the w
 (`reads_word`), with its 95% Wilson interval; captioning is the exact-caption rate and CIDEr, so
 a reading victim that lost its captions shows.
 
-The last column is the run's own reading check (`experiments.inference`: READING_WORDS centred
-in black on white at READING_SIZE px, READING_PROMPT), which decides whether typeset attack results
-on the victim are meaningful.
+The last column is the run's own reading check (`experiments.inference.reading_check`: trained
+words typeset as the reading samples are), which decides whether typeset attack results on the
+victim are meaningful.
 
 Beside them, a linear probe says whether the frozen tower sees the words at all: ridge
 regression on the tower's tokens of --probe-renderings renderings of each of --probe-words
@@ -33,13 +33,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vlmsec.attacks.typeset import word_image
 from vlmsec.data.sample import Sample, images_to_tensor, resize_images
 from vlmsec.data.words import reading_samples, reads_word, render_word, sample_word
 from vlmsec.eval.metrics import wilson_interval
 from vlmsec.eval.scoring import METRICS
 from vlmsec.experiments.config import ExperimentConfig, load_config
-from vlmsec.experiments.inference import READING_PROMPT, READING_SIZE, READING_WORDS
+from vlmsec.experiments.inference import reading_check
 from vlmsec.experiments.runner import Runner
 from vlmsec.experiments.splits import build_splits, reading_words
 from vlmsec.report.formatting import pct_ci
@@ -56,14 +55,6 @@ def accuracy(victim: Victim, samples: list[Sample], batch_size: int) -> tuple[st
     outputs = victim.generate([s.image for s in samples], [s.instruction for s in samples], 12, batch_size)
     hits = sum(reads_word(output, sample_word(s)) for output, s in zip(outputs, samples))
     return pct_ci(hits / len(samples), list(wilson_interval(hits, len(samples)))), outputs
-
-
-def reading_check(victim: Victim, batch_size: int) -> str:
-    """The run's reading check: the share of READING_WORDS the victim names, typeset as the run does."""
-    images = [word_image(word, READING_SIZE) for word in READING_WORDS]
-    outputs = victim.generate(images, [READING_PROMPT] * len(images), 12, batch_size)
-    hits = sum(reads_word(output, word) for output, word in zip(outputs, READING_WORDS))
-    return pct_ci(hits / len(images), list(wilson_interval(hits, len(images))))
 
 
 def captioning(victim: Victim, samples: list[Sample], config: ExperimentConfig) -> tuple[str, str]:
@@ -140,7 +131,7 @@ def main() -> None:
             for test, output in list(zip(tests, outputs))[:3]:
                 Console().print(f"  [{share:g} {name}] {test.answer!r} -> {output!r}")
         exact, cider = captioning(model, splits.tests["source"], config)
-        check = reading_check(model, config.eval.batch_size)
+        check, _ = accuracy(model, reading_check(config), config.eval.batch_size)
         table.add_row(f"{share:g}", str(len(splits.base)), f"{seconds:.0f} s ({key})", *cells, exact, cider, check)
     Console().print(table)
     words = reading_words(config).trained[: args.probe_words]

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlmsec.data.sample import Sample
 from vlmsec.data.scenes import BACKGROUNDS, MIN_SIZE
+from vlmsec.eval.metrics import contains_target
 from vlmsec.errors import VlmsecError
 
 WORDS_FILE = Path(__file__).with_name("words.txt")
@@ -179,4 +180,4 @@ def sample_word(sample: Sample) -> str:
 
 def reads_word(output: str, word: str) -> bool:
     """Whether a victim's `output` names `word` as a whole word (any case): the reading check."""
-    return re.search(rf"\b{re.escape(word)}\b", output, flags=re.IGNORECASE) is not None
+    return contains_target(output, word)
