@@ -299,6 +299,11 @@ class InferenceSpec(_Strict):
     requests: int | None = Field(
         None, ge=1, description="each inference-time attack runs on the first n requests of its goal's test set; null: all"
     )
+    transfer: bool = Field(
+        True,
+        description="also answer every attack's saved inputs (and the no-attack requests) on the run's other models: "
+        "the base before the safety stage and every tuned model (the transfer matrix)",
+    )
 
 
 class SweepSpec(_Strict):

@@ -24,7 +24,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +120,17 @@ class InferenceStage:
     generations follow it); `settings` are the run's generation settings (`eval`).
     """
 
-    def __init__(self, out: Path, victim: Victim, victim_name: str, stage_key: str, settings: dict[str, Any], seed: int) -> None:
+    def __init__(
+        self, out: Path, victim: Victim, victim_name: str, stage_key: str, settings: dict[str, Any], seed: int,
+        prefix: str = DOMAIN,
+    ) -> None:
         self.out = out
         self.victim = victim
         self.victim_name = victim_name
         self.stage_key = stage_key
         self.settings = settings
         self.seed = seed
+        self.prefix = prefix  # generation files are generations/<prefix>-<goal>-<label>.json
 
     # ---- inputs ---------------------------------------------------------------------------
     def saved(self, folder: str, inputs: Sequence[AdversarialInput]) -> list[AdversarialInput]:
@@ -205,7 +209,7 @@ class InferenceStage:
         `goal`, the `request` it stands for and its `target`."""
         samples = [Sample(i.id, i.image, i.instruction, "") for i in inputs]
         test = TestSet(samples, DOMAIN, label if attacked else None)
-        path = self.out / "generations" / f"inference-{_slug(goal)}-{_slug(label)}.json"
+        path = self.out / "generations" / f"{_slug(self.prefix)}-{_slug(goal)}-{_slug(label)}.json"
         records = cached_generations(self.victim, self.victim_name, [test], self.settings, self.stage_key, path)
         for record, request in zip(records, requests, strict=True):
             record.update({"attack": label, "goal": goal, "request": request.instruction, "target": request.target})
@@ -227,12 +231,14 @@ class InferenceStage:
 @dataclass
 class InferenceResults:
     """What the inference attacks of a run left: the deployed victim's name, generation records,
-    perturbation sizes and costs per attack."""
+    perturbation sizes and costs per attack, and each attack's saved inputs with the requests they
+    stand for (what `transfer` answers on the run's other models)."""
 
     victim: str
     records: list[dict[str, Any]]
     sizes: dict[str, dict[str, Any]]
     costs: dict[str, dict[str, Any]]
+    inputs: dict[str, tuple[list[AdversarialInput], list[AttackRequest]]] = field(default_factory=dict)
 
 
 def run_attacks(
@@ -257,6 +263,7 @@ def run_attacks(
         requests = attack_requests(goal, harmful, source, target)
         learn_on = training_requests(goal, split, train, target, seed=derive_seed(stage.seed, f"inference/{key}/train"))
         inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
+        results.inputs[key] = (inputs, requests)
         results.sizes[key] = attack_sizes(attack, requests, inputs)
         results.records += stage.answers(key, goal, inputs, requests, attacked=True)
         if (goal, NO_ATTACK) not in done:
@@ -266,6 +273,40 @@ def run_attacks(
             results.records += stage.noise(goal, attack.epsilon, requests)
             done.add((goal, noise_label(attack.epsilon)))
     return results
+
+
+def transfer(stage: InferenceStage, attacks: Mapping[str, InferenceAttack], results: InferenceResults) -> list[dict[str, Any]]:
+    """Records of `stage`'s victim (another model of the run) answering every attack's inputs as
+    saved on the deployed victim, and each goal's requests with no attack (its own baseline)."""
+    records: list[dict[str, Any]] = []
+    answered: set[str] = set()
+    for key, attack in attacks.items():
+        inputs, requests = results.inputs[key]
+        records += stage.answers(key, attack.goal, inputs, requests, attacked=True)
+        if attack.goal not in answered:
+            records += stage.baselines(attack.goal, requests)
+            answered.add(attack.goal)
+    return records
+
+
+def transfer_matrix(attacks: Mapping[str, InferenceAttack], records: Sequence[dict[str, Any]], deployed: str) -> dict[str, Any]:
+    """Per attack, per model of the run (the deployed victim, where the inputs were crafted, first):
+    the attack's success on that model and that model's own no-attack scores. Not measured when
+    no other model answered the inputs."""
+    models = list(dict.fromkeys([deployed, *(r["model"] for r in records if r.get("attack") in attacks)]))
+    if len(models) < 2:
+        return not_measured("the run has no model besides the deployed victim (or inference.transfer is off)")
+    matrix: dict[str, Any] = {"crafted_on": deployed, "models": models, "attacks": {}}
+    for key, attack in attacks.items():
+        goal = attack.goal
+        matrix["attacks"][key] = {"goal": goal, "by_model": {
+            model: {
+                "success": goal_scores(goal, [r for r in records if r["model"] == model and r["attack"] == key]),
+                NO_ATTACK: goal_scores(goal, [r for r in records if r["model"] == model and r["attack"] == NO_ATTACK and r["goal"] == goal]),
+            }
+            for model in models
+        }}
+    return matrix
 
 
 def judge_jailbreaks(records: list[dict[str, Any]], judge: RefusalJudge | None, on_batch: Callable[[int], None] | None = None) -> None:
@@ -311,9 +352,11 @@ def score_inference(
     victim_name: str,
 ) -> dict[str, Any]:
     """metrics.json's `inference_attacks` section (see `vlmsec.experiments.records`)."""
+    matrix = transfer_matrix(attacks, records, victim_name)
+    records = [r for r in records if r.get("model", victim_name) == victim_name]  # the others' are the matrix's
     reading_rows = [r for r in records if r["attack"] == READING]
     reading = reading_scores(reading_rows) if reading_rows else None
-    section: dict[str, Any] = {"victim": victim_name, "reading": reading, "attacks": {}}
+    section: dict[str, Any] = {"victim": victim_name, "reading": reading, "attacks": {}, "transfer": matrix}
     for key, attack in attacks.items():
         goal = attack.goal
         rows = [r for r in records if r["attack"] == key]

@@ -34,8 +34,10 @@ reading, `exact` and `contains` rates, when a typeset attack is in the run; else
 ({"no attack": same keys, "uniform noise": same keys and `epsilon`}), `size` (`linf`, `l2`,
 `psnr`, `ssim`: {mean, max} and `per_image`), `cost` (`steps`, `queries`, `seconds_per_image`),
 `images` (the folder of its PNGs); typeset attacks also `reading` and `meaningful` (the victim
-reads at least half the words)}}. Every rate is {rate, ci, n}; what cannot be measured is
-{"not_measured": reason}. Their generation records are in inference.jsonl.
+reads at least half the words)}}, and `transfer` (the inputs as saved, answered by the run's other
+models: {`crafted_on`, `models`, `attacks`: {label: {`goal`, `by_model`: {model: {`success`, "no attack"}}}}}, or
+not measured). Every rate is {rate, ci, n}; what cannot be measured is {"not_measured": reason}.
+Their generation records, every model's, are in inference.jsonl.
 Schema 2 had `asr_partial` (now `asr_control`) and none of the intervals, counts or scales.
 
 The companions are written first and hashed into metrics.json, which is written last, so a

@@ -53,6 +53,7 @@ from vlmsec.experiments.inference import (
     reading_check,
     run_attacks,
     score_inference,
+    transfer,
 )
 from vlmsec.experiments.plan import CLEAN, ModelPlan, TestSets, plan_models
 from vlmsec.experiments.records import write_run_records
@@ -336,6 +337,7 @@ class Runner:
             stage_records += self.stage_generations(BEFORE_SAFETY, base, base_model, splits)
             lap("base", "safety")
             del base_model
+            before_safety = base
             base = self.safety_victim(splits, base, requests)
             base_model = self.load_victim(base[0])
             stage_records += self.stage_generations(AFTER_SAFETY, base, base_model, splits)
@@ -343,6 +345,8 @@ class Runner:
         else:
             lap("base", next_stage)
         inference_results = self.inference_stage(inference, splits, base, base_model, requests)
+        if inference_results is not None and c.safety is not None and c.inference.transfer:
+            self.transfer_to(self.load_victim(before_safety[0]), BEFORE_SAFETY, before_safety[1], inference, inference_results)
         if inference:
             lap("inference attacks", "attacks")
         self.prepare_attacks([a for key, a in attacks.items() if key not in inference], splits, base, base_model)
@@ -358,6 +362,8 @@ class Runner:
             lap(f"tune {plan.name}", f"generate {plan.name}")
             if main:
                 records += self.generations(victim, plan, tests)
+                if inference_results is not None and c.inference.transfer:
+                    self.transfer_to(victim, plan.name, self.stage_key(plan), inference, inference_results)
                 if plan.name == CLEAN and c.eval.shift_size:
                     shift_sizes = self.shift_sizes(victim, splits)
                 self.features.save(self.features_path)
@@ -383,16 +389,30 @@ class Runner:
         write_json_atomic(self.out / "timings.json", timings)
         return metrics
 
+    def stage_key(self, plan: ModelPlan) -> str:
+        """The stage key of `plan`'s tuned model, from its checkpoint folder."""
+        return json.loads((self.out / "checkpoints" / plan.name / STAGE_FILE).read_text())["key"]
+
+    def transfer_to(
+        self, victim: Victim, name: str, stage_key: str, attacks: dict[str, InferenceAttack], results: InferenceResults
+    ) -> None:
+        """Answer every inference attack's saved inputs on `victim` (another model of the run, `name`),
+        adding its records to `results` (the transfer matrix); main process only."""
+        if not self.state.is_main_process:
+            return
+        c = self.config
+        stage = InferenceStage(self.out, victim, name, stage_key, c.eval.model_dump(), c.seed, prefix=f"transfer-{name}")
+        results.records += transfer(stage, attacks, results)
+
     def generations(self, victim: Victim, plan: ModelPlan, tests: TestSets) -> list[dict[str, Any]]:
         """The records of `plan`'s model on its test sets (and the safety requests, when the run
         has a safety stage), reused from the run folder when unchanged."""
-        stage = json.loads((self.out / "checkpoints" / plan.name / STAGE_FILE).read_text())["key"]
         return cached_generations(
             victim,
             plan.name,
             tests.for_model(plan) + self.safety_tests,
             self.config.eval.model_dump(),
-            stage,
+            self.stage_key(plan),
             self.out / "generations" / f"{plan.name}.json",
         )
 

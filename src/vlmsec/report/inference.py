@@ -62,6 +62,45 @@ def _cost(cost: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# The one rate a transfer cell shows per goal (the judge's verdict where there is one).
+HEADLINE = {"targeted": ("contains", "contains target"), "jailbreak": ("judge_success", "judged complied")}
+
+
+def _headline(goal: str, scores: dict[str, Any]) -> str:
+    key = HEADLINE[goal][0]
+    entry = scores.get(key)
+    if goal == "jailbreak" and isinstance(entry, dict) and "not_measured" in entry:
+        return f"{_cell(scores.get('phrase_miss'))} (no refusal phrase)"
+    return _cell(entry)
+
+
+def transfer_lines(matrix: dict[str, Any] | None) -> list[str]:
+    """The transfer matrix: each attack's inputs, as saved on the deployed victim, answered by every
+    model of the run; each cell beside that model's own no-attack rate."""
+    if not matrix:
+        return []
+    if "not_measured" in matrix:
+        return [f"Transfer to the run's other models: not measured ({matrix['not_measured']}).", ""]
+    models = matrix["models"]
+    lines = [
+        f"### Transfer: inputs crafted on `{matrix['crafted_on']}`, answered by every model of the run",
+        "",
+        "Each cell: the attack's rate on that model (targeted: contains target; jailbreak: judged complied) "
+        "→ the same requests with no attack on that model.",
+        "",
+        "| attack | " + " | ".join(models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
+    for key, row in matrix["attacks"].items():
+        goal = row["goal"]
+        cells = []
+        for model in models:
+            entry = row["by_model"].get(model, {})
+            cells.append(f"{_headline(goal, entry.get('success', {}))} → {_headline(goal, entry.get('no attack', {}))}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def inference_section(section: dict[str, Any] | None) -> list[str]:
     """Markdown lines for metrics.json's `inference_attacks` section (nothing when the run has none)."""
     if not section:
@@ -101,6 +140,7 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
                 else:
                     lines.append(_row(f"↳ {name}", goal, scores))
         lines.append("")
+    lines += transfer_lines(section.get("transfer"))
     lines += ["Size of each perturbation against the clean image (mean over images, pixels in [0, 1]) and cost:", ""]
     for key, entry in attacks.items():
         lines.append(f"- **{key}**: {_size(entry.get('size', {}))}. Cost: {_cost(entry.get('cost', {}))}. Images: `{entry.get('images', '?')}/`.")
