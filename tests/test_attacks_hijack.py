@@ -153,7 +153,9 @@ def test_full_image_stays_within_epsilon_as_saved_and_the_loss_goes_down(
 
 def test_patch_changes_only_the_patch_pixels_and_the_loss_goes_down(samples: list[Sample], victim: LlavaVictim) -> None:
     train = leak(samples[:4], seed=0)
-    attack = create_attack("image_hijack_leak", region="patch", patch_size=0.5, patch_position=(0.75, 0.25), steps=8, step_size=4 / 255)
+    attack = create_attack(
+        "image_hijack_leak", region="patch", patch_size=0.5, patch_position=(0.75, 0.25), steps=8, step_size=4 / 255
+    )
     (crafted,) = attack.craft(train[:1], victim, train)
     changed = (crafted.image != train[0].image).any(axis=2)
     inside = patch_mask(32, 32, 0.5, (0.75, 0.25))[0, 0].numpy().astype(bool)  # rows 16-31, columns 0-15
@@ -290,7 +292,8 @@ def test_leak_scores_count_outputs_holding_the_secret_and_exact_targets() -> Non
     assert scores["leaked"]["ci"] == pytest.approx(list(wilson_interval(2, 4)))
     assert scores["exact"]["rate"] == 0.25 and goal_scores("leak", records) == scores
     assert "not_measured" in leak_scores([])["leaked"]  # no rows: not a 0
-    section = {"victim": "base", "attacks": {"hijack": {"goal": "leak", "name": "image_hijack_leak", "success": scores, "baselines": {}, "size": {"not_measured": "x"}}}}
+    entry = {"goal": "leak", "name": "image_hijack_leak", "success": scores, "baselines": {}, "size": {"not_measured": "x"}}
+    section = {"victim": "base", "attacks": {"hijack": entry}}
     text = "\n".join(inference_section(section))
     assert "### Goal: leak" in text and "contains the secret" in text and "| 4 | 50.0% [" in text
 

@@ -71,7 +71,9 @@ class HijackParams(PgdParams):
         8 / 255, ge=0, le=1, description="full: L-infinity budget in [0, 1] (their sweep 4, 8, 32, 255 /255); null: unconstrained"
     )
     batch_size: int = Field(4, ge=1, description="train prompts per step (theirs: 1)")
-    region: Literal["full", "patch"] = Field("full", description="full: the whole image within epsilon; patch: a square patch, free in [0, 1]")
+    region: Literal["full", "patch"] = Field(
+        "full", description="full: the whole image within epsilon; patch: a square patch, free in [0, 1]"
+    )
     patch_size: float = Field(0.25, gt=0, le=1, description="patch side as a fraction of the image's shorter side (theirs about 0.1)")
     patch_position: tuple[Fraction, Fraction] = Field((0.2, 0.5), description="patch centre (row, column) relative to the image")
 
