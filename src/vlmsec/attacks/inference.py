@@ -37,13 +37,16 @@ class AttackRequest:
     `instruction`: the user's request (a held-out harmful request for a jailbreak, a question for
     a targeted attack); `image`: the clean uint8 H x W x 3 image the input starts from;
     `target`: the output the attacker optimises toward (targeted: the chosen string; jailbreak:
-    an affirmative opening such as GCG's "Sure, here is ..."), None when the attack needs none.
+    an affirmative opening such as GCG's "Sure, here is ..."), None when the attack needs none;
+    `secret`: for a leak, the secret the deployer's hidden context holds (`attacks.leak`; the
+    `instruction` is then the text the victim receives: that context, then the user's message).
     """
 
     id: str
     instruction: str
     image: np.ndarray
     target: str | None = None
+    secret: str | None = None
 
 
 @dataclass(frozen=True)

@@ -112,11 +112,19 @@ BatchFn = Callable[[int], tuple[list[str], list[str]]]
 
 
 def descend(
-    victim: Victim, clean: torch.Tensor, start: torch.Tensor, epsilon: float | None, params: PgdParams, batch: BatchFn
+    victim: Victim,
+    clean: torch.Tensor,
+    start: torch.Tensor,
+    epsilon: float | None,
+    params: PgdParams,
+    batch: BatchFn,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Signed-gradient descent of the answer loss from `start` for `params.steps` steps, projected
     onto the epsilon ball around `clean` (none when `epsilon` is None) and onto [0, 1].
-    `batch(step)` gives the step's instructions and targets; a one-row image is shared by all of them."""
+    `batch(step)` gives the step's instructions and targets; a one-row image is shared by all of them.
+    `mask` (1 where pixels may move, 0 elsewhere; broadcast over the image) confines the steps to a
+    region such as a patch: pixels outside it keep their start values."""
     x = start.clone()
     for step in range(params.steps):
         instructions, targets = batch(step)
@@ -125,7 +133,8 @@ def descend(
         loss = victim.answer_loss(images, instructions, targets)
         (grad,) = torch.autograd.grad(loss, x)
         with torch.no_grad():
-            x = x - params.step_size * grad.sign()
+            step = params.step_size * grad.sign()
+            x = x - (step if mask is None else step * mask)
             if epsilon is not None:
                 x = clean + (x - clean).clamp(-epsilon, epsilon)
             x = x.clamp(0, 1)
@@ -143,7 +152,8 @@ def quantise(images: torch.Tensor, clean: Sequence[np.ndarray], epsilon: float |
 
 
 class PgdAttack(InferenceAttack):
-    """What `pgd` and `pgd_universal` share: parameters, the start, the checks and the diagnostics."""
+    """What `pgd` and `pgd_universal` share (and the `image_hijack` family, `attacks.hijack`):
+    parameters, the start, the checks and the diagnostics."""
 
     modality = "image"
     family = "model-adaptive"

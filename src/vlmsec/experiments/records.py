@@ -30,7 +30,8 @@ the refused share by phrase and by judge, with intervals and disagreement counts
 deployed victim they were crafted against: "safety-tuned base" or "base"), `reading` (its word
 reading, `exact` and `contains` rates, when a typeset attack is in the run; else null) and
 `attacks`: {label: {the attack's metadata and params, goal, epsilon, n, `success` (targeted:
-`exact`, `contains`; jailbreak: `phrase_miss`, `judge_success`, `disagreements`), `baselines`
+`exact`, `contains`; jailbreak: `phrase_miss`, `judge_success`, `disagreements`; leak: `leaked`,
+`exact`), `baselines`
 ({"no attack": same keys, "uniform noise": same keys and `epsilon`}), `size` (`linf`, `l2`,
 `psnr`, `ssim`: {mean, max} and `per_image`), `cost` (`steps`, `queries`, `seconds_per_image`),
 `images` (the folder of its PNGs); typeset attacks also `reading` and `meaningful` (the victim

@@ -10,6 +10,7 @@ from vlmsec.report.formatting import pct_ci
 COLUMNS = {
     "targeted": (("exact", "exact match"), ("contains", "contains target")),
     "jailbreak": (("phrase_miss", "no refusal phrase"), ("judge_success", "judged complied")),
+    "leak": (("leaked", "contains the secret"), ("exact", "exact leak target")),
 }
 
 
@@ -114,7 +115,8 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
         "and answered as saved. Each attack beside the same requests with no attack (the clean image and the request "
         "as the user sends it) and, for perturbation attacks, uniform noise of the same ε. Rates with 95% Wilson "
         "intervals; jailbreak: outputs without a refusal phrase, outputs the judge rates as complied, and `≠` how "
-        "many the two verdicts disagree on.",
+        "many the two verdicts disagree on; leak: outputs holding the secret of the deployer's hidden preamble "
+        "(the no-attack row: what the victim leaks by itself) and outputs that are exactly the attacker's target.",
         "",
     ]
     if reading is not None:
