@@ -64,7 +64,11 @@ def _cost(cost: dict[str, Any]) -> str:
 
 
 # The one rate a transfer cell shows per goal (the judge's verdict where there is one).
-HEADLINE = {"targeted": ("contains", "contains target"), "jailbreak": ("judge_success", "judged complied")}
+HEADLINE = {
+    "targeted": ("contains", "contains target"),
+    "jailbreak": ("judge_success", "judged complied"),
+    "leak": ("leaked", "contains the secret"),
+}
 
 
 def _headline(goal: str, scores: dict[str, Any]) -> str:
@@ -86,8 +90,9 @@ def transfer_lines(matrix: dict[str, Any] | None) -> list[str]:
     lines = [
         f"### Transfer: inputs crafted on `{matrix['crafted_on']}`, answered by every model of the run",
         "",
-        "Each cell: the attack's rate on that model (targeted: contains target; jailbreak: judged complied) "
-        "→ the same requests with no attack on that model.",
+        "Each cell: the attack's rate on that model ("
+        + "; ".join(f"{goal}: {title}" for goal, (_, title) in HEADLINE.items())
+        + ") → the same requests with no attack on that model.",
         "",
         "| attack | " + " | ".join(models) + " |",
         "|---" * (len(models) + 1) + "|",
