@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from vlmsec.attacks.pgd import uint8_budget
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import minilm_encoder
+from vlmsec.experiments.inference import InferenceStage
 from vlmsec.victims.features import uncached_features
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
@@ -192,6 +194,23 @@ def test_transfer_only_sends_no_query(victim: LlavaVictim, samples: list[Sample]
     assert watched.images == 0 and attack.diagnostics()["queries"] == 0
     assert "text_score" not in attack.diagnostics()
     assert all(np.abs(c.image.astype(int) - s.image.astype(int)).max() <= 8 for c, s in zip(crafted, samples))
+
+
+def test_runner_records_the_queries_and_reuses_the_images(
+    victim: LlavaVictim, samples: list[Sample], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watched = Watched(victim, monkeypatch)
+    stage = InferenceStage(tmp_path, victim, "base", "stage-key", {"max_new_tokens": 4, "batch_size": 8}, seed=0)
+    attack = create_attack("attackvlm", **FAST)
+    assert isinstance(attack, InferenceAttack)
+    chosen = requests(samples[:2])
+    inputs, cost = stage.craft("attackvlm", attack, chosen, [])
+    assert cost["queries"] == 1 + FAST["query_steps"] * (FAST["num_query"] + 1) and cost["steps"] == 8
+    assert sorted(p.name for p in (tmp_path / "adversarial" / "attackvlm").glob("*.png")) == sorted(f"{s.id}.png" for s in samples[:2])
+    sent = watched.images
+    again, cached = stage.craft("attackvlm", attack, chosen, [])
+    assert watched.images == sent and cached == cost  # read back from the manifest: no new query
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(inputs, again))
 
 
 def test_craft_is_deterministic(victim: LlavaVictim, samples: list[Sample]) -> None:
