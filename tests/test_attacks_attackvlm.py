@@ -199,6 +199,7 @@ def test_transfer_only_sends_no_query(victim: LlavaVictim, samples: list[Sample]
 def test_runner_records_the_queries_and_reuses_the_images(
     victim: LlavaVictim, samples: list[Sample], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Through the runner's stage: the cost carries the queries per image, and a second craft reads the saved images."""
     watched = Watched(victim, monkeypatch)
     stage = InferenceStage(tmp_path, victim, "base", "stage-key", {"max_new_tokens": 4, "batch_size": 8}, seed=0)
     attack = create_attack("attackvlm", **FAST)
@@ -206,7 +207,8 @@ def test_runner_records_the_queries_and_reuses_the_images(
     chosen = requests(samples[:2])
     inputs, cost = stage.craft("attackvlm", attack, chosen, [])
     assert cost["queries"] == 1 + FAST["query_steps"] * (FAST["num_query"] + 1) and cost["steps"] == 8
-    assert sorted(p.name for p in (tmp_path / "adversarial" / "attackvlm").glob("*.png")) == sorted(f"{s.id}.png" for s in samples[:2])
+    saved = sorted(p.name for p in (tmp_path / "adversarial" / "attackvlm").glob("*.png"))
+    assert saved == sorted(f"{s.id}.png" for s in samples[:2])
     sent = watched.images
     again, cached = stage.craft("attackvlm", attack, chosen, [])
     assert watched.images == sent and cached == cost  # read back from the manifest: no new query

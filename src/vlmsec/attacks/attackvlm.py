@@ -182,7 +182,9 @@ def target_word(request: AttackRequest, attack: str = "attackvlm") -> str:
         raise VlmsecError(f"attack {attack!r}: request {request.id} has no target to aim at")
     words = _WORD.findall(request.target)
     if not words:
-        raise VlmsecError(f"attack {attack!r}: request {request.id}: target {request.target!r} has no word to draw as the target image")
+        raise VlmsecError(
+            f"attack {attack!r}: request {request.id}: target {request.target!r} has no word to draw as the target image"
+        )
     return words[-1].lower()
 
 
