@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +121,22 @@ class FeatureCache:
                 console.print(f"{err}: deleted; its features will be computed again")
                 path.unlink(missing_ok=True)
         return cache
+
+
+@contextlib.contextmanager
+def uncached_features(victim: Any) -> Iterator[None]:
+    """Run a block with the victim's feature cache (`victim.features`, if it has one) swapped for
+    an empty throwaway one, then put back: a query attack's thousands of one-off noisy images
+    must not fill the run's cache, which is kept in memory and saved to the shared file."""
+    features = getattr(victim, "features", None)
+    if not isinstance(features, FeatureCache):
+        yield
+        return
+    victim.features = FeatureCache()
+    try:
+        yield
+    finally:
+        victim.features = features
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
