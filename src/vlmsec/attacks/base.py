@@ -67,6 +67,10 @@ class Attack:
     # measurement), and where its reading of the paper is ours; `describe` carries them when set.
     variant: str | None = None
     note: str | None = None
+    # Whether test inputs carry a trigger that fires what the poison planted (the backdoor tests and
+    # ASR); False for an attack whose key is the poisoned training images themselves (ImgTrojan,
+    # tested by `experiments.trojan`).
+    plants_trigger: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         try:

@@ -136,6 +136,7 @@ class ImgTrojan(Attack):
     family = "static"
     knowledge = "black-box"
     stage = "training"
+    plants_trigger = False
     Params: ClassVar[type[AttackParams]] = ImgTrojanParams
     params: ImgTrojanParams
     note = (
