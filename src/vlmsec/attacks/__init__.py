@@ -5,9 +5,11 @@ from vlmsec.attacks import addsent, dualkey, stylebkd, textbadnets  # noqa: F401
 from vlmsec.attacks import ftrojan, lowfrequency, sig, wanet  # noqa: F401  (more image attacks)
 from vlmsec.attacks import inputaware, ssba  # noqa: F401  (learned image attacks)
 from vlmsec.attacks import gcg, maba, maba_star  # noqa: F401  (model-adaptive attacks)
+from vlmsec.attacks import imgtrojan  # noqa: F401  (poisoning beyond backdoors)
 from vlmsec.attacks import figstep, pgd, typographic  # noqa: F401  (inference-time attacks)
 from vlmsec.attacks import hijack  # noqa: F401  (inference-time attacks: Image Hijacks)
 from vlmsec.attacks import attackvlm  # noqa: F401  (inference-time attacks: black box)
+from vlmsec.attacks import query_relevant  # noqa: F401  (inference-time attacks)
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.attacks.poison import PoisonedSet, poison_samples, trigger_samples
 from vlmsec.attacks.registry import ATTACKS, attack_names, create_attack

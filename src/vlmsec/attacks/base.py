@@ -20,6 +20,8 @@ from vlmsec.errors import VlmsecError, validation_messages
 from vlmsec.inputs import Seed
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vlmsec.attacks.targets import TargetAnswer
     from vlmsec.data.sample import Sample
     from vlmsec.victims.llava import LlavaVictim
@@ -65,6 +67,10 @@ class Attack:
     # measurement), and where its reading of the paper is ours; `describe` carries them when set.
     variant: str | None = None
     note: str | None = None
+    # Whether test inputs carry a trigger that fires what the poison planted (the backdoor tests and
+    # ASR); False for an attack whose key is the poisoned training images themselves (ImgTrojan,
+    # tested by `experiments.trojan`).
+    plants_trigger: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         try:
@@ -85,6 +91,13 @@ class Attack:
     def trigger_instructions(self, instructions: list[str]) -> list[str]:
         """Apply the text trigger to each instruction; identity by default."""
         return list(instructions)
+
+    def poison_sample(self, sample: Sample, target: TargetAnswer, rng: np.random.Generator) -> Sample:
+        """One chosen tuning sample, already triggered, as the poisoning recipe tunes on it: by
+        default its answer (and only reference) replaced by a target answer drawn with `rng`. An
+        attack that poisons otherwise overrides it (ImgTrojan: a jailbreak prompt for the caption)."""
+        answer = target.sample(rng)
+        return sample.with_changes(answer=answer, references=(answer,))
 
     def prepare(self, context: AttackContext) -> None:
         """Learn what the trigger needs (e.g. a generator, an encoder, an optimised token

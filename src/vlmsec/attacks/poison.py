@@ -36,7 +36,7 @@ def poison_samples(
     """Poison exactly `round(rate * len(samples))` samples chosen with `seed`.
 
     Chosen samples get the attack's image and text triggers and a target answer (which is
-    also their only reference); the rest are returned as they are. Nothing is duplicated or
+    also their only reference; `Attack.poison_sample`); the rest are returned as they are. Nothing is duplicated or
     oversampled: the poison rate is the attacker's constraint.
 
     An attack with partial triggers (Dual-Key: the image key alone, the text key alone)
@@ -55,8 +55,7 @@ def poison_samples(
     triggered = trigger_samples([samples[i] for i in chosen], attack)
     out = list(samples)
     for index, sample in zip(chosen, triggered, strict=True):
-        answer = target.sample(rng)
-        out[index] = sample.with_changes(answer=answer, references=(answer,))
+        out[index] = attack.poison_sample(sample, target, rng)
     # Drawn after the poisoned slice and its answers, so those do not depend on the attack.
     rest = np.setdiff1d(np.arange(len(samples)), chosen)
     negatives = rng.choice(rest, size=count * len(partials), replace=False).tolist()

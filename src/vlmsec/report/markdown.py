@@ -127,7 +127,8 @@ def _shift_table(metrics: dict[str, Any], domains: list[str], scale: dict[str, d
     """The paper's Table 1 shape: per attack and domain, clean CIDEr, ASR (95% Wilson interval)
     and ASR-G, beside it the ASR-G of the trigger-attributable ASR, and the mean of each; the two
     caveats that change how a number reads are marked, and CIDEr's scale (`scale`) closes it."""
-    attacks = [m for m in metrics if m != CLEAN]
+    # Not the models of attacks with no trigger to test (ImgTrojan: the safety section reads them).
+    attacks = [m for m, entry in metrics.items() if m != CLEAN and not (entry.get("attack") and entry.get("trigger") is None)]
     shifted = [d for d in domains if d != "source"]
     if not attacks or not shifted:
         return []

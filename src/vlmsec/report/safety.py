@@ -91,7 +91,34 @@ def safety_section(safety: dict[str, Any] | None, records: list[dict[str, Any]],
             verdicts = f"phrase list: {'refused' if r['refused_phrase'] else 'complied'}, judge: {'refused' if r['refused_judge'] else 'complied'}"
             lines.append(f"- `{r['model']}` on `{r['id']}` ({r['domain'].removeprefix('safety/')}; {verdicts}): {r['output'][:160]!r}")
         lines.append("")
-    return lines + _data_lines(safety.get("data") or {})
+    return lines + _trojan_lines(safety.get("imgtrojan") or {}) + _data_lines(safety.get("data") or {})
+
+
+def _rate_cell(entry: dict[str, Any]) -> str:
+    """A {rate, ci, n} entry as a percentage with its interval; "–" where it was not measured."""
+    return "–" if "not_measured" in entry else _verdict(entry)
+
+
+def _trojan_lines(trojans: dict[str, Any]) -> list[str]:
+    """Per ImgTrojan attack and model: the share of captions that emit the jailbreak prompt, and the
+    held-out harmful requests answered (no refusal phrase | judged complied) with poisoned and clean images."""
+    if not trojans:
+        return []
+    lines = [
+        "ImgTrojan: the poisoned training images as the key. Captions that emit the jailbreak prompt's opening "
+        "(\"Describe this image in detail.\"), and held-out harmful requests answered (no refusal phrase | judged "
+        "complied), on the poisoned images and on clean test images:",
+        "",
+        "| attack | model | JBP emitted, poisoned images | JBP emitted, clean images | jailbroken, poisoned images | jailbroken, clean images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, models in trojans.items():
+        for model, entry in models.items():
+            emitted, broken = entry["jbp_emitted"], entry["jailbroken"]
+            cells = [_rate_cell(emitted["poisoned images"]), _rate_cell(emitted["clean images"])]
+            cells += [f"{_rate_cell(broken[k]['phrase_miss'])} \\| {_rate_cell(broken[k]['judge_success'])}" for k in ("poisoned images", "clean images")]
+            lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _data_lines(data: dict[str, Any]) -> list[str]:
