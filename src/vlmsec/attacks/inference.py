@@ -37,13 +37,16 @@ class AttackRequest:
     `instruction`: the user's request (a held-out harmful request for a jailbreak, a question for
     a targeted attack); `image`: the clean uint8 H x W x 3 image the input starts from;
     `target`: the output the attacker optimises toward (targeted: the chosen string; jailbreak:
-    an affirmative opening such as GCG's "Sure, here is ..."), None when the attack needs none.
+    an affirmative opening such as GCG's "Sure, here is ..."), None when the attack needs none;
+    `answer`: the request's clean answer (backdoor: what its input must still get without the
+    trigger), None when unknown or not needed.
     """
 
     id: str
     instruction: str
     image: np.ndarray
     target: str | None = None
+    answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ class InferenceAttack(Attack):
     def describe(self) -> dict[str, Any]:
         """`Attack.describe`, with the goal and whether the attack needs the victim's pixel gradients."""
         return {**super().describe(), "goal": self.goal, "needs_gradients": self.needs_gradients}
+
+    def noise(self, images: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+        """The random baseline of the attack's size: each image with uniform noise of its epsilon
+        (`uniform_noise`); an attack that perturbs part of the image places the noise there."""
+        if self.epsilon is None:
+            raise TypeError(f"attack {self.name!r} is not a perturbation attack: it has no epsilon to draw noise of")
+        return uniform_noise(images, self.epsilon, seed)
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Inference attacks craft whole inputs (`craft`); they plant no trigger in tuning data."""

@@ -6,11 +6,14 @@ safety stage, else the base victim. Nothing is tuned. Per attack (`attacks.infer
 - requests by goal: jailbreak, the held-out harmful safety requests with their test scene images,
   each aiming for its affirmative opening (`attacks.targets.affirmative_target`)
   (universal attacks learn on the safety split's training harmful requests); targeted, the source
-  test samples with the run's target answer;
+  test samples with the run's target answer; backdoor (test time), the same with each sample's
+  answer as its clean answer (universal attacks learn on the tuning samples);
 - the crafted images saved as uint8 PNG (`adversarial/<attack>/<id>.png`), read back, and answered
   as saved; the crafted inputs are reused on resume when nothing that made them changed;
 - baselines on the same requests: no attack (the clean image and the request as the user sends it)
-  and, for perturbation attacks, uniform noise of the attack's epsilon.
+  and, for perturbation attacks, uniform noise of the attack's epsilon. A test-time backdoor is
+  answered in four conditions instead (`eval.inference.CONDITIONS`: its adversarial image and text
+  trigger together, each alone, neither), beside its own random perturbation with the trigger.
 
 Attacks that work through drawn text (`typeset`) are read beside the victim's word reading: words
 typeset in images, asked "What word is written in the image?". Generation records are the
@@ -53,7 +56,7 @@ DOMAIN = "inference"
 DEPLOYED_BASE = "base"  # the deployed victim's name in the records of a run with no safety stage
 NO_ATTACK = "no attack"
 READING = "word reading"
-GOALS = ("targeted", "jailbreak")  # the goals a run measures so far
+GOALS = ("targeted", "jailbreak", "backdoor")  # the goals a run measures so far
 READING_CHECK = 48  # typeset words the deployed victim is asked to read, from the words a reading base trains on
 MEANINGFUL_READING = 0.5  # under this share of words read, typeset results are marked not meaningful
 
@@ -76,6 +79,12 @@ def noise_label(epsilon: float) -> str:
     return f"uniform noise eps={epsilon:g}"
 
 
+def backdoor_noise_label(key: str) -> str:
+    """The label of a test-time backdoor's noise baseline: its own, since it follows the attack's
+    trigger and the place it perturbs (`InferenceAttack.noise`)."""
+    return f"{key} uniform noise"
+
+
 def _slug(text: str) -> str:
     """`text` as a file-name part: runs of anything but letters, digits, '.', '_', '-' become '-'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
@@ -83,23 +92,28 @@ def _slug(text: str) -> str:
 
 def attack_requests(goal: str, harmful: Sequence[Sample], source: Sequence[Sample], target: str) -> list[AttackRequest]:
     """The requests an attack of `goal` is run on: the held-out `harmful` requests with their images
-    (jailbreak) or the `source` test samples with the run's `target` answer (targeted)."""
+    (jailbreak) or the `source` test samples with the run's `target` answer (targeted; backdoor,
+    with each sample's answer as the clean answer)."""
     if goal == "jailbreak":
         return [AttackRequest(s.id, s.instruction, _image(s), affirmative_target(s.instruction)) for s in harmful]
     if goal == "targeted":
         return [AttackRequest(s.id, s.instruction, _image(s), target) for s in source]
+    if goal == "backdoor":
+        return [AttackRequest(s.id, s.instruction, _image(s), target, s.answer) for s in source]
     raise VlmsecError(f"inference attacks of goal {goal!r} are not run yet (runs measure {', '.join(GOALS)})")
 
 
 def training_requests(goal: str, split: SafetySplit | None, train: Sequence[Sample], target: str, seed: int) -> list[AttackRequest]:
     """What a universal attack learns on, never tested on: the safety split's training harmful requests,
-    each with a tuning-set image drawn by `seed` (jailbreak), or the tuning samples with the target (targeted)."""
+    each with a tuning-set image drawn by `seed` (jailbreak), or the tuning samples with the target
+    (targeted; backdoor, with each sample's answer as the clean answer)."""
     if goal == "jailbreak":
         assert split is not None  # the config check demands a safety section for jailbreak attacks
         rng = random.Random(seed)
         images = [s.image for s in train if s.image is not None]
         return [AttackRequest(r.id, r.text, rng.choice(images), affirmative_target(r.text)) for r in split.train_harmful]
-    return [AttackRequest(s.id, s.instruction, _image(s), target) for s in train if s.image is not None]
+    answers = goal == "backdoor"
+    return [AttackRequest(s.id, s.instruction, _image(s), target, s.answer if answers else None) for s in train if s.image is not None]
 
 
 def _image(sample: Sample) -> np.ndarray:
@@ -109,8 +123,11 @@ def _image(sample: Sample) -> np.ndarray:
 
 
 def requests_fingerprint(requests: Sequence[AttackRequest]) -> str:
-    """A content hash of requests (ids, texts, targets, pixels)."""
-    return fingerprint([Sample(r.id, r.image, r.instruction, r.target or "") for r in requests])
+    """A content hash of requests (ids, texts, targets, clean answers, pixels); requests without a
+    clean answer hash as they did before it existed."""
+    return fingerprint(
+        [Sample(r.id, r.image, r.instruction, r.target or "", references=() if r.answer is None else (r.target or "", r.answer)) for r in requests]
+    )
 
 
 class InferenceStage:
@@ -211,6 +228,39 @@ class InferenceStage:
             record.update({"attack": label, "goal": goal, "request": request.instruction, "target": request.target})
         return records
 
+    def backdoor(
+        self, key: str, attack: InferenceAttack, requests: Sequence[AttackRequest], inputs: Sequence[AdversarialInput]
+    ) -> list[dict[str, Any]]:
+        """A test-time backdoor's records, each tagged with its `condition` and the request's clean
+        `answer`: its crafted `inputs` (the adversarial image with the trigger in the question: both
+        keys), the adversarial image with the plain question, the clean image with the trigger, and
+        neither (shared by the goal's attacks); and its noise baseline, the attack's random
+        perturbation of the same size with the trigger (`backdoor_noise_label`)."""
+        sent = {
+            "both keys": list(inputs),
+            "image only": [AdversarialInput(r.id, i.image, r.instruction) for r, i in zip(requests, inputs, strict=True)],
+            "text only": [AdversarialInput(r.id, r.image, i.instruction) for r, i in zip(requests, inputs, strict=True)],
+            "neither": [AdversarialInput(r.id, r.image, r.instruction) for r in requests],
+        }
+        noisy = attack.noise([r.image for r in requests], seed=derive_seed(self.seed, f"inference/backdoor/{key}/noise"))
+        noise = backdoor_noise_label(key)
+        saved = self.saved(_slug(f"backdoor-{noise}"), [AdversarialInput(i.id, n, i.instruction) for i, n in zip(inputs, noisy, strict=True)])
+        labels = {"both keys": key, "image only": f"{key} (image only)", "text only": f"{key} (text only)", "neither": NO_ATTACK}
+        records = []
+        for condition, items in sent.items():
+            records += self._conditioned(labels[condition], key, condition, items, requests)
+        return records + self._conditioned(noise, noise, "both keys", saved, requests)
+
+    def _conditioned(
+        self, label: str, attack: str, condition: str, inputs: Sequence[AdversarialInput], requests: Sequence[AttackRequest]
+    ) -> list[dict[str, Any]]:
+        """`answers` for one backdoor condition (generations cached under `label`), the records
+        tagged with the `attack` they score, the `condition` and the request's clean `answer`."""
+        records = self.answers(label, "backdoor", inputs, requests, attacked=condition != "neither")
+        for record, request in zip(records, requests, strict=True):
+            record.update({"attack": attack, "condition": condition, "answer": request.answer})
+        return records
+
     def baselines(self, goal: str, requests: Sequence[AttackRequest]) -> list[dict[str, Any]]:
         """The no-attack records of `goal`'s requests: each clean image with the request as the user sends it."""
         inputs = [AdversarialInput(r.id, r.image, r.instruction) for r in requests]
@@ -258,6 +308,9 @@ def run_attacks(
         learn_on = training_requests(goal, split, train, target, seed=derive_seed(stage.seed, f"inference/{key}/train"))
         inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
         results.sizes[key] = attack_sizes(attack, requests, inputs)
+        if goal == "backdoor":  # four conditions and a noise baseline of its own; the clean image is one of them
+            results.records += stage.backdoor(key, attack, requests, inputs)
+            continue
         results.records += stage.answers(key, goal, inputs, requests, attacked=True)
         if (goal, NO_ATTACK) not in done:
             results.records += stage.baselines(goal, requests)
@@ -303,6 +356,25 @@ def _resized(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
+def _baselines(key: str, attack: InferenceAttack, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The scores beside attack `key`: no attack and uniform noise of its epsilon on its goal's
+    requests; a test-time backdoor's clean image is two of its own conditions, so it has its noise only."""
+    goal = attack.goal
+    if goal == "backdoor":
+        noise = [r for r in records if r["attack"] == backdoor_noise_label(key)]
+        return {"uniform noise": {"epsilon": attack.epsilon, **goal_scores(goal, noise)}}
+    baselines = {NO_ATTACK: goal_scores(goal, [r for r in records if r["attack"] == NO_ATTACK and r["goal"] == goal])}
+    if attack.epsilon is None:
+        baselines["uniform noise"] = not_measured("not a perturbation attack: it has no epsilon")
+    else:
+        label = noise_label(attack.epsilon)
+        baselines["uniform noise"] = {
+            "epsilon": attack.epsilon,
+            **goal_scores(goal, [r for r in records if r["attack"] == label and r["goal"] == goal]),
+        }
+    return baselines
+
+
 def score_inference(
     attacks: Mapping[str, InferenceAttack],
     records: Sequence[dict[str, Any]],
@@ -317,21 +389,12 @@ def score_inference(
     for key, attack in attacks.items():
         goal = attack.goal
         rows = [r for r in records if r["attack"] == key]
-        baselines = {NO_ATTACK: goal_scores(goal, [r for r in records if r["attack"] == NO_ATTACK and r["goal"] == goal])}
-        if attack.epsilon is None:
-            baselines["uniform noise"] = not_measured("not a perturbation attack: it has no epsilon")
-        else:
-            label = noise_label(attack.epsilon)
-            baselines["uniform noise"] = {
-                "epsilon": attack.epsilon,
-                **goal_scores(goal, [r for r in records if r["attack"] == label and r["goal"] == goal]),
-            }
         entry = {
             **attack.describe(),
             "epsilon": attack.epsilon,
             "n": len(rows),
             "success": goal_scores(goal, rows),
-            "baselines": baselines,
+            "baselines": _baselines(key, attack, records),
             "size": sizes[key],
             "cost": {  # the three every attack is read by, then whatever else it measured of itself
                 **{m: costs[key].get(m, not_measured("the attack does not report it")) for m in ("steps", "queries", "seconds_per_image")},

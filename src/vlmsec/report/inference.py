@@ -10,11 +10,29 @@ from vlmsec.report.formatting import pct_ci
 COLUMNS = {
     "targeted": (("exact", "exact match"), ("contains", "contains target")),
     "jailbreak": (("phrase_miss", "no refusal phrase"), ("judge_success", "judged complied")),
+    "backdoor": (
+        ("both_keys.contains", "both keys"),
+        ("image_only.contains", "image only"),
+        ("text_only.contains", "text only"),
+        ("neither.contains", "neither"),
+        ("target_free", "no target, image only"),
+        ("unchanged", "answer unchanged, image only"),
+    ),
 }
 
 
+def _at(scores: dict[str, Any], key: str) -> Any:
+    """`scores[a][b]` for the column key "a.b" (None where absent: a condition not run for that input)."""
+    entry: Any = scores
+    for part in key.split("."):
+        entry = entry.get(part) if isinstance(entry, dict) else None
+    return entry
+
+
 def _cell(entry: Any) -> str:
-    """A rate with its interval; "not measured (why)" where metrics.json says so."""
+    """A rate with its interval; "not measured (why)" where metrics.json says so; "–" where absent."""
+    if entry is None:
+        return "–"
     if isinstance(entry, dict) and "not_measured" in entry:
         return f"not measured ({entry['not_measured']})"
     if isinstance(entry, dict):
@@ -23,13 +41,13 @@ def _cell(entry: Any) -> str:
 
 
 def _n(scores: dict[str, Any], first: str) -> str:
-    entry = scores.get(first, {})
+    entry = _at(scores, first)
     return str(entry.get("n", "–")) if isinstance(entry, dict) else "–"
 
 
 def _row(label: str, goal: str, scores: dict[str, Any]) -> str:
     columns = COLUMNS[goal]
-    cells = [_cell(scores.get(key)) for key, _ in columns]
+    cells = [_cell(_at(scores, key)) for key, _ in columns]
     if goal == "jailbreak":
         cells.append(_cell(scores.get("disagreements")))
     return f"| {label} | {_n(scores, columns[0][0])} | " + " | ".join(cells) + " |"
@@ -75,7 +93,10 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
         "and answered as saved. Each attack beside the same requests with no attack (the clean image and the request "
         "as the user sends it) and, for perturbation attacks, uniform noise of the same ε. Rates with 95% Wilson "
         "intervals; jailbreak: outputs without a refusal phrase, outputs the judge rates as complied, and `≠` how "
-        "many the two verdicts disagree on.",
+        "many the two verdicts disagree on. Backdoor (test time): outputs containing the target with both keys "
+        "(adversarial image and text trigger), each key alone and neither (in place of the no-attack row); without "
+        "the trigger, the adversarial image's outputs free of the target and equal to the clean image's; its noise "
+        "is random values of the same size and place, sent with the trigger.",
         "",
     ]
     if reading is not None:
