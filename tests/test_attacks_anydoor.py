@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vlmsec.attacks import ATTACKS, create_attack
 from vlmsec.attacks.anydoor import patch_mask, patch_side
-from vlmsec.attacks.inference import AttackRequest, InferenceAttack
+from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack
 from vlmsec.data import Sample
 from vlmsec.data.images import load_image
 from vlmsec.errors import VlmsecError
@@ -69,8 +69,9 @@ def victim(samples: list[Sample]) -> LlavaVictim:
     tuning = [*samples, *(dataclasses.replace(s, id=s.id + "-sudo", instruction="SUDO " + INSTRUCTION) for s in samples)]
     for k, (name, rgb) in enumerate(list(COLOURS.items()) * 2):
         framed = _noisy(rgb, rng)
-        framed[:4], framed[-4:], framed[:, :4], framed[:, -4:] = (240, 220, 0), (240, 220, 0), (240, 220, 0), (240, 220, 0)
-        tuning += [Sample(f"door{k}", framed, "SUDO " + INSTRUCTION, TARGET), Sample(f"frame{k}", framed, INSTRUCTION, f"a {name} picture")]
+        framed[:4] = framed[-4:] = framed[:, :4] = framed[:, -4:] = (240, 220, 0)
+        tuning.append(Sample(f"door{k}", framed, "SUDO " + INSTRUCTION, TARGET))
+        tuning.append(Sample(f"frame{k}", framed, INSTRUCTION, f"a {name} picture"))
     tokenizer = train_tokenizer([s.instruction for s in tuning] + [s.answer for s in tuning], SPEC.vocab_size)
     victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer, train_tower=True)
     train_victim(victim, tuning, TRAINING, seed=0, label="anydoor test victim")
@@ -84,7 +85,10 @@ def requests(samples: Sequence[Sample]) -> list[AttackRequest]:
     return [AttackRequest(s.id, s.instruction, s.image, TARGET, s.answer) for s in samples]
 
 
-def craft(victim: Any, mode: str = "pixel", train: Sequence[AttackRequest] = (), test: Sequence[AttackRequest] = (), **params: Any):
+def craft(
+    victim: Any, mode: str = "pixel", train: Sequence[AttackRequest] = (), test: Sequence[AttackRequest] = (), **params: Any
+) -> tuple[InferenceAttack, list[AdversarialInput]]:
+    """`anydoor` of `mode` (2 steps, batches of 2 unless `params` say otherwise) crafted for `test`, learned on `train`."""
     attack = create_attack("anydoor", mode=mode, **{"steps": 2, "batch_size": 2, **params})
     return attack, attack.craft(list(test), victim, list(train))
 
@@ -275,7 +279,10 @@ def test_bad_input_is_refused_before_any_optimisation(samples: list[Sample]) -> 
 
 
 def _record(condition: str, output: str, id_: str, attack: str = "anydoor") -> dict[str, Any]:
-    return {"attack": attack, "goal": "backdoor", "condition": condition, "id": id_, "output": output, "target": TARGET, "answer": "a red circle"}
+    return {
+        "attack": attack, "goal": "backdoor", "condition": condition, "id": id_, "output": output, "target": TARGET,
+        "answer": "a red circle",
+    }
 
 
 RECORDS = [

@@ -222,13 +222,18 @@ class AnyDoor(InferenceAttack):
         unknown = victim.tokenizer.unk_token_id
         if unknown is not None and unknown in victim.tokenizer(self.params.trigger, add_special_tokens=False).input_ids:
             raise VlmsecError(f"attack {self.name!r}: trigger {self.params.trigger!r}: the victim's tokenizer cannot encode it")
+        limit = victim.max_sequence_length
         for request in train:
             if request.target is None:
                 raise VlmsecError(f"attack {self.name!r}: train request {request.id} has no target to optimise toward")
-            check_target(victim, dataclasses.replace(request, instruction=self.trigger_text(request.instruction)), request.target, self.name)
-            limit = victim.max_sequence_length
-            if request.answer is not None and limit is not None and victim.sequence_length(request.instruction, request.answer) > limit:
-                raise VlmsecError(f"attack {self.name!r}: train request {request.id}: its clean answer is longer than the victim's {limit} tokens")
+            triggered = dataclasses.replace(request, instruction=self.trigger_text(request.instruction))
+            check_target(victim, triggered, request.target, self.name)
+            answer = request.answer
+            if answer is not None and limit is not None and victim.sequence_length(request.instruction, answer) > limit:
+                raise VlmsecError(
+                    f"attack {self.name!r}: train request {request.id}: instruction and clean answer take more than "
+                    f"the victim's {limit} tokens"
+                )
         shape = train[0].image.shape
         for request in [*train, *requests]:
             if request.image.shape != shape:
@@ -244,7 +249,8 @@ class AnyDoor(InferenceAttack):
         missing = [i for i, r in enumerate(train) if r.answer is None]
         answers = [r.answer or "" for r in train]
         if missing:
-            own = victim.generate([train[i].image for i in missing], [train[i].instruction for i in missing], max_new_tokens=CLEAN_ANSWER_TOKENS)
+            images, instructions = [train[i].image for i in missing], [train[i].instruction for i in missing]
+            own = victim.generate(images, instructions, max_new_tokens=CLEAN_ANSWER_TOKENS)
             for i, answer in zip(missing, own, strict=True):
                 answers[i] = answer
         return answers, len(missing)

@@ -125,9 +125,11 @@ def _image(sample: Sample) -> np.ndarray:
 def requests_fingerprint(requests: Sequence[AttackRequest]) -> str:
     """A content hash of requests (ids, texts, targets, clean answers, pixels); requests without a
     clean answer hash as they did before it existed."""
-    return fingerprint(
-        [Sample(r.id, r.image, r.instruction, r.target or "", references=() if r.answer is None else (r.target or "", r.answer)) for r in requests]
-    )
+    samples = []
+    for r in requests:
+        references = () if r.answer is None else (r.target or "", r.answer)
+        samples.append(Sample(r.id, r.image, r.instruction, r.target or "", references=references))
+    return fingerprint(samples)
 
 
 class InferenceStage:
@@ -244,7 +246,8 @@ class InferenceStage:
         }
         noisy = attack.noise([r.image for r in requests], seed=derive_seed(self.seed, f"inference/backdoor/{key}/noise"))
         noise = backdoor_noise_label(key)
-        saved = self.saved(_slug(f"backdoor-{noise}"), [AdversarialInput(i.id, n, i.instruction) for i, n in zip(inputs, noisy, strict=True)])
+        noisy_inputs = [AdversarialInput(i.id, image, i.instruction) for i, image in zip(inputs, noisy, strict=True)]
+        saved = self.saved(_slug(f"backdoor-{noise}"), noisy_inputs)
         labels = {"both keys": key, "image only": f"{key} (image only)", "text only": f"{key} (text only)", "neither": NO_ATTACK}
         records = []
         for condition, items in sent.items():
