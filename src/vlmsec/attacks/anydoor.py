@@ -182,16 +182,17 @@ class AnyDoor(InferenceAttack):
         self._diagnostics = {}
         shape = train[0].image.shape
         mask = patch_mask(self.params.mode, self.params.patch_fraction, shape[0], shape[1])
-        answers, generated = self._clean_answers(victim, train)
         targets = [str(r.target) for r in train]
         plain = [r.instruction for r in train]
         triggered = [self.trigger_text(r.instruction) for r in train]
         train_images = [r.image for r in train]
 
-        def losses(levels: np.ndarray) -> tuple[float, float]:
-            return self._losses(victim, self._stamp(train_images, levels, mask), plain, triggered, targets, answers)
-
         with eval_mode(victim.model):
+            answers, generated = self._clean_answers(victim, train)
+
+            def losses(levels: np.ndarray) -> tuple[float, float]:
+                return self._losses(victim, self._stamp(train_images, levels, mask), plain, triggered, targets, answers)
+
             start = self._start(shape, mask)
             with_before, without_before = losses(self._levels(start))
             delta = self._descend(victim, to_tensor(train_images), start, mask, plain, triggered, targets, answers)
