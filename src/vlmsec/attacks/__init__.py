@@ -10,6 +10,7 @@ from vlmsec.attacks import figstep, pgd, typographic  # noqa: F401  (inference-t
 from vlmsec.attacks import hijack  # noqa: F401  (inference-time attacks: Image Hijacks)
 from vlmsec.attacks import attackvlm  # noqa: F401  (inference-time attacks: black box)
 from vlmsec.attacks import query_relevant  # noqa: F401  (inference-time attacks)
+from vlmsec.attacks import anydoor  # noqa: F401  (inference-time test-time backdoor)
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.attacks.poison import PoisonedSet, poison_samples, trigger_samples
 from vlmsec.attacks.registry import ATTACKS, attack_names, create_attack

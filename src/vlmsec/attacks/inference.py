@@ -40,6 +40,8 @@ class AttackRequest:
     an affirmative opening such as GCG's "Sure, here is ..."), None when the attack needs none;
     `secret`: for a leak, the secret the deployer's hidden context holds (`attacks.leak`; the
     `instruction` is then the text the victim receives: that context, then the user's message).
+    `answer`: the request's clean answer (backdoor: what its input must still get without the
+    trigger), None when unknown or not needed.
     """
 
     id: str
@@ -47,6 +49,7 @@ class AttackRequest:
     image: np.ndarray
     target: str | None = None
     secret: str | None = None
+    answer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ class InferenceAttack(Attack):
     def describe(self) -> dict[str, Any]:
         """`Attack.describe`, with the goal and whether the attack needs the victim's pixel gradients."""
         return {**super().describe(), "goal": self.goal, "needs_gradients": self.needs_gradients}
+
+    def noise(self, images: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+        """The random baseline of the attack's size: each image with uniform noise of its epsilon
+        (`uniform_noise`); an attack that perturbs part of the image places the noise there."""
+        if self.epsilon is None:
+            raise TypeError(f"attack {self.name!r} is not a perturbation attack: it has no epsilon to draw noise of")
+        return uniform_noise(images, self.epsilon, seed)
 
     def trigger_images(self, images: torch.Tensor) -> torch.Tensor:
         """Inference attacks craft whole inputs (`craft`); they plant no trigger in tuning data."""

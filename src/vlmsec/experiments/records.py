@@ -33,8 +33,9 @@ deployed victim they were crafted against: "safety-tuned base" or "base"), `read
 reading, `exact` and `contains` rates, when a typeset attack is in the run; else null) and
 `attacks`: {label: {the attack's metadata and params, goal, epsilon, n, `success` (targeted:
 `exact`, `contains`; jailbreak: `phrase_miss`, `judge_success`, `disagreements`; leak: `leaked`,
-`exact`), `baselines`
-({"no attack": same keys, "uniform noise": same keys and `epsilon`}), `size` (`linf`, `l2`,
+`exact`; backdoor: `both_keys`, `image_only`, `text_only`, `neither` (each `exact`, `contains`),
+`target_free`, `unchanged`, `clean_answer`), `baselines` ({"no attack": same keys, "uniform
+noise": same keys and `epsilon`}; a backdoor has its noise only, with both keys), `size` (`linf`, `l2`,
 `psnr`, `ssim`: {mean, max} and `per_image`), `cost` (`steps`, `queries`, `seconds_per_image`),
 `images` (the folder of its PNGs); typeset attacks also `reading` and `meaningful` (the victim
 reads at least half the words)}}, and `transfer` (the inputs as saved, answered by the run's other

@@ -11,11 +11,29 @@ COLUMNS = {
     "targeted": (("exact", "exact match"), ("contains", "contains target")),
     "jailbreak": (("phrase_miss", "no refusal phrase"), ("judge_success", "judged complied")),
     "leak": (("leaked", "contains the secret"), ("exact", "exact leak target")),
+    "backdoor": (
+        ("both_keys.contains", "both keys"),
+        ("image_only.contains", "image only"),
+        ("text_only.contains", "text only"),
+        ("neither.contains", "neither"),
+        ("target_free", "no target, image only"),
+        ("unchanged", "answer unchanged, image only"),
+    ),
 }
 
 
+def _at(scores: dict[str, Any], key: str) -> Any:
+    """`scores[a][b]` for the column key "a.b" (None where absent: a condition not run for that input)."""
+    entry: Any = scores
+    for part in key.split("."):
+        entry = entry.get(part) if isinstance(entry, dict) else None
+    return entry
+
+
 def _cell(entry: Any) -> str:
-    """A rate with its interval; "not measured (why)" where metrics.json says so."""
+    """A rate with its interval; "not measured (why)" where metrics.json says so; "–" where absent."""
+    if entry is None:
+        return "–"
     if isinstance(entry, dict) and "not_measured" in entry:
         return f"not measured ({entry['not_measured']})"
     if isinstance(entry, dict):
@@ -24,13 +42,13 @@ def _cell(entry: Any) -> str:
 
 
 def _n(scores: dict[str, Any], first: str) -> str:
-    entry = scores.get(first, {})
+    entry = _at(scores, first)
     return str(entry.get("n", "–")) if isinstance(entry, dict) else "–"
 
 
 def _row(label: str, goal: str, scores: dict[str, Any]) -> str:
     columns = COLUMNS[goal]
-    cells = [_cell(scores.get(key)) for key, _ in columns]
+    cells = [_cell(_at(scores, key)) for key, _ in columns]
     if goal == "jailbreak":
         cells.append(_cell(scores.get("disagreements")))
     return f"| {label} | {_n(scores, columns[0][0])} | " + " | ".join(cells) + " |"
@@ -68,12 +86,13 @@ HEADLINE = {
     "targeted": ("contains", "contains target"),
     "jailbreak": ("judge_success", "judged complied"),
     "leak": ("leaked", "contains the secret"),
+    "backdoor": ("both_keys.contains", "contains target with both keys (no attack: neither key)"),
 }
 
 
-def _headline(goal: str, scores: dict[str, Any]) -> str:
-    key = HEADLINE[goal][0]
-    entry = scores.get(key)
+def _headline(goal: str, scores: dict[str, Any], baseline: bool = False) -> str:
+    key = "contains" if goal == "backdoor" and baseline else HEADLINE[goal][0]
+    entry = _at(scores, key)
     if goal == "jailbreak" and isinstance(entry, dict) and "not_measured" in entry:
         return f"{_cell(scores.get('phrase_miss'))} (no refusal phrase)"
     return _cell(entry)
@@ -102,7 +121,7 @@ def transfer_lines(matrix: dict[str, Any] | None) -> list[str]:
         cells = []
         for model in models:
             entry = row["by_model"].get(model, {})
-            cells.append(f"{_headline(goal, entry.get('success', {}))} → {_headline(goal, entry.get('no attack', {}))}")
+            cells.append(f"{_headline(goal, entry.get('success', {}))} → {_headline(goal, entry.get('no attack', {}), baseline=True)}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -121,7 +140,11 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
         "as the user sends it) and, for perturbation attacks, uniform noise of the same ε. Rates with 95% Wilson "
         "intervals; jailbreak: outputs without a refusal phrase, outputs the judge rates as complied, and `≠` how "
         "many the two verdicts disagree on; leak: outputs holding the secret of the deployer's hidden preamble "
-        "(the no-attack row: what the victim leaks by itself) and outputs that are exactly the attacker's target.",
+        "(the no-attack row: what the victim leaks by itself) and outputs that are exactly the attacker's target. "
+        "Backdoor (test time): outputs containing the target with both keys "
+        "(adversarial image and text trigger), each key alone and neither (in place of the no-attack row); without "
+        "the trigger, the adversarial image's outputs free of the target and equal to the clean image's; its noise "
+        "is random values of the same size and place, sent with the trigger.",
         "",
     ]
     if reading is not None:
