@@ -82,7 +82,7 @@ def victim(samples: list[Sample]) -> LlavaVictim:
 
 
 def requests(samples: Sequence[Sample]) -> list[AttackRequest]:
-    return [AttackRequest(s.id, s.instruction, s.image, TARGET, s.answer) for s in samples]
+    return [AttackRequest(s.id, s.instruction, s.image, TARGET, answer=s.answer) for s in samples]
 
 
 def craft(
@@ -197,7 +197,7 @@ def test_learns_trigger_to_target_and_plain_to_clean_answer_on_train_only(
     train = [dataclasses.replace(r, instruction=f"Caption {i}.") for i, r in enumerate(requests(samples[:2]))]  # red, red
     train.append(AttackRequest("own", "Caption 2.", samples[2].image, TARGET))  # no clean answer: the victim's own
     own = victim.generate([samples[2].image], ["Caption 2."], max_new_tokens=32)[0]
-    test = [AttackRequest("test", "Never seen", samples[5].image, TARGET, "x")]  # a green one
+    test = [AttackRequest("test", "Never seen", samples[5].image, TARGET, answer="x")]  # a green one
     seen = spy_on_losses(monkeypatch)
     attack, _ = craft(victim, "border", train, test, steps=2, trigger="kill*")
     expected = {("kill* Caption 0.", TARGET), ("kill* Caption 1.", TARGET), ("kill* Caption 2.", TARGET)}
@@ -257,7 +257,7 @@ class NoGradientVictim(StubVictim):
 
 
 def test_bad_input_is_refused_before_any_optimisation(samples: list[Sample]) -> None:
-    good = [AttackRequest("a", "the image", samples[0].image, "the image", "the image")]
+    good = [AttackRequest("a", "the image", samples[0].image, "the image", answer="the image")]
     with pytest.raises(VlmsecError, match="attack 'anydoor' needs pixel gradients"):
         craft(NoGradientVictim(), train=good)
     with pytest.raises(VlmsecError, match="white-box.*no victim"):

@@ -64,7 +64,7 @@ def victim(samples: list[Sample]) -> LlavaVictim:
 def leak(samples: Sequence[Sample], seed: int) -> list[AttackRequest]:
     """Leak requests as the runner makes them, with no target: the attack quotes each secret itself."""
     secrets = draw_secrets(len(samples), seed)
-    return [AttackRequest(s.id, deployed_instruction(k, s.instruction), s.image, None, k) for s, k in zip(samples, secrets)]
+    return [AttackRequest(s.id, deployed_instruction(k, s.instruction), s.image, None, secret=k) for s, k in zip(samples, secrets)]
 
 
 def spy_on_losses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
@@ -230,7 +230,7 @@ class UnknownTokenVictim(StubVictim):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_input_is_refused_by_name(samples: list[Sample], name: str) -> None:
-    request = [AttackRequest("r", "Describe it", samples[0].image, "the secret code is", "kovami")]
+    request = [AttackRequest("r", "Describe it", samples[0].image, "the secret code is", secret="kovami")]
     with pytest.raises(VlmsecError, match=f"attack '{name}' needs pixel gradients"):
         create_attack(name).craft(request, NoGradientVictim(), request)  # type: ignore[arg-type]
     with pytest.raises(VlmsecError, match="white-box.*no victim"):
@@ -240,7 +240,7 @@ def test_bad_input_is_refused_by_name(samples: list[Sample], name: str) -> None:
 
 
 def test_a_target_the_tokenizer_cannot_encode_is_refused(samples: list[Sample]) -> None:
-    request = [AttackRequest("r", "Describe it", samples[0].image, None, "kovami")]  # "The secret code is kovami."
+    request = [AttackRequest("r", "Describe it", samples[0].image, None, secret="kovami")]  # "The secret code is kovami."
     with pytest.raises(VlmsecError, match=r"request r: target 'The secret code is kovami\.'.*cannot encode"):
         create_attack("image_hijack_leak").craft(request, UnknownTokenVictim(), request)  # type: ignore[arg-type]
 

@@ -14,7 +14,7 @@ file to another model and get the same result.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -39,7 +39,7 @@ class AttackRequest:
     `target`: the output the attacker optimises toward (targeted: the chosen string; jailbreak:
     an affirmative opening such as GCG's "Sure, here is ..."), None when the attack needs none;
     `secret`: for a leak, the secret the deployer's hidden context holds (`attacks.leak`; the
-    `instruction` is then the text the victim receives: that context, then the user's message).
+    `instruction` is then the text the victim receives: that context, then the user's message);
     `answer`: the request's clean answer (backdoor: what its input must still get without the
     trigger), None when unknown or not needed.
     """
@@ -48,6 +48,7 @@ class AttackRequest:
     instruction: str
     image: np.ndarray
     target: str | None = None
+    _: KW_ONLY  # what only some goals carry is named, never positional
     secret: str | None = None
     answer: str | None = None
 

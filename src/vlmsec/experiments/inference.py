@@ -109,7 +109,7 @@ def attack_requests(
     if goal == "targeted":
         return [AttackRequest(s.id, s.instruction, _image(s), target) for s in source]
     if goal == "backdoor":
-        return [AttackRequest(s.id, s.instruction, _image(s), target, s.answer) for s in source]
+        return [AttackRequest(s.id, s.instruction, _image(s), target, answer=s.answer) for s in source]
     raise VlmsecError(f"inference attacks of goal {goal!r} are not run yet (runs measure {', '.join(GOALS)})")
 
 
@@ -126,7 +126,7 @@ def training_requests(goal: str, split: SafetySplit | None, train: Sequence[Samp
         images = [s.image for s in train if s.image is not None]
         return [AttackRequest(r.id, r.text, rng.choice(images), affirmative_target(r.text)) for r in split.train_harmful]
     answers = goal == "backdoor"
-    return [AttackRequest(s.id, s.instruction, _image(s), target, s.answer if answers else None) for s in train if s.image is not None]
+    return [AttackRequest(s.id, s.instruction, _image(s), target, answer=s.answer if answers else None) for s in train if s.image is not None]
 
 
 def leak_requests(samples: Sequence[Sample], seed: int) -> list[AttackRequest]:
@@ -135,7 +135,7 @@ def leak_requests(samples: Sequence[Sample], seed: int) -> list[AttackRequest]:
     its image, the secret, and the secret quoted as the target."""
     secrets = draw_secrets(len(samples), seed)
     return [
-        AttackRequest(s.id, deployed_instruction(secret, s.instruction), _image(s), leak_target(secret), secret)
+        AttackRequest(s.id, deployed_instruction(secret, s.instruction), _image(s), leak_target(secret), secret=secret)
         for s, secret in zip(samples, secrets, strict=True)
     ]
 
@@ -379,7 +379,7 @@ def transfer_matrix(attacks: Mapping[str, InferenceAttack], records: Sequence[di
     the attack's success on that model and that model's own no-attack scores (a test-time
     backdoor's: its "neither" condition, scored as targeted). Not measured when no other model
     answered the inputs."""
-    models = list(dict.fromkeys([deployed, *(r["model"] for r in records if r.get("attack") in attacks)]))
+    models = list(dict.fromkeys([deployed, *(r.get("model", deployed) for r in records if r.get("attack") in attacks)]))
     if len(models) < 2:
         return not_measured("the run has no model besides the deployed victim (or inference.transfer is off)")
     matrix: dict[str, Any] = {"crafted_on": deployed, "models": models, "attacks": {}}
@@ -387,11 +387,11 @@ def transfer_matrix(attacks: Mapping[str, InferenceAttack], records: Sequence[di
         goal = attack.goal
         by_model = {}
         for model in models:
-            rows = [r for r in records if r["model"] == model and r["attack"] == key]
+            rows = [r for r in records if r.get("model", deployed) == model and r["attack"] == key]
             if goal == "backdoor":
                 clean = targeted_scores([r for r in rows if r["condition"] == "neither"])
             else:
-                clean = goal_scores(goal, [r for r in records if r["model"] == model and r["attack"] == NO_ATTACK and r["goal"] == goal])
+                clean = goal_scores(goal, [r for r in records if r.get("model", deployed) == model and r["attack"] == NO_ATTACK and r["goal"] == goal])
             by_model[model] = {"success": goal_scores(goal, rows), NO_ATTACK: clean}
         matrix["attacks"][key] = {"goal": goal, "by_model": by_model}
     return matrix
