@@ -6,6 +6,7 @@ from vlmsec.attacks import ftrojan, lowfrequency, sig, wanet  # noqa: F401  (mor
 from vlmsec.attacks import inputaware, ssba  # noqa: F401  (learned image attacks)
 from vlmsec.attacks import gcg, maba, maba_star  # noqa: F401  (model-adaptive attacks)
 from vlmsec.attacks import figstep, pgd, typographic  # noqa: F401  (inference-time attacks)
+from vlmsec.attacks import shadowcast  # noqa: F401  (clean-label poisoning)
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.attacks.poison import PoisonedSet, poison_samples, trigger_samples
 from vlmsec.attacks.registry import ATTACKS, attack_names, create_attack
