@@ -254,3 +254,17 @@ def test_a_run_poisons_with_true_captions_and_scores_the_label_flip(tmp_path: Pa
     report = (out / "report.md").read_text()
     assert "## Label attacks (clean-label poisoning)" in report and "| shadowcast | shadowcast (circle → square) | source |" in report
     assert "## ASR against poison rate (source domain)" in report  # the sweep's curve is the success share
+
+
+def test_the_cli_lists_its_goal_and_refuses_to_trigger_an_image(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vlmsec.cli import app
+
+    listed = CliRunner().invoke(app, ["attacks", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert next(d for d in json.loads(listed.output) if d["name"] == "shadowcast")["goal"] == "label"
+    args = ["trigger", "--attack", "shadowcast", "--image", str(tmp_path / "in.png"), "--out", str(tmp_path / "out.png")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "has no trigger" in refused.output
+    assert not (tmp_path / "out.png").exists()

@@ -283,6 +283,10 @@ class Shadowcast(Attack):
         """(original, destination): success is naming the destination and not the original."""
         return self.params.original, self.params.destination
 
+    def describe(self) -> dict[str, Any]:
+        """The base description, with the goal `vlmsec attacks` lists: a label flip, not a backdoor."""
+        return {**super().describe(), "goal": "label"}
+
     def diagnostics(self) -> dict[str, float]:
         """Of the crafted poisons, as saved: how many (`poisons`), the mean feature distance to their
         original-concept image before (`feature_distance_clean`) and after (`feature_distance_poison`),
