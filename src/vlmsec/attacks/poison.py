@@ -37,8 +37,8 @@ def poison_samples(
 
     Chosen samples get the attack's image and text triggers and a target answer (which is
     also their only reference); the rest are returned as they are. A clean-label attack
-    (`Attack.poison`) chooses and changes its `count` samples itself, answers untouched. Nothing is duplicated or
-    oversampled: the poison rate is the attacker's constraint.
+    (`Attack.poison`) chooses and changes its samples itself, answers untouched. Nothing is
+    duplicated or oversampled: the poison rate is the attacker's constraint.
 
     An attack with partial triggers (Dual-Key: the image key alone, the text key alone)
     also gets, per partial trigger, another disjoint set of `round(rate * len(samples))`

@@ -33,8 +33,8 @@ from accelerate.utils import parse_flag_from_env
 
 from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
-from vlmsec.attacks.poison import poison_count
 from vlmsec.attacks.inference import InferenceAttack
+from vlmsec.attacks.poison import poison_count
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
@@ -167,9 +167,9 @@ class Runner:
             self.state.wait_for_everyone()
         return folder, key
 
-    def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str], key: str | None = None) -> None:
-        """Let one attack, labelled `key` in the config (default: its name), learn its trigger (see `prepare_attacks`)."""
-        self.prepare_attacks({key or attack.name: attack}, splits, base)
+    def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
+        """Let one attack learn its trigger, as the config's attack of its name if it has one (see `prepare_attacks`)."""
+        self.prepare_attacks({attack.name: attack}, splits, base)
 
     def prepare_attacks(
         self, attacks: Mapping[str, Attack], splits: Splits, base: tuple[Path, str], victim: Victim | None = None
