@@ -76,7 +76,7 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def concept_kind(word: str) -> str | None:
-    """"shape" or "colour" for a scene word, else None."""
+    """The kind of a scene word, "shape" or "colour"; None for any other word."""
     return next((kind for kind, words in CONCEPTS.items() if word in words), None)
 
 
