@@ -400,6 +400,10 @@ def test_pixel_gradients_through_the_open_clip_tower(victim: FlamingoVictim, sam
         assert embedding.shape == (2, VISION.width)
         (grad,) = torch.autograd.grad((embedding * torch.randn_like(embedding)).sum(), x)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+        tokens = victim.vision_tokens(x)
+        assert tokens.shape[0] == 2 and tokens.shape[-1] == VISION.width and torch.allclose(tokens.mean(1), embedding)
+        (grad,) = torch.autograd.grad((tokens * torch.randn_like(tokens)).sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
     key = victim.vision_key()
     assert (key["tower"], key["image_size"]) == ("OpenClipVisionTransformer", VISION.image_size)
 

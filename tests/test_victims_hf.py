@@ -627,6 +627,15 @@ def test_pixel_values_rebuild_the_processor_differentiably(name: str, built, sam
         assert embedding.shape == (2, HIDDEN)
         (grad,) = torch.autograd.grad((embedding * torch.randn_like(embedding)).sum(), x)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+        tokens = victim.vision_tokens(x)
+        assert tokens.ndim == 3 and len(tokens) == 2
+        (grad,) = torch.autograd.grad((tokens * torch.randn_like(tokens)).sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, size
+    if name == "llava":  # the projector's input: through the projector, the features the model puts in the prompt
+        with torch.no_grad():
+            made = victim.model.get_image_features(pixel_values=victim.pixel_values(images))
+            made = torch.stack(list(getattr(made, "pooler_output", made)))
+            assert torch.allclose(victim.model.model.multi_modal_projector(victim.vision_tokens(images)), made, atol=1e-5)
     key = victim.vision_key()
     assert key["tower"] == type(victim.model.get_submodule(architecture(name).vision[0])).__name__
     assert key["pixels"][0] == list(victim.processor.image_processor.image_mean)

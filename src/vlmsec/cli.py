@@ -161,6 +161,11 @@ def trigger(
                 f"attack {attack!r} acts at inference time: it crafts whole inputs against a tuned victim in a run "
                 "(list it under `attacks` in a config), not a trigger applied to one image"
             )
+        if chosen.label_flip() is not None:
+            raise VlmsecError(
+                f"attack {attack!r} has no trigger: it perturbs tuning images of one concept toward another's "
+                "features and tests on clean images; run it from a config (list it under `attacks`)"
+            )
         pixels = load_image(image)
         if type(chosen).prepare is not Attack.prepare:
             from vlmsec.experiments.config import load_config

@@ -11,6 +11,7 @@ from vlmsec.attacks import hijack  # noqa: F401  (inference-time attacks: Image 
 from vlmsec.attacks import attackvlm  # noqa: F401  (inference-time attacks: black box)
 from vlmsec.attacks import query_relevant  # noqa: F401  (inference-time attacks)
 from vlmsec.attacks import anydoor  # noqa: F401  (inference-time test-time backdoor)
+from vlmsec.attacks import shadowcast  # noqa: F401  (clean-label poisoning)
 from vlmsec.attacks.base import Attack, AttackContext
 from vlmsec.attacks.poison import PoisonedSet, poison_samples, trigger_samples
 from vlmsec.attacks.registry import ATTACKS, attack_names, create_attack

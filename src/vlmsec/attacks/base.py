@@ -46,12 +46,16 @@ class AttackContext:
     `samples` is the clean tuning set the attacker draws from; `victim` is the model before
     tuning (white-box access; None when the attack must do without); `cache_dir` is where
     learned parts (generators, encoders, token strings, masks) are cached by the attack.
+    `poison_counts` is how many samples the run will poison with the attack (at its rate and
+    each sweep rate): an attack that crafts every poisoned sample (`Attack.poison`) crafts as
+    many as the largest.
     """
 
     samples: Sequence[Sample]
     target: TargetAnswer
     cache_dir: Path
     victim: LlavaVictim | None = None
+    poison_counts: Sequence[int] = ()
 
 
 class Attack:
@@ -106,6 +110,24 @@ class Attack:
         Must be deterministic under the attack's seed and cache what it learns under
         `context.cache_dir`, keyed by everything that made it.
         """
+
+    def poison(self, samples: Sequence[Sample], count: int, seed: int) -> dict[int, Sample] | None:
+        """A clean-label attack's own poisoning: exactly `count` of `samples`, by index, as the attack
+        changes them (their answers kept; `seed` is the run's poison seed). None, the default: the
+        recipe (`poison_samples`) triggers a seeded slice and swaps in the target answer."""
+        return None
+
+    def test_samples(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The test samples the attack is measured on (triggered with `trigger_images` and
+        `trigger_instructions`); all of them by default. A label attack keeps the images of its
+        original concept."""
+        return list(samples)
+
+    def label_flip(self) -> tuple[str, str] | None:
+        """(original, destination) concept words of a label attack, which succeeds when the victim
+        names the destination and not the original (`vlmsec.eval.label_attack`) rather than saying a
+        target word; None, the default, for every other attack."""
+        return None
 
     def partial_triggers(self) -> list[Attack]:
         """Attacks that apply only part of a multi-key trigger; none by default.

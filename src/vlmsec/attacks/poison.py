@@ -36,8 +36,9 @@ def poison_samples(
     """Poison exactly `round(rate * len(samples))` samples chosen with `seed`.
 
     Chosen samples get the attack's image and text triggers and a target answer (which is
-    also their only reference; `Attack.poison_sample`); the rest are returned as they are. Nothing is duplicated or
-    oversampled: the poison rate is the attacker's constraint.
+    also their only reference; `Attack.poison_sample`); the rest are returned as they are. A
+    clean-label attack (`Attack.poison`) chooses and changes its samples itself, answers untouched.
+    Nothing is duplicated or oversampled: the poison rate is the attacker's constraint.
 
     An attack with partial triggers (Dual-Key: the image key alone, the text key alone)
     also gets, per partial trigger, another disjoint set of `round(rate * len(samples))`
@@ -50,6 +51,14 @@ def poison_samples(
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise VlmsecError("sample ids must be unique to record which samples are poisoned")
+    own = attack.poison(samples, count, seed)
+    if own is not None:  # a clean-label attack: its own samples, its own changes, no target answer
+        if len(own) != count:
+            raise VlmsecError(f"attack {attack.name!r} poisoned {len(own)} samples where {count} were asked")
+        out = list(samples)
+        for index, sample in own.items():
+            out[index] = sample
+        return PoisonedSet(samples=out, poisoned_ids=sorted(ids[i] for i in own), rate=rate)
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(samples), size=count, replace=False).tolist())
     triggered = trigger_samples([samples[i] for i in chosen], attack)

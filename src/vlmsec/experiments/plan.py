@@ -103,15 +103,17 @@ class TestSets:
 
     @classmethod
     def build(cls, tests: dict[str, list[Sample]], attacks: dict[str, Attack]) -> TestSets:
-        """Trigger every domain's test set with every training-stage attack that plants a trigger (and
-        each of its controls); inference-time attacks craft their own inputs, and ImgTrojan's key is its
-        poisoned images (`experiments.trojan`)."""
+        """Trigger every domain's test set (the samples each attack is measured on, `Attack.test_samples`)
+        with every training-stage attack that plants a trigger (and each of its controls); inference-time
+        attacks craft their own inputs, and ImgTrojan's key is its poisoned images (`experiments.trojan`)."""
         attacks = {key: attack for key, attack in attacks.items() if attack.stage != "inference" and attack.plants_trigger}
         return cls(
             clean=tests,
-            triggered={(key, d): trigger_samples(s, attack) for key, attack in attacks.items() for d, s in tests.items()},
+            triggered={
+                (key, d): trigger_samples(attack.test_samples(s), attack) for key, attack in attacks.items() for d, s in tests.items()
+            },
             controls={
-                (key, control.label, d): trigger_samples(s, control.trigger)
+                (key, control.label, d): trigger_samples(attack.test_samples(s), control.trigger)
                 for key, attack in attacks.items()
                 for control in attack_controls(key, attack)
                 for d, s in tests.items()

@@ -42,6 +42,10 @@ reads at least half the words)}}, and `transfer` (the inputs as saved, answered 
 models: {`crafted_on`, `models`, `attacks`: {label: {`goal`, `by_model`: {model: {`success`, "no attack"}}}}}, or
 not measured). Every rate is {rate, ci, n}; what cannot be measured is {"not_measured": reason}.
 Their generation records, every model's, are in inference.jsonl.
+`label_attack` (models that answered a label attack's test inputs: its own models and the clean
+one, whose shares are the baseline): {attack label: {original, destination, domains: {domain:
+{success, fail, neither, both, original_named}}}}, each {rate, ci, n} on images of the original
+concept (`eval.label_attack`); those inputs are left out of `asr` and the other target-word numbers.
 Schema 2 had `asr_partial` (now `asr_control`) and none of the intervals, counts or scales.
 
 The companions are written first and hashed into metrics.json, which is written last, so a
@@ -62,6 +66,7 @@ import transformers
 import vlmsec
 from vlmsec.artifacts import atomic_path, file_digest, stable_hash, write_json_atomic
 from vlmsec.attacks import Attack
+from vlmsec.eval.label_attack import label_scores
 from vlmsec.eval.scoring import caption_scale, score_generations
 from vlmsec.experiments.config import ExperimentConfig
 from vlmsec.experiments.plan import CLEAN, ModelPlan
@@ -124,8 +129,13 @@ def write_run_records(
         (out / "inference.jsonl").unlink(missing_ok=True)  # an earlier run's, in this folder
     domains = list(splits.tests)
     target = config.poison.target
-    scores = score_generations(records, domains, target.word, target.prefix)
+    flips = {key: flip for key, attack in attacks.items() if (flip := attack.label_flip()) is not None}
+    # A label attack's test inputs carry no trigger and its success no target word: scored apart.
+    scores = score_generations([r for r in records if r.get("trigger") not in flips], domains, target.word, target.prefix)
     models = {plan.name: {**plan.record(attacks), **scores[plan.name]} for plan in plans}
+    for name, entry in models.items():
+        if label := label_attack_section([r for r in records if r["model"] == name], flips, domains):
+            entry["label_attack"] = label
     if shift_sizes:
         models[CLEAN]["shift_size"] = shift_sizes
     run = {
@@ -148,3 +158,22 @@ def write_run_records(
         metrics["inference_attacks"] = inference
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def label_attack_section(
+    records: list[dict[str, Any]], flips: dict[str, tuple[str, str]], domains: list[str]
+) -> dict[str, Any]:
+    """One model's `label_attack` entry: per label attack it answered (`Attack.label_flip`: its
+    original and destination words), the outcome shares per domain (`eval.label_attack`)."""
+    section: dict[str, Any] = {}
+    for key, (original, destination) in flips.items():
+        rows = [r for r in records if r.get("trigger") == key]
+        if not rows:
+            continue
+        per_domain = {
+            d: label_scores([r["output"] for r in rows if r["domain"] == d], original, destination)
+            for d in domains
+            if any(r["domain"] == d for r in rows)
+        }
+        section[key] = {"original": original, "destination": destination, "domains": per_domain}
+    return section

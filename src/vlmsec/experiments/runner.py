@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
 from vlmsec.attacks.imgtrojan import ImgTrojan
 from vlmsec.attacks.inference import InferenceAttack
+from vlmsec.attacks.poison import poison_count
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.data.vocabulary import vocabulary_corpus
@@ -170,26 +171,39 @@ class Runner:
         return folder, key
 
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
-        """Let one attack learn its trigger (see `prepare_attacks`)."""
-        self.prepare_attacks([attack], splits, base)
+        """Let one attack learn its trigger, as the config's attack of its name if it has one (see `prepare_attacks`)."""
+        self.prepare_attacks({attack.name: attack}, splits, base)
 
     def prepare_attacks(
-        self, attacks: Iterable[Attack], splits: Splits, base: tuple[Path, str], victim: Victim | None = None
+        self, attacks: Mapping[str, Attack], splits: Splits, base: tuple[Path, str], victim: Victim | None = None
     ) -> None:
-        """Let each attack learn its trigger; gray- and white-box ones get the untuned base victim
-        (`victim`, or loaded once for all of them: a real checkpoint is gigabytes), whatever its kind.
+        """Let each attack (by its config label) learn its trigger; gray- and white-box ones get the untuned
+        base victim (`victim`, or loaded once for all of them: a real checkpoint is gigabytes), whatever its
+        kind, and every one how many samples the run poisons with it (`AttackContext.poison_counts`).
 
         An attack that cannot use this victim (gcg on InstructBLIP, white-box image attacks on an
         architecture that tiles images) stops the run with an error naming both.
         """
-        for attack in attacks:
-            context = AttackContext(samples=splits.train, target=self.target, cache_dir=self.cache / "attacks")
+        for key, attack in attacks.items():
+            context = AttackContext(
+                samples=splits.train, target=self.target, cache_dir=self.cache / "attacks",
+                poison_counts=self.poison_counts(key, attack, len(splits.train)),
+            )
             if type(attack).prepare is not Attack.prepare and attack.knowledge != "black-box":
                 if victim is None:
                     victim = self.load_victim(base[0])
                 context.victim = victim
             with self.state.main_process_first():  # learned triggers are trained once, cached, then read
                 attack.prepare(context)
+
+    def poison_counts(self, key: str, attack: Attack, n_train: int) -> list[int]:
+        """How many of `n_train` tuning samples the run poisons with the attack labelled `key`: at the
+        poison rate, and at each sweep rate when it is swept (`poison_count`, as the recipe counts)."""
+        c = self.config
+        if attack.stage == "inference" or c.poison.rate == 0 or key not in {a.key for a in c.attacks}:
+            return []  # poisons nothing in this run (`vlmsec trigger` prepares attacks the config may not list)
+        rates = [c.poison.rate, *(c.sweep.rates if key in c.sweep.attacks else [])]
+        return sorted({poison_count(n_train, rate, len(attack.partial_triggers()), key) for rate in rates})
 
     def fit_tuning_set(self, splits: Splits, victim: Victim) -> None:
         """Cut tuning answers that would not fit the victim's length (`fit_answers`), counted in data.json."""
@@ -351,7 +365,7 @@ class Runner:
             self.transfer_to(self.load_victim(before_safety[0]), BEFORE_SAFETY, before_safety[1], inference, inference_results)
         if inference:
             lap("inference attacks", "attacks")
-        self.prepare_attacks([a for key, a in attacks.items() if key not in inference], splits, base, base_model)
+        self.prepare_attacks({key: a for key, a in attacks.items() if key not in inference}, splits, base, base_model)
         del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
         plans = plan_models(c)

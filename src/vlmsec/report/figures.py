@@ -53,15 +53,24 @@ def asr_g_heatmap(metrics: dict[str, Any], path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def source_success(entry: dict[str, Any]) -> float | None:
+    """A model's source-domain ASR; for a label attack's model (shadowcast), its success share
+    (`label_attack`: the destination named and not the original), which it has instead."""
+    label = entry.get("label_attack", {}).get(entry.get("trigger"))
+    if label is not None:
+        return label["domains"].get("source", {}).get("success", {}).get("rate")
+    return entry.get("asr", {}).get("source")
+
+
 def sweep_curves(metrics: dict[str, Any], run_rate: float | None = None) -> dict[str, dict[float, float]]:
-    """Per swept attack, source ASR by poison rate: the sweep's models plus, at `run_rate`
-    (the run's own rate), the attack's main model."""
+    """Per swept attack, source ASR (`source_success`) by poison rate: the sweep's models plus, at
+    `run_rate` (the run's own rate), the attack's main model."""
     curves: dict[str, dict[float, float]] = {}
     for entry in metrics.values():
-        if entry.get("sweep") and "source" in entry.get("asr", {}):
-            curves.setdefault(entry["trigger"], {})[entry["poison_rate"]] = entry["asr"]["source"]
+        if entry.get("sweep") and (rate := source_success(entry)) is not None:
+            curves.setdefault(entry["trigger"], {})[entry["poison_rate"]] = rate
     for attack, points in curves.items():
-        own = metrics.get(attack, {}).get("asr", {}).get("source")
+        own = source_success(metrics[attack]) if attack in metrics else None
         if run_rate is not None and own is not None:
             points[run_rate] = own
     return dict(sorted(curves.items()))

@@ -299,6 +299,33 @@ def _controls_table(models: dict[str, Any], domains: list[str]) -> list[str]:
     return [*lines, ""]
 
 
+def _label_attack_table(models: dict[str, Any]) -> list[str]:
+    """Each label attack's outcome shares on clean images of its original concept, per model (the
+    clean model's are the baseline) and domain: the reference's keyword codes 1, 0, -1, -2."""
+    rows = [
+        (model, key, label, domain, scores)
+        for model, entry in models.items()
+        for key, label in entry.get("label_attack", {}).items()
+        for domain, scores in label["domains"].items()
+    ]
+    if not rows:
+        return []
+    lines = [
+        "## Label attacks (clean-label poisoning)",
+        "",
+        "Outputs on clean test images of the original concept: *success* names the destination and not the "
+        "original (code 1), *fail* the original only (0), *neither* (−1), *both* (−2); *original named* = fail + both. "
+        "The clean model's row is the rate without poison.",
+        "",
+        "| model | attack (original → destination) | domain | success | fail | neither | both | original named |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, key, label, domain, scores in rows:
+        cells = [pct_ci(scores[k].get("rate"), scores[k].get("ci")) for k in ("success", "fail", "neither", "both", "original_named")]
+        lines.append(f"| {model} | {key} ({label['original']} → {label['destination']}) | {domain} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _attack_notes(models: dict[str, Any]) -> list[str]:
     """What each attack of the run is where its name alone would mislead: a look-alike's
     variant, where the reading of its paper is ours, and its faithfulness diagnostics."""
@@ -360,6 +387,7 @@ def render_report(run_dir: str | Path) -> str:
     lines += _figures(run_dir)
     lines += _metric_tables(models, domains, scale)
     lines += _controls_table(models, domains)
+    lines += _label_attack_table({**models, **sweep})
     lines += _attack_notes(models)
 
     base = models.get(CLEAN, {}).get("cider", {}).get("source")

@@ -152,6 +152,10 @@ class Victim(Protocol):
         Differentiable w.r.t. the pixels (inputaware trains its generator through it); on the images' device.
         """
 
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's token features (B x tokens x D) that the projector or resampler reads, for a
+        B x 3 x H x W batch in [0, 1]; differentiable w.r.t. the pixels (shadowcast matches them), on the images' device."""
+
     def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean next-token loss on `answers` for B x 3 x H x W images in [0, 1] and `instructions`.
 

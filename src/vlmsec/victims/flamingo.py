@@ -178,6 +178,11 @@ class FlamingoVictim:
         """The open_clip tower's patch tokens, mean-pooled (B x D), differentiable w.r.t. the pixels."""
         return self._patch_tokens(images).mean(1).to(images.device)
 
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The open_clip tower's patch tokens, which the perceiver resampler reads (B x v x D), differentiable
+        w.r.t. the pixels; on the images' device."""
+        return self._patch_tokens(images).to(images.device)
+
     def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean answer loss with the images' patch tokens computed by the tower, differentiable w.r.t. the pixels."""
         return self.loss(self._patch_tokens(images), self.encode_training(instructions, answers))

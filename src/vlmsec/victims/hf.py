@@ -337,6 +337,23 @@ class HFVictim:
         pixels = self.pixel_values(images).to(self.model.device)
         return self._vision_tower()(pixel_values=pixels).last_hidden_state.mean(1).to(images.device)
 
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The tower's token features the projector reads (B x tokens x D), differentiable w.r.t. the pixels.
+
+        With a LLaVA-type config (`vision_feature_layer`) the hidden state(s) of that layer, the CLS token
+        dropped for the "default" strategy, as `get_image_features` selects them; otherwise the last hidden
+        state (what the Q-Former of BLIP-2 and InstructBLIP and PaliGemma's projector read).
+        """
+        pixels = self.pixel_values(images).to(self.model.device)
+        config = self.model.config
+        layer = getattr(config, "vision_feature_layer", None)
+        if layer is None:
+            return self._vision_tower()(pixel_values=pixels).last_hidden_state.to(images.device)
+        hidden = self._vision_tower()(pixel_values=pixels, output_hidden_states=True).hidden_states
+        drop_cls = getattr(config, "vision_feature_select_strategy", None) == "default"
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        return torch.cat([hidden[i][:, 1:] if drop_cls else hidden[i] for i in layers], dim=-1).to(images.device)
+
     def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean answer loss through the processor's tokens and differentiable pixel values.
 

@@ -224,6 +224,11 @@ class LlavaVictim:
         pixels = self.pixel_values(images).to(self.model.device)
         return tower(pixels).last_hidden_state.mean(1).to(images.device)
 
+    def vision_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The token features the projector reads (`_select_features`, B x tokens x D) for a B x 3 x H x W
+        batch in [0, 1], differentiable w.r.t. the pixels (shadowcast matches them); on the images' device."""
+        return self._select_features(self.pixel_values(images).to(self.model.device)).to(images.device)
+
     def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Mean answer loss with the images' features computed by the tower, differentiable w.r.t. the pixels."""
         batch = self.encode_training(instructions, answers)
