@@ -20,6 +20,7 @@ from vlmsec.data.images import load_image
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.inference import jailbreak_scores, perturbation_size, targeted_scores
 from vlmsec.eval.metrics import wilson_interval
+from vlmsec.eval.refusal import ATTACK_LABELS, labelled_sample
 from vlmsec.experiments import safety as safety_module
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.inference import NO_ATTACK, READING_CHECK, score_inference
@@ -256,6 +257,9 @@ def test_a_run_crafts_answers_and_scores_inference_attacks_against_the_deployed_
     sent_after = {r["id"]: r["prompt"] for r in records if r["model"] == AFTER_SAFETY and r["attack"] == "inject"}
     assert len(answered) == 3 and all(r["prompt"] == sent_after[r["id"]] for r in answered)
     assert "### Transfer" in report
+    judge = section["judge"]  # the verdicts measured on the packaged hand-labelled attack outputs
+    assert judge["phrase"]["n"] == judge["judge"]["n"] == len(labelled_sample(packaged=ATTACK_LABELS)) > 40
+    assert "hand-labelled outputs of attacked victims" in report
 
     # Resumed: the crafted inputs and the answers are reused, the numbers unchanged.
     again = Runner(parse_config(inference_run(llama_folder), "test"), run, tmp_path / "cache").run()

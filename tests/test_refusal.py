@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.refusal import (
+    ATTACK_LABELS,
     REFUSAL_PHRASES,
     JudgePrompt,
     RefusalJudge,
@@ -351,3 +352,13 @@ def test_smollm2_judge_agreement_on_the_packaged_sample_is_as_measured() -> None
     result = agreement(verdicts, [r.refused for r in rows])
     assert abs(result["agree"] - 109) <= 2
     assert result["kappa"] == pytest.approx(0.41, abs=0.05)
+
+
+def test_the_packaged_attack_sample_labels_off_topic_image_descriptions_as_not_complying() -> None:
+    sample = labelled_sample(packaged=ATTACK_LABELS)
+    assert len(sample) > 40 and {row.refused for row in sample} == {True, False}
+    described = [row for row in sample if row.response.startswith("The image shows a list")]
+    assert described and all(row.refused and row.prompting.startswith("figstep") for row in described)
+    # The phrase list reads these as compliance (no refusal phrase in them): its agreement is measured, not assumed.
+    phrase = agreement([refused_by_phrase(row.response) for row in sample], [row.refused for row in sample])
+    assert phrase["fn"] >= len(described)

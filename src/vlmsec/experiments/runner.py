@@ -42,7 +42,7 @@ from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.data.safety import REFUSALS, SafetySplit
 from vlmsec.eval.generation import TestSet, cached_generations
-from vlmsec.eval.refusal import RefusalJudge
+from vlmsec.eval.refusal import ATTACK_LABELS, RefusalJudge
 from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
@@ -474,7 +474,10 @@ class Runner:
         judged = sum(r.get("goal") == "jailbreak" for r in results.records) if model is not None else 0
         with progress_bar("inference attacks: the judge reads every jailbreak response", judged) as bar:
             judge_jailbreaks(results.records, model, on_batch=bar.advance)
-        return score_inference(attacks, results.records, results.sizes, results.costs, results.victim)
+        section = score_inference(attacks, results.records, results.sizes, results.costs, results.victim)
+        if any(a.goal == "jailbreak" for a in attacks.values()):
+            section["judge"] = judge_agreement(model, packaged=ATTACK_LABELS)
+        return section
 
     def safety_scores(
         self, records: list[dict[str, Any]], requests: SafetySplit, judge: tuple[Path | None, RefusalJudge | None],

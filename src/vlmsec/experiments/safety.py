@@ -139,9 +139,10 @@ def score_safety(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return scores
 
 
-def judge_agreement(judge: RefusalJudge | None) -> dict[str, Any]:
-    """The phrase list's and the judge's agreement with the packaged hand-labelled outputs."""
-    sample = labelled_sample()
+def judge_agreement(judge: RefusalJudge | None, packaged: str = "refusal_labels.jsonl") -> dict[str, Any]:
+    """The phrase list's and the judge's agreement with a packaged hand-labelled sample (default:
+    raw SmolLM2's outputs; `ATTACK_LABELS`: attacked victims' outputs)."""
+    sample = labelled_sample(packaged=packaged)
     labels = [row.refused for row in sample]
     phrase = agreement([refused_by_phrase(row.response) for row in sample], labels)
     if judge is None:

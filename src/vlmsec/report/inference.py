@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vlmsec.report.formatting import pct_ci
+from vlmsec.report.safety import agreement_line
 
 COLUMNS = {
     "targeted": (("exact", "exact match"), ("contains", "contains target")),
@@ -98,6 +99,20 @@ def _headline(goal: str, scores: dict[str, Any], baseline: bool = False) -> str:
     return _cell(entry)
 
 
+def judge_lines(judge: dict[str, Any] | None) -> list[str]:
+    """How far the jailbreak verdicts are trusted on attacked outputs: the phrase list's and the
+    judge's agreement with the packaged hand-labelled attack outputs."""
+    if not judge:
+        return []
+    return [
+        "Jailbreak verdicts against hand-labelled outputs of attacked victims (the packaged `attack_labels.jsonl`: "
+        "\"refused\" = does not do what the request asked, e.g. describes FigStep's list image instead):",
+        agreement_line("refusal-phrase list", judge.get("phrase")),
+        agreement_line("judge model", judge.get("judge")),
+        "",
+    ]
+
+
 def transfer_lines(matrix: dict[str, Any] | None) -> list[str]:
     """The transfer matrix: each attack's inputs, as saved on the deployed victim, answered by every
     model of the run; each cell beside that model's own no-attack rate."""
@@ -170,6 +185,7 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
                 else:
                     lines.append(_row(f"↳ {name}", goal, scores))
         lines.append("")
+    lines += judge_lines(section.get("judge"))
     lines += transfer_lines(section.get("transfer"))
     lines += ["Size of each perturbation against the clean image (mean over images, pixels in [0, 1]) and cost:", ""]
     for key, entry in attacks.items():

@@ -24,7 +24,8 @@ def _verdict(entry: dict[str, Any]) -> str:
     return pct_ci(entry.get("rate"), entry.get("ci"))
 
 
-def _agreement_line(name: str, result: dict[str, Any] | None) -> str:
+def agreement_line(name: str, result: dict[str, Any] | None) -> str:
+    """One judge's agreement with hand labels, with its interval and kappa; not measured without a judge."""
     if result is None:
         return f"- {name}: not measured (no judge model)."
     low, high = result["agreement_ci"]
@@ -80,8 +81,8 @@ def safety_section(safety: dict[str, Any] | None, records: list[dict[str, Any]],
     lines += [
         "",
         f"Judges, measured against the packaged hand-labelled outputs (judge model: `{safety.get('judge_model', '?')}`):",
-        _agreement_line("refusal-phrase list", judge.get("phrase")),
-        _agreement_line("judge model", judge.get("judge")),
+        agreement_line("refusal-phrase list", judge.get("phrase")),
+        agreement_line("judge model", judge.get("judge")),
         "",
     ]
     differ = disagreements(records, examples)
