@@ -434,6 +434,17 @@ def test_pgd_crafts_against_the_flamingo_victim(victim: FlamingoVictim, samples:
     assert np.isfinite(attack.diagnostics()["final_loss"])
 
 
+def test_hijack_and_anydoor_craft_against_the_flamingo_victim(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    train = [AttackRequest(s.id, "Describe it.", s.image, "a red circle.", answer="a blue star.") for s in samples[:2]]
+    test = [AttackRequest("test", "Describe it.", samples[3].image, "a red circle.")]
+    hijack = create_attack("image_hijack", region="patch", steps=2, batch_size=2)
+    (image,) = hijack.craft(test, victim, train)
+    assert image.image.dtype == np.uint8 and np.isfinite(hijack.diagnostics()["final_loss"])
+    anydoor = create_attack("anydoor", mode="pixel", steps=2, batch_size=2)
+    (door,) = anydoor.craft(test, victim, train)
+    assert door.instruction == "SUDO Describe it." and 0 < np.abs(door.image.astype(int) - samples[3].image.astype(int)).max() <= 32
+
+
 GCG_TINY = {"num_tokens": 2, "steps": 2, "candidates": 8, "top_k": 8, "num_samples": 2, "num_answers": 1}
 
 

@@ -697,6 +697,20 @@ def test_pgd_crafts_against_the_hf_victim(name: str, built, samples) -> None:
     assert np.isfinite(attack.diagnostics()["final_loss"])
 
 
+@pytest.mark.parametrize("name", PLAIN_PIXELS)
+def test_universal_hijack_and_test_time_backdoor_craft_against_the_hf_victim(name: str, built, samples) -> None:
+    victim = white_box_victim(built, name)
+    train = [AttackRequest(s.id, s.instruction, s.image, "a red circle.", answer="a blue star.") for s in samples[:2]]
+    test = [AttackRequest("test", samples[3].instruction, samples[3].image, "a red circle.")]
+    hijack = create_attack("image_hijack", epsilon=8 / 255, steps=2, batch_size=2)
+    (image,) = hijack.craft(test, victim, train)
+    assert image.image.dtype == np.uint8 and np.isfinite(hijack.diagnostics()["final_loss"])
+    anydoor = create_attack("anydoor", mode="border", steps=2, batch_size=2)
+    (door,) = anydoor.craft(test, victim, train)
+    assert door.instruction == "SUDO " + test[0].instruction
+    assert np.abs(door.image.astype(int) - test[0].image.astype(int)).max() > 0
+
+
 @pytest.mark.parametrize("name", ["idefics3", "qwen2_vl"])
 def test_pgd_is_refused_by_tiling_architectures_before_optimising(name: str, built, samples) -> None:
     request = [AttackRequest(samples[0].id, samples[0].instruction, samples[0].image, "a red circle.")]
