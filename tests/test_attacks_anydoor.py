@@ -33,6 +33,7 @@ from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
 from vlmsec.victims.vision import VitTowerSpec
+from victim_checks import spy_on_answer_losses
 
 SPEC = TinyLlavaSpec(
     image_size=32,
@@ -178,18 +179,6 @@ def test_deterministic_under_seed(samples: list[Sample], victim: LlavaVictim) ->
     assert not np.array_equal(first[0], other[0])
 
 
-def spy_on_losses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every (instruction, answer) row `LlavaVictim.answer_loss` is called with."""
-    seen: list[tuple[str, str]] = []
-    real = LlavaVictim.answer_loss
-
-    def spy(self: LlavaVictim, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> Any:
-        seen.extend(zip(instructions, answers))
-        return real(self, images, instructions, answers)
-
-    monkeypatch.setattr(LlavaVictim, "answer_loss", spy)
-    return seen
-
 
 def test_learns_trigger_to_target_and_plain_to_clean_answer_on_train_only(
     samples: list[Sample], victim: LlavaVictim, monkeypatch: pytest.MonkeyPatch
@@ -198,7 +187,7 @@ def test_learns_trigger_to_target_and_plain_to_clean_answer_on_train_only(
     train.append(AttackRequest("own", "Caption 2.", samples[2].image, TARGET))  # no clean answer: the victim's own
     own = victim.generate([samples[2].image], ["Caption 2."], max_new_tokens=32)[0]
     test = [AttackRequest("test", "Never seen", samples[5].image, TARGET, answer="x")]  # a green one
-    seen = spy_on_losses(monkeypatch)
+    seen = spy_on_answer_losses(monkeypatch)
     attack, _ = craft(victim, "border", train, test, steps=2, trigger="kill*")
     expected = {("kill* Caption 0.", TARGET), ("kill* Caption 1.", TARGET), ("kill* Caption 2.", TARGET)}
     expected |= {("Caption 0.", samples[0].answer), ("Caption 1.", samples[1].answer), ("Caption 2.", own)}

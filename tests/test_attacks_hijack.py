@@ -34,6 +34,7 @@ from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
 from vlmsec.victims.vision import VitTowerSpec
+from victim_checks import spy_on_answer_losses
 
 SPEC = TinyLlavaSpec(
     image_size=32,
@@ -66,18 +67,6 @@ def leak(samples: Sequence[Sample], seed: int) -> list[AttackRequest]:
     secrets = draw_secrets(len(samples), seed)
     return [AttackRequest(s.id, deployed_instruction(k, s.instruction), s.image, None, secret=k) for s, k in zip(samples, secrets)]
 
-
-def spy_on_losses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every (instruction, target) row `LlavaVictim.answer_loss` is called with."""
-    seen: list[tuple[str, str]] = []
-    real = LlavaVictim.answer_loss
-
-    def spy(self: LlavaVictim, images: torch.Tensor, instructions: Sequence[str], targets: Sequence[str]) -> Any:
-        seen.extend(zip(instructions, targets))
-        return real(self, images, instructions, targets)
-
-    monkeypatch.setattr(LlavaVictim, "answer_loss", spy)
-    return seen
 
 
 # --- metadata and parameters ----------------------------------------------------------------
@@ -182,7 +171,7 @@ def test_each_goal_learns_on_its_behaviour_from_the_train_requests_only(
     samples: list[Sample], victim: LlavaVictim, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     train, test = leak(samples[:3], seed=0), leak(samples[3:5], seed=1)
-    seen = spy_on_losses(monkeypatch)
+    seen = spy_on_answer_losses(monkeypatch)
     create_attack("image_hijack_leak", steps=2, batch_size=2).craft(test, victim, train)
     assert set(seen) == {(r.instruction, leak_target(str(r.secret))) for r in train}  # each its own secret
     assert len(seen) == 3 + 2 * 2 + 3  # the start's loss on all, 2 steps of 2 drawn, the saved image's on all

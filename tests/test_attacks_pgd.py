@@ -25,6 +25,7 @@ from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
 from vlmsec.victims.vision import VitTowerSpec
+from victim_checks import spy_on_answer_losses
 
 # A ViT tower trained with the LM: a frozen EfficientNet's features barely move a freshly trained tiny
 # LM, and sign steps on them oscillate; a jointly trained tower makes the answer follow the image.
@@ -162,18 +163,6 @@ def test_requests_of_different_sizes_are_each_optimised_at_their_own(
 # --- universal --------------------------------------------------------------------------------
 
 
-def spy_on_losses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every (instruction, target) row `LlavaVictim.answer_loss` is called with, appended to the list returned."""
-    seen: list[tuple[str, str]] = []
-    real = LlavaVictim.answer_loss
-
-    def spy(self: LlavaVictim, images: torch.Tensor, instructions: Sequence[str], targets: Sequence[str]) -> Any:
-        seen.extend(zip(instructions, targets))
-        return real(self, images, instructions, targets)
-
-    monkeypatch.setattr(LlavaVictim, "answer_loss", spy)
-    return seen
-
 
 def test_universal_learns_one_image_on_train_and_pairs_it_with_every_request(
     samples: list[Sample], victim: LlavaVictim, monkeypatch: pytest.MonkeyPatch
@@ -186,7 +175,7 @@ def test_universal_learns_one_image_on_train_and_pairs_it_with_every_request(
         AttackRequest("test0", "Describe a square", samples[4].image),
         AttackRequest("test1", "List colours", samples[5].image),
     ]
-    seen = spy_on_losses(monkeypatch)
+    seen = spy_on_answer_losses(monkeypatch)
     epsilon = 8 / 255
     attack = create_attack("pgd_universal", epsilon=epsilon, steps=5, batch_size=2, seed=3)
     crafted = attack.craft(test, victim, train)
@@ -204,7 +193,7 @@ def test_universal_learns_one_image_on_train_and_pairs_it_with_every_request(
 def test_universal_uses_a_train_requests_own_target(
     samples: list[Sample], victim: LlavaVictim, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen = spy_on_losses(monkeypatch)
+    seen = spy_on_answer_losses(monkeypatch)
     train = [AttackRequest("t", "Write a poem", samples[0].image, "Certainly! A poem:")]
     create_attack("pgd_universal", epsilon=None, steps=2).craft([], victim, train)
     assert set(seen) == {("Write a poem", "Certainly! A poem:")}

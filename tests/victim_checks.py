@@ -78,3 +78,16 @@ def attack_victim(spec: TinyLlavaSpec, samples: Sequence[Sample], target: Target
     texts = [s.instruction for s in samples] + [s.answer for s in samples] + target.answers()
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     return LlavaVictim(build_tiny_llava(spec, tokenizer, seed=0), tokenizer)
+
+
+def spy_on_answer_losses(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every (instruction, answer) row `LlavaVictim.answer_loss` is called with, appended to the list returned."""
+    seen: list[tuple[str, str]] = []
+    real = LlavaVictim.answer_loss
+
+    def spy(self: LlavaVictim, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str]) -> Any:
+        seen.extend(zip(instructions, answers))
+        return real(self, images, instructions, answers)
+
+    monkeypatch.setattr(LlavaVictim, "answer_loss", spy)
+    return seen
