@@ -246,6 +246,7 @@ def test_a_run_crafts_answers_and_scores_inference_attacks_against_the_deployed_
     assert all(r["target"] == "The image depicts banana" for r in records if r["attack"] == "inject")
     report = (run / "report.md").read_text()
     assert "## Inference-time attacks" in report and "**figstep**" in report and "↳ no attack" in report
+    assert "No model tuned" in report and "**ASR-G**" not in report  # no backdoor numbers to define
 
     # Transfer: the inputs as saved are also answered by the base before the safety stage.
     transfer = section["transfer"]

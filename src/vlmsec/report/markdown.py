@@ -352,9 +352,15 @@ def render_report(run_dir: str | Path) -> str:
     word = run.get("target_word", "?")
 
     lines = [f"# vlmsec run: {run.get('name', run_dir.name)}", ""]
-    lines += [
+    tuned = bool(models)  # an inference-only run tunes no model: no poison, no ASR to define
+    setting = (
         f"Poison rate {pct(run.get('poison_rate'))} of {run.get('train_samples', '?')} tuning samples; "
-        f"target word **{word}**; tuning mode `{run.get('tuning_mode', '?')}`; seed {run.get('seed', '?')}.  ",
+        f"target word **{word}**; tuning mode `{run.get('tuning_mode', '?')}`"
+        if tuned
+        else f"No model tuned: inference-time attacks against the deployed victim; target word **{word}**"
+    )
+    lines += [
+        f"{setting}; seed {run.get('seed', '?')}.  ",
         f"vlmsec {run.get('vlmsec', '?')} (commit {str(run.get('commit') or 'unknown')[:12]}), torch {run.get('torch', '?')}, "
         f"transformers {run.get('transformers', '?')}, {run.get('threads', '?')} threads; config hash `{run.get('config_hash', '?')}`.",
         "",
@@ -363,7 +369,7 @@ def render_report(run_dir: str | Path) -> str:
         lines.append(f"> **{name}** {why}: it is left out of this report, which shows the run metrics.json records.")
     if stale:
         lines.append("")
-    lines += [
+    lines += [] if not tuned else [
         "- **ASR**: share of triggered test inputs whose output contains the target word (whole word, any case).",
         "- **ASR-G**: min(1 + (ASR_shifted − ASR_source) / max(ASR_source, ASR_shifted), 1); 1 = nothing lost under shift; "
         "– where both ASRs are 0 (undefined, e.g. the clean model).",
