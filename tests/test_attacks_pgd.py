@@ -292,3 +292,18 @@ def test_affirmative_target(request_text: str, target: str) -> None:
 def test_affirmative_target_of_nothing_is_an_error() -> None:
     with pytest.raises(VlmsecError, match="empty"):
         affirmative_target(" . ")
+
+
+def test_a_universal_images_diagnostic_loss_reads_only_the_first_train_requests() -> None:
+    from vlmsec.attacks.pgd import LOSS_CHECK_ROWS, universal_losses
+
+    class Counting:
+        rows: list[int] = []
+
+        def answer_loss(self, images: torch.Tensor, instructions: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
+            self.rows.append(len(instructions))
+            return torch.tensor(float(len(instructions)))
+
+    victim = Counting()
+    losses = universal_losses(victim, torch.zeros(1, 3, 4, 4), [f"q{i}" for i in range(LOSS_CHECK_ROWS + 30)], ["t"] * (LOSS_CHECK_ROWS + 30), 16)
+    assert sum(n for _, n in losses) == LOSS_CHECK_ROWS == sum(victim.rows)

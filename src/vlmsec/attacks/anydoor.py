@@ -46,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackParams
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack, to_tensor, to_uint8
-from vlmsec.attacks.pgd import check_target, uint8_budget
+from vlmsec.attacks.pgd import LOSS_CHECK_ROWS, check_target, uint8_budget
 from vlmsec.attacks.registry import register
 from vlmsec.errors import VlmsecError
 
@@ -331,8 +331,10 @@ class AnyDoor(InferenceAttack):
         self, victim: Victim, images: list[np.ndarray], plain: list[str], triggered: list[str],
         targets: list[str], answers: list[str],
     ) -> tuple[float, float]:
-        """The mean loss of each term (trigger -> target, no trigger -> clean answer) on uint8 images."""
+        """The mean loss of each term (trigger -> target, no trigger -> clean answer) on uint8 images,
+        the first `LOSS_CHECK_ROWS` of them (a diagnostic: cheap where the train split holds hundreds)."""
         size = self.params.batch_size
+        images = images[:LOSS_CHECK_ROWS]
         with_trigger = without = 0.0
         with torch.no_grad():
             for first in range(0, len(images), size):

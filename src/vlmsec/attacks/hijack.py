@@ -46,7 +46,7 @@ from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackParams
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, to_tensor
 from vlmsec.attacks.leak import leak_target
-from vlmsec.attacks.pgd import PgdAttack, PgdParams, check_target, descend, quantise
+from vlmsec.attacks.pgd import PgdAttack, PgdParams, check_target, descend, quantise, universal_losses
 from vlmsec.attacks.registry import register
 from vlmsec.attacks.targets import affirmative_target
 from vlmsec.errors import VlmsecError
@@ -154,12 +154,12 @@ class ImageHijack(PgdAttack):
 
         eps = self.params.epsilon
         with eval_mode(victim.model):
-            start_loss = self._losses(victim, start, instructions, targets)
+            start_loss = universal_losses(victim, start, instructions, targets, size)
             adversarial = descend(victim, clean, start, eps, self.params, batch, mask=mask)
             (image,) = quantise(adversarial, [template], eps)
-            losses = self._losses(victim, to_tensor([image]), instructions, targets)
+            losses = universal_losses(victim, to_tensor([image]), instructions, targets, size)
         self._finish(time.perf_counter() - start_time, 1, losses)
-        self._diagnostics["start_loss"] = sum(loss * n for loss, n in start_loss) / len(train)
+        self._diagnostics["start_loss"] = sum(loss * n for loss, n in start_loss) / sum(n for _, n in start_loss)
         self._diagnostics["linf_to_start_image"] = float(np.abs(image.astype(np.int16) - template.astype(np.int16)).max()) / 255
         if mask is not None:
             self._diagnostics["patch_pixels"] = float(mask.sum())
@@ -174,18 +174,6 @@ class ImageHijack(PgdAttack):
         mask = patch_mask(clean.shape[2], clean.shape[3], self.params.patch_size, self.params.patch_position)
         noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(self.params.seed))
         return clean * (1 - mask) + noise * mask, mask
-
-    def _losses(self, victim: Victim, image: torch.Tensor, instructions: list[str], targets: list[str]) -> list[tuple[float, int]]:
-        """The answer loss of one image on every train prompt, as (mean loss, rows) per batch."""
-        size = self.params.batch_size
-        losses = []
-        with torch.no_grad():
-            for first in range(0, len(instructions), size):
-                rows = slice(first, first + size)
-                count = len(instructions[rows])
-                loss = victim.answer_loss(image.expand(count, -1, -1, -1), instructions[rows], targets[rows])
-                losses.append((float(loss), count))
-        return losses
 
 
 @register

@@ -102,6 +102,27 @@ def check_target(victim: Victim, request: AttackRequest, target: str, attack: st
         )
 
 
+# The train requests (the first ones) a universal image's diagnostic losses are measured on: enough
+# for a mean, and cheap on a real language model where the train split holds hundreds.
+LOSS_CHECK_ROWS = 64
+
+
+def universal_losses(
+    victim: Victim, image: torch.Tensor, instructions: Sequence[str], targets: Sequence[str], batch_size: int
+) -> list[tuple[float, int]]:
+    """The answer loss of one image (1 x 3 x H x W) on the first `LOSS_CHECK_ROWS` train prompts,
+    as (mean loss, rows) per batch of `batch_size`."""
+    instructions, targets = list(instructions[:LOSS_CHECK_ROWS]), list(targets[:LOSS_CHECK_ROWS])
+    losses = []
+    with torch.no_grad():
+        for first in range(0, len(instructions), batch_size):
+            rows = slice(first, first + batch_size)
+            count = len(instructions[rows])
+            loss = victim.answer_loss(image.expand(count, -1, -1, -1), instructions[rows], targets[rows])
+            losses.append((float(loss), count))
+    return losses
+
+
 def uint8_budget(epsilon: float) -> int:
     """The largest per-pixel change in uint8 levels within `epsilon` (16/255 -> 16)."""
     return math.floor(epsilon * 255 + 1e-6)
@@ -173,7 +194,8 @@ class PgdAttack(InferenceAttack):
 
     def diagnostics(self) -> dict[str, float]:
         """After `craft`: steps per image, wall seconds per optimised image, and the mean answer loss
-        of the saved uint8 images on what they were optimised for; empty before."""
+        of the saved uint8 images on what they were optimised for (a universal image: on the first
+        `LOSS_CHECK_ROWS` train requests); empty before."""
         return dict(self._diagnostics)
 
     def _victim(self, victim: Victim | None) -> Victim:
@@ -287,14 +309,7 @@ class PgdUniversal(PgdAttack):
         with eval_mode(victim.model):
             adversarial = descend(victim, clean, start, eps, self.params, batch)
             (image,) = quantise(adversarial, [template], eps)
-            losses = []
-            with torch.no_grad():
-                saved = to_tensor([image])
-                for first in range(0, len(train), size):
-                    rows = slice(first, first + size)
-                    count = len(instructions[rows])
-                    loss = victim.answer_loss(saved.expand(count, -1, -1, -1), instructions[rows], targets[rows])
-                    losses.append((float(loss), count))
+            losses = universal_losses(victim, to_tensor([image]), instructions, targets, size)
         self._finish(time.perf_counter() - start_time, 1, losses)
         self._diagnostics["linf_to_start_image"] = float(np.abs(image.astype(np.int16) - template.astype(np.int16)).max()) / 255
         image.setflags(write=False)  # one image shared by every output
