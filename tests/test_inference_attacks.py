@@ -352,7 +352,12 @@ def test_the_inputs_transfer_to_every_tuned_model_of_the_run(tmp_path: Path, mon
 
     ATTACKS.register(_SignPattern)
     monkeypatch.setattr(LlavaVictim, "check_pixel_gradients", lambda self, attack: None)
-    config = {**TINY_LM_RUN, "attacks": [{"name": "test_sign_pattern"}, {"name": "badnets"}], "poison": {"rate": 0.25}}
+    config = {
+        **TINY_LM_RUN,
+        "attacks": [{"name": "test_sign_pattern"}, {"name": "badnets"}],
+        "poison": {"rate": 0.25},
+        "inference": {"target": "a red circle."},  # a sentence the victim can say, not the poison target
+    }
     try:
         metrics = Runner(parse_config(config, "test"), tmp_path / "run", tmp_path / "cache").run()
         off = {**config, "inference": {"transfer": False}}
@@ -365,3 +370,5 @@ def test_the_inputs_transfer_to_every_tuned_model_of_the_run(tmp_path: Path, mon
         cell = transfer["attacks"]["test_sign_pattern"]["by_model"][model]
         assert cell["success"]["contains"]["n"] == 4 and cell[NO_ATTACK]["contains"]["n"] == 4
     assert "not_measured" in quiet["inference_attacks"]["transfer"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "inference.jsonl").read_text().splitlines()]
+    assert {r["target"] for r in records} == {"a red circle."}

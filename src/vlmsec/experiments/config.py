@@ -299,6 +299,13 @@ class InferenceSpec(_Strict):
     requests: int | None = Field(
         None, ge=1, description="each inference-time attack runs on the first n requests of its goal's test set; null: all"
     )
+    target: str | None = Field(
+        None,
+        min_length=1,
+        description="the sentence targeted attacks aim for; null: the poison target's sentence (prefix + word). A "
+        "victim that never said the target word cannot be pushed to it through its image alone: give it a sentence it "
+        "can say (e.g. another scene's caption) to measure how far the image steers it",
+    )
     transfer: bool = Field(
         True,
         description="also answer every attack's saved inputs (and the no-attack requests) on the run's other models: "

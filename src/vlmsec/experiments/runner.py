@@ -277,7 +277,7 @@ class Runner:
             name = AFTER_SAFETY if c.safety is not None else DEPLOYED_BASE
             stage = InferenceStage(self.out, victim, name, deployed[1], c.eval.model_dump(), c.seed)
             harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
-            target = self.target.prefix + self.target.word
+            target = c.inference.target or self.target.prefix + self.target.word
             n = c.inference.requests  # None: every request
             reading = reading_check(c) if any(a.typeset for a in attacks.values()) else []
             results = run_attacks(stage, attacks, harmful[:n], splits.tests["source"][:n], target, split, splits.train, reading)
