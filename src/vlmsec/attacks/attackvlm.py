@@ -312,15 +312,15 @@ class AttackVlm(InferenceAttack):
             raise VlmsecError(f"attack {self.name!r} queries the victim's generate; got no victim")
         if not requests:
             return []
-        for request in requests:  # a target with nothing to draw is an error before any work
-            target_image(request, 0, self.name)
+        p = self.params
+        image_seed = derive_seed(p.seed, "attackvlm/target")
+        # Drawn before any work: a target with nothing to draw is an error before the surrogate trains.
+        goal_images = [target_image(r, image_seed, self.name) for r in requests]
         start_time = time.perf_counter()
         surrogate = self.surrogate()
         check_independent(surrogate, victim, self.name)
-        p = self.params
-        image_seed = derive_seed(p.seed, "attackvlm/target")
         with torch.no_grad():
-            goals = surrogate(to_tensor([target_image(r, image_seed, self.name) for r in requests]))
+            goals = surrogate(to_tensor(goal_images))
         targets = minilm_encoder().encode([str(r.target) for r in requests]) if p.query_steps else None
         ask = Queries(victim, p.max_new_tokens)
         generator = torch.Generator().manual_seed(derive_seed(p.seed, "attackvlm/queries"))
