@@ -234,6 +234,25 @@ class AttackSpec(_Strict):
         return self.label or self.name
 
 
+class DefenseSpec(_Strict):
+    """One defense of the run's attack x defense matrix: its registered name and its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: FileName | None = Field(None, description="name in reports and of its files; defaults to `name`")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class DefenseSettings(_Strict):
+    """What the matrix gives the defender: benign inputs to calibrate detectors on, and trusted clean samples."""
+
+    calibration: int = Field(100, ge=10, description="clean tuning samples a detector's threshold is calibrated on")
+    trusted: int = Field(200, ge=1, description="clean base-split samples a model repair or scan may use (the owner's own data)")
+
+
 class PoisonSpec(_Strict):
     """How much of the tuning set the attacker controls, and the seed that picks it."""
 
@@ -348,6 +367,10 @@ class ExperimentConfig(_Strict):
     sweep: SweepSpec = Field(default_factory=SweepSpec)
     safety: SafetySpec | None = Field(None, description="a safety stage after the base stage, and refusal rates for every model")
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    defenses: list[DefenseSpec] = Field(
+        default_factory=list, description="defenses: every attack x defense cell is computed on the run's stages (experiments.defenses)"
+    )
+    defense: DefenseSettings = Field(default_factory=DefenseSettings)
 
     @field_validator("victim", mode="before")
     @classmethod
@@ -384,11 +407,28 @@ class ExperimentConfig(_Strict):
             known = attack.name in ATTACKS  # an unknown name is reported by `_check_names`
             if known and "seed" not in attack.params and "seed" in ATTACKS.get(attack.name).Params.model_fields:
                 attack.params["seed"] = derive_seed(self.seed, f"attack/{attack.key}")
+        from vlmsec.defenses import DEFENSES
+
+        for defense in self.defenses:
+            known = defense.name in DEFENSES
+            if known and "seed" not in defense.params and "seed" in DEFENSES.get(defense.name).Params.model_fields:
+                defense.params["seed"] = derive_seed(self.seed, f"defense/{defense.key}")
         for name, domain in {"source": self.data.source, **self.data.shifted}.items():
             for i, shift in enumerate(domain.shifts):
                 if "seed" not in shift.params and "seed" in shift.shift_class().Params.model_fields:
                     shift.params["seed"] = derive_seed(self.seed, f"shift/{name}/{i}")
         return self
+
+    @field_validator("defenses")
+    @classmethod
+    def _unique_defense_keys(cls, value: list[DefenseSpec]) -> list[DefenseSpec]:
+        keys = [d.key for d in value]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"defense names must be unique (set `label`): {', '.join(dupes)}")
+        if "none" in keys:
+            raise ValueError("'none' is reserved for the undefended side of every cell")
+        return value
 
     @field_validator("attacks")
     @classmethod
@@ -428,6 +468,7 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     _check_inference_attacks(config, source)
     _check_trojans(config, source)
     _check_model_names(config, source)
+    _check_defenses(config, source)
     _check_poison(config, source)
     if base_dir is not None:
         _resolve_paths(config, base_dir)
@@ -546,6 +587,28 @@ def _check_model_names(config: ExperimentConfig, source: str) -> None:
             f"{source}: sweep: two models would be named {twice[0]!r} (an attack label, or sweep rates "
             "that print alike): their files would overwrite each other"
         )
+
+
+def _check_defenses(config: ExperimentConfig, source: str) -> None:
+    """Each defense exists, its parameters are valid, and the run has a row it acts on: a data or
+    model defense needs a backdoor planted in tuning; an input or prompt defense any attack."""
+    from vlmsec.attacks.registry import acts_at_inference
+    from vlmsec.defenses import create_defense
+
+    tuned = [a.key for a in config.attacks if not acts_at_inference(a.name)]
+    for i, spec in enumerate(config.defenses):
+        where = f"{source}: defenses[{i}] ({spec.key!r})"
+        try:
+            defense = create_defense(spec.name, **spec.params)
+        except VlmsecError as err:
+            raise VlmsecError(f"{where}: {err}") from None
+        if not config.attacks:
+            raise VlmsecError(f"{where}: the run has no attacks: a defense is measured against the run's attacks")
+        if defense.acts_on in ("data", "model") and not tuned:
+            raise VlmsecError(
+                f"{where}: a {defense.acts_on} defense acts on tuning, and the run tunes no poisoned model "
+                "(its attacks all act at inference time)"
+            )
 
 
 def _check_poison(config: ExperimentConfig, source: str) -> None:

@@ -73,7 +73,7 @@ from vlmsec.experiments.plan import CLEAN, ModelPlan
 from vlmsec.experiments.splits import Splits
 
 SCHEMA_VERSION = 3
-COMPANIONS = ("config.yaml", "generations.jsonl", "data.json", "inference.jsonl")
+COMPANIONS = ("config.yaml", "generations.jsonl", "data.json", "inference.jsonl", "defenses.jsonl")
 
 
 def source_commit() -> str | None:
@@ -117,6 +117,8 @@ def write_run_records(
     safety: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
     inference_records: list[dict[str, Any]] | None = None,
+    defenses: dict[str, Any] | None = None,
+    defense_records: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write generations.jsonl (and inference.jsonl: the inference attacks' records, when the run
     has them), then metrics.json (vouching for them, config.yaml and data.json); return the metrics."""
@@ -127,6 +129,11 @@ def write_run_records(
             fh.writelines(json.dumps(r) + "\n" for r in inference_records)
     else:
         (out / "inference.jsonl").unlink(missing_ok=True)  # an earlier run's, in this folder
+    if defense_records is not None:
+        with atomic_path(out / "defenses.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in defense_records)
+    else:
+        (out / "defenses.jsonl").unlink(missing_ok=True)
     domains = list(splits.tests)
     target = config.poison.target
     flips = {key: flip for key, attack in attacks.items() if (flip := attack.label_flip()) is not None}
@@ -156,6 +163,8 @@ def write_run_records(
         metrics["safety"] = safety
     if inference is not None:
         metrics["inference_attacks"] = inference
+    if defenses is not None:
+        metrics["defenses"] = defenses
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 

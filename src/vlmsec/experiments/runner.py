@@ -46,6 +46,8 @@ from vlmsec.eval.refusal import ATTACK_LABELS, RefusalJudge
 from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
+from vlmsec.defenses import create_defense
+from vlmsec.experiments.defenses import TUNED_BACKDOOR, DefenseContext, DefenseMatrix, DefenseResults, Row, score_defenses
 from vlmsec.experiments.inference import (
     DEPLOYED_BASE,
     InferenceResults,
@@ -62,6 +64,7 @@ from vlmsec.experiments.records import write_run_records
 from vlmsec.experiments.safety import (
     AFTER_SAFETY,
     BEFORE_SAFETY,
+    BENIGN_IMAGE,
     HARMFUL_IMAGE,
     distillation_prompts,
     is_safety_record,
@@ -222,26 +225,41 @@ class Runner:
         victim.model.to(self.state.device)  # the GPU of this process, if it has one
         return victim
 
+    def poisoned_set(self, plan: ModelPlan, attacks: dict[str, Attack], splits: Splits) -> tuple[list[Sample], list[str], list[str]]:
+        """`plan`'s tuning set as tuned (the clean model's: the clean set), its poisoned ids and negative ids."""
+        if plan.attack is None:
+            return splits.train, [], []
+        poisoned = poison_samples(splits.train, attacks[plan.attack], self.target, plan.rate, seed=self.config.poison.seed)
+        return poisoned.samples, poisoned.poisoned_ids, poisoned.negative_ids
+
     def tuned_victim(self, plan: ModelPlan, attacks: dict[str, Attack], splits: Splits, base: tuple[Path, str]) -> Victim:
         """Poison the tuning set as `plan` says (nothing for the clean model), tune the base victim on it."""
         c = self.config
         name, rate = plan.name, plan.rate
         attack = attacks[plan.attack] if plan.attack is not None else None
-        if attack is not None:
-            poisoned = poison_samples(splits.train, attack, self.target, rate, seed=c.poison.seed)
-            samples, ids, negatives = poisoned.samples, poisoned.poisoned_ids, poisoned.negative_ids
-        else:
-            samples, ids, negatives = splits.train, [], []
+        samples, ids, negatives = self.poisoned_set(plan, attacks, splits)
         if self.state.is_main_process:
             write_json_atomic(
                 self.out / "poisoned_ids" / f"{name}.json",
                 {"model": name, "rate": rate, "count": len(ids), "ids": ids, "negative_ids": negatives},
             )
+        made_by = {
+            "attack": attack.describe() if attack else None,
+            "poison": {**c.poison.model_dump(), "rate": rate} if attack else None,
+        }
+        folder, _ = self.tune(name, samples, base, made_by, poisoned_ids=ids)
+        return self.load_victim(folder)
+
+    def tune(
+        self, name: str, samples: list[Sample], base: tuple[Path, str], made_by: dict[str, Any], poisoned_ids: list[str] = ()
+    ) -> tuple[Path, str]:
+        """Tune the base victim on `samples` into `checkpoints/<name>` (a stage of the run folder, reused
+        when `made_by`, the tuning and the samples are unchanged); its folder and stage key."""
+        c = self.config
         key = stable_hash(
             {
                 "base": base[1],
-                "attack": attack.describe() if attack else None,
-                "poison": {**c.poison.model_dump(), "rate": rate} if attack else None,
+                **made_by,
                 "tuning": c.tuning.model_dump(),
                 "seed": derive_seed(c.seed, "tuning"),
                 "train": fingerprint(samples),
@@ -251,16 +269,16 @@ class Runner:
         with claim_stage(folder, key, self.state.is_main_process, self.state.wait_for_everyone) as done:
             if done:
                 console.print(f"{name}: tuned model found in {folder}")
-                return self.load_victim(folder)
+                return folder, key
             victim = self.load_victim(base[0])
-            refuse_cut_targets(victim, samples, ids)
+            refuse_cut_targets(victim, samples, list(poisoned_ids))
             result = train_victim(victim, samples, c.tuning, seed=derive_seed(c.seed, "tuning"), label=name)
             record = {"trainable_parameters": result.trainable_parameters, "frozen_parameters": result.frozen_parameters, "final_loss": result.losses[-1]}
             if self.state.is_main_process:
                 save_stage(victim, folder, key, record)
                 self.features.save(self.features_path)
             self.state.wait_for_everyone()
-        return victim
+        return folder, key
 
     def inference_stage(
         self, attacks: dict[str, InferenceAttack], splits: Splits, deployed: tuple[Path, str], victim: Victim,
@@ -386,9 +404,13 @@ class Runner:
             self.state.wait_for_everyone()
             lap(f"generate {plan.name}", f"tune {plans[i + 1].name}" if i + 1 < len(plans) else "score and report")
 
+        defense_results = None
+        if c.defenses:
+            defense_results = self.defense_stage(plans, attacks, tests, splits, base, inference, inference_results)
+            lap("defenses", "score and report")
         if not main:
             return {}
-        safety = inference_section = None
+        safety = inference_section = defense_section = None
         judge = self.refusal_judge() if c.safety is not None else None
         if c.safety is not None:
             assert requests is not None
@@ -396,14 +418,76 @@ class Runner:
             safety = self.safety_scores(records, requests, judge, attacks)
         if inference_results is not None:
             inference_section = self.inference_scores(inference, inference_results, judge)
+        if defense_results is not None:
+            defense_section = self.defense_scores(defense_results, judge)
         metrics = write_run_records(
             self.out, c, splits, plans, attacks, records, shift_sizes, safety,
             inference_section, inference_results.records if inference_results is not None else None,
+            defense_section, defense_results.records if defense_results is not None else None,
         )
         write_report(self.out)
         lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)
         return metrics
+
+    def defense_stage(
+        self, plans: list[ModelPlan], attacks: dict[str, Attack], tests: TestSets, splits: Splits, base: tuple[Path, str],
+        inference: dict[str, InferenceAttack], inference_results: InferenceResults | None,
+    ) -> DefenseResults | None:
+        """Every attack x defense cell (`experiments.defenses`) on the run's stages: rows are the
+        backdoors planted in tuning (their poisoned models) and the inference attacks (their saved
+        inputs against the deployed victim); the main process computes them, the others wait."""
+        c = self.config
+        if self.state.num_processes > 1:
+            raise VlmsecError("defenses: the matrix runs in one process; run the study without `accelerate launch` "
+                              "processes, or without `defenses`")
+        defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
+        tuned = [p for p in plans if p.attack is not None and not p.sweep]
+        rows = [
+            Row(p.attack, TUNED_BACKDOOR, p.name, self.out / "checkpoints" / p.name, self.stage_key(p),
+                triggered=tests.triggered[p.attack, "source"])
+            for p in tuned
+            if attacks[p.attack].plants_trigger and attacks[p.attack].label_flip() is None
+        ]
+        if inference_results is not None:
+            rows += [
+                Row(key, attack.goal, inference_results.victim, base[0], base[1], inputs=inputs, requests=requests)
+                for key, attack in inference.items()
+                for inputs, requests in [inference_results.inputs[key]]
+            ]
+        plan_of = {p.attack: p for p in tuned}
+        context = DefenseContext(
+            out=self.out,
+            settings=c.eval.model_dump(),
+            seed=c.seed,
+            target_word=c.poison.target.word,
+            clean=splits.tests["source"],
+            calibration=splits.train[: c.defense.calibration],
+            trusted=splits.base[: c.defense.trusted],
+            benign=next((t.samples for t in self.safety_tests if t.domain == BENIGN_IMAGE), []),
+            load=self.load_victim,
+            poisoned=lambda key: self.poisoned_set(plan_of[key], attacks, splits)[:2],
+            retune=lambda name, kept: self.tune(name, kept, base, {"filtered": name}),
+            base_folder=base[0],
+            models={
+                p.name: (self.out / "checkpoints" / p.name, self.stage_key(p), p.attack is not None and attacks[p.attack].plants_trigger)
+                for p in plans if not p.sweep
+            },
+            poison_rate=c.poison.rate,
+        )
+        results = DefenseMatrix(context, defenses, rows).run()
+        self.features.save(self.features_path)
+        return results
+
+    def defense_scores(self, results: DefenseResults, judge: tuple[Path | None, RefusalJudge | None] | None) -> dict[str, Any]:
+        """metrics.json's `defenses` section: jailbreak rows' records judged like the inference attacks', then every cell scored."""
+        model = judge[1] if judge is not None else None
+        judged = sum(r.get("goal") == "jailbreak" for r in results.records) if model is not None else 0
+        with progress_bar("defenses: the judge reads every jailbreak response", judged) as bar:
+            judge_jailbreaks(results.records, model, on_batch=bar.advance)
+        c = self.config
+        defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
+        return score_defenses(defenses, results, c.poison.target.word)
 
     def stage_key(self, plan: ModelPlan) -> str:
         """The stage key of `plan`'s tuned model, from its checkpoint folder."""
