@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from pydantic import Field
+from scipy.stats import rankdata
 
 from vlmsec.defenses.base import Detector, DetectorParams, DefenseParams
 from vlmsec.defenses.registry import register
@@ -59,15 +60,15 @@ def calibrate_threshold(benign_scores: Sequence[float] | np.ndarray, fpr: float)
 def detection_metrics(
     benign_scores: Sequence[float] | np.ndarray, attack_scores: Sequence[float] | np.ndarray, fpr: float
 ) -> dict[str, float]:
-    """A detector's AUROC (attack inputs the positives; ties count half) and its TPR at the threshold
-    calibrated on the benign scores at `fpr` (`calibrate_threshold`), with that threshold."""
-    from sklearn.metrics import roc_auc_score
-
+    """A detector's AUROC (the chance an attack input scores above a benign one, ties counting half:
+    the Mann-Whitney statistic, from average ranks) and its TPR at the threshold calibrated on the
+    benign scores at `fpr` (`calibrate_threshold`), with that threshold."""
     benign, attack = _finite_scores(benign_scores, "benign"), _finite_scores(attack_scores, "attack")
     threshold = calibrate_threshold(benign, fpr)
-    labels = np.concatenate([np.zeros(len(benign)), np.ones(len(attack))])
+    attack_ranks = rankdata(np.concatenate([benign, attack]))[len(benign) :]
+    auroc = (attack_ranks.sum() - len(attack) * (len(attack) + 1) / 2) / (len(attack) * len(benign))
     return {
-        "auroc": float(roc_auc_score(labels, np.concatenate([benign, attack]))),
+        "auroc": float(auroc),
         "tpr_at_fpr": float((attack > threshold).mean()),
         "threshold": threshold,
     }
@@ -200,7 +201,7 @@ class Strip(Detector):
         else:
             plain = answers[n * p.blends :]
             variability = [float(np.mean([jaccard_distance(a, plain[i]) for a in per_input[i]])) for i in range(n)]
-        return -np.asarray(variability, dtype=np.float64)
+        return 0.0 - np.asarray(variability, dtype=np.float64)  # 0.0 - : no negative zeros
 
 
 # ---- jailguard: mutations ------------------------------------------------------------------------
@@ -451,19 +452,30 @@ class CiderParams(DetectorParams):
     batch_size: int = Field(16, ge=1, description="images denoised and embedded per batch")
 
 
+def noise_sigma(image: np.ndarray) -> float:
+    """The Gaussian noise level of a [0, 1] H x W x 3 image, Donoho's robust estimate (what skimage's
+    `estimate_sigma` computes, without PyWavelets): the median absolute diagonal Haar detail over
+    0.6745, averaged over the channels."""
+    h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+    x = image[:h, :w]
+    detail = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2
+    return float(np.mean(np.median(np.abs(detail.reshape(-1, image.shape[2])), axis=0)) / 0.6745)
+
+
 class NlmDenoiser:
     """The offline stand-in for CIDER's diffusion denoiser: non-local means (skimage), applied once
     more per level with the strength CIDER's own (disabled) NLM option sets, h = 0.8 sigma, sigma
-    the noise level estimated on the input. An image with no noise to estimate is left unchanged."""
+    the noise level estimated on the input (`noise_sigma`). An image with no noise to estimate is
+    left unchanged."""
 
     def __call__(self, images: Sequence[np.ndarray], levels: int, seed: int) -> list[list[np.ndarray]]:
         """Per image: the image as the denoiser takes it, then its `levels` denoised versions."""
-        from skimage.restoration import denoise_nl_means, estimate_sigma
+        from skimage.restoration import denoise_nl_means
 
         out = []
         for image in images:
             current = image.astype(np.float64) / 255
-            sigma = float(np.mean(estimate_sigma(current, channel_axis=-1)))
+            sigma = noise_sigma(current)
             steps = [image]
             for _ in range(levels):
                 if sigma > 0:
