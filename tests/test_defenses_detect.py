@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
+from vlmsec.attacks import TargetAnswer
 from vlmsec.data import make_samples, sample_scenes
 from vlmsec.data.scenes import render_scene
 from vlmsec.defenses import create_defense
@@ -25,7 +28,6 @@ from vlmsec.defenses.detect import (
 from vlmsec.errors import VlmsecError
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
 from victim_checks import attack_victim
-from vlmsec.attacks import TargetAnswer
 
 PATCH = 8
 
@@ -156,11 +158,9 @@ def test_jailguard_divergence_is_zero_for_identical_responses_and_positive_other
 
 def test_jailguard_mutations_are_seeded_and_keep_the_size() -> None:
     image = render_scene(sample_scenes(1, seed=3)[0], "flat", size=48)
-    from PIL import Image
-
     changed = 0
     for name, mutation in IMAGE_MUTATIONS.items():
-        outs = [np.asarray(mutation(Image.fromarray(image), np.random.default_rng(s)).convert("RGB")) for s in (0, 0, 1, 2, 3)]
+        outs = [np.asarray(mutation(Image.fromarray(image), np.random.default_rng(s)).convert("RGB")) for s in (0, 0, 1, 2)]
         assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs), name
         np.testing.assert_array_equal(outs[0], outs[1])
         changed += any(not np.array_equal(o, image) for o in outs)

@@ -28,7 +28,7 @@ from PIL import Image, ImageFilter, ImageOps
 from pydantic import Field
 from scipy.stats import rankdata
 
-from vlmsec.defenses.base import Detector, DetectorParams, DefenseParams
+from vlmsec.defenses.base import DefenseParams, Detector, DetectorParams
 from vlmsec.defenses.registry import register
 from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
@@ -90,7 +90,10 @@ def _check_images(name: str, images: Sequence[np.ndarray | None], instructions: 
             raise VlmsecError(f"defense {name!r}: input {i} needs a uint8 H x W x 3 image")
 
 
-def _generate(victim: Victim, name: str, images: list[np.ndarray], instructions: list[str], params: GeneratingParams) -> list[str]:
+def _generate(
+    victim: Victim, name: str, images: list[np.ndarray], instructions: list[str], params: GeneratingParams
+) -> list[str]:
+    """The victim's answers to every variant, in one batched call, with a progress bar."""
     with progress_bar(f"{name}: answering {len(images)} variants", len(images)) as bar:
         return victim.generate(
             images, instructions, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size, on_batch=bar.advance
@@ -447,7 +450,9 @@ class CiderParams(DetectorParams):
         description="a local diffusers DDPM folder (model_index.json, unet/, scheduler/: what DDPMPipeline.save_pretrained "
         "writes); none ships offline, so without it iterated non-local means stands in",
     )
-    levels: int = Field(7, ge=1, le=64, description="denoising strengths compared with the input (CIDER: 8 checkpoints, the first the input)")
+    levels: int = Field(
+        7, ge=1, le=64, description="denoising strengths compared with the input (CIDER: 8 checkpoints, the first the input)"
+    )
     step: int = Field(50, ge=1, le=1000, description="diffusion timesteps added per level (CIDER: 50, 100, ... 350)")
     batch_size: int = Field(16, ge=1, description="images denoised and embedded per batch")
 
@@ -479,7 +484,9 @@ class NlmDenoiser:
             steps = [image]
             for _ in range(levels):
                 if sigma > 0:
-                    current = denoise_nl_means(current, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, channel_axis=-1)
+                    current = denoise_nl_means(
+                        current, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, channel_axis=-1
+                    )
                 steps.append(np.clip(np.round(current * 255), 0, 255).astype(np.uint8))
             out.append(steps)
         return out
@@ -494,11 +501,13 @@ class DdpmDenoiser:
         try:
             from diffusers import DDPMPipeline
         except ImportError:
-            raise VlmsecError("defense 'cider_detect': params.denoiser needs diffusers (pip install 'vlmsec[diffusion]')") from None
+            raise VlmsecError("defense 'cider_detect': params.denoiser needs diffusers ('vlmsec[diffusion]')") from None
         try:
             pipeline = DDPMPipeline.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise VlmsecError(f"defense 'cider_detect': params.denoiser: cannot load a DDPM pipeline from {folder}: {err}") from None
+            raise VlmsecError(
+                f"defense 'cider_detect': params.denoiser: cannot load a DDPM pipeline from {folder}: {err}"
+            ) from None
         self.unet, self.scheduler = pipeline.unet.eval(), pipeline.scheduler
         timesteps = self.scheduler.config.num_train_timesteps
         if step * levels >= timesteps:
@@ -518,7 +527,7 @@ class DdpmDenoiser:
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         x0 = to_tensor([_resize(image, height, width) for image in images]) * 2 - 1
 
-        def back(batch: torch.Tensor) -> list[np.ndarray]:  # a [0, 1] batch at the model's size, as uint8 at each input's
+        def back(batch: torch.Tensor) -> list[np.ndarray]:  # [0, 1] at the model's size -> uint8 at each input's
             return [_resize(d, *image.shape[:2]) for d, image in zip(to_uint8(batch), images)]
 
         out = [[first] for first in back((x0 + 1) / 2)]
@@ -597,7 +606,8 @@ class CiderDetect(Detector):
             denoised = []
             for start in range(0, len(images), p.batch_size):
                 batch = images[start : start + p.batch_size]
-                denoised += self.denoiser()(batch, p.levels, int(np.random.default_rng([p.seed, seed, start]).integers(2**31)))
+                noise_seed = int(np.random.default_rng([p.seed, seed, start]).integers(2**31))
+                denoised += self.denoiser()(batch, p.levels, noise_seed)
                 bar.advance(len(batch))
         flat = [image for steps in denoised for image in steps]
         cosines = self.similarities(victim, flat, [t for t in instructions for _ in range(p.levels + 1)])
