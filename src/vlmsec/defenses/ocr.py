@@ -146,7 +146,9 @@ class OcrScreen(Detector):
         asked = [i for i in with_text if scores[i] < 1] if self.params.ask_victim else []
         if asked:
             answers = victim.generate(
-                eyes_closed(victim, [images[i] for i in asked]), [texts[i] for i in asked], max_new_tokens=self.params.screen_tokens
+                eyes_closed(victim, [images[i] for i in asked]),
+                [" ".join(texts[i].split()) for i in asked],  # the lines as one request, as it was typed before wrapping
+                max_new_tokens=self.params.screen_tokens,
             )
             for i, answer in zip(asked, answers, strict=True):
                 if refused_by_phrase(answer):
