@@ -107,6 +107,9 @@ class Victim(Protocol):
 
     model: nn.Module  # a transformers PreTrainedModel, or FlamingoModel
     tokenizer: PreTrainedTokenizerBase  # HFVictim: its processor's
+    # Whether `generate` answers a None image (a text-only request); if not, it refuses one
+    # (`refuse_text_only`) and a caller that must ask text-only (ECSO's answer from a caption) sends a blank image.
+    answers_text_only: bool
 
     def prepare_training(self, samples: Sequence[Sample], label: str) -> Any:
         """Whatever the loss needs per sample, computed once before the loop (e.g. frozen features)."""

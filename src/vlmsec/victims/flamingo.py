@@ -91,6 +91,8 @@ def _right_pad(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, t
 class FlamingoVictim:
     """A Flamingo model plus tokenizer with Otter's prompt format: encode, lose, generate, tune, save, load."""
 
+    answers_text_only = False
+
     def __init__(
         self, model: FlamingoModel, tokenizer: PreTrainedTokenizerBase, features: FeatureCache | None = None
     ) -> None:

@@ -129,6 +129,8 @@ def check_folder(folder: Path) -> None:
 class HFVictim:
     """A Hugging Face image-text-to-text model and its processor, prompted by its chat template."""
 
+    answers_text_only = False
+
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, source: str = "(in memory)") -> None:
         self.model_type: str = model.config.model_type
         self.arch = architecture(self.model_type)

@@ -54,6 +54,8 @@ class LlavaVictim:
     trained from scratch); otherwise it stays frozen and its features are cached.
     """
 
+    answers_text_only = True
+
     def __init__(
         self,
         model: LlavaForConditionalGeneration,
