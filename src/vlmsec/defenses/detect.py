@@ -57,6 +57,14 @@ def calibrate_threshold(benign_scores: Sequence[float] | np.ndarray, fpr: float)
     return float(benign[int(np.floor(fpr * len(benign)))])
 
 
+def auroc(negative_scores: Sequence[float] | np.ndarray, positive_scores: Sequence[float] | np.ndarray) -> float:
+    """The chance a positive scores above a negative, ties counting half: the Mann-Whitney statistic,
+    from average ranks (the area under the ROC curve)."""
+    negative, positive = _finite_scores(negative_scores, "negative"), _finite_scores(positive_scores, "positive")
+    ranks = rankdata(np.concatenate([negative, positive]))[len(negative) :]
+    return float((ranks.sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
+
+
 def detection_metrics(
     benign_scores: Sequence[float] | np.ndarray, attack_scores: Sequence[float] | np.ndarray, fpr: float
 ) -> dict[str, float]:
@@ -65,10 +73,8 @@ def detection_metrics(
     benign scores at `fpr` (`calibrate_threshold`), with that threshold."""
     benign, attack = _finite_scores(benign_scores, "benign"), _finite_scores(attack_scores, "attack")
     threshold = calibrate_threshold(benign, fpr)
-    attack_ranks = rankdata(np.concatenate([benign, attack]))[len(benign) :]
-    auroc = (attack_ranks.sum() - len(attack) * (len(attack) + 1) / 2) / (len(attack) * len(benign))
     return {
-        "auroc": float(auroc),
+        "auroc": auroc(benign, attack),
         "tpr_at_fpr": float((attack > threshold).mean()),
         "threshold": threshold,
     }

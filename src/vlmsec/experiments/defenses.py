@@ -32,17 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_sealed
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.defenses import DataFilter, Defense, Detector, ModelRepair, ModelScan, PromptDefense, Purifier
+from vlmsec.defenses.detect import auroc, calibrate_threshold
 from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.inference import goal_scores, not_measured, rate, targeted_scores
 from vlmsec.eval.metrics import caption_scores, contains_target
 from vlmsec.eval.refusal import refused_by_phrase
-from vlmsec.experiments.stages import claim_stage, save_stage
+from vlmsec.experiments.stages import STAGE_FILE, claim_stage, save_stage
 from vlmsec.progress import console, progress_bar
 from vlmsec.seeds import derive_seed
 from vlmsec.victims.base import Victim
@@ -112,12 +112,13 @@ class DefenseContext:
 @dataclass
 class DefenseResults:
     """What the matrix computed: generation records (each tagged with `defense`, `row`, `arm`, and for
-    detectors `score` and `flagged`), per-cell costs, data filters' verdicts, model scans' scores,
+    detectors `score` and `flagged`), per-cell costs, per row what a data filter removed or a model
+    repair did (`verdicts`), model scans' scores,
     and the defenses that could not run, with the reason."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     costs: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     scans: dict[str, dict[str, Any]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -193,23 +194,24 @@ class DefenseMatrix:
         """Generation records of `samples` answered by `model` under `defense`, tagged with the cell,
         with the defense's cost per input recorded (`results.costs[label][row or model]`)."""
         name = f"{model}-{row}-{arm}" if row is not None else f"{model}-{arm}"
-        path = self.c.out / "defenses" / label / "generations" / f"{_slug(name)}.json"
+        folder_out = self.c.out / "defenses" / label
         seed = derive_seed(self.c.seed, f"defense/{label}/{name}")
-        start = time.perf_counter()
         victim = _Lazy(lambda: self.victim(folder))
-        extra: dict[str, Any] = {}
+        seconds: float | None = None  # the defense's own work on these inputs, beside the plain answers
         if isinstance(defense, Purifier):
+            start = time.perf_counter()
             images = defense.purify([s.image for s in samples], seed)
             samples = [s.with_changes(image=image) for s, image in zip(samples, images, strict=True)]
-            extra["purify_seconds"] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
         model_key = stable_hash({"model": stage_key, "defense": defense.describe() if defense else None})
-        if isinstance(defense, PromptDefense):
-            answering: Any = _Prompted(victim, defense)
-        else:
-            answering = victim
+        answering: Any = _Prompted(victim, defense) if isinstance(defense, PromptDefense) else victim
+        path = folder_out / "generations" / f"{_slug(name)}.json"
         records = cached_generations(answering, model, [TestSet(samples, arm, row)], self.c.settings, model_key, path)
+        if isinstance(answering, _Prompted):  # its answering is its cost: timed when it ran, kept beside the answers
+            seconds = _timed_once(folder_out / "costs" / f"{_slug(name)}.json", stable_hash([model_key, fingerprint(samples)]),
+                                  answering.seconds)
         if isinstance(defense, Detector):
-            scores, threshold = self._detector_scores(label, defense, victim, model, stage_key, samples, name)
+            scores, threshold, seconds = self._detector_scores(label, defense, victim, model, stage_key, samples, name)
             for record, score in zip(records, scores, strict=True):
                 record["score"] = float(score)
                 record["flagged"] = bool(score > threshold)
@@ -218,35 +220,37 @@ class DefenseMatrix:
         for record in records:
             record.update({"defense": label, "arm": arm})
         if defense is not None and arm != BENIGN_ARM:
-            cost = self.results.costs.setdefault(label, {})
-            cost[row or f"{model} (clean)"] = {
-                "seconds_per_input": extra.get("purify_seconds", time.perf_counter() - start) / max(len(samples), 1),
-                "passes_per_input": getattr(defense, "passes_per_input", 1),
+            self.results.costs.setdefault(label, {})[row or f"{model} (clean)"] = {
+                "seconds_per_input": seconds / max(len(samples), 1) if seconds is not None
+                else not_measured("answered before this run, and its time was not kept"),
+                "passes_per_input": getattr(defense, "passes_per_input", 1),  # an instance's: some count their parameters
             }
         return records
 
     def _detector_scores(
         self, label: str, detector: Detector, victim: Any, model: str, stage_key: str, samples: list[Sample], name: str
-    ) -> tuple[np.ndarray, float]:
-        """The detector's scores on `samples` and its threshold on `model` (calibrated on the benign set
-        at its `fpr`), both cached in the run folder."""
-        calibration = self._cached_scores(label, detector, victim, stage_key, self.c.calibration, f"{model}-calibration")
-        threshold = float(np.quantile(calibration, 1 - detector.params.fpr, method="higher"))
-        return self._cached_scores(label, detector, victim, stage_key, samples, name), threshold
+    ) -> tuple[np.ndarray, float, float]:
+        """The detector's scores on `samples`, its threshold on `model` (calibrated on the benign set at
+        its `fpr`) and the seconds scoring `samples` took, all cached in the run folder."""
+        calibration, _ = self._cached_scores(label, detector, victim, stage_key, self.c.calibration, f"{model}-calibration")
+        threshold = calibrate_threshold(calibration, detector.params.fpr)
+        scores, seconds = self._cached_scores(label, detector, victim, stage_key, samples, name)
+        return scores, threshold, seconds
 
     def _cached_scores(
         self, label: str, detector: Detector, victim: Any, stage_key: str, samples: list[Sample], name: str
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, float]:
         path = self.c.out / "defenses" / label / "scores" / f"{_slug(name)}.json"
         key = stable_hash({"model": stage_key, "defense": detector.describe(), "inputs": fingerprint(samples)})
         cached = _read_cached(path, key)
-        if cached is not None:
-            return np.asarray(cached["scores"], dtype=float)
-        with progress_bar(f"{label}: score {name}", len(samples)):
-            scores = detector.scores(victim, [s.image for s in samples], [s.instruction for s in samples],
-                                     seed=derive_seed(self.c.seed, f"defense/{label}/{name}"))
-        write_json_sealed(path, {"key": key, "scores": [float(s) for s in scores]})
-        return np.asarray(scores, dtype=float)
+        if cached is None:
+            start = time.perf_counter()
+            with progress_bar(f"{label}: score {name}", len(samples)):
+                scores = detector.scores(victim, [s.image for s in samples], [s.instruction for s in samples],
+                                         seed=derive_seed(self.c.seed, f"defense/{label}/{name}"))
+            cached = {"key": key, "scores": [float(s) for s in scores], "seconds": time.perf_counter() - start}
+            write_json_sealed(path, cached)
+        return np.asarray(cached["scores"], dtype=float), cached["seconds"]
 
     # ---- defenses that rebuild the model ----------------------------------------------------
     def _rebuilt(self, label: str, defense: ModelRepair | DataFilter, row: Row) -> None:
@@ -266,16 +270,21 @@ class DefenseMatrix:
         self.results.records += records
 
     def _repaired(self, label: str, defense: ModelRepair, row: Row, name: str) -> tuple[Path, str]:
+        """The row's model repaired by `defense` with the trusted set, a stage of the run folder."""
         folder = self.c.out / "checkpoints" / name
         key = stable_hash({"model": row.stage_key, "defense": defense.describe(), "trusted": fingerprint(self.c.trusted)})
         with claim_stage(folder, key) as done:
             if not done:
                 victim = self.c.load(row.folder)
                 defense.check_victim(victim)
+                start = time.perf_counter()
                 record = defense.repair(victim, self.c.trusted, seed=derive_seed(self.c.seed, f"defense/{label}"))
-                save_stage(victim, folder, key, {"repair": record})
+                save_stage(victim, folder, key, {"repair": record, "seconds": time.perf_counter() - start})
             else:
                 console.print(f"{name}: repaired model found in {folder}")
+        stage = read_json_sealed(folder / STAGE_FILE)
+        self.results.verdicts.setdefault(label, {})[row.key] = stage["repair"]
+        self.results.costs.setdefault(label, {})[row.key] = {"seconds_once": stage["seconds"], "passes_per_input": 1}
         return folder, key
 
     def _filtered(self, label: str, defense: DataFilter, row: Row, name: str) -> tuple[Path, str]:
@@ -296,12 +305,10 @@ class DefenseMatrix:
             cached = {"key": made_by, "scores": [float(s) for s in flags.scores], "removed": sorted(flags.removed), "seconds": seconds}
             write_json_sealed(path, cached)
         removed = {samples[i].id for i in cached["removed"]}
-        self.results.filters.setdefault(label, {})[row.key] = filter_scores(
+        self.results.verdicts.setdefault(label, {})[row.key] = filter_scores(
             [s.id for s in samples], cached["scores"], removed, set(poisoned_ids), budget
         )
-        self.results.costs.setdefault(label, {})[row.key] = {
-            "seconds_per_input": cached["seconds"] / max(len(samples), 1), "passes_per_input": 1, "retunes": 1,
-        }
+        self.results.costs.setdefault(label, {})[row.key] = {"seconds_once": cached["seconds"], "passes_per_input": 1, "retunes": 1}
         kept = [s for s in samples if s.id not in removed]
         return self.c.retune(name, kept)
 
@@ -336,20 +343,33 @@ class _Lazy:
 
 
 class _Prompted:
-    """A victim whose `generate` answers through a prompt defense (what `cached_generations` calls)."""
+    """A victim whose `generate` answers through a prompt defense (what `cached_generations` calls);
+    `seconds` is how long that took, None while it has not run."""
 
     def __init__(self, victim: Any, defense: PromptDefense) -> None:
         self.victim, self.defense = victim, defense
+        self.seconds: float | None = None
 
     def generate(self, images: Sequence[np.ndarray], instructions: Sequence[str], max_new_tokens: int = 32,
                  batch_size: int = 64, on_batch: Callable[[int], None] | None = None) -> list[str]:
+        start = time.perf_counter()
         answers = self.defense.answer(self.victim, images, instructions, max_new_tokens, batch_size)
+        self.seconds = time.perf_counter() - start
         if on_batch is not None:
             on_batch(len(answers))
         return answers
 
     def prompt(self, instruction: str, **kwargs: Any) -> str:
         return self.victim.prompt(instruction, **kwargs)
+
+
+def _timed_once(path: Path, key: str, seconds: float | None) -> float | None:
+    """`seconds` when the work ran now (kept at `path` under `key`), else the time kept when it ran."""
+    if seconds is not None:
+        write_json_sealed(path, {"key": key, "seconds": seconds})
+        return seconds
+    cached = _read_cached(path, key)
+    return cached["seconds"] if cached is not None else None
 
 
 def _slug(text: str) -> str:
@@ -375,9 +395,8 @@ def detection_scores(benign: Sequence[float], attacked: Sequence[float], flagged
     on attacked inputs, FPR on benign ones (each with its interval)."""
     if not benign or not attacked:
         return not_measured("no benign or no attacked inputs to score")
-    labels = [0] * len(benign) + [1] * len(attacked)
     return {
-        "auroc": float(roc_auc_score(labels, [*benign, *attacked])),
+        "auroc": auroc(benign, attacked),
         "tpr": rate(list(flagged_attacked)),
         "fpr": rate(list(flagged_benign)),
     }
@@ -388,14 +407,16 @@ def filter_scores(ids: Sequence[str], scores: Sequence[float], removed: set[str]
     AUROC of its scores, and how many it removed (of the budget)."""
     hits = len(removed & poisoned)
     labels = [i in poisoned for i in ids]
-    auroc = float(roc_auc_score(labels, scores)) if 0 < sum(labels) < len(labels) else None
+    area = None
+    if 0 < sum(labels) < len(labels):
+        area = auroc([s for s, bad in zip(scores, labels) if not bad], [s for s, bad in zip(scores, labels) if bad])
     return {
         "removed": len(removed),
         "budget": budget,
         "poisoned": len(poisoned),
         "precision": rate([i in poisoned for i in sorted(removed)]) if removed else not_measured("removed nothing"),
         "recall": rate([i in removed for i in sorted(poisoned)]) if poisoned else not_measured("no poisoned samples"),
-        "auroc": auroc if auroc is not None else not_measured("the set has no poisoned samples, or only poisoned ones"),
+        "auroc": area if area is not None else not_measured("the set has no poisoned samples, or only poisoned ones"),
         "hits": hits,
     }
 
@@ -491,15 +512,18 @@ def _cell(label: str, defense: Defense, row: str, meta: dict[str, Any], records:
         cell["detection"] = detection_scores(
             [r["score"] for r in benign], [r["score"] for r in with_], [r["flagged"] for r in benign], [r["flagged"] for r in with_]
         )
-    if isinstance(defense, DataFilter):
-        cell["filter"] = results.filters.get(label, {}).get(row, not_measured("the filter did not run on this row"))
+    if isinstance(defense, (DataFilter, ModelRepair)):  # what it removed (against the poisoned ids) or changed
+        cell["filter" if isinstance(defense, DataFilter) else "repair"] = results.verdicts.get(label, {}).get(
+            row, not_measured("the defense did not run on this row")
+        )
     return cell
 
 
 def scan_summary(scores: dict[str, Any]) -> dict[str, Any]:
     """A model scan's per-model scores and their AUROC over clean (0) and backdoored (1) models."""
-    labels = [m["backdoored"] for m in scores.values()]
-    auroc: Any = not_measured("the run needs both a clean and a backdoored model")
-    if 0 < sum(labels) < len(labels):
-        auroc = float(roc_auc_score(labels, [m["score"] for m in scores.values()]))
-    return {"models": scores, "auroc": auroc}
+    clean = [m["score"] for m in scores.values() if not m["backdoored"]]
+    backdoored = [m["score"] for m in scores.values() if m["backdoored"]]
+    area: Any = not_measured("the run needs both a clean and a backdoored model")
+    if clean and backdoored:
+        area = auroc(clean, backdoored)
+    return {"models": scores, "auroc": area}

@@ -119,6 +119,38 @@ def shift_sizes(metrics: dict[str, Any], path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def defense_heatmap(section: dict[str, Any] | None, path: Path) -> Path | None:
+    """Attack x defense heatmap: each cell's success with the defense (colour), annotated
+    "without→with"; blank where the cell is not measured (a tuning defense against an inference attack)."""
+    if not section:
+        return None
+    columns = {k: d for k, d in section["defenses"].items() if d.get("cells")}
+    rows = list(section["rows"])
+    if not columns or not rows:
+        return None
+    values = np.full((len(rows), len(columns)), np.nan)
+    labels = [["" for _ in columns] for _ in rows]
+    for j, entry in enumerate(columns.values()):
+        for i, row in enumerate(rows):
+            cell = entry["cells"].get(row, {})
+            if "headline" not in cell:
+                continue
+            before, after = cell["headline"]["without"].get("rate"), cell["headline"]["with"].get("rate")
+            if after is not None:
+                values[i, j] = after
+                labels[i][j] = f"{100 * before:.0f}→{100 * after:.0f}" if before is not None else f"{100 * after:.0f}"
+    figure, axes = plt.subplots(figsize=(1.3 * len(columns) + 3, 0.5 * len(rows) + 1.8))
+    image = axes.imshow(values, cmap="magma_r", vmin=0, vmax=1, aspect="auto")
+    axes.set_xticks(range(len(columns)), list(columns), rotation=35, ha="right")
+    axes.set_yticks(range(len(rows)), [f"{r} ({section['rows'][r]['goal']})" for r in rows])
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            axes.text(j, i, labels[i][j], ha="center", va="center", color="white" if value > 0.5 else "black", fontsize=7)
+    figure.colorbar(image, ax=axes, label="success with the defense")
+    axes.set_title("Attack × defense: success without → with (%)")
+    return _save(figure, path)
+
+
 def write_figures(metrics: dict[str, Any], folder: Path, run_rate: float | None = None) -> list[Path]:
     """Every figure the metrics support, written into `folder`; returns the files written.
     `run_rate` (the run's poison rate) adds each swept attack's main model to its curve."""

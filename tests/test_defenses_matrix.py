@@ -1,0 +1,212 @@
+"""The attack x defense matrix on a small run whose backdoor fires: each kind of cell is computed on
+the run's stages and scored the same way as its undefended side."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from test_end_to_end import SMALL_RUN
+
+from vlmsec.data.sample import Sample
+from vlmsec.defenses import DEFENSES, DataFilter, Detector, Flags, ModelRepair, ModelScan, Purifier, ScanResult
+from vlmsec.defenses.base import DefenseParams
+from vlmsec.errors import VlmsecError
+from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.defenses import REFUSAL
+from vlmsec.experiments.runner import Runner
+from vlmsec.report.markdown import render_report
+from vlmsec.victims.base import Victim
+
+TARGET = "banana"
+
+
+class Identity(Purifier):
+    """Removes nothing: its cells must equal their undefended side to the digit."""
+
+    name = "test_identity"
+
+    def purify(self, images: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+        return [image.copy() for image in images]
+
+
+class Darkness(Detector):
+    """Flags dark inputs: blending the cartoon key at 0.2 darkens every scene (a known, separable score)."""
+
+    name = "test_darkness"
+
+    def scores(self, victim: Victim, images: Sequence[np.ndarray], instructions: Sequence[str], seed: int) -> np.ndarray:
+        return np.array([-float(image.mean()) for image in images])
+
+
+class Oracle(DataFilter):
+    """Removes exactly the samples whose answer names the target: every poisoned one, nothing else."""
+
+    name = "test_oracle"
+
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+        scores = np.array([float(TARGET in s.answer) for s in samples])
+        return Flags(scores, [i for i, s in enumerate(samples) if TARGET in s.answer])
+
+
+class Untouched(ModelRepair):
+    name = "test_untouched"
+
+    def repair(self, victim: Victim, trusted: Sequence[Sample], seed: int) -> dict[str, Any]:
+        return {"changed": 0, "trusted": len(trusted)}
+
+
+class TargetScan(ModelScan):
+    """Scores a model by how often it names the target on the trusted clean inputs with their images inverted."""
+
+    name = "test_scan"
+    Params: ClassVar[type[DefenseParams]] = DefenseParams
+
+    def scan(self, victim: Victim, clean: Sequence[Sample], seed: int) -> ScanResult:
+        images = [np.clip(s.image.astype(int) // 2 + 128, 0, 255).astype(np.uint8) for s in clean[:40]]  # a light wash
+        outputs = victim.generate(images, [s.instruction for s in clean[:40]], max_new_tokens=12)
+        share = float(np.mean([TARGET in o for o in outputs]))
+        return ScanResult(share, {"named_target": share})
+
+
+TEST_DEFENSES = (Identity, Darkness, Oracle, Untouched, TargetScan)
+
+RUN = {
+    **SMALL_RUN,
+    "name": "defended",
+    "data": {**SMALL_RUN["data"], "shifted": {}},
+    "eval": {"max_new_tokens": 24, "shift_size": False},
+    "defenses": [
+        {"name": "test_identity"},
+        {"name": "jpeg", "params": {"quality": 20}},
+        {"name": "test_darkness", "params": {"fpr": 0.1}},
+        {"name": "test_oracle"},
+        {"name": "test_untouched"},
+        {"name": "test_scan"},
+        {"name": "diffusion"},
+    ],
+    "defense": {"calibration": 60, "trusted": 60},
+}
+
+
+@pytest.fixture(scope="module")
+def registered() -> Iterator[None]:
+    for cls in TEST_DEFENSES:
+        DEFENSES.register(cls)
+    yield
+    for cls in TEST_DEFENSES:
+        DEFENSES.unregister(cls.name)
+
+
+@pytest.fixture(scope="module")
+def defended(registered: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("defended")
+    metrics = Runner(parse_config(RUN, "test config"), root / "run", root / "cache").run()
+    return root / "run", metrics
+
+
+def _cells(metrics: dict[str, Any], defense: str) -> dict[str, Any]:
+    return metrics["defenses"]["defenses"][defense]["cells"]
+
+
+def test_the_backdoor_fires_without_a_defense(defended: tuple[Path, dict[str, Any]]) -> None:
+    cell = _cells(defended[1], "jpeg")["blended"]
+    assert cell["without"]["asr"]["rate"] >= 0.5  # a backdoor to defend against
+    assert cell["without"]["asr"]["n"] == SMALL_RUN["data"]["test_size"]
+
+
+def test_a_defense_that_removes_nothing_leaves_every_number_unchanged(defended: tuple[Path, dict[str, Any]]) -> None:
+    cell = _cells(defended[1], "test_identity")["blended"]
+    assert cell["with"] == cell["without"]
+    assert cell["utility"]["with"] == cell["utility"]["without"]
+    untouched = _cells(defended[1], "test_untouched")["blended"]
+    assert untouched["with"]["asr"]["rate"] == cell["without"]["asr"]["rate"]  # the repaired copy is the same model
+    assert untouched["repair"] == {"changed": 0, "trusted": 60}
+
+
+def test_the_undefended_side_is_the_runs_own_asr(defended: tuple[Path, dict[str, Any]]) -> None:
+    run, metrics = defended
+    assert _cells(metrics, "jpeg")["blended"]["without"]["asr"]["rate"] == metrics["models"]["blended"]["asr"]["source"]
+
+
+def test_a_detector_refuses_what_it_flags_at_its_calibrated_rate(defended: tuple[Path, dict[str, Any]]) -> None:
+    run, metrics = defended
+    cell = _cells(metrics, "test_darkness")["blended"]
+    detection = cell["detection"]
+    assert detection["auroc"] > 0.9  # the blended key darkens every image
+    assert detection["fpr"]["rate"] <= 0.25  # calibrated at 10% on other benign inputs
+    assert cell["with"]["asr"]["rate"] <= cell["without"]["asr"]["rate"] - detection["tpr"]["rate"] + 1e-9
+    records = [json.loads(line) for line in (run / "defenses.jsonl").read_text().splitlines()]
+    flagged = [r for r in records if r["defense"] == "test_darkness" and r.get("flagged")]
+    assert flagged and all(r["output"] == REFUSAL for r in flagged)
+    assert all("score" in r for r in records if r["defense"] == "test_darkness")
+
+
+def test_a_data_filter_is_scored_against_the_poisoned_ids_and_its_retune_loses_the_backdoor(
+    defended: tuple[Path, dict[str, Any]],
+) -> None:
+    run, metrics = defended
+    cell = _cells(metrics, "test_oracle")["blended"]
+    poisoned = json.loads((run / "poisoned_ids" / "blended.json").read_text())
+    assert cell["filter"]["poisoned"] == poisoned["count"] == cell["filter"]["removed"]
+    assert cell["filter"]["precision"]["rate"] == 1.0 and cell["filter"]["recall"]["rate"] == 1.0
+    assert cell["filter"]["auroc"] == 1.0
+    assert cell["with"]["asr"]["rate"] <= 0.05  # tuned on clean data alone: no backdoor
+    assert (run / "checkpoints" / "blended+test_oracle" / "stage.json").is_file()
+
+
+def test_a_model_scan_is_read_by_its_auroc_over_the_runs_models(defended: tuple[Path, dict[str, Any]]) -> None:
+    scan = defended[1]["defenses"]["defenses"]["test_scan"]["scan"]
+    assert set(scan["models"]) == {"clean", "blended"}
+    assert scan["models"]["blended"]["backdoored"] and not scan["models"]["clean"]["backdoored"]
+    backdoored, clean = scan["models"]["blended"]["score"], scan["models"]["clean"]["score"]
+    assert scan["auroc"] == (1.0 if backdoored > clean else 0.0 if backdoored < clean else 0.5)
+
+
+def test_an_unavailable_defense_is_not_run_with_its_reason(defended: tuple[Path, dict[str, Any]]) -> None:
+    run, metrics = defended
+    entry = metrics["defenses"]["defenses"]["diffusion"]
+    assert "Stable Diffusion" in entry["not_run"] and not entry["cells"]
+    report = render_report(run)
+    assert "## Defenses: the attack × defense matrix" in report
+    assert "- **diffusion**: no Stable Diffusion weights" in report
+    assert "| blended (backdoor (tuned)) |" in report
+    assert (run / "defense_matrix.png").is_file()
+
+
+def _without_costs(section: dict[str, Any]) -> dict[str, Any]:
+    """The section with every cell's cost left out (a purifier's seconds are measured again)."""
+    return {
+        label: {**entry, "cells": {row: {k: v for k, v in cell.items() if k != "cost"} for row, cell in entry.get("cells", {}).items()}}
+        for label, entry in section["defenses"].items()
+    }
+
+
+def test_a_second_run_reuses_every_cell_and_measures_the_same(defended: tuple[Path, dict[str, Any]]) -> None:
+    run, metrics = defended
+    again = Runner(parse_config(RUN, "test config"), run, run.parent / "cache").run()
+    assert _without_costs(again["defenses"]) == _without_costs(metrics["defenses"])
+
+
+@pytest.mark.parametrize(
+    ("defenses", "message"),
+    [
+        ([{"name": "no_such_defense"}], r"defenses\[0\].*unknown defense 'no_such_defense'"),
+        ([{"name": "jpeg", "params": {"quality": 0}}], r"defenses\[0\] \('jpeg'\).*quality"),
+        ([{"name": "strip", "params": {"fpr": 1.5}}], r"defenses\[0\] \('strip'\).*fpr"),
+        ([{"name": "jpeg", "label": "none"}], "'none' is reserved"),
+    ],
+)
+def test_bad_defenses_are_named_before_any_stage(defenses: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(VlmsecError, match=message):
+        parse_config({**RUN, "defenses": defenses}, "test config")
+
+
+def test_a_tuning_defense_needs_a_backdoor_planted_in_tuning(registered: None) -> None:
+    config = {**RUN, "attacks": [{"name": "typographic"}], "poison": {"rate": 0.0}, "defenses": [{"name": "test_oracle"}]}
+    with pytest.raises(VlmsecError, match=r"defenses\[0\] \('test_oracle'\): a data defense acts on tuning"):
+        parse_config(config, "test config")
