@@ -131,6 +131,27 @@ def attacks(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON l
 
 
 @app.command()
+def defenses(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False) -> None:
+    """List the registered defenses: where each acts (data, model, input, prompt), its kind and default
+    parameters, then any note (a substitute for weights no package ships, our reading of the paper)."""
+    from vlmsec.defenses import DEFENSES, create_defense
+
+    described = [create_defense(name).describe() for name in sorted(DEFENSES)]
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    table = Table(title="defenses")
+    for column in ("name", "acts on", "kind", "params"):
+        table.add_column(column)
+    for d in described:
+        table.add_row(d["name"] + (" *" if "note" in d else ""), d["acts_on"], d["kind"], json.dumps(d["params"]))
+    console.print(table)
+    for d in described:
+        if d.get("note"):
+            console.print(f"* {d['name']}: {d['note']}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def trigger(
     attack: Annotated[str, typer.Option("--attack", help="Registered attack name (see `vlmsec attacks`).")],
     image: Annotated[Path, typer.Option("--image", help="Input image (read as RGB).")],
