@@ -210,3 +210,8 @@ def test_a_tuning_defense_needs_a_backdoor_planted_in_tuning(registered: None) -
     config = {**RUN, "attacks": [{"name": "typographic"}], "poison": {"rate": 0.0}, "defenses": [{"name": "test_oracle"}]}
     with pytest.raises(VlmsecError, match=r"defenses\[0\] \('test_oracle'\): a data defense acts on tuning"):
         parse_config(config, "test config")
+
+
+def test_safety_tuning_needs_the_runs_safety_stage() -> None:
+    with pytest.raises(VlmsecError, match=r"defenses\[0\] \('safety_tuning'\).*needs a `safety` section"):
+        parse_config({**RUN, "defenses": [{"name": "safety_tuning"}]}, "test config")

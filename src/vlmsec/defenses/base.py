@@ -121,6 +121,9 @@ class ModelRepair(Defense):
     """Changes a tuned model in place, with a small trusted set of clean samples the owner holds."""
 
     acts_on: ClassVar[Place] = "model"
+    # What it is handed: the owner's clean samples, or the run's safety-stage samples (refusals and
+    # helpful answers: a repair that re-aligns, which needs the run's `safety` section).
+    trusted_set: ClassVar[Literal["clean", "safety"]] = "clean"
 
     def repair(self, victim: Victim, trusted: Sequence[Sample], seed: int) -> dict[str, Any]:
         """Repair `victim` in place using `trusted` clean samples; returns what it did (units pruned,

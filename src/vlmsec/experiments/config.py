@@ -604,6 +604,8 @@ def _check_defenses(config: ExperimentConfig, source: str) -> None:
             raise VlmsecError(f"{where}: {err}") from None
         if not config.attacks:
             raise VlmsecError(f"{where}: the run has no attacks: a defense is measured against the run's attacks")
+        if getattr(defense, "trusted_set", "clean") == "safety" and config.safety is None:
+            raise VlmsecError(f"{where}: it tunes the model again on the safety stage's samples: the run needs a `safety` section")
         if defense.acts_on in ("data", "model") and not tuned:
             raise VlmsecError(
                 f"{where}: a {defense.acts_on} defense acts on tuning, and the run tunes no poisoned model "

@@ -87,7 +87,8 @@ class DefenseContext:
     but the repaired and refiltered models).
 
     `clean`: the source domain's clean test samples; `calibration`: benign inputs the defender holds
-    (detector thresholds); `trusted`: clean samples for model repairs; `benign`: benign requests with
+    (detector thresholds); `trusted`: clean samples for model repairs; `safety`: the safety stage's
+    tuning samples (refusals and helpful answers; empty without a safety stage); `benign`: benign requests with
     an image (over-refusal; empty without a safety stage); `load`: a victim from its folder;
     `poisoned`: a tuned row's tuning set as tuned and its poisoned ids; `retune`: tune the base
     victim on given samples into a named stage of the run, returning its folder and stage key;
@@ -100,6 +101,7 @@ class DefenseContext:
     clean: list[Sample]
     calibration: list[Sample]
     trusted: list[Sample]
+    safety: list[Sample]
     benign: list[Sample]
     load: Callable[[Path], Victim]
     poisoned: Callable[[str], tuple[list[Sample], list[str]]]
@@ -272,13 +274,14 @@ class DefenseMatrix:
     def _repaired(self, label: str, defense: ModelRepair, row: Row, name: str) -> tuple[Path, str]:
         """The row's model repaired by `defense` with the trusted set, a stage of the run folder."""
         folder = self.c.out / "checkpoints" / name
-        key = stable_hash({"model": row.stage_key, "defense": defense.describe(), "trusted": fingerprint(self.c.trusted)})
+        trusted = self.c.safety if defense.trusted_set == "safety" else self.c.trusted
+        key = stable_hash({"model": row.stage_key, "defense": defense.describe(), "trusted": fingerprint(trusted)})
         with claim_stage(folder, key) as done:
             if not done:
                 victim = self.c.load(row.folder)
                 defense.check_victim(victim)
                 start = time.perf_counter()
-                record = defense.repair(victim, self.c.trusted, seed=derive_seed(self.c.seed, f"defense/{label}"))
+                record = defense.repair(victim, trusted, seed=derive_seed(self.c.seed, f"defense/{label}"))
                 save_stage(victim, folder, key, {"repair": record, "seconds": time.perf_counter() - start})
             else:
                 console.print(f"{name}: repaired model found in {folder}")

@@ -31,7 +31,7 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from vlmsec.artifacts import stable_hash, write_json_atomic, write_text_atomic
+from vlmsec.artifacts import read_json_sealed, stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
 from vlmsec.attacks.imgtrojan import ImgTrojan
 from vlmsec.attacks.inference import InferenceAttack
@@ -160,11 +160,7 @@ class Runner:
                     [None] * len(prompts), prompts, max_new_tokens=spec.distill_tokens,
                     batch_size=c.eval.batch_size, on_batch=bar.advance,
                 )
-            requests = len(split.train_harmful) + len(split.train_benign)
-            samples = safety_training_samples(
-                split, helpful, splits.base, spec.image_share, round(spec.caption_share * requests),
-                seed=derive_seed(c.seed, "safety/samples"),
-            )
+            samples = self.safety_samples(splits, split, helpful)
             result = train_victim(victim, samples, spec.training, seed=derive_seed(c.seed, "safety"), label="safety")
             if self.state.is_main_process:
                 record = {"final_loss": result.losses[-1], "samples": len(samples), "distilled": dict(zip(prompts, helpful))}
@@ -172,6 +168,23 @@ class Runner:
                 self.features.save(self.features_path)
             self.state.wait_for_everyone()
         return folder, key
+
+    def safety_samples(self, splits: Splits, split: SafetySplit, helpful: list[str]) -> list[Sample]:
+        """The safety stage's tuning samples: refusals, the victim's own `helpful` answers to the benign
+        training requests (in `distillation_prompts` order), and clean captions (`safety_training_samples`)."""
+        c = self.config
+        assert c.safety is not None
+        requests = len(split.train_harmful) + len(split.train_benign)
+        return safety_training_samples(
+            split, helpful, splits.base, c.safety.image_share, round(c.safety.caption_share * requests),
+            seed=derive_seed(c.seed, "safety/samples"),
+        )
+
+    def safety_stage_samples(self, splits: Splits, split: SafetySplit, stage: tuple[Path, str]) -> list[Sample]:
+        """The samples the cached safety stage `stage` was tuned on, rebuilt from its record of the
+        victim's own helpful answers (what the `safety_tuning` defense tunes a model on again)."""
+        distilled = read_json_sealed(stage[0] / STAGE_FILE)["distilled"]
+        return self.safety_samples(splits, split, [distilled[p] for p in distillation_prompts(split)])
 
     def prepare_attack(self, attack: Attack, splits: Splits, base: tuple[Path, str]) -> None:
         """Let one attack learn its trigger, as the config's attack of its name if it has one (see `prepare_attacks`)."""
@@ -406,7 +419,7 @@ class Runner:
 
         defense_results = None
         if c.defenses:
-            defense_results = self.defense_stage(plans, attacks, tests, splits, base, inference, inference_results)
+            defense_results = self.defense_stage(plans, attacks, tests, splits, base, inference, inference_results, requests)
             lap("defenses", "score and report")
         if not main:
             return {}
@@ -432,7 +445,7 @@ class Runner:
 
     def defense_stage(
         self, plans: list[ModelPlan], attacks: dict[str, Attack], tests: TestSets, splits: Splits, base: tuple[Path, str],
-        inference: dict[str, InferenceAttack], inference_results: InferenceResults | None,
+        inference: dict[str, InferenceAttack], inference_results: InferenceResults | None, split: SafetySplit | None,
     ) -> DefenseResults | None:
         """Every attack x defense cell (`experiments.defenses`) on the run's stages: rows are the
         backdoors planted in tuning (their poisoned models) and the inference attacks (their saved
@@ -464,6 +477,7 @@ class Runner:
             clean=splits.tests["source"],
             calibration=splits.train[: c.defense.calibration],
             trusted=splits.base[: c.defense.trusted],
+            safety=self.safety_stage_samples(splits, split, base) if split is not None else [],
             benign=next((t.samples for t in self.safety_tests if t.domain == BENIGN_IMAGE), []),
             load=self.load_victim,
             poisoned=lambda key: self.poisoned_set(plan_of[key], attacks, splits)[:2],
