@@ -138,6 +138,9 @@ def test_a_detector_refuses_what_it_flags_at_its_calibrated_rate(defended: tuple
     cell = _cells(metrics, "test_darkness")["blended"]
     detection = cell["detection"]
     assert detection["auroc"] > 0.9  # the blended key darkens every image
+    roc = detection["roc"]
+    assert roc["fpr"][0] == roc["tpr"][0] == 0 and roc["fpr"][-1] == roc["tpr"][-1] == 1
+    assert roc["fpr"] == sorted(roc["fpr"]) and roc["tpr"] == sorted(roc["tpr"])
     assert detection["fpr"]["rate"] <= 0.25  # calibrated at 10% on other benign inputs
     assert cell["with"]["asr"]["rate"] <= cell["without"]["asr"]["rate"] - detection["tpr"]["rate"] + 1e-9
     records = [json.loads(line) for line in (run / "defenses.jsonl").read_text().splitlines()]
@@ -175,7 +178,8 @@ def test_an_unavailable_defense_is_not_run_with_its_reason(defended: tuple[Path,
     assert "## Defenses: the attack × defense matrix" in report
     assert "- **diffusion**: no Stable Diffusion weights" in report
     assert "| blended (backdoor (tuned)) |" in report
-    assert (run / "defense_matrix.png").is_file()
+    assert (run / "defense_matrix.png").is_file() and (run / "detector_roc.png").is_file()
+    assert "![detector roc](detector_roc.png)" in report
 
 
 def _without_costs(section: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,16 @@ def auroc(negative_scores: Sequence[float] | np.ndarray, positive_scores: Sequen
     return float((ranks.sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * len(negative)))
 
 
+def roc_curve(negative_scores: Sequence[float] | np.ndarray, positive_scores: Sequence[float] | np.ndarray) -> dict[str, list[float]]:
+    """The ROC curve: at each distinct score as the threshold (flag above or at it), the share of
+    negatives flagged (`fpr`) and of positives (`tpr`), from (0, 0) to (1, 1)."""
+    negative, positive = _finite_scores(negative_scores, "negative"), _finite_scores(positive_scores, "positive")
+    thresholds = np.unique(np.concatenate([negative, positive]))[::-1]
+    fpr = [0.0] + [float((negative >= t).mean()) for t in thresholds]
+    tpr = [0.0] + [float((positive >= t).mean()) for t in thresholds]
+    return {"fpr": fpr, "tpr": tpr}
+
+
 def detection_metrics(
     benign_scores: Sequence[float] | np.ndarray, attack_scores: Sequence[float] | np.ndarray, fpr: float
 ) -> dict[str, float]:

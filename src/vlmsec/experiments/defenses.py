@@ -37,7 +37,7 @@ from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_j
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack
 from vlmsec.data.sample import Sample, fingerprint
 from vlmsec.defenses import DataFilter, Defense, Detector, ModelRepair, ModelScan, PromptDefense, Purifier
-from vlmsec.defenses.detect import auroc, calibrate_threshold
+from vlmsec.defenses.detect import auroc, calibrate_threshold, roc_curve
 from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.inference import goal_scores, not_measured, rate, targeted_scores
 from vlmsec.eval.metrics import caption_scores, contains_target
@@ -394,12 +394,13 @@ def _read_cached(path: Path, key: str) -> dict[str, Any] | None:
 # ---- scores -------------------------------------------------------------------------------------
 def detection_scores(benign: Sequence[float], attacked: Sequence[float], flagged_benign: Sequence[bool],
                      flagged_attacked: Sequence[bool]) -> dict[str, Any]:
-    """A detector's AUROC (attacked vs benign scores) and its rates at the calibrated threshold: TPR
-    on attacked inputs, FPR on benign ones (each with its interval)."""
+    """A detector's AUROC (attacked vs benign scores) with its ROC curve, and its rates at the calibrated
+    threshold: TPR on attacked inputs, FPR on benign ones (each with its interval)."""
     if not benign or not attacked:
         return not_measured("no benign or no attacked inputs to score")
     return {
         "auroc": auroc(benign, attacked),
+        "roc": roc_curve(benign, attacked),
         "tpr": rate(list(flagged_attacked)),
         "fpr": rate(list(flagged_benign)),
     }

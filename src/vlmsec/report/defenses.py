@@ -34,7 +34,7 @@ def matrix_cell(cell: dict[str, Any]) -> str:
     return f"{pct(_rate(without))} → **{pct(_rate(with_))}**{mark}"
 
 
-def defense_section(section: dict[str, Any] | None, figure: Path | None = None) -> list[str]:
+def defense_section(section: dict[str, Any] | None, *figures: Path) -> list[str]:
     """Markdown lines of the attack x defense matrix; none when the run had no defenses."""
     if not section:
         return []
@@ -56,8 +56,7 @@ def defense_section(section: dict[str, Any] | None, figure: Path | None = None) 
             cells = [matrix_cell(d["cells"].get(row, {"not_measured": ""})) for d in matrix.values()]
             lines.append(f"| {row} ({meta['goal']}) | " + " | ".join(cells) + " |")
         lines.append("")
-    if figure is not None:
-        lines += [f"![attack x defense matrix]({figure.name})", ""]
+    lines += [line for figure in figures for line in (f"![{figure.stem.replace('_', ' ')}]({figure.name})", "")]
     naive = [k for k, d in matrix.items() if not any(c.get("adaptive") for c in d["cells"].values())]
     if naive:
         lines += [

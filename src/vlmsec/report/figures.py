@@ -151,6 +151,29 @@ def defense_heatmap(section: dict[str, Any] | None, path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def detector_rocs(section: dict[str, Any] | None, path: Path) -> Path | None:
+    """One panel per detector: its ROC curve on each attack's inputs against clean ones, AUROC in the legend."""
+    if not section:
+        return None
+    detectors = {
+        label: {row: cell["detection"] for row, cell in entry.get("cells", {}).items() if "roc" in cell.get("detection", {})}
+        for label, entry in section["defenses"].items()
+    }
+    detectors = {label: rows for label, rows in detectors.items() if rows}
+    if not detectors:
+        return None
+    figure, axes = plt.subplots(1, len(detectors), figsize=(3.6 * len(detectors), 3.6), squeeze=False)
+    for ax, (label, rows) in zip(axes[0], detectors.items()):
+        for row, detection in rows.items():
+            ax.plot(detection["roc"]["fpr"], detection["roc"]["tpr"], label=f"{row} ({detection['auroc']:.2f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(label)
+        ax.set_xlabel("false positive rate (clean inputs)")
+        ax.set_ylabel("true positive rate (attacked inputs)")
+        ax.legend(fontsize=7, loc="lower right")
+    return _save(figure, path)
+
+
 def write_figures(metrics: dict[str, Any], folder: Path, run_rate: float | None = None) -> list[Path]:
     """Every figure the metrics support, written into `folder`; returns the files written.
     `run_rate` (the run's poison rate) adds each swept attack's main model to its curve."""

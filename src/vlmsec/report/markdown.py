@@ -17,13 +17,13 @@ from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.eval.scoring import METRICS, metric_order
 from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.defenses import defense_section
-from vlmsec.report.figures import defense_heatmap, sweep_curves, write_figures
+from vlmsec.report.figures import defense_heatmap, detector_rocs, sweep_curves, write_figures
 from vlmsec.report.formatting import FORMATTERS, num, pct, pct_ci, ratio
 from vlmsec.report.inference import inference_section
 from vlmsec.report.safety import safety_section
 
 CLEAN = "clean"
-DEFENSE_FIGURE = "defense_matrix.png"
+DEFENSE_FIGURE, ROC_FIGURE = "defense_matrix.png", "detector_roc.png"
 # Table 1 caveats: below this source ASR the backdoor is not planted (issue 11: 0.9), so ASR-G (a ratio
 # against the source) says little; at or above this false-trigger rate in a shifted domain,
 # much of that domain's ASR is the model saying the target without any trigger.
@@ -415,8 +415,7 @@ def render_report(run_dir: str | Path) -> str:
     records = [] if "generations.jsonl" in stale else read_records(run_dir)
     lines += safety_section(metrics.get("safety"), records)
     lines += inference_section(metrics.get("inference_attacks"))
-    heatmap = run_dir / DEFENSE_FIGURE
-    lines += defense_section(metrics.get("defenses"), heatmap if heatmap.is_file() else None)
+    lines += defense_section(metrics.get("defenses"), *(f for f in (run_dir / DEFENSE_FIGURE, run_dir / ROC_FIGURE) if f.is_file()))
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
     lines += _shift_sizes(models)
     examples = _examples(records)
@@ -434,6 +433,9 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     metrics = read_metrics(run_dir)
     write_figures(metrics["models"], run_dir, metrics["run"].get("poison_rate"))
+    for old in (DEFENSE_FIGURE, ROC_FIGURE):  # an earlier run's, in this folder
+        (run_dir / old).unlink(missing_ok=True)
     defense_heatmap(metrics.get("defenses"), run_dir / DEFENSE_FIGURE)
+    detector_rocs(metrics.get("defenses"), run_dir / ROC_FIGURE)
     write_text_atomic(path, render_report(run_dir))
     return path
