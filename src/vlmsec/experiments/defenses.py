@@ -68,6 +68,7 @@ class Row:
     triggered: list[Sample] = field(default_factory=list)
     inputs: list[AdversarialInput] = field(default_factory=list)
     requests: list[AttackRequest] = field(default_factory=list)
+    adaptive_to: str | None = None  # the defense the row's attacker optimised through (`params.adaptive`), if any
 
     @property
     def tuned(self) -> bool:
@@ -133,7 +134,7 @@ class DefenseMatrix:
         self.c = context
         self.defenses = dict(defenses)
         self.rows = list(rows)
-        self.results = DefenseResults(rows={r.key: {"goal": r.goal, "model": r.model} for r in rows})
+        self.results = DefenseResults(rows={r.key: {"goal": r.goal, "model": r.model, "adaptive_to": r.adaptive_to} for r in rows})
         self._victims: dict[Path, Victim] = {}
 
     def victim(self, folder: Path) -> Victim:
@@ -509,7 +510,7 @@ def _cell(label: str, defense: Defense, row: str, meta: dict[str, Any], records:
         "headline": {"without": headline(goal, s0), "with": headline(goal, s1)},
         "utility": {"without": utility_scores(clean_without), "with": utility_scores(clean_with)},
         "cost": results.costs.get(label, {}).get(row, not_measured("no cost recorded")),
-        "adaptive": False,
+        "adaptive": meta.get("adaptive_to") == defense.name,  # the attacker knew this defense and optimised through it
     }
     if isinstance(defense, Detector):
         benign = [r for r in clean_with if r["arm"] == CLEAN_ARM]

@@ -464,7 +464,8 @@ class Runner:
         ]
         if inference_results is not None:
             rows += [
-                Row(key, attack.goal, inference_results.victim, base[0], base[1], inputs=inputs, requests=requests)
+                Row(key, attack.goal, inference_results.victim, base[0], base[1], inputs=inputs, requests=requests,
+                    adaptive_to=getattr(getattr(attack.params, "adaptive", None), "defense", None))
                 for key, attack in inference.items()
                 for inputs, requests in [inference_results.inputs[key]]
             ]
