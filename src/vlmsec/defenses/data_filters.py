@@ -2,7 +2,10 @@
 
 - `spectral_signatures` (Tran et al. 2018): the representations the tuned model gives the samples,
   centred; a poisoned minority shifts their mean along one direction, so the squared projection on
-  the top singular vector is highest for it. The `budget` highest are removed.
+  that singular vector is highest for it. The `budget` highest are removed. The original takes the
+  top singular vector of each class; over a whole set of captions the clean data's own spread can
+  fill the top direction, so by default the signature's direction is the most heavy-tailed of the
+  top few (`directions`; 1 gives the original's).
 - `activation_clustering` (Chen et al. 2018): the same representations reduced (ICA or PCA) to a few
   dimensions and split in two by k-means; the smaller cluster is poison when its share of the set is
   under `size_threshold`, and it is removed whole (the method decides its own count).
@@ -77,11 +80,29 @@ def representations(defense: str, victim: Victim, samples: Sequence[Sample], bat
     return vectors
 
 
-def spectral_scores(vectors: np.ndarray) -> np.ndarray:
-    """Tran et al.'s outlier score: each centred row's squared projection on the top right singular vector."""
+class SpectralParams(RepresentationParams):
+    directions: int = Field(
+        10, ge=1, le=256,
+        description="top singular directions searched for the signature: the one along which the samples' "
+        "projections are most heavy-tailed (a small minority apart); 1: Tran et al.'s top direction itself",
+    )
+
+
+def spectral_scores(vectors: np.ndarray, directions: int = 1) -> np.ndarray:
+    """Tran et al.'s outlier score: each centred row's squared projection on a top right singular vector.
+
+    With `directions` > 1, the vector among the top `directions` along which the projections have the
+    largest excess kurtosis: a poisoned minority shifted along it makes it heavy-tailed, while the
+    clean data's own spread (which without classes to score apart can outweigh the poison's shift)
+    does not. With 1, the top singular vector, as the original."""
     centred = vectors - vectors.mean(0)
-    _, _, right = np.linalg.svd(centred, full_matrices=False)
-    return (centred @ right[0]) ** 2
+    _, singular, right = np.linalg.svd(centred, full_matrices=False)
+    # Directions the data spans (not the rounding noise of a rank-deficient set), at least the top one.
+    spanned = max(1, int((singular > singular[0] * 1e-6).sum())) if singular[0] > 0 else 1
+    projections = centred @ right[: min(directions, spanned)].T
+    second = np.maximum((projections**2).mean(0), 1e-300)
+    kurtosis = (projections**4).mean(0) / second**2 - 3
+    return projections[:, int(np.argmax(kurtosis))] ** 2
 
 
 @register
@@ -89,9 +110,12 @@ class SpectralSignatures(DataFilter):
     """Spectral signatures on the tuned model's answer representations; removes the `budget` top scores."""
 
     name = "spectral_signatures"
-    Params: ClassVar[type[DefenseParams]] = RepresentationParams
-    params: RepresentationParams
-    note = "on the whole tuning set (generated answers have no classes to score apart)"
+    Params: ClassVar[type[DefenseParams]] = SpectralParams
+    params: SpectralParams
+    note = (
+        "on the whole tuning set (generated answers have no classes to score apart); the signature's direction is "
+        "the most heavy-tailed of the top `directions` singular vectors (1: the top one, as the original)"
+    )
 
     def check_victim(self, victim: Victim) -> None:
         check_representations(self.name, victim)
@@ -100,7 +124,8 @@ class SpectralSignatures(DataFilter):
         check_budget(self.name, budget, len(samples))
         if len(samples) < 2:
             raise VlmsecError(f"defense {self.name!r}: needs at least 2 tuning samples, got {len(samples)}")
-        scores = spectral_scores(representations(self.name, tuned, samples, self.params.batch_size))
+        vectors = representations(self.name, tuned, samples, self.params.batch_size)
+        scores = spectral_scores(vectors, self.params.directions)
         return Flags(scores=scores, removed=top_indices(scores, budget))
 
 
