@@ -35,6 +35,7 @@ from vlmsec.attacks.inference import AttackRequest
 from vlmsec.attacks.inputaware import STAGE_2
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
+from vlmsec.defenses import create_defense
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import parse_config
@@ -812,6 +813,15 @@ def test_answer_representations_on_every_architecture(name: str, built, samples)
     # move with the image either: their answers do not depend on the image yet.
     vectors = check_answer_representations(victim, samples, image_matters=name not in ("idefics", "instructblip"))
     assert vectors.shape[1] == victim.model.config.get_text_config().hidden_size
+
+
+def test_answer_representations_refuse_an_encoder_decoder_language_model(built, samples) -> None:
+    victim = fresh_victim(built, "blip-2")
+    victim.model.config.get_text_config().is_encoder_decoder = True  # as BLIP-2 with Flan-T5
+    with pytest.raises(VlmsecError, match="blip-2 model has an encoder-decoder language model"):
+        victim.answer_representations(samples[:1])
+    with pytest.raises(VlmsecError, match="defense 'spectral_signatures': .*encoder-decoder"):
+        create_defense("spectral_signatures").check_victim(victim)
 
 
 def test_answer_representations_refuse_text_only_samples(built, samples) -> None:

@@ -2,10 +2,10 @@
 
 - `spectral_signatures` (Tran et al. 2018): the representations the tuned model gives the samples,
   centred; a poisoned minority shifts their mean along one direction, so the squared projection on
-  that singular vector is highest for it. The `budget` highest are removed. The original takes the
+  the top singular vector is highest for it. The `budget` highest are removed. The original takes the
   top singular vector of each class; over a whole set of captions the clean data's own spread can
-  fill the top direction, so by default the signature's direction is the most heavy-tailed of the
-  top few (`directions`; 1 gives the original's).
+  fill the top direction, so by default the score is the squared norm of the projection on the top
+  few (`directions`; 1 gives the original's).
 - `activation_clustering` (Chen et al. 2018): the same representations reduced (ICA or PCA) to a few
   dimensions and split in two by k-means; the smaller cluster is poison when its share of the set is
   under `size_threshold`, and it is removed whole (the method decides its own count).
@@ -82,27 +82,19 @@ def representations(defense: str, victim: Victim, samples: Sequence[Sample], bat
 
 class SpectralParams(RepresentationParams):
     directions: int = Field(
-        10, ge=1, le=256,
-        description="top singular directions searched for the signature: the one along which the samples' "
-        "projections are most heavy-tailed (a small minority apart); 1: Tran et al.'s top direction itself",
+        5, ge=1, le=256,
+        description="top singular directions the score projects on (1: Tran et al.'s top one; more: the clean "
+        "captions' own spread, which without classes can outweigh the poison's shift, no longer hides it)",
     )
 
 
 def spectral_scores(vectors: np.ndarray, directions: int = 1) -> np.ndarray:
-    """Tran et al.'s outlier score: each centred row's squared projection on a top right singular vector.
-
-    With `directions` > 1, the vector among the top `directions` along which the projections have the
-    largest excess kurtosis: a poisoned minority shifted along it makes it heavy-tailed, while the
-    clean data's own spread (which without classes to score apart can outweigh the poison's shift)
-    does not. With 1, the top singular vector, as the original."""
+    """Tran et al.'s outlier score: each centred row's squared projection on the top right singular vector,
+    or its squared norm in the span of the top `directions` (the poison's shift may come second or third
+    when the clean data varies more than it along one direction)."""
     centred = vectors - vectors.mean(0)
-    _, singular, right = np.linalg.svd(centred, full_matrices=False)
-    # Directions the data spans (not the rounding noise of a rank-deficient set), at least the top one.
-    spanned = max(1, int((singular > singular[0] * 1e-6).sum())) if singular[0] > 0 else 1
-    projections = centred @ right[: min(directions, spanned)].T
-    second = np.maximum((projections**2).mean(0), 1e-300)
-    kurtosis = (projections**4).mean(0) / second**2 - 3
-    return projections[:, int(np.argmax(kurtosis))] ** 2
+    _, _, right = np.linalg.svd(centred, full_matrices=False)
+    return ((centred @ right[:directions].T) ** 2).sum(1)
 
 
 @register
@@ -113,8 +105,8 @@ class SpectralSignatures(DataFilter):
     Params: ClassVar[type[DefenseParams]] = SpectralParams
     params: SpectralParams
     note = (
-        "on the whole tuning set (generated answers have no classes to score apart); the signature's direction is "
-        "the most heavy-tailed of the top `directions` singular vectors (1: the top one, as the original)"
+        "on the whole tuning set (generated answers have no classes to score apart); the score is the squared "
+        "projection on the top `directions` singular vectors (1: the top one, as the original)"
     )
 
     def check_victim(self, victim: Victim) -> None:
