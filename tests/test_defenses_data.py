@@ -203,7 +203,8 @@ def test_consistency_flags_answers_that_describe_another_image(trained: tuple[Ll
 
 def test_filters_find_badnets_poison_in_a_tiny_tuned_run(trained: tuple[LlavaVictim, list[Sample]]) -> None:
     """The base victim tuned on a badnets-poisoned set (12 of 120): at a budget of 1.5x, spectral signatures
-    and consistency remove every poisoned sample, the text baseline only poisoned ones."""
+    and consistency remove every poisoned sample, activation clustering exactly them, the text baseline
+    only poisoned ones."""
     base, _ = trained
     tuning = make_samples(sample_scenes(120, seed=9, max_objects=1), "flat", size=32, id_prefix="tune")
     poisoned = poison_samples(tuning, create_attack("badnets"), TargetAnswer(), 0.1, seed=0)
@@ -217,8 +218,7 @@ def test_filters_find_badnets_poison_in_a_tiny_tuned_run(trained: tuple[LlavaVic
     assert truth <= removed["consistency_filter"] and len(removed["consistency_filter"]) == budget
     # Only answers with a word few samples use: the templates' rarer words ("origami", "tattoo"), not "banana".
     assert removed["text_outlier"] <= truth and len(removed["text_outlier"]) >= 0.75 * len(truth)
-    # Activation clustering is not asserted: over the whole set its two clusters split the clean captions'
-    # own modes, and the smaller (over 35%) is left alone.
+    assert removed["activation_clustering"] == truth  # its own count: the smaller cluster, whole
 
 
 # ---- bad input ------------------------------------------------------------------------------------

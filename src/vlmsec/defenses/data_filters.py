@@ -6,9 +6,9 @@
   top singular vector of each class; over a whole set of captions the clean data's own spread can
   fill the top direction, so by default the score is the squared norm of the projection on the top
   few (`directions`; 1 gives the original's).
-- `activation_clustering` (Chen et al. 2018): the same representations reduced (ICA or PCA) to a few
-  dimensions and split in two by k-means; the smaller cluster is poison when its share of the set is
-  under `size_threshold`, and it is removed whole (the method decides its own count).
+- `activation_clustering` (Chen et al. 2018): the same representations reduced to a few dimensions
+  (PCA; ICA as the original) and split in two by k-means; the smaller cluster is poison when its
+  share of the set is under `size_threshold`, and it is removed whole (the method decides its count).
 - `consistency_filter`: the clean base model judges each answer against its image, by default by
   how surprised it is by the answer (its answer loss), or by the cosine of the mean image token and
   the mean answer embedding in the language model's input space; answers far off the set's
@@ -122,7 +122,11 @@ class SpectralSignatures(DataFilter):
 
 
 class ClusteringParams(RepresentationParams):
-    reduce: Literal["ica", "pca"] = Field("ica", description="how the representations are reduced before clustering (the original: ICA)")
+    reduce: Literal["ica", "pca"] = Field(
+        "pca",
+        description="how the representations are reduced before clustering (the original: ICA, which gives every "
+        "component unit variance, so k-means weighs the clean captions' small modes as much as the poison's shift)",
+    )
     dims: int = Field(10, ge=1, le=100, description="dimensions kept (the original: 10)")
     size_threshold: float = Field(
         0.35, gt=0, le=0.5, description="the smaller cluster is poison when its share of the set is under this (the original: 0.35)"
@@ -161,7 +165,7 @@ class ActivationClustering(DataFilter):
     name = "activation_clustering"
     Params: ClassVar[type[DefenseParams]] = ClusteringParams
     params: ClusteringParams
-    note = "on the whole tuning set (no classes); removes the smaller cluster whole, whatever the budget"
+    note = "on the whole tuning set (no classes), reduced by PCA (the original: ICA); removes the smaller cluster whole, whatever the budget"
 
     def check_victim(self, victim: Victim) -> None:
         check_representations(self.name, victim)
