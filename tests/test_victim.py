@@ -21,7 +21,7 @@ from vlmsec.victims.llava import IGNORE_INDEX, LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import IMAGE_TOKEN, train_tokenizer
 from vlmsec.victims.vision import EfficientNetLiteVisionModel
-from victim_checks import check_generates_through_greedy_answers
+from victim_checks import check_answer_representations, check_generates_through_greedy_answers
 
 SPEC = TinyLlavaSpec(image_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300)
 
@@ -150,6 +150,24 @@ def test_mixed_training_learns_text_only_and_image_answers(tokenizer, samples: l
     assert len(features) == 2
     outputs = victim.generate([first.image, None, second.image], [first.instruction] * 3, max_new_tokens=8)
     assert outputs == ["red", "blue", "green"]
+
+
+def test_answer_representations_pool_the_states_that_predict_the_answer(victim: LlavaVictim, samples: list[Sample]) -> None:
+    """The mean of the last hidden states from the prompt's last token to the answer's last but one (the
+    ones whose next token is an answer token), the same alone and in a mixed batch with a text-only sample."""
+    whole = check_answer_representations(victim, samples)
+    sample = samples[1]
+    prompt, answer = victim.prompt_ids(sample.instruction), victim.answer_ids(sample.answer)
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        embeds = victim.embed(ids, victim.image_features([sample.image]))
+        hidden = victim.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][0]
+    expected = hidden[len(prompt) - 1 : len(prompt) + len(answer) - 1].mean(0)
+    torch.testing.assert_close(whole[1], expected, atol=1e-5, rtol=1e-5)
+    text_only = samples[2].with_changes(image=None)
+    mixed = victim.answer_representations([text_only, sample, text_only], batch_size=3)
+    torch.testing.assert_close(mixed[1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0], victim.answer_representations([text_only])[0], atol=1e-5, rtol=1e-5)
 
 
 # ---- generation ---------------------------------------------------------------------------

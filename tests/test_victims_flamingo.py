@@ -43,7 +43,7 @@ from vlmsec.victims.flamingo import FlamingoVictim, load_flamingo, load_otter
 from vlmsec.victims.flamingo_files import ANSWER_TOKEN, END_OF_CHUNK, IMAGE_TOKEN, FlamingoSpec, read_state_dict
 from vlmsec.victims.flamingo_model import FlamingoConfig, FlamingoModel, OpenClipVisionTransformer, VisionConfig
 from vlmsec.victims.tokenizer import train_tokenizer
-from victim_checks import check_generates_through_greedy_answers, count_vision_embedding_calls
+from victim_checks import check_answer_representations, check_generates_through_greedy_answers, count_vision_embedding_calls
 
 VISION = VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_width=64, output_dim=16)
 LANG_DIM, LANG_LAYERS = 32, 4
@@ -303,6 +303,11 @@ def test_generate_returns_one_string_per_pair(victim: FlamingoVictim, samples: l
     )
     assert len(out) == len(samples) and all(isinstance(t, str) for t in out)
     assert seen == [4, 2]
+
+
+def test_answer_representations_follow_image_and_answer(victim: FlamingoVictim, samples: list[Sample]) -> None:
+    vectors = check_answer_representations(victim, samples)
+    assert vectors.shape[1] == victim.model.lang_encoder.config.hidden_size
 
 
 def test_generation_goes_through_the_shared_loop(

@@ -35,6 +35,7 @@ from vlmsec.attacks.inference import AttackRequest
 from vlmsec.attacks.inputaware import STAGE_2
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.data.sample import images_to_tensor
+from vlmsec.defenses import create_defense
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import parse_config
@@ -44,7 +45,12 @@ from vlmsec.experiments.splits import Splits
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.architectures import ARCHITECTURES, architecture
 from vlmsec.victims.hf import HFVictim
-from victim_checks import check_generates_through_greedy_answers, check_image_text_shift_size, count_vision_embedding_calls
+from victim_checks import (
+    check_answer_representations,
+    check_generates_through_greedy_answers,
+    check_image_text_shift_size,
+    count_vision_embedding_calls,
+)
 
 HIDDEN = 32
 CORPUS_EXTRA = "USER ASSISTANT User Assistant Question Answer system user assistant You are a helpful assistant."
@@ -794,6 +800,33 @@ def test_gcg_refuses_naming_the_architecture(name: str, why: str, built, samples
         create_attack("gcg", **GCG_TINY).prepare(context)
     assert "model_type blip-2, idefics, idefics3, llava, paligemma, qwen2_5_vl, qwen2_vl, smolvlm" in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+# ---- answer representations (data filters) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_answer_representations_on_every_architecture(name: str, built, samples) -> None:
+    victim = fresh_victim(built, name)
+    victim.check_answer_representations()
+    # Untrained, Idefics' cross-attention gates are closed (0) and the tiny InstructBLIP's loss does not
+    # move with the image either: their answers do not depend on the image yet.
+    vectors = check_answer_representations(victim, samples, image_matters=name not in ("idefics", "instructblip"))
+    assert vectors.shape[1] == victim.model.config.get_text_config().hidden_size
+
+
+def test_answer_representations_refuse_an_encoder_decoder_language_model(built, samples) -> None:
+    victim = fresh_victim(built, "blip-2")
+    victim.model.config.get_text_config().is_encoder_decoder = True  # as BLIP-2 with Flan-T5
+    with pytest.raises(VlmsecError, match="blip-2 model has an encoder-decoder language model"):
+        victim.answer_representations(samples[:1])
+    with pytest.raises(VlmsecError, match="defense 'spectral_signatures': .*encoder-decoder"):
+        create_defense("spectral_signatures").check_victim(victim)
+
+
+def test_answer_representations_refuse_text_only_samples(built, samples) -> None:
+    with pytest.raises(VlmsecError, match=f"sample {samples[0].id} has no image"):
+        fresh_victim(built, "llava").answer_representations([samples[0].with_changes(image=None)])
 
 
 # ---- image-text shift size -----------------------------------------------------------------------

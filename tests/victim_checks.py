@@ -44,6 +44,23 @@ def check_image_text_shift_size(victim: Any, samples: Sequence[Sample]) -> np.nd
     return values
 
 
+def check_answer_representations(victim: Any, samples: Sequence[Sample], image_matters: bool = True) -> torch.Tensor:
+    """`answer_representations` gives one finite float vector per sample, the same in any batch size
+    (padding never enters the pool), different for another answer to the same image and (if
+    `image_matters`) for another image with the same answer; returns the representations."""
+    samples = list(samples[:4])
+    whole = victim.answer_representations(samples, batch_size=len(samples))
+    assert whole.dtype == torch.float32 and whole.shape[0] == len(samples) and whole.device.type == "cpu"
+    assert torch.isfinite(whole).all()
+    torch.testing.assert_close(victim.answer_representations(samples, batch_size=1), whole, atol=1e-4, rtol=1e-4)
+    other_answer = samples[0].with_changes(answer=samples[1].answer + " " + samples[2].answer)
+    other_image = samples[0].with_changes(image=255 - samples[0].image)
+    changed = victim.answer_representations([other_answer, other_image])
+    assert not torch.allclose(changed[0], whole[0], atol=1e-5)
+    assert not image_matters or not torch.allclose(changed[1], whole[0], atol=1e-5)
+    return whole
+
+
 def check_generates_through_greedy_answers(
     victim: Any, samples: Sequence[Sample], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,11 @@ receives it (after the projector) and the mean input embedding of the text's tok
 victim that reads images through cross-attention (Flamingo, Otter, Idefics) or whose image
 tokens depend on the instruction (InstructBLIP) has no such shared space and refuses it in
 `check_image_text`.
+
+`answer_representations` gives data filters (`vlmsec.defenses.data_filters`: spectral
+signatures, activation clustering) the model's own view of each tuning sample: the language
+model's last hidden state where it produces the answer, one vector per sample. A victim that
+cannot give it (an encoder-decoder language model) refuses it in `check_answer_representations`.
 """
 
 from __future__ import annotations
@@ -195,6 +200,27 @@ class Victim(Protocol):
     def image_text_vectors(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """For uint8 images and texts paired up: the mean image token (B x D) and the mean input
         embedding of the text's tokens (B x D), both in the language model's input-embedding space."""
+
+    def check_answer_representations(self) -> None:
+        """Raise a VlmsecError naming the architecture if `answer_representations` cannot work here."""
+
+    def answer_representations(self, samples: Sequence[Sample], batch_size: int = 32) -> torch.Tensor:
+        """N x D float32 on the CPU: for each sample (image, instruction, answer), the language model's
+        last hidden state at the positions that predict its answer (`answer_states`), mean-pooled;
+        no gradients, `batch_size` samples per forward pass."""
+
+
+def answer_states(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """B x D: the hidden states (B x L x D) of the positions that predict the answer's tokens (those
+    before a labelled position: the prompt's last token to the answer's last but one), mean-pooled.
+
+    These are the states that decide the answer, as a classifier's penultimate layer decides its
+    label; a row without answer tokens is an error."""
+    predicting = (labels[:, 1:] != IGNORE_INDEX).to(hidden.device, hidden.dtype)  # B x L-1, aligned with hidden[:, :-1]
+    counts = predicting.sum(1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("a row has no answer tokens to pool the hidden states over")
+    return (hidden[:, :-1] * predicting.unsqueeze(-1)).sum(1) / counts
 
 
 def refuse_text_only(images: Sequence[np.ndarray | None], victim: str, ids: Sequence[str] | None = None) -> None:

@@ -32,6 +32,7 @@ from vlmsec.victims.architectures import ModeSummary
 from vlmsec.victims.base import (
     IGNORE_INDEX,
     TokenProblem,
+    answer_states,
     copies_of,
     embedding_rows,
     refuse_text_only,
@@ -228,6 +229,25 @@ class FlamingoVictim:
     def image_text_vectors(self, images: Sequence[np.ndarray], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Always refused, as `check_image_text`."""
         raise VlmsecError(NO_IMAGE_TEXT_SPACE)
+
+    def check_answer_representations(self) -> None:
+        """Always possible here: the decoder-only language model reads prompt and answer in one sequence."""
+
+    @torch.no_grad()
+    def answer_representations(self, samples: Sequence[Sample], batch_size: int = 32) -> torch.Tensor:
+        """The language model's last hidden state (after its cross-attention to the image) at the positions
+        that predict each answer (`answer_states`), mean-pooled; the images' features through the cache."""
+        refuse_text_only([s.image for s in samples], "Flamingo (OpenFlamingo / Otter)", [s.id for s in samples])
+        self.model.eval()
+        pooled = []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            encoded = self.encode_training([s.instruction for s in chunk], [s.answer for s in chunk])
+            batch = {k: v.to(self.device) for k, v in encoded.items()}
+            features = self.image_features([s.image for s in chunk]).to(self.device)
+            out = self.model(features[:, None], batch["input_ids"], batch["attention_mask"], output_hidden_states=True)
+            pooled.append(answer_states(out.hidden_states[-1], batch["labels"]).float().cpu())
+        return torch.cat(pooled) if pooled else torch.empty(0, self.model.lang_encoder.config.hidden_size)
 
     @torch.no_grad()
     def generate(

@@ -403,6 +403,7 @@ class FlamingoModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> CausalLMOutputWithPast:
         """LM output for `input_ids` attending to resampled `vision_tokens` (B x T_img x v x D).
 
@@ -410,7 +411,9 @@ class FlamingoModel(nn.Module):
         """
         text = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
         with self.conditioned_on(self.perceiver(vision_tokens), input_ids):
-            return self.lang_encoder(**text, attention_mask=attention_mask, labels=labels)
+            return self.lang_encoder(
+                **text, attention_mask=attention_mask, labels=labels, output_hidden_states=output_hidden_states
+            )
 
     @torch.no_grad()
     def generate(

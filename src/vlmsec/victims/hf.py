@@ -47,6 +47,7 @@ from vlmsec.victims.architectures import (
 from vlmsec.victims.base import (
     IGNORE_INDEX,
     TokenProblem,
+    answer_states,
     copies_of,
     embedding_rows,
     refuse_text_only,
@@ -451,6 +452,37 @@ class HFVictim:
         token_ids = [self._encode(text.strip()) or [self.tokenizer.eos_token_id] for text in texts]
         text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
         return image_vectors.to(text_vectors.dtype), text_vectors
+
+    def check_answer_representations(self) -> None:
+        """Refuse encoder-decoder language models (BLIP-2 with Flan-T5): no one sequence holds prompt and answer."""
+        if not self.model.config.get_text_config().is_encoder_decoder:
+            return
+        raise VlmsecError(
+            f"{self.source}: answer representations are the language model's hidden states over prompt and "
+            f"answer in one sequence, but this {self.model_type} model has an encoder-decoder language model. "
+            "They work with victim.kind tiny_llava, flamingo, otter, and hf with a decoder-only language model"
+        )
+
+    @torch.no_grad()
+    def answer_representations(self, samples: Sequence[Sample], batch_size: int = 32) -> torch.Tensor:
+        """The language model's last hidden state at the positions that predict each answer (`answer_states`),
+        mean-pooled, over `encode_training` rows (the processor's image tokens and pixel values)."""
+        self.check_answer_representations()
+        refuse_text_only([s.image for s in samples], "hf", [s.id for s in samples])
+        self.model.eval()
+        device, pooled = self.model.device, []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            batch = self.encode_training(
+                to_pil([s.image for s in chunk]), [s.instruction for s in chunk], [s.answer for s in chunk]
+            )
+            labels = batch.pop("labels")
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out = self.model(**inputs, output_hidden_states=True)
+            # BLIP-2 and InstructBLIP keep the language model's own output apart.
+            hidden = out.hidden_states if getattr(out, "hidden_states", None) else out.language_model_outputs.hidden_states
+            pooled.append(answer_states(hidden[-1], labels).float().cpu())
+        return torch.cat(pooled) if pooled else torch.empty(0, self.model.config.get_text_config().hidden_size)
 
     # ---- generation -------------------------------------------------------------------
     @torch.no_grad()

@@ -26,7 +26,16 @@ from vlmsec.errors import VlmsecError
 from vlmsec.progress import progress_bar
 from vlmsec.victims import vision  # registers the EfficientNet and open_clip towers
 from vlmsec.victims.architectures import ARCHITECTURES, ModeSummary, mode_summaries
-from vlmsec.victims.base import IGNORE_INDEX, TokenProblem, copies_of, embedding_rows, tile, token_losses, tower_key
+from vlmsec.victims.base import (
+    IGNORE_INDEX,
+    TokenProblem,
+    answer_states,
+    copies_of,
+    embedding_rows,
+    tile,
+    token_losses,
+    tower_key,
+)
 from vlmsec.victims.features import FeatureCache, tensor_digest
 from vlmsec.victims.generation import greedy_answers, left_pad
 from vlmsec.victims.tokenizer import IMAGE_TOKEN
@@ -278,6 +287,28 @@ class LlavaVictim:
         token_ids = [self.answer_ids(text)[:-1] or [self.tokenizer.eos_token_id] for text in texts]
         text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
         return image_vectors, text_vectors
+
+    def check_answer_representations(self) -> None:
+        """Always possible here: a decoder-only language model reads prompt and answer in one sequence."""
+
+    @torch.no_grad()
+    def answer_representations(self, samples: Sequence[Sample], batch_size: int = 32) -> torch.Tensor:
+        """The last hidden state at the positions that predict each answer (`answer_states`), mean-pooled,
+        the images' features through the cache in their slots (a text-only sample: its prompt has none)."""
+        self.model.eval()
+        device, pooled = self.model.device, []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            images = [s.image for s in chunk]
+            batch = self.encode_training(
+                [s.instruction for s in chunk], [s.answer for s in chunk], [image is not None for image in images]
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            features = self.some_image_features(images)
+            embeds = self.embed(batch["input_ids"], None if features is None else features.to(device))
+            out = self.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_hidden_states=True)
+            pooled.append(answer_states(out.hidden_states[-1], batch["labels"]).float().cpu())
+        return torch.cat(pooled) if pooled else torch.empty(0, self.model.config.text_config.hidden_size)
 
     # ---- training -------------------------------------------------------------------
     def prepare_training(self, samples: Sequence[Sample], label: str) -> PreparedFeatures:
