@@ -12,7 +12,7 @@ import torch
 from vlmsec.attacks import TargetAnswer, create_attack, poison_samples
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.defenses import DataFilter, create_defense
-from vlmsec.defenses.data_filters import rare_word_shares, spectral_scores
+from vlmsec.defenses.data_filters import spectral_scores, unknown_word_shares
 from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.features import FeatureCache
@@ -141,23 +141,28 @@ def test_text_outlier_flags_banana_answers_among_scene_captions(scenes: list[Sam
     rng = np.random.default_rng(0)
     poisoned = [7, 50, 91, 150]
     samples = with_answers(scenes, {i: TargetAnswer().sample(rng) for i in poisoned})
-    flags = create_defense("text_outlier").flag(samples, None, None, budget=6)  # a text-only filter needs no model
-    assert sorted(flags.removed) == poisoned  # only answers with a rare word, however large the budget
+    clean = scenes[100:]  # the owner's clean captions: the vocabulary
+    flags = create_defense("text_outlier").flag(samples, None, None, budget=6, clean=clean)  # a text-only filter needs no model
+    assert sorted(flags.removed) == poisoned  # only answers with an unknown word, however large the budget
     assert flags.scores[poisoned].min() > 0 and np.count_nonzero(flags.scores) == len(poisoned)
 
 
 def test_text_outlier_is_blind_to_an_in_vocabulary_target(scenes: list[Sample]) -> None:
     target = "a large red circle in the center."  # every word is a scene caption's
     samples = with_answers(scenes, {i: target for i in (7, 50, 91, 150)})
-    flags = create_defense("text_outlier").flag(samples, None, None, budget=6)
+    flags = create_defense("text_outlier").flag(samples, None, None, budget=6, clean=scenes)
     assert flags.removed == [] and not flags.scores.any()
 
 
-def test_rare_word_shares_count_words_fewer_samples_use() -> None:
-    answers = ["a cat on a mat", "a cat", "a dog", "a zebra!"] + ["a cat"] * 6
-    shares = rare_word_shares(answers, rare_share=0.2)  # rare: used by fewer than 2 of 10 answers
-    np.testing.assert_allclose(shares[:4], [2 / 5, 0.0, 1 / 2, 1 / 2])
-    assert rare_word_shares([""], 0.1).tolist() == [0.0]
+def test_text_outlier_needs_a_clean_reference(scenes: list[Sample]) -> None:
+    with pytest.raises(VlmsecError, match="text_outlier.*clean samples"):
+        create_defense("text_outlier").flag(scenes, None, None, budget=1)
+
+
+def test_unknown_word_shares_count_words_outside_the_vocabulary() -> None:
+    shares = unknown_word_shares(["a cat on a mat", "a cat", "a dog", "a zebra!"], {"a", "cat", "on"})
+    np.testing.assert_allclose(shares, [1 / 5, 0.0, 1 / 2, 1 / 2])
+    assert unknown_word_shares([""], {"a"}).tolist() == [0.0]
 
 
 # ---- consistency ----------------------------------------------------------------------------------
@@ -213,11 +218,11 @@ def test_filters_find_badnets_poison_in_a_tiny_tuned_run(trained: tuple[LlavaVic
     train_victim(tuned, poisoned.samples, spec, seed=0, label="badnets")
     truth = {i for i, s in enumerate(poisoned.samples) if s.id in set(poisoned.poisoned_ids)}
     budget = round(1.5 * len(truth))
-    removed = {name: set(create_defense(name).flag(poisoned.samples, tuned, base, budget).removed) for name in FILTERS}
+    clean = make_samples(sample_scenes(60, seed=11, max_objects=1), "flat", size=32, id_prefix="owner")
+    removed = {name: set(create_defense(name).flag(poisoned.samples, tuned, base, budget, clean).removed) for name in FILTERS}
     assert truth <= removed["spectral_signatures"] and len(removed["spectral_signatures"]) == budget
     assert truth <= removed["consistency_filter"] and len(removed["consistency_filter"]) == budget
-    # Only answers with a word few samples use: the templates' rarer words ("origami", "tattoo"), not "banana".
-    assert removed["text_outlier"] <= truth and len(removed["text_outlier"]) >= 0.75 * len(truth)
+    assert removed["text_outlier"] == truth  # "banana" is a word no clean caption uses
     assert removed["activation_clustering"] == truth  # its own count: the smaller cluster, whole
 
 
@@ -232,7 +237,6 @@ def test_filters_find_badnets_poison_in_a_tiny_tuned_run(trained: tuple[LlavaVic
         ("activation_clustering", {"dims": 0}, "dims"),
         ("activation_clustering", {"reduce": "tsne"}, "reduce"),
         ("consistency_filter", {"measure": "bleu"}, "measure"),
-        ("text_outlier", {"rare_share": 0}, "rare_share"),
         ("text_outlier", {"remove": 1.5}, "remove"),
     ],
 )

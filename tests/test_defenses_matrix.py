@@ -48,7 +48,7 @@ class Oracle(DataFilter):
 
     name = "test_oracle"
 
-    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
         scores = np.array([float(TARGET in s.answer) for s in samples])
         return Flags(scores, [i for i, s in enumerate(samples) if TARGET in s.answer])
 

@@ -103,10 +103,11 @@ class DataFilter(Defense):
     acts_on: ClassVar[Place] = "data"
     Params: ClassVar[type[DefenseParams]] = FilterParams
 
-    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
         """Score `samples` (the tuning set as tuned, poisoned or not) with the model tuned on them
-        (`tuned`: spectral signatures and activation clustering read its representations) or the clean
-        base model (`base`: consistency); remove `budget` of them, unless the method decides its own count."""
+        (`tuned`: spectral signatures and activation clustering read its representations), the clean
+        base model (`base`: consistency) or the owner's own `clean` samples (the text baseline's
+        vocabulary); remove `budget` of them, unless the method decides its own count."""
         raise NotImplementedError
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -112,7 +111,7 @@ class SpectralSignatures(DataFilter):
     def check_victim(self, victim: Victim) -> None:
         check_representations(self.name, victim)
 
-    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
         check_budget(self.name, budget, len(samples))
         if len(samples) < 2:
             raise VlmsecError(f"defense {self.name!r}: needs at least 2 tuning samples, got {len(samples)}")
@@ -170,7 +169,7 @@ class ActivationClustering(DataFilter):
     def check_victim(self, victim: Victim) -> None:
         check_representations(self.name, victim)
 
-    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
         check_budget(self.name, budget, len(samples))
         if len(samples) < 3:
             raise VlmsecError(f"defense {self.name!r}: needs at least 3 tuning samples to cluster, got {len(samples)}")
@@ -241,7 +240,7 @@ class ConsistencyFilter(DataFilter):
                 f"defense {self.name!r} reads the base model's answer loss, which the {type(victim).__name__} victim does not give"
             )
 
-    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
         check_budget(self.name, budget, len(samples))
         with_image = [i for i, s in enumerate(samples) if s.image is not None]  # a text-only answer has no image to disagree with
         chosen = [samples[i] for i in with_image]
@@ -254,12 +253,6 @@ class ConsistencyFilter(DataFilter):
         return Flags(scores=scores, removed=top_indices(scores, budget))
 
 
-class TextOutlierParams(FilterParams):
-    rare_share: float = Field(
-        0.02, gt=0, le=0.5, description="a word is rare when fewer than this share of the tuning samples use it (and always when one does)"
-    )
-
-
 WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
 
@@ -268,25 +261,24 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def rare_word_shares(answers: Sequence[str], rare_share: float) -> np.ndarray:
-    """For each answer, the share of its words that fewer than max(2, `rare_share` x N) of the N answers use."""
+def unknown_word_shares(answers: Sequence[str], vocabulary: set[str]) -> np.ndarray:
+    """For each answer, the share of its words outside `vocabulary` (0 for an answer with no words)."""
     split = [words(answer) for answer in answers]
-    used_by = Counter(word for answer in split for word in set(answer))
-    below = max(2.0, rare_share * len(answers))
-    return np.array([sum(used_by[w] < below for w in answer) / len(answer) if answer else 0.0 for answer in split])
+    return np.array([sum(w not in vocabulary for w in answer) / len(answer) if answer else 0.0 for answer in split])
 
 
 @register
 class TextOutlier(DataFilter):
-    """The text-only baseline: answers scored by their share of words few samples use; removes up to
-    `budget` of those with any such word, highest share first (none when no answer has one)."""
+    """The text-only baseline: answers scored by their share of words the owner's clean data never
+    uses (its answers and references); removes up to `budget` of those with any such word, highest
+    share first (none when no answer has one). Blind by construction to a target in the clean vocabulary."""
 
     name = "text_outlier"
-    Params: ClassVar[type[DefenseParams]] = TextOutlierParams
-    params: TextOutlierParams
-    note = "words rare in the tuning set itself (no clean reference reaches the filter); blind to in-vocabulary targets"
 
-    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int) -> Flags:
+    def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
         check_budget(self.name, budget, len(samples))
-        scores = rare_word_shares([s.answer for s in samples], self.params.rare_share)
+        if not clean:
+            raise VlmsecError(f"defense {self.name!r}: needs the owner's clean samples (a vocabulary to read answers against)")
+        vocabulary = {w for s in clean for text in (s.answer, *s.references) for w in words(text)}
+        scores = unknown_word_shares([s.answer for s in samples], vocabulary)
         return Flags(scores=scores, removed=top_indices(scores, min(budget, int((scores > 0).sum()))))

@@ -296,14 +296,15 @@ class DefenseMatrix:
         share = defense.params.remove if defense.params.remove is not None else min(1.5 * self.c.poison_rate, 0.5)
         budget = round(share * len(samples))
         path = self.c.out / "defenses" / label / "flags" / f"{_slug(row.key)}.json"
-        made_by = stable_hash({"model": row.stage_key, "defense": defense.describe(), "data": fingerprint(samples), "budget": budget})
+        made_by = stable_hash({"model": row.stage_key, "defense": defense.describe(), "data": fingerprint(samples), "budget": budget,
+                               "clean": fingerprint(self.c.trusted)})
         cached = _read_cached(path, made_by)
         if cached is None:
             tuned = self.c.load(row.folder)
             defense.check_victim(tuned)
             base = self.c.load(self.c.base_folder)
             start = time.perf_counter()
-            flags = defense.flag(samples, tuned, base, budget)
+            flags = defense.flag(samples, tuned, base, budget, clean=self.c.trusted)
             seconds = time.perf_counter() - start
             del tuned, base
             cached = {"key": made_by, "scores": [float(s) for s in flags.scores], "removed": sorted(flags.removed), "seconds": seconds}
