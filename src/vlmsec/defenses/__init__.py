@@ -1,6 +1,6 @@
 """Defenses: on the tuning data, on the tuned model, on inputs at inference, in the prompt."""
 
-from vlmsec.defenses import purify  # noqa: F401  (importing registers the defenses)
+from vlmsec.defenses import model, purify  # noqa: F401  (importing registers the defenses)
 from vlmsec.defenses.base import (
     DataFilter,
     Defense,
