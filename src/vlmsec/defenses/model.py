@@ -304,12 +304,12 @@ class TriggerInversionParams(DefenseParams):
     held_out: float = Field(0.5, gt=0, lt=1, description="share of them the score is read on; the pattern is learnt on the rest")
     size: float = Field(0.15, gt=0, lt=0.5, description="side of each of the four corner squares, as a fraction of the image side")
     explore_steps: int = Field(30, ge=0, description="untargeted steps first: away from each input's own answer")
-    rounds: int = Field(2, ge=1, description="rounds of: generate, take the most common answer, pull every input toward it")
+    rounds: int = Field(2, ge=0, description="rounds of: generate, take the most common answer, pull every input toward it")
     steps: int = Field(30, ge=1, description="steps per round toward the round's common answer")
     step_size: float = Field(0.05, gt=0, le=1, description="signed gradient step on the patch's pixels in [0, 1]")
     batch_size: int = Field(8, ge=1, description="inputs per step, drawn from the seed")
     match_words: int = Field(3, ge=1, description="two answers are the same when their first match_words words are")
-    max_new_tokens: int = Field(16, ge=1, description="tokens generated per answer")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per answer (whole answers: each round pulls toward one, end included)")
 
 
 def answer_key(answer: str, words: int) -> str:
@@ -369,16 +369,20 @@ class TriggerInversion(ModelScan):
 
         with eval_mode(victim.model):
             patch = self._descend(victim, images, start, mask, instructions, [s.answer for s in fit], p.explore_steps, rng, 1.0)
-            rounds = []
-            for _ in range(p.rounds):
-                answers = self._answers(victim, images, patch, mask, instructions)
-                target, share = self._common(answers)
+            # Each round starts from the patterns' answers on the fit inputs; the best pattern is kept.
+            rounds: list[dict[str, Any]] = []
+            best: tuple[float, torch.Tensor, str] | None = None
+            for round_ in range(p.rounds + 1):
+                target, share = self._common(self._answers(victim, images, patch, mask, instructions))
                 rounds.append({"answer": target, "share": share})
-                patch = self._descend(victim, images, patch, mask, instructions, [target] * len(fit), p.steps, rng, -1.0)
+                if best is None or share > best[0]:
+                    best = (share, patch, target)
+                if round_ < p.rounds:
+                    patch = self._descend(victim, images, patch, mask, instructions, [target] * len(fit), p.steps, rng, -1.0)
+            fit_share, patch, target = best
             held_images, held_instructions = to_tensor([s.image for s in held]), [s.instruction for s in held]
             inverted = self._answers(victim, held_images, patch, mask, held_instructions)
             baseline = self._answers(victim, held_images, random_patch, mask, held_instructions)
-            target, fit_share = self._common(self._answers(victim, images, patch, mask, instructions))
         key = answer_key(target, p.match_words)
         inverted_share = float(np.mean([answer_key(a, p.match_words) == key for a in inverted]))
         random_share = float(np.mean([answer_key(a, p.match_words) == key for a in baseline]))
