@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -193,30 +193,30 @@ def find_units(victim: Victim, layer: Layer, defense: str) -> Units:
 
 
 @contextmanager
-def recorded_inputs(victim: Victim, modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """While the block runs, each module's input as the sum over tokens of its absolute value and the
-    token count (rows of the victim's attention mask only, where the module sees text tokens).
+def recorded_inputs(victim: Victim, modules: dict[str, tuple[nn.Module, bool]]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """While the block runs, record each module's input per unit: the sum of its absolute values
+    over tokens, and the token count. `modules` maps a name to (module, whether it reads text
+    tokens): those drop the padding rows of the victim's attention mask; image tokens have none.
 
-    Yields name -> [sum of |input| per unit, tokens] accumulators."""
+    Yields name -> list of 2 x units tensors [sum of |input|, tokens], one per forward pass."""
     sums: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     mask: list[torch.Tensor | None] = [None]
 
     def keep_mask(_: nn.Module, args: tuple, kwargs: dict) -> None:
         mask[0] = kwargs.get("attention_mask")
 
-    def recorder(name: str):  # noqa: ANN202 (a hook factory)
+    def recorder(name: str, text: bool) -> Callable[[nn.Module, tuple], None]:
         def record(_: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
             rows = x.reshape(-1, x.shape[-1])
-            attention = mask[0]
-            if attention is not None and x.dim() == 3 and x.shape[:2] == attention.shape:  # text tokens: drop padding
-                rows = rows[attention.reshape(-1).bool().to(rows.device)]
+            if text and mask[0] is not None:
+                rows = rows[mask[0].reshape(-1).bool().to(rows.device)]
             sums[name].append(torch.stack([rows.abs().sum(0), torch.full_like(rows[0], rows.shape[0])]))
 
         return record
 
     handles = [victim.model.register_forward_pre_hook(keep_mask, with_kwargs=True)]
-    handles += [module.register_forward_pre_hook(recorder(name)) for name, module in modules.items()]
+    handles += [module.register_forward_pre_hook(recorder(name, text)) for name, (module, text) in modules.items()]
     try:
         yield sums
     finally:
@@ -225,10 +225,12 @@ def recorded_inputs(victim: Victim, modules: dict[str, nn.Module]) -> Iterator[d
 
 
 @torch.no_grad()
-def mean_activations(victim: Victim, units: dict[str, Units], trusted: Sequence[Sample], label: str) -> dict[str, np.ndarray]:
-    """Each layer's mean absolute unit activation over every (non-padding) token of the trusted samples."""
+def mean_activations(victim: Victim, units: dict[Layer, Units], trusted: Sequence[Sample], label: str) -> dict[Layer, np.ndarray]:
+    """Each layer's mean absolute unit activation over every token of the trusted samples it sees
+    (image tokens: the projector; prompt and answer tokens, padding dropped: the last MLP)."""
     samples = list(trusted)
-    with eval_mode(victim.model), recorded_inputs(victim, {n: u.outgoing for n, u in units.items()}) as sums:
+    modules = {name: (u.outgoing, name == "last_mlp") for name, u in units.items()}
+    with eval_mode(victim.model), recorded_inputs(victim, modules) as sums:
         prepared = victim.prepare_training(samples, label)
         for start in range(0, len(samples), LOSS_BATCH):
             victim.batch_loss(prepared, np.arange(start, min(start + LOSS_BATCH, len(samples))), samples)
@@ -240,7 +242,7 @@ def mean_activations(victim: Victim, units: dict[str, Units], trusted: Sequence[
 
 
 def least_active(activations: np.ndarray, share: float) -> list[int]:
-    """The round(share x units) units of lowest mean activation, lowest first (ties by index), sorted by unit."""
+    """The round(share x units) units of lowest mean activation (ties: the lower index), in unit order."""
     count = round(share * len(activations))
     order = np.lexsort((np.arange(len(activations)), activations))
     return sorted(int(i) for i in order[:count])
