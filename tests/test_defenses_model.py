@@ -148,9 +148,10 @@ def test_fine_pruning_works_on_an_hf_llava_and_refuses_other_architectures(scene
 SCAN = {"trusted": 60, "explore_steps": 20, "rounds": 1, "steps": 10}
 
 
-def test_trigger_inversion_scores_the_backdoored_model_above_the_clean_one(pair: dict[str, LlavaVictim]) -> None:
+@pytest.mark.parametrize("region", ["corner", "pixel"])
+def test_trigger_inversion_scores_the_backdoored_model_above_the_clean_one(pair: dict[str, LlavaVictim], region: str) -> None:
     clean = make_samples(sample_scenes(60, seed=21), "flat", size=64, id_prefix="clean")
-    scan = create_defense("trigger_inversion", **SCAN)
+    scan = create_defense("trigger_inversion", region=region, **SCAN)
     backdoored, untouched = scan.scan(pair["badnets"], clean, seed=0), scan.scan(pair["clean"], clean, seed=0)
     assert backdoored.score >= 0.7 and untouched.score <= 0.3
     assert "banana" in backdoored.evidence["answer"] and backdoored.evidence["key"] == "the image depicts"
@@ -191,6 +192,7 @@ def test_fine_pruning_refuses_a_share_that_prunes_nothing(pair: dict[str, LlavaV
         ("fine_pruning", {"layers": ["lm_head"]}, "layers"),
         ("fine_pruning", {"layers": []}, "layers"),
         ("trigger_inversion", {"size": 0.6}, "size"),
+        ("trigger_inversion", {"region": "everywhere"}, "region"),
         ("trigger_inversion", {"held_out": 1}, "held_out"),
         ("trigger_inversion", {"match_words": 0}, "match_words"),
     ],

@@ -304,11 +304,18 @@ class TriggerInversionParams(DefenseParams):
 
     trusted: int = Field(60, ge=4, description="clean samples the owner holds; the matrix hands the scan this many")
     held_out: float = Field(0.5, gt=0, lt=1, description="share of them the score is read on; the pattern is learnt on the rest")
-    size: float = Field(0.15, gt=0, lt=0.5, description="side of each of the four corner squares, as a fraction of the image side")
+    region: Literal["corner", "border", "pixel"] = Field(
+        "corner", description="corner: four corner squares of free pixels; border: a frame of free pixels; "
+        "pixel: an additive change of every pixel within +-epsilon (a blended, whole-image trigger)",
+    )
+    size: float = Field(0.15, gt=0, lt=0.5, description="corner squares' side or the frame's width, as a fraction of the image side")
+    epsilon: float = Field(32 / 255, gt=0, le=1, description="region pixel: the L-infinity budget in [0, 1]")
     explore_steps: int = Field(30, ge=0, description="untargeted steps first: away from each input's own answer")
     rounds: int = Field(2, ge=0, description="rounds of: generate, take the most common answer, pull every input toward it")
     steps: int = Field(30, ge=1, description="steps per round toward the round's common answer")
-    step_size: float = Field(0.05, gt=0, le=1, description="signed gradient step on the patch's pixels in [0, 1]")
+    step_size: float | None = Field(
+        None, gt=0, le=1, description="signed gradient step in [0, 1] pixel units; null: 0.05 (corner, border), epsilon / 4 (pixel)"
+    )
     batch_size: int = Field(8, ge=1, description="inputs per step, drawn from the seed")
     match_words: int = Field(3, ge=1, description="two answers are the same when their first match_words words are")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per answer (whole answers: each round pulls toward one, end included)")
@@ -362,9 +369,11 @@ class TriggerInversion(ModelScan):
         p = self.params
         started = time.perf_counter()
         height, width = fit[0].image.shape[:2]
-        mask = patch_mask("corner", p.size, height, width)
+        mask = patch_mask(p.region, p.size, height, width)
         stream = derive_seed(p.seed, f"{self.name}/{seed}")
         start, random_patch = torch.rand(2, 1, 3, height, width, generator=torch.Generator().manual_seed(stream))
+        if p.region == "pixel":  # uniform in +-epsilon
+            start, random_patch = (start * 2 - 1) * p.epsilon, (random_patch * 2 - 1) * p.epsilon
         rng = random.Random(stream)
         images = to_tensor([s.image for s in fit])
         instructions = [s.instruction for s in fit]
@@ -408,7 +417,7 @@ class TriggerInversion(ModelScan):
         self, victim: Victim, images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, instructions: list[str]
     ) -> list[str]:
         """The victim's greedy answers with the patch in place (images quantised to uint8, as a deployment gets them)."""
-        patched = to_uint8(images * (1 - mask) + patch * mask)
+        patched = to_uint8(self._apply(images, patch, mask))
         return victim.generate(patched, instructions, max_new_tokens=self.params.max_new_tokens, batch_size=len(instructions))
 
     def _common(self, answers: list[str]) -> tuple[str, float]:
@@ -424,11 +433,20 @@ class TriggerInversion(ModelScan):
     ) -> torch.Tensor:
         """`steps` signed-gradient steps on the patch: up the answers' loss (direction 1) or down it (-1)."""
         size = min(self.params.batch_size, len(instructions))
+        pixel, epsilon = self.params.region == "pixel", self.params.epsilon
+        step = self.params.step_size or (epsilon / 4 if pixel else 0.05)
         for _ in range(steps):
             picked = rng.sample(range(len(instructions)), size)
             patch = patch.detach().requires_grad_(True)
-            stamped = images[picked] * (1 - mask) + patch * mask
+            stamped = self._apply(images[picked], patch, mask)
             loss = victim.answer_loss(stamped, [instructions[i] for i in picked], [answers[i] for i in picked])
             (grad,) = torch.autograd.grad(loss, patch)
-            patch = (patch.detach() + direction * self.params.step_size * grad.sign()).clamp(0, 1)
+            patch = patch.detach() + direction * step * grad.sign()
+            patch = patch.clamp(-epsilon, epsilon) if pixel else patch.clamp(0, 1)
         return patch.detach()
+
+    def _apply(self, images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] with the pattern: added and clipped (pixel), or in place of the masked pixels."""
+        if self.params.region == "pixel":
+            return (images + patch).clamp(0, 1)
+        return images * (1 - mask) + patch * mask
