@@ -193,6 +193,8 @@ def test_fine_pruning_refuses_a_share_that_prunes_nothing(pair: dict[str, LlavaV
         ("fine_pruning", {"layers": []}, "layers"),
         ("trigger_inversion", {"size": 0.6}, "size"),
         ("trigger_inversion", {"region": "everywhere"}, "region"),
+        ("trigger_inversion", {"region": "corner", "epsilon": 0.1}, "epsilon"),
+        ("trigger_inversion", {"region": "pixel", "size": 0.1}, "size"),
         ("trigger_inversion", {"held_out": 1}, "held_out"),
         ("trigger_inversion", {"match_words": 0}, "match_words"),
     ],

@@ -10,15 +10,18 @@
   is pruned, ranked by the mean absolute activation over every token of the trusted samples
   (GELU's and gated SiLU's units take both signs, a ReLU channel's mean is its magnitude).
 - `trigger_inversion` (a ModelScan): is this checkpoint already backdoored? It searches for a
-  small image pattern (four corner squares of free pixels) that drives many clean inputs to one
-  common answer. A backdoor is such a pattern: a trigger that makes every input say "The image
-  depicts a banana"; in a clean model a small patch cannot override what the rest of the image
-  shows. The search first pushes the clean inputs away from their own answers (an untargeted
-  universal patch: the steepest way to break every answer at once is the trigger, when there is
-  one, as in USB's universal-perturbation inversion), then, round after round, takes the most
-  common answer the patched inputs give and pulls every input toward it. The score is the share
-  of held-out clean inputs that the inverted patch drives to that answer, minus the share a random
-  patch of the same size drives there. The text-pattern variant is not implemented.
+  small image pattern that drives many clean inputs to one common answer: four corner squares of
+  free pixels (`region` corner, the default), a frame (border), or an additive change of every
+  pixel within +-epsilon (pixel: whole-image triggers such as Blended's). A backdoor is such a
+  pattern: a trigger that makes every input say "The image depicts a banana"; in a clean model a
+  small pattern cannot override what the rest of the image shows. The search first pushes the
+  clean inputs away from their own answers (an untargeted universal pattern: the steepest way to
+  break every answer at once is the trigger, when there is one, as in USB's inversion by universal
+  perturbations), then, round after round, takes the most common answer the patterned inputs give
+  and pulls every input toward it, keeping the pattern whose answer was the most common. The score
+  is the share of held-out clean inputs that the inverted pattern drives to that answer, minus the
+  share a random pattern of the same region drives there. The text-pattern variant (a universal
+  prompt suffix) is not implemented.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from vlmsec.attacks.adaptive import eval_mode
@@ -320,6 +323,14 @@ class TriggerInversionParams(DefenseParams):
     match_words: int = Field(3, ge=1, description="two answers are the same when their first match_words words are")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per answer (whole answers: each round pulls toward one, end included)")
 
+    @model_validator(mode="after")
+    def _fields_of_the_region(self) -> TriggerInversionParams:
+        if self.region != "pixel" and "epsilon" in self.model_fields_set:
+            raise ValueError(f"epsilon: region {self.region!r} searches free pixel values in [0, 1]; epsilon is for region 'pixel'")
+        if self.region == "pixel" and "size" in self.model_fields_set:
+            raise ValueError("size: region 'pixel' changes every pixel; size is for 'corner' and 'border'")
+        return self
+
 
 def answer_key(answer: str, words: int) -> str:
     """An answer's first `words` words, lowercased, punctuation dropped: answers that open alike match."""
@@ -328,16 +339,16 @@ def answer_key(answer: str, words: int) -> str:
 
 @register
 class TriggerInversion(ModelScan):
-    """Search a small corner pattern that drives clean inputs to one answer; score how far it does
+    """Search a small image pattern that drives clean inputs to one answer; score how far it does
     beyond a random pattern (see the module docstring)."""
 
     name = "trigger_inversion"
     Params: ClassVar[type[DefenseParams]] = TriggerInversionParams
     params: TriggerInversionParams
     note = (
-        "an image pattern only (four corner squares, each `size` of the side; a trigger elsewhere is not searched), "
-        "learnt first untargeted, then toward the patched inputs' most common answer; answers match on their first "
-        "`match_words` words; no text-pattern search"
+        "an image pattern only, in the `region` searched (corner squares by default: a trigger elsewhere needs "
+        "region pixel or border), learnt first untargeted, then toward the patterned inputs' most common answer; "
+        "answers match on their first `match_words` words; no text-pattern search"
     )
 
     def check_victim(self, victim: Victim) -> None:
@@ -408,7 +419,7 @@ class TriggerInversion(ModelScan):
                 "rounds": rounds,
                 "held_out": len(held),
                 "fit": len(fit),
-                "patch_share": float(mask.mean()),
+                "pattern_share": float(mask.mean()),
                 "seconds": time.perf_counter() - started,
             },
         )
@@ -418,7 +429,7 @@ class TriggerInversion(ModelScan):
     ) -> list[str]:
         """The victim's greedy answers with the patch in place (images quantised to uint8, as a deployment gets them)."""
         patched = to_uint8(self._apply(images, patch, mask))
-        return victim.generate(patched, instructions, max_new_tokens=self.params.max_new_tokens, batch_size=len(instructions))
+        return victim.generate(patched, instructions, max_new_tokens=self.params.max_new_tokens)
 
     def _common(self, answers: list[str]) -> tuple[str, float]:
         """The most common answer (by `answer_key`; its most common wording) and the share of answers that match it."""
