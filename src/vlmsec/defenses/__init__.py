@@ -1,6 +1,6 @@
 """Defenses: on the tuning data, on the tuned model, on inputs at inference, in the prompt."""
 
-from vlmsec.defenses import data_filters, detect, ocr, prompt, purify, safety  # noqa: F401  (importing registers the defenses)
+from vlmsec.defenses import data_filters, detect, model, ocr, prompt, purify, safety  # noqa: F401  (importing registers the defenses)
 from vlmsec.defenses.base import (
     DataFilter,
     Defense,
