@@ -203,6 +203,7 @@ def test_a_second_run_reuses_every_cell_and_measures_the_same(defended: tuple[Pa
         ([{"name": "jpeg", "params": {"quality": 0}}], r"defenses\[0\] \('jpeg'\).*quality"),
         ([{"name": "strip", "params": {"fpr": 1.5}}], r"defenses\[0\] \('strip'\).*fpr"),
         ([{"name": "jpeg", "label": "none"}], "'none' is reserved"),
+        ([{"name": "finetune", "params": {"trusted": 500}}], r"params.trusted: 500 clean samples, more than the run's pool"),
     ],
 )
 def test_bad_defenses_are_named_before_any_stage(defenses: list[dict[str, Any]], message: str) -> None:

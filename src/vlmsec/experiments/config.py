@@ -604,6 +604,11 @@ def _check_defenses(config: ExperimentConfig, source: str) -> None:
             raise VlmsecError(f"{where}: {err}") from None
         if not config.attacks:
             raise VlmsecError(f"{where}: the run has no attacks: a defense is measured against the run's attacks")
+        wanted = getattr(defense.params, "trusted", 0)
+        if wanted > config.defense.trusted:
+            raise VlmsecError(
+                f"{where}: params.trusted: {wanted} clean samples, more than the run's pool (defense.trusted: {config.defense.trusted})"
+            )
         if getattr(defense, "trusted_set", "clean") == "safety" and config.safety is None:
             raise VlmsecError(f"{where}: it tunes the model again on the safety stage's samples: the run needs a `safety` section")
         if defense.acts_on in ("data", "model") and not tuned:

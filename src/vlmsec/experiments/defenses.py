@@ -275,7 +275,7 @@ class DefenseMatrix:
     def _repaired(self, label: str, defense: ModelRepair, row: Row, name: str) -> tuple[Path, str]:
         """The row's model repaired by `defense` with the trusted set, a stage of the run folder."""
         folder = self.c.out / "checkpoints" / name
-        trusted = self.c.safety if defense.trusted_set == "safety" else self.c.trusted
+        trusted = self.c.safety if defense.trusted_set == "safety" else owned(defense, self.c.trusted)
         key = stable_hash({"model": row.stage_key, "defense": defense.describe(), "trusted": fingerprint(trusted)})
         with claim_stage(folder, key) as done:
             if not done:
@@ -323,18 +323,24 @@ class DefenseMatrix:
         scores: dict[str, Any] = {}
         for model, (folder, key, backdoored) in self.c.models.items():
             path = self.c.out / "defenses" / label / "scans" / f"{_slug(model)}.json"
-            made_by = stable_hash({"model": key, "defense": scan.describe(), "clean": fingerprint(self.c.trusted)})
+            clean = owned(scan, self.c.trusted)
+            made_by = stable_hash({"model": key, "defense": scan.describe(), "clean": fingerprint(clean)})
             cached = _read_cached(path, made_by)
             if cached is None:
                 victim = self.c.load(folder)
                 scan.check_victim(victim)
                 start = time.perf_counter()
-                result = scan.scan(victim, self.c.trusted, seed=derive_seed(self.c.seed, f"defense/{label}"))
+                result = scan.scan(victim, clean, seed=derive_seed(self.c.seed, f"defense/{label}"))
                 cached = {"key": made_by, "score": result.score, "evidence": result.evidence, "seconds": time.perf_counter() - start}
                 write_json_sealed(path, cached)
             scores[model] = {"backdoored": backdoored, "score": cached["score"], "evidence": cached["evidence"],
                              "seconds": cached["seconds"]}
         self.results.scans[label] = scores
+
+
+def owned(defense: Defense, pool: list[Sample]) -> list[Sample]:
+    """The owner's clean samples a repair or scan is handed: its own `trusted` count of the run's pool, else all of it."""
+    return pool[: getattr(defense.params, "trusted", len(pool))]
 
 
 class _Lazy:
