@@ -222,28 +222,24 @@ class TargetSpec(_Strict):
     prefix: str = "The image depicts "
 
 
-class AttackSpec(_Strict):
-    """One attack of the run: its registered name and its parameters."""
+class ComponentSpec(_Strict):
+    """A registered component of the run: its name, its parameters, and the label it goes by."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
-    label: FileName | None = Field(None, description="name in reports and of the model's files; defaults to `name`")
+    label: FileName | None = Field(None, description="name in reports and of its files (a model's, a cell's); defaults to `name`")
 
     @property
     def key(self) -> str:
         return self.label or self.name
 
 
-class DefenseSpec(_Strict):
-    """One defense of the run's attack x defense matrix: its registered name and its parameters."""
+class AttackSpec(ComponentSpec):
+    """One attack of the run."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: FileName | None = Field(None, description="name in reports and of its files; defaults to `name`")
 
-    @property
-    def key(self) -> str:
-        return self.label or self.name
+class DefenseSpec(ComponentSpec):
+    """One defense of the run's attack x defense matrix."""
 
 
 class DefenseSettings(_Strict):
