@@ -203,7 +203,7 @@ def source_grid(mutator: str, height: int, width: int, rng: np.random.Generator)
         np.ones((height, width), dtype=np.float32),
     )
     column, row, inside = (
-        torch.from_numpy(np.asarray(IMAGE_MUTATIONS[mutator](Image.fromarray(m), copy.deepcopy(rng)), dtype=np.float32))
+        torch.tensor(np.asarray(IMAGE_MUTATIONS[mutator](Image.fromarray(m), copy.deepcopy(rng)), dtype=np.float32))
         for m in maps
     )
     safe = inside.clamp_min(1e-6)  # an output pixel blended with fill: its coordinates are scaled by `inside`
