@@ -9,8 +9,12 @@ defense's transform applied to the images the victim would see, a fresh seed per
 forward pass is the defense's real output; its backward pass is that of a differentiable
 surrogate (`bpda`):
 
-- a `Purifier` (`jpeg`, `bit_depth`, `diffusion`): forward, `purify` on the uint8 images;
-  backward, the identity (straight-through: x + (purify(x) - x).detach());
+- a `Purifier` (`bit_depth`, `diffusion`): forward, `purify` on the uint8 images; backward, the
+  identity (straight-through: x + (purify(x) - x).detach());
+- `jpeg`: backward through a differentiable JPEG (`differentiable_jpeg`: Pillow's quantisation
+  tables and 4:2:0 chroma, Shin and Song's cubic rounding). Straight-through gains nothing on a
+  victim that is nearly linear within the budget: its signed steps land on the naive attack's
+  corner of the L-infinity ball; the JPEG surrogate's gradient drops what compression removes;
 - `blur`: backward through a torch Gaussian of the same radius (Pillow's `GaussianBlur` is an
   extended-box approximation of it, so the forward pass stays Pillow's own);
 - `random_resize_pad`: backward through a torch bilinear (antialiased) resize into the same place
@@ -34,6 +38,7 @@ backward passes instead of one.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -56,7 +61,7 @@ from vlmsec.attacks.base import AttackParams
 from vlmsec.attacks.inference import to_tensor, to_uint8
 from vlmsec.defenses import DEFENSES, Defense, Purifier
 from vlmsec.defenses.detect import IMAGE_MUTATIONS, JailGuard, mutate_image
-from vlmsec.defenses.purify import Blur, RandomResizePad
+from vlmsec.defenses.purify import BitDepth, Blur, Jpeg, RandomResizePad
 from vlmsec.errors import VlmsecError
 
 DEFAULT_SAMPLES = 4
@@ -166,12 +171,60 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
+def jpeg_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 x 8 luma and chroma quantisation tables (natural order) Pillow's encoder writes at `quality`."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="JPEG", quality=quality)
+    tables = Image.open(io.BytesIO(buffer.getvalue())).quantization  # type: ignore[attr-defined]
+    return torch.tensor(list(tables[0]), dtype=torch.float32).view(8, 8), torch.tensor(list(tables[1]), dtype=torch.float32).view(8, 8)
+
+
+def dct_matrix(size: int = 8) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (JPEG's block transform: coefficients = D @ block @ D.T)."""
+    k = torch.arange(size, dtype=torch.float64)
+    matrix = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / (2 * size)) * math.sqrt(2 / size)
+    matrix[0] /= math.sqrt(2)
+    return matrix.float()
+
+
+def _quantised_blocks(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """A B x H x W plane (H, W multiples of 8, level-shifted by 128) through 8 x 8 DCT, quantisation
+    by `table` with Shin and Song's differentiable rounding (round(x) + (x - round(x))^3) and back."""
+    b, h, w = plane.shape
+    blocks = (plane - 128).view(b, h // 8, 8, w // 8, 8).transpose(2, 3)
+    scaled = (dct @ blocks @ dct.T) / table
+    rounded = torch.round(scaled)
+    coefficients = (rounded + (scaled - rounded) ** 3) * table
+    return (dct.T @ coefficients @ dct).transpose(2, 3).reshape(b, h, w) + 128
+
+
+def differentiable_jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG as Pillow writes it by default, in torch (Shin and Song 2017's approximation): YCbCr,
+    chroma averaged over 2 x 2 (4:2:0), 8 x 8 DCT quantised by Pillow's tables at `quality` with a
+    differentiable rounding, chroma upsampled bilinearly, back to RGB. Within a few levels of
+    Pillow's output, where the identity is far off: its gradient tells the attacker which part of
+    a perturbation survives compression (the chroma detail and fine quantised-away texture do not)."""
+    luma_table, chroma_table = (t.to(images) for t in jpeg_tables(quality))
+    dct = dct_matrix().to(images)
+    height, width = images.shape[2:]
+    x = F.pad(images * 255, (0, -width % 16, 0, -height % 16), mode="replicate")
+    r, g, b = x.unbind(1)
+    y = _quantised_blocks(0.299 * r + 0.587 * g + 0.114 * b, luma_table, dct)
+    chroma = F.avg_pool2d(torch.stack([-0.168736 * r - 0.331264 * g + 0.5 * b, 0.5 * r - 0.418688 * g - 0.081312 * b], 1), 2)
+    chroma = torch.stack([_quantised_blocks(c + 128, chroma_table, dct) - 128 for c in chroma.unbind(1)], 1)
+    cb, cr = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False).unbind(1)
+    rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+    return rgb[:, :, :height, :width] / 255
+
+
 class Purified:
     """A purifier's output (forward: `purify` on the uint8 images) with the gradient of its
-    surrogate: a torch blur or resize-pad where it has one, else the identity."""
+    surrogate: a torch JPEG, blur or resize-pad where it has one, else the identity."""
 
     def __init__(self, purifier: Purifier) -> None:
         self.purifier = purifier
+        # Draws of a purifier that ignores the seed are all the same: one per step is the expectation.
+        self.deterministic = isinstance(purifier, (Jpeg, BitDepth, Blur))
 
     def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         exact = to_tensor(self.purifier.purify(to_uint8(images), seed))
@@ -180,6 +233,8 @@ class Purified:
     def surrogate(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         """What the backward pass differentiates."""
         purifier = self.purifier
+        if isinstance(purifier, Jpeg):
+            return differentiable_jpeg(images, purifier.params.quality)
         if isinstance(purifier, Blur):
             return gaussian_blur(images, purifier.params.radius)
         if isinstance(purifier, RandomResizePad):
@@ -254,11 +309,17 @@ def transform_of(adaptive: AdaptiveParams) -> Transform:
 class Expectation:
     """How a white-box attack takes its gradient: plainly for the naive attacker (`adaptive` None),
     else averaged over `adaptive.samples` draws of the defense's transform, each seeded from a
-    stream of the attack's `seed` (a fresh seed per draw, the same sequence on every run)."""
+    stream of the attack's `seed` (a fresh seed per draw, the same sequence on every run). A
+    deterministic purifier (jpeg, bit_depth, blur) is drawn once per step, whatever `samples`
+    says: its draws would all be the same."""
 
     def __init__(self, adaptive: AdaptiveParams | None, seed: int) -> None:
-        self.transform = None if adaptive is None else transform_of(adaptive)
-        self.samples = 1 if adaptive is None else adaptive.samples
+        self.transform: Transform | None = None
+        self.samples = 1
+        if adaptive is not None:
+            self.transform = transform_of(adaptive)
+            if not (isinstance(self.transform, Purified) and self.transform.deterministic):
+                self.samples = adaptive.samples
         self._seeds = np.random.default_rng([seed, SEED_STREAM])
 
     def gradient(
