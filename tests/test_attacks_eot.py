@@ -342,3 +342,20 @@ def test_bad_adaptive_parameters_are_errors_naming_the_attack_and_the_field(
 ) -> None:
     with pytest.raises(VlmsecError, match=rf"^attack '{name}': bad parameters: {message}"):
         create_attack(name, adaptive=adaptive)
+
+
+def test_a_config_names_the_attack_entry_with_bad_adaptive_parameters_before_anything_runs() -> None:
+    from vlmsec.experiments.config import parse_config
+
+    run = {
+        "name": "adaptive-config",
+        "data": {"base_size": 24, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
+        "victim": {"image_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vocab_size": 400},
+        "poison": {"rate": 0.0},
+        "attacks": [{"name": "pgd", "params": {"steps": 2, "adaptive": {"defense": "jpeg", "params": {"quality": 50}}}}],
+    }
+    config = parse_config(run, "test")
+    assert config.attacks[0].params["adaptive"]["defense"] == "jpeg"
+    run["attacks"] = [{"name": "pgd", "params": {"adaptive": {"defense": "jpeg", "params": {"quality": 0}}}}]
+    with pytest.raises(VlmsecError, match=r"^test: attacks\[0\]: attack 'pgd': bad parameters: adaptive\.params: .*quality"):
+        parse_config(run, "test")

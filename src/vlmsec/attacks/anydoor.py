@@ -28,7 +28,8 @@ is what the reference always uses; the border and corner sizes are fractions of 
 blurred into its neighbours when a 64-px image is resized to the tower's 96. Delta lives at the
 images' own size (all train and request images share one) and is quantised once to whole uint8
 levels, so every saved image carries exactly the same change (clipped to [0, 255] in pixel mode)
-and what is saved is what is scored. Deterministic under the attack's seed.
+and what is saved is what is scored. Deterministic under the attack's seed. With `adaptive` (null
+by default) the attacker knows an input defense and learns delta through it (`attacks.eot`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ radius `epsilon` around the clean image and onto [0, 1]. As in the reference cod
 
 The image is optimised at its own size (the victim resizes it inside the loss), then quantised
 to uint8 and clamped to the budget in uint8 units, so what is saved is what is scored and never
-exceeds epsilon. Everything is deterministic under the attack's seed.
+exceeds epsilon. Everything is deterministic under the attack's seed. With `adaptive` (null by
+default) the attacker knows an input defense and descends through it (`attacks.eot`: EOT with BPDA).
 
 Two attacks share the code, one per goal (`InferenceAttack.goal` is a class attribute, so the
 registry and `vlmsec attacks` tell them apart without building them):
