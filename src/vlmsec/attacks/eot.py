@@ -32,7 +32,8 @@ Other defenses (`strip`, `cider_detect`, `ocr_screen`, prompt, model and data de
 image transform to see through: naming one is an error at parameter time, as is a JailGuard with
 text mutations (the attacker optimises the image alone). The draws are seeded by the attack's seed,
 so an adaptive attack is as deterministic as a naive one; each step costs `samples` forward and
-backward passes instead of one.
+backward passes instead of one (one for a deterministic purifier: jpeg, bit_depth, blur), plus the
+defense's own transform per draw (for `diffusion`, an img2img pass).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class AdaptiveParams(BaseModel):
     params: dict[str, Any] = Field(
         default_factory=dict,
         validate_default=True,  # the defense's own defaults are checked too (diffusion without a folder cannot run)
-        description="the defense's parameters (validated by it; stored with its defaults filled in)"
+        description="the defense's parameters (validated by it; stored with its defaults filled in)",
     )
     samples: int = Field(DEFAULT_SAMPLES, ge=1, le=256, description="draws of the defense's transform averaged per step (EOT)")
 
