@@ -28,7 +28,8 @@ is what the reference always uses; the border and corner sizes are fractions of 
 blurred into its neighbours when a 64-px image is resized to the tower's 96. Delta lives at the
 images' own size (all train and request images share one) and is quantised once to whole uint8
 levels, so every saved image carries exactly the same change (clipped to [0, 255] in pixel mode)
-and what is saved is what is scored. Deterministic under the attack's seed.
+and what is saved is what is scored. Deterministic under the attack's seed. With `adaptive` (null
+by default) the attacker knows an input defense and learns delta through it (`attacks.eot`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pydantic import Field, field_validator, model_validator
 
 from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackParams
+from vlmsec.attacks.eot import AdaptiveAttackParams, Expectation
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack, to_tensor, to_uint8
 from vlmsec.attacks.pgd import LOSS_CHECK_ROWS, check_target, uint8_budget
 from vlmsec.attacks.registry import register
@@ -70,8 +72,9 @@ NOTE = (
 )
 
 
-class AnyDoorParams(AttackParams):
-    """Where delta goes and its budget, the optimisation, and the text trigger."""
+class AnyDoorParams(AdaptiveAttackParams):
+    """Where delta goes and its budget, the optimisation, and the text trigger; `adaptive`: the
+    defense the attacker optimises through (`attacks.eot`), none by default."""
 
     mode: Mode = Field("pixel", description="pixel: additive in +-epsilon; border: a frame; corner: four corner squares")
     epsilon: float | None = Field(
@@ -294,18 +297,22 @@ class AnyDoor(InferenceAttack):
         self, victim: Victim, clean: torch.Tensor, start: torch.Tensor, mask: torch.Tensor,
         plain: list[str], triggered: list[str], targets: list[str], answers: list[str],
     ) -> torch.Tensor:
-        """MI-FGSM on delta for `steps` steps, each on `batch_size` train requests drawn from the seed."""
+        """MI-FGSM on delta for `steps` steps, each on `batch_size` train requests drawn from the seed;
+        the gradient is `Expectation.gradient`'s (plain, or through the defense of `adaptive`), both
+        loss terms on the same draw of the defended images."""
         rng = random.Random(self.params.seed)
         size = min(self.params.batch_size, len(plain))
         step_size, pixel, epsilon = self._step_size(), self.params.mode == "pixel", self.epsilon
         delta, momentum = start.clone(), torch.zeros_like(start)
+        expectation = Expectation(self.params.adaptive, self.params.seed)
         for _ in range(self.params.steps):
             picked = rng.sample(range(len(plain)), size)
-            delta.requires_grad_(True)
-            images = self._apply(clean[picked], delta, mask)
-            loss = victim.answer_loss(images, [triggered[i] for i in picked], [targets[i] for i in picked])
-            loss = loss + victim.answer_loss(images, [plain[i] for i in picked], [answers[i] for i in picked])
-            (grad,) = torch.autograd.grad(loss, delta)
+
+            def loss(images: torch.Tensor) -> torch.Tensor:
+                with_trigger = victim.answer_loss(images, [triggered[i] for i in picked], [targets[i] for i in picked])
+                return with_trigger + victim.answer_loss(images, [plain[i] for i in picked], [answers[i] for i in picked])
+
+            grad = expectation.gradient(delta, loss, lambda d: self._apply(clean[picked], d, mask))
             with torch.no_grad():
                 momentum = MOMENTUM * momentum + grad / grad.abs().sum().clamp_min(1e-12)
                 delta = delta - step_size * momentum.sign()

@@ -28,7 +28,8 @@ steps by default, not one epoch over 118k contexts with the checkpoint chosen on
 contexts; one prompt format (theirs draws one of four system prompts per context); their patch
 is 50 px of a 500-px canvas (about 0.1 of the side, one token's receptive field at 96 px), ours
 0.25 of the side by default. The image is quantised to uint8 before it is scored, as theirs.
-Deterministic under the attack's seed (the batches drawn; the patch's start).
+Deterministic under the attack's seed (the batches drawn; the patch's start). `adaptive`, as
+`pgd`'s: the attacker optimises through a known input defense (`attacks.eot`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ radius `epsilon` around the clean image and onto [0, 1]. As in the reference cod
 
 The image is optimised at its own size (the victim resizes it inside the loss), then quantised
 to uint8 and clamped to the budget in uint8 units, so what is saved is what is scored and never
-exceeds epsilon. Everything is deterministic under the attack's seed.
+exceeds epsilon. Everything is deterministic under the attack's seed. With `adaptive` (null by
+default) the attacker knows an input defense and descends through it (`attacks.eot`: EOT with BPDA).
 
 Two attacks share the code, one per goal (`InferenceAttack.goal` is a class attribute, so the
 registry and `vlmsec attacks` tell them apart without building them):
@@ -42,6 +43,7 @@ from pydantic import Field
 
 from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackParams
+from vlmsec.attacks.eot import AdaptiveAttackParams, Expectation
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack, to_tensor, to_uint8
 from vlmsec.attacks.registry import register
 from vlmsec.attacks.targets import affirmative_target
@@ -69,8 +71,9 @@ UNIVERSAL_NOTE = (
 )
 
 
-class PgdParams(AttackParams):
-    """The L-infinity budget (None: unconstrained), the signed step, the step count and the batch."""
+class PgdParams(AdaptiveAttackParams):
+    """The L-infinity budget (None: unconstrained), the signed step, the step count and the batch;
+    `adaptive`: the defense the attacker optimises through (`attacks.eot`), none by default."""
 
     epsilon: float | None = Field(
         16 / 255, ge=0, le=1, description="L-infinity budget in [0, 1] (16/255, 32/255, 64/255); null: unconstrained"
@@ -145,14 +148,18 @@ def descend(
     onto the epsilon ball around `clean` (none when `epsilon` is None) and onto [0, 1].
     `batch(step)` gives the step's instructions and targets; a one-row image is shared by all of them.
     `mask` (1 where pixels may move, 0 elsewhere; broadcast over the image) confines the steps to a
-    region such as a patch: pixels outside it keep their start values."""
+    region such as a patch: pixels outside it keep their start values. The gradient is
+    `Expectation.gradient`'s: plain, or through the defense of `params.adaptive`."""
+    expectation = Expectation(params.adaptive, params.seed)
     x = start.clone()
     for step in range(params.steps):
         instructions, targets = batch(step)
-        x.requires_grad_(True)
-        images = x if len(x) == len(instructions) else x.expand(len(instructions), -1, -1, -1)
-        loss = victim.answer_loss(images, instructions, targets)
-        (grad,) = torch.autograd.grad(loss, x)
+        rows = len(instructions)  # a one-row image is shared by every instruction
+        grad = expectation.gradient(
+            x,
+            lambda images: victim.answer_loss(images, instructions, targets),
+            lambda image: image if len(image) == rows else image.expand(rows, -1, -1, -1),
+        )
         with torch.no_grad():
             step = params.step_size * grad.sign()
             x = x - (step if mask is None else step * mask)

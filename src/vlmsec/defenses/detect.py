@@ -300,6 +300,13 @@ IMAGE_MUTATIONS: dict[str, ImageMutation] = {
 }
 ImageMutator = Literal["flip", "vflip", "rotate", "crop", "blur", "jitter", "mask", "grayscale", "solarize", "posterize"]
 
+
+def mutate_image(image: np.ndarray, mutator: str, rng: np.random.Generator) -> np.ndarray:
+    """One JailGuard image mutation (`IMAGE_MUTATIONS[mutator]`) of a uint8 H x W x 3 image, its
+    strength drawn from `rng`, as uint8 RGB: what the detector answers, and what an adaptive
+    attacker (`attacks.eot`) optimises through."""
+    return np.asarray(IMAGE_MUTATIONS[mutator](Image.fromarray(image), rng).convert("RGB"))
+
 # A small offline synonym table (JailGuard reads WordNet, which no installed package ships) for the
 # words instructions to a VLM use most.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -430,8 +437,7 @@ class JailGuard(Detector):
         """One variant: one image mutation and one text mutation, each drawn from those configured."""
         p = self.params
         if p.image_mutators:
-            mutation = IMAGE_MUTATIONS[p.image_mutators[int(rng.integers(len(p.image_mutators)))]]
-            image = np.asarray(mutation(Image.fromarray(image), rng).convert("RGB"))
+            image = mutate_image(image, p.image_mutators[int(rng.integers(len(p.image_mutators)))], rng)
         if p.text_mutators:
             instruction = TEXT_MUTATIONS[p.text_mutators[int(rng.integers(len(p.text_mutators)))]](instruction, rng)
         return image, instruction

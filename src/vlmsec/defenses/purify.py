@@ -93,14 +93,20 @@ class RandomResizePad(Purifier):
     Params: ClassVar[type[DefenseParams]] = ResizePadParams
     params: ResizePadParams
 
-    def purify(self, images: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+    def placements(self, sizes: Sequence[tuple[int, int]], seed: int) -> list[tuple[int, int, int, int]]:
+        """Where each image of (height, width) in `sizes` goes: (top, left, height, width) of its
+        shrunk copy, drawn in order under the seed (`purify`'s, and an adaptive attacker's gradient)."""
         rng = np.random.default_rng([self.params.seed, seed])
         out = []
-        for image in images:
-            h, w = image.shape[:2]
+        for h, w in sizes:
             scale = rng.uniform(self.params.min_scale, 1.0)
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            top, left = int(rng.integers(0, h - nh + 1)), int(rng.integers(0, w - nw + 1))
+            out.append((int(rng.integers(0, h - nh + 1)), int(rng.integers(0, w - nw + 1)), nh, nw))
+        return out
+
+    def purify(self, images: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+        out = []
+        for image, (top, left, nh, nw) in zip(images, self.placements([i.shape[:2] for i in images], seed), strict=True):
             canvas = np.zeros_like(image)
             canvas[top : top + nh, left : left + nw] = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
             out.append(canvas)
