@@ -72,3 +72,16 @@ def test_every_defense_declares_where_it_acts() -> None:
         assert create_defense(name).describe()["kind"] in (
             "DataFilter", "ModelRepair", "ModelScan", "Purifier", "Detector", "PromptDefense"
         )
+
+
+@pytest.mark.parametrize("module", ["vlmsec.defenses", "vlmsec.defenses.model", "vlmsec.attacks.eot", "vlmsec.attacks", "vlmsec.experiments.defenses"])
+def test_every_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    """Attacks import the defenses (an adaptive attacker knows them) and some defenses import attack helpers:
+    whichever a user imports first, both registries end up whole."""
+    import subprocess
+    import sys
+
+    code = f"import {module}; import vlmsec.defenses as d, vlmsec.attacks as a; print(len(d.DEFENSES), len(a.ATTACKS))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(len(DEFENSES)), str(len(__import__("vlmsec.attacks").attacks.ATTACKS))]

@@ -60,7 +60,8 @@ from pydantic import (
 
 from vlmsec.attacks.base import AttackParams
 from vlmsec.attacks.inference import to_tensor, to_uint8
-from vlmsec.defenses import DEFENSES, Defense, Purifier
+from vlmsec.defenses.base import Defense, Purifier
+from vlmsec.defenses.registry import DEFENSES
 from vlmsec.defenses.detect import IMAGE_MUTATIONS, JailGuard, mutate_image
 from vlmsec.defenses.purify import BitDepth, Blur, Jpeg, RandomResizePad
 from vlmsec.errors import VlmsecError

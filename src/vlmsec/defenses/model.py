@@ -41,7 +41,6 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from vlmsec.attacks.adaptive import eval_mode
-from vlmsec.attacks.anydoor import patch_mask
 from vlmsec.attacks.inference import to_tensor, to_uint8
 from vlmsec.defenses.base import DefenseParams, ModelRepair, ModelScan, ScanResult
 from vlmsec.defenses.registry import register
@@ -380,6 +379,8 @@ class TriggerInversion(ModelScan):
         p = self.params
         started = time.perf_counter()
         height, width = fit[0].image.shape[:2]
+        from vlmsec.attacks.anydoor import patch_mask  # here: attacks import the defenses (an adaptive attacker knows them)
+
         mask = patch_mask(p.region, p.size, height, width)
         stream = derive_seed(p.seed, f"{self.name}/{seed}")
         start, random_patch = torch.rand(2, 1, 3, height, width, generator=torch.Generator().manual_seed(stream))
