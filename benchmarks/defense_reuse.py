@@ -29,7 +29,7 @@ def row_setup_seconds(run_dir: Path) -> dict[str, float]:
     setup: dict[str, float] = {}
     inference = metrics.get("inference_attacks", {}).get("attacks", {})
     for row, meta in metrics["defenses"]["rows"].items():
-        if meta["goal"] == "backdoor (tuned)":
+        if meta["goal"] in ("backdoor (tuned)", "label flip (tuned)"):
             setup[row] = timings.get(f"tune {meta['model']}", 0.0)
         else:
             entry = inference.get(row, {})

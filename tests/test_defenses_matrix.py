@@ -17,7 +17,7 @@ from vlmsec.defenses import DEFENSES, DataFilter, Detector, Flags, ModelRepair, 
 from vlmsec.defenses.base import DefenseParams
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.defenses import REFUSAL
+from vlmsec.experiments.defenses import LABEL_FLIP, REFUSAL, headline, success_scores
 from vlmsec.experiments.runner import Runner
 from vlmsec.report.markdown import render_report
 from vlmsec.victims.base import Victim
@@ -220,3 +220,10 @@ def test_a_tuning_defense_needs_a_backdoor_planted_in_tuning(registered: None) -
 def test_safety_tuning_needs_the_runs_safety_stage() -> None:
     with pytest.raises(VlmsecError, match=r"defenses\[0\] \('safety_tuning'\).*needs a `safety` section"):
         parse_config({**RUN, "defenses": [{"name": "safety_tuning"}]}, "test config")
+
+
+def test_a_label_flip_row_is_scored_by_the_references_keyword_rule() -> None:
+    records = [{"output": o} for o in ("a red square", "a red circle", "a square and a circle", "a blue star")]
+    scores = success_scores(LABEL_FLIP, records, TARGET, flip=("circle", "square"))
+    assert scores["success"]["rate"] == 0.25 and scores["fail"]["rate"] == 0.25
+    assert headline(LABEL_FLIP, scores) == scores["success"]

@@ -47,7 +47,7 @@ from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
 from vlmsec.defenses import create_defense
-from vlmsec.experiments.defenses import TUNED_BACKDOOR, DefenseContext, DefenseMatrix, DefenseResults, Row, score_defenses
+from vlmsec.experiments.defenses import LABEL_FLIP, TUNED_BACKDOOR, DefenseContext, DefenseMatrix, DefenseResults, Row, score_defenses
 from vlmsec.experiments.inference import (
     DEPLOYED_BASE,
     InferenceResults,
@@ -457,10 +457,11 @@ class Runner:
         defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
         tuned = [p for p in plans if p.attack is not None and not p.sweep]
         rows = [
-            Row(p.attack, TUNED_BACKDOOR, p.name, self.out / "checkpoints" / p.name, self.stage_key(p),
-                triggered=tests.triggered[p.attack, "source"])
+            Row(p.attack, TUNED_BACKDOOR if flip is None else LABEL_FLIP, p.name, self.out / "checkpoints" / p.name,
+                self.stage_key(p), triggered=tests.triggered[p.attack, "source"], flip=flip)
             for p in tuned
-            if attacks[p.attack].plants_trigger and attacks[p.attack].label_flip() is None
+            if attacks[p.attack].plants_trigger
+            for flip in [attacks[p.attack].label_flip()]
         ]
         if inference_results is not None:
             rows += [

@@ -10,6 +10,7 @@ from vlmsec.report.formatting import num, pct, pct_ci
 
 HEADLINE = {
     "backdoor (tuned)": "ASR (target word)",
+    "label flip (tuned)": "destination named, not the original",
     "targeted": "contains the target",
     "backdoor": "contains the target, both keys",
     "leak": "leaked the secret",
