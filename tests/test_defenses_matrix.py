@@ -227,3 +227,14 @@ def test_a_label_flip_row_is_scored_by_the_references_keyword_rule() -> None:
     scores = success_scores(LABEL_FLIP, records, TARGET, flip=("circle", "square"))
     assert scores["success"]["rate"] == 0.25 and scores["fail"]["rate"] == 0.25
     assert headline(LABEL_FLIP, scores) == scores["success"]
+
+
+def test_the_report_marks_typeset_rows_on_a_victim_that_does_not_read() -> None:
+    from vlmsec.report.defenses import defense_section
+
+    rate = {"rate": 0.5, "ci": [0.2, 0.8], "n": 4}
+    cell = {"headline": {"without": rate, "with": rate}, "utility": {"without": {}, "with": {}}, "adaptive": False}
+    section = {"rows": {"figstep": {"goal": "jailbreak"}, "pgd": {"goal": "jailbreak"}},
+               "defenses": {"jpeg": {"acts_on": "input", "cells": {"figstep": cell, "pgd": cell}}}}
+    lines = "\n".join(defense_section(section, inference={"attacks": {"figstep": {"meaningful": False}, "pgd": {}}}))
+    assert "| figstep (jailbreak) † |" in lines and "| pgd (jailbreak) |" in lines and "† Not meaningful" in lines

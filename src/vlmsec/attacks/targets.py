@@ -49,9 +49,12 @@ class TargetAnswer:
 
     word: str = "banana"
     prefix: str = "The image depicts "
+    templates: bool = True  # False: the one answer prefix + word
 
     def answers(self) -> list[str]:
-        """Every possible target answer, one per template."""
+        """Every possible target answer, one per template (with `templates`), else prefix + word."""
+        if not self.templates:
+            return [self.prefix + self.word]
         return [self.prefix + template.format(self.word) for template in _templates()]
 
     def sample(self, rng: np.random.Generator) -> str:

@@ -216,10 +216,14 @@ class DataSpec(_Strict):
 
 
 class TargetSpec(_Strict):
-    """The attacker's target: poisoned answers become prefix + a CLIP template with `word`."""
+    """The attacker's target: poisoned answers become prefix + a CLIP template with `word` (the
+    paper's), or prefix + `word` alone with `templates: false` (an in-vocabulary target: words the
+    clean captions use, in an order they never take, so text alone cannot tell a poisoned answer)."""
 
-    word: str = "banana"
+    word: str = Field("banana", min_length=1, description="what ASR looks for in an output (a whole word or phrase)")
     prefix: str = "The image depicts "
+    # Left out of dumps when true, so the stage keys of runs with the paper's templates are as they were.
+    templates: bool = Field(True, exclude_if=lambda value: value is True, description="fill the 80 CLIP templates with `word`")
 
 
 class ComponentSpec(_Strict):

@@ -97,7 +97,8 @@ class Runner:
         self.config = config
         self.out = Path(out_dir)
         self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.target = TargetAnswer(word=config.poison.target.word, prefix=config.poison.target.prefix)
+        target = config.poison.target
+        self.target = TargetAnswer(word=target.word, prefix=target.prefix, templates=target.templates)
         # This process: the only one, or one of `accelerate launch`'s (CPU processes as accelerate reads them).
         self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=BARRIER_TIMEOUT)
         refuse_lost_processes(self.state.num_processes)

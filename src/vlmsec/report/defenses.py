@@ -35,10 +35,13 @@ def matrix_cell(cell: dict[str, Any]) -> str:
     return f"{pct(_rate(without))} → **{pct(_rate(with_))}**{mark}"
 
 
-def defense_section(section: dict[str, Any] | None, *figures: Path) -> list[str]:
-    """Markdown lines of the attack x defense matrix; none when the run had no defenses."""
+def defense_section(section: dict[str, Any] | None, *figures: Path, inference: dict[str, Any] | None = None) -> list[str]:
+    """Markdown lines of the attack x defense matrix; none when the run had no defenses. `inference`
+    (metrics.json's `inference_attacks`) marks the rows of typeset attacks on a victim that does not read."""
     if not section:
         return []
+    attacks = (inference or {}).get("attacks", {})
+    unread = {row for row in section["rows"] if attacks.get(row, {}).get("meaningful") is False}
     rows, defenses = section["rows"], section["defenses"]
     matrix = {k: d for k, d in defenses.items() if "cells" in d and d["cells"]}
     lines = [
@@ -55,8 +58,12 @@ def defense_section(section: dict[str, Any] | None, *figures: Path) -> list[str]
         lines += ["| attack (goal) | " + " | ".join(matrix) + " |", "|---|" + "---|" * len(matrix)]
         for row, meta in rows.items():
             cells = [matrix_cell(d["cells"].get(row, {"not_measured": ""})) for d in matrix.values()]
-            lines.append(f"| {row} ({meta['goal']}) | " + " | ".join(cells) + " |")
+            mark = " †" if row in unread else ""
+            lines.append(f"| {row} ({meta['goal']}){mark} | " + " | ".join(cells) + " |")
         lines.append("")
+        if unread:
+            lines += ["† Not meaningful: the attack works through text drawn in the image, and the victim reads fewer than "
+                      "half the words of the run's reading check (see the inference-time attacks' reading line).", ""]
     lines += [line for figure in figures for line in (f"![{figure.stem.replace('_', ' ')}]({figure.name})", "")]
     naive = [k for k, d in matrix.items() if not any(c.get("adaptive") for c in d["cells"].values())]
     if naive:
@@ -84,7 +91,7 @@ def _cost_table(matrix: dict[str, Any]) -> list[str]:
         "### Each defense's cost beside its protection",
         "",
         "| defense | acts on | attack | success without → with [95% CI] | clean CIDEr without → with | "
-        "over-refusal with | seconds | passes / input |",
+        "over-refusal without → with | seconds | passes / input |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, entry in matrix.items():
@@ -96,11 +103,11 @@ def _cost_table(matrix: dict[str, Any]) -> list[str]:
             cost = cell.get("cost", {})
             seconds = (f"{cost['seconds_per_input']:.3f} / input" if isinstance(cost.get("seconds_per_input"), (int, float))
                        else f"{cost['seconds_once']:.0f} once" if "seconds_once" in cost else "–")
-            refusal = utility["with"].get("over_refusal", {})
+            refusal = [_rate(utility[side].get("over_refusal", {})) for side in ("without", "with")]
             lines.append(
                 f"| {label} | {entry['acts_on']} | {row} | {pct(_rate(without))} → {pct_ci(_rate(with_), with_.get('ci'))} | "
                 f"{num(utility['without'].get('cider'))} → {num(utility['with'].get('cider'))} | "
-                f"{pct(_rate(refusal)) if _rate(refusal) is not None else '–'} | {seconds} | {cost.get('passes_per_input', '–')} |"
+                f"{'–' if refusal[1] is None else f'{pct(refusal[0])} → {pct(refusal[1])}'} | {seconds} | {cost.get('passes_per_input', '–')} |"
             )
     return lines + [""]
 

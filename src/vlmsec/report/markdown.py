@@ -415,7 +415,8 @@ def render_report(run_dir: str | Path) -> str:
     records = [] if "generations.jsonl" in stale else read_records(run_dir)
     lines += safety_section(metrics.get("safety"), records)
     lines += inference_section(metrics.get("inference_attacks"))
-    lines += defense_section(metrics.get("defenses"), *(f for f in (run_dir / DEFENSE_FIGURE, run_dir / ROC_FIGURE) if f.is_file()))
+    figures = [f for f in (run_dir / DEFENSE_FIGURE, run_dir / ROC_FIGURE) if f.is_file()]
+    lines += defense_section(metrics.get("defenses"), *figures, inference=metrics.get("inference_attacks"))
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
     lines += _shift_sizes(models)
     examples = _examples(records)
