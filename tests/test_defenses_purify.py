@@ -74,7 +74,7 @@ def test_every_defense_declares_where_it_acts() -> None:
         )
 
 
-@pytest.mark.parametrize("module", ["vlmsec.defenses", "vlmsec.defenses.model", "vlmsec.attacks.eot", "vlmsec.attacks", "vlmsec.experiments.defenses"])
+@pytest.mark.parametrize("module", ["vlmsec.defenses", "vlmsec.attacks"])
 def test_every_module_imports_first_in_a_fresh_interpreter(module: str) -> None:
     """Attacks import the defenses (an adaptive attacker knows them) and some defenses import attack helpers:
     whichever a user imports first, both registries end up whole."""
