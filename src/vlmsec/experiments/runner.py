@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from vlmsec.attacks.inference import InferenceAttack
 from vlmsec.attacks.poison import poison_count
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
+from vlmsec.defenses import create_defense
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.data.safety import REFUSALS, SafetySplit
@@ -46,7 +47,6 @@ from vlmsec.eval.refusal import ATTACK_LABELS, RefusalJudge
 from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
-from vlmsec.defenses import create_defense
 from vlmsec.experiments.defenses import LABEL_FLIP, TUNED_BACKDOOR, DefenseContext, DefenseMatrix, DefenseResults, Row, score_defenses
 from vlmsec.experiments.inference import (
     DEPLOYED_BASE,
@@ -265,7 +265,7 @@ class Runner:
         return self.load_victim(folder)
 
     def tune(
-        self, name: str, samples: list[Sample], base: tuple[Path, str], made_by: dict[str, Any], poisoned_ids: list[str] = ()
+        self, name: str, samples: list[Sample], base: tuple[Path, str], made_by: dict[str, Any], poisoned_ids: Sequence[str] = ()
     ) -> tuple[Path, str]:
         """Tune the base victim on `samples` into `checkpoints/<name>` (a stage of the run folder, reused
         when `made_by`, the tuning and the samples are unchanged); its folder and stage key."""
