@@ -212,11 +212,12 @@ class InferenceStage:
         with progress_bar(f"{key}: craft adversarial inputs", len(requests)) as bar:
             crafted = attack.craft(requests, self.victim, train)
             bar.advance(len(crafted))
-        seconds = (time.perf_counter() - start) / max(len(requests), 1)
+        total = time.perf_counter() - start
+        seconds = total / max(len(requests), 1)
         if [c.id for c in crafted] != [r.id for r in requests]:
             raise VlmsecError(f"attack {key!r}: crafted inputs do not match the requests one for one, in order")
         inputs = self.saved(key, crafted)
-        cost = {"seconds_per_image": seconds, **attack.diagnostics()}
+        cost = {"seconds_per_image": seconds, **attack.diagnostics(), "craft_seconds": total}
         write_json_sealed(manifest, {"key": made_by, "inputs": [[i.id, i.instruction] for i in inputs], "cost": cost})
         return inputs, cost
 
