@@ -18,12 +18,13 @@ from vlmsec.defenses.detect import (
     IMAGE_MUTATIONS,
     KL_CAP,
     TEXT_MUTATIONS,
+    auroc,
     blend,
     calibrate_threshold,
-    detection_metrics,
     jaccard_distance,
     majority_variability,
     response_divergence,
+    roc_curve,
 )
 from vlmsec.errors import VlmsecError
 from vlmsec.victims.tiny_llava import TinyLlavaSpec
@@ -78,16 +79,18 @@ def toy_inputs(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
-def test_detection_metrics_on_known_scores() -> None:
+def test_threshold_auroc_and_roc_on_known_scores() -> None:
     benign = np.arange(1, 11) / 10  # 0.1 ... 1.0
-    attack = [0.95, 2.0, 0.5, 0.85]
-    metrics = detection_metrics(benign, attack, fpr=0.1)
+    attack = np.array([0.95, 2.0, 0.5, 0.85])
     # threshold: the 2nd highest benign score, so 1 of 10 benign inputs (10%) lies above it
-    assert metrics["threshold"] == 0.9
-    assert metrics["tpr_at_fpr"] == 0.5  # 0.95 and 2.0
+    threshold = calibrate_threshold(benign, fpr=0.1)
+    assert threshold == 0.9
+    assert (attack > threshold).mean() == 0.5  # 0.95 and 2.0
     # pairs (attack above benign) out of 40, the tie 0.5 = 0.5 counting half: 9 + 10 + 4.5 + 8
-    assert metrics["auroc"] == pytest.approx(31.5 / 40)
-    assert detection_metrics([0, 1, 2], [3, 4], fpr=0.05) == {"auroc": 1.0, "tpr_at_fpr": 1.0, "threshold": 2.0}
+    assert auroc(benign, attack) == pytest.approx(31.5 / 40)
+    assert auroc([0, 1, 2], [3, 4]) == 1.0 and calibrate_threshold([0, 1, 2], fpr=0.05) == 2.0
+    roc = roc_curve([0, 1], [1, 2])
+    assert roc == {"fpr": [0.0, 0.0, 0.5, 1.0], "tpr": [0.0, 0.5, 1.0, 1.0]}
 
 
 def test_calibrated_threshold_flags_at_most_the_share_of_benign_inputs() -> None:
@@ -95,9 +98,9 @@ def test_calibrated_threshold_flags_at_most_the_share_of_benign_inputs() -> None
     for fpr in (0.01, 0.05, 0.2):
         assert (benign > calibrate_threshold(benign, fpr)).mean() <= fpr
     with pytest.raises(VlmsecError, match="NaN"):
-        detection_metrics([0.1, float("nan")], [1.0], 0.05)
-    with pytest.raises(VlmsecError, match="no attack scores"):
-        detection_metrics([0.1], [], 0.05)
+        auroc([0.1, float("nan")], [1.0])
+    with pytest.raises(VlmsecError, match="no positive scores"):
+        auroc([0.1], [])
     with pytest.raises(VlmsecError, match="fpr"):
         calibrate_threshold([0.1], 1.0)
 
@@ -124,7 +127,7 @@ def test_strip_separates_a_fixed_trigger_from_clean_inputs(measure: str) -> None
     benign, attack = strip.scores(victim, clean, instructions, seed=0), strip.scores(victim, triggered, instructions, seed=0)
     np.testing.assert_array_equal(attack, np.zeros(12))  # the trigger survives every blend: the answer never changes
     assert (benign < 0).all()
-    assert detection_metrics(benign, attack, fpr=0.05)["auroc"] == 1.0
+    assert auroc(benign, attack) == 1.0
     assert victim.calls == 2  # every blend of every input in one batched call
     np.testing.assert_array_equal(strip.scores(victim, clean, instructions, seed=0), benign)
     assert strip.passes_per_input == 8 and create_defense("strip", blends=3).passes_per_input == 3

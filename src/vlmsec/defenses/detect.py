@@ -1,5 +1,5 @@
 """Input detection: each input is scored (higher: more likely an attack) and the deployment refuses
-those above a threshold calibrated on benign inputs (`calibrate_threshold`, `detection_metrics`).
+those above a threshold calibrated on benign inputs (`calibrate_threshold`); `auroc` and `roc_curve` read a detector.
 
 - `strip` (Gao et al. 2019, STRIP, read for generation): the image is blended with other images and
   answered once per blend. A clean input's answer follows what the blend shows; a triggered one keeps
@@ -73,21 +73,6 @@ def roc_curve(negative_scores: Sequence[float] | np.ndarray, positive_scores: Se
     fpr = [0.0] + [float((negative >= t).mean()) for t in thresholds]
     tpr = [0.0] + [float((positive >= t).mean()) for t in thresholds]
     return {"fpr": fpr, "tpr": tpr}
-
-
-def detection_metrics(
-    benign_scores: Sequence[float] | np.ndarray, attack_scores: Sequence[float] | np.ndarray, fpr: float
-) -> dict[str, float]:
-    """A detector's AUROC (the chance an attack input scores above a benign one, ties counting half:
-    the Mann-Whitney statistic, from average ranks) and its TPR at the threshold calibrated on the
-    benign scores at `fpr` (`calibrate_threshold`), with that threshold."""
-    benign, attack = _finite_scores(benign_scores, "benign"), _finite_scores(attack_scores, "attack")
-    threshold = calibrate_threshold(benign, fpr)
-    return {
-        "auroc": auroc(benign, attack),
-        "tpr_at_fpr": float((attack > threshold).mean()),
-        "threshold": threshold,
-    }
 
 
 # ---- shared --------------------------------------------------------------------------------------
