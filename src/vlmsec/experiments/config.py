@@ -422,24 +422,23 @@ class ExperimentConfig(_Strict):
     @field_validator("defenses")
     @classmethod
     def _unique_defense_keys(cls, value: list[DefenseSpec]) -> list[DefenseSpec]:
-        keys = [d.key for d in value]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"defense names must be unique (set `label`): {', '.join(dupes)}")
-        if "none" in keys:
-            raise ValueError("'none' is reserved for the undefended side of every cell")
-        return value
+        return unique_keys(value, "defense", "none", "the undefended side of every cell")
 
     @field_validator("attacks")
     @classmethod
     def _unique_keys(cls, value: list[AttackSpec]) -> list[AttackSpec]:
-        keys = [a.key for a in value]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"attack names must be unique (set `label`): {', '.join(dupes)}")
-        if "clean" in keys:
-            raise ValueError("'clean' is reserved for the unpoisoned model")
-        return value
+        return unique_keys(value, "attack", "clean", "the unpoisoned model")
+
+
+def unique_keys(specs: list[Any], what: str, reserved: str, reserved_for: str) -> list[Any]:
+    """`specs` unless two share a key (name or label) or one takes the `reserved` key."""
+    keys = [spec.key for spec in specs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique (set `label`): {', '.join(dupes)}")
+    if reserved in keys:
+        raise ValueError(f"'{reserved}' is reserved for {reserved_for}")
+    return specs
 
 
 def preset_names() -> list[str]:

@@ -38,7 +38,7 @@ from vlmsec.attacks.inference import InferenceAttack
 from vlmsec.attacks.poison import poison_count
 from vlmsec.attacks.targets import clip_templates
 from vlmsec.data.sample import Sample, fingerprint
-from vlmsec.defenses import create_defense
+from vlmsec.defenses import Defense, create_defense
 from vlmsec.data.vocabulary import vocabulary_corpus
 from vlmsec.errors import VlmsecError
 from vlmsec.data.safety import REFUSALS, SafetySplit
@@ -420,7 +420,8 @@ class Runner:
 
         defense_results = None
         if c.defenses:
-            defense_results = self.defense_stage(plans, attacks, tests, splits, base, inference, inference_results, requests)
+            defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
+            defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
             lap("defenses", "score and report")
         if not main:
             return {}
@@ -433,7 +434,7 @@ class Runner:
         if inference_results is not None:
             inference_section = self.inference_scores(inference, inference_results, judge)
         if defense_results is not None:
-            defense_section = self.defense_scores(defense_results, judge)
+            defense_section = self.defense_scores(defenses, defense_results, judge)
         metrics = write_run_records(
             self.out, c, splits, plans, attacks, records, shift_sizes, safety,
             inference_section, inference_results.records if inference_results is not None else None,
@@ -445,7 +446,7 @@ class Runner:
         return metrics
 
     def defense_stage(
-        self, plans: list[ModelPlan], attacks: dict[str, Attack], tests: TestSets, splits: Splits, base: tuple[Path, str],
+        self, defenses: dict[str, Defense], plans: list[ModelPlan], attacks: dict[str, Attack], tests: TestSets, splits: Splits, base: tuple[Path, str],
         inference: dict[str, InferenceAttack], inference_results: InferenceResults | None, split: SafetySplit | None,
     ) -> DefenseResults | None:
         """Every attack x defense cell (`experiments.defenses`) on the run's stages: rows are the
@@ -455,7 +456,6 @@ class Runner:
         if self.state.num_processes > 1:
             raise VlmsecError("defenses: the matrix runs in one process; run the study without `accelerate launch` "
                               "processes, or without `defenses`")
-        defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
         tuned = [p for p in plans if p.attack is not None and not p.sweep]
         rows = [
             Row(p.attack, TUNED_BACKDOOR if flip is None else LABEL_FLIP, p.name, self.out / "checkpoints" / p.name,
@@ -496,7 +496,7 @@ class Runner:
         self.features.save(self.features_path)
         return results
 
-    def defense_scores(self, results: DefenseResults, judge: tuple[Path | None, RefusalJudge | None] | None) -> dict[str, Any]:
+    def defense_scores(self, defenses: dict[str, Defense], results: DefenseResults, judge: tuple[Path | None, RefusalJudge | None] | None) -> dict[str, Any]:
         """metrics.json's `defenses` section: jailbreak rows' records judged like the inference attacks', then every cell scored."""
         model = judge[1] if judge is not None else None
         judged = sum(r.get("goal") == "jailbreak" for r in results.records) if model is not None else 0
@@ -505,9 +505,7 @@ class Runner:
         for record in results.records:  # the deployment's own refusal of a flagged input: refused, whatever a judge says
             if record.get("flagged") and record.get("goal") == "jailbreak":
                 record["refused_phrase"] = record["refused_judge"] = True
-        c = self.config
-        defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
-        return score_defenses(defenses, results, c.poison.target.word)
+        return score_defenses(defenses, results, self.config.poison.target.word)
 
     def stage_key(self, plan: ModelPlan) -> str:
         """The stage key of `plan`'s tuned model, from its checkpoint folder."""
