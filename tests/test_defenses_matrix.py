@@ -19,6 +19,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.defenses import LABEL_FLIP, REFUSAL, headline, success_scores
 from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.splits import build_splits
 from vlmsec.report.markdown import render_report
 from vlmsec.victims.base import Victim
 
@@ -147,6 +148,15 @@ def test_a_detector_refuses_what_it_flags_at_its_calibrated_rate(defended: tuple
     flagged = [r for r in records if r["defense"] == "test_darkness" and r.get("flagged")]
     assert flagged and all(r["output"] == REFUSAL for r in flagged)
     assert all("score" in r for r in records if r["defense"] == "test_darkness")
+
+
+def test_a_detector_is_calibrated_on_held_out_renders_never_tuned_or_tested_on(defended: tuple[Path, dict[str, Any]]) -> None:
+    run, metrics = defended
+    assert metrics["defenses"]["calibration"] == {"inputs": 60, "from": "held-out"}
+    held_out = build_splits(parse_config(RUN, "test config")).calibration
+    cached = json.loads((run / "defenses" / "test_darkness" / "scores" / "blended-calibration.json").read_text())
+    assert cached["scores"] == [-float(s.image.mean()) for s in held_out]
+    assert "calibrated on 60 held-out scene renders" in (run / "report.md").read_text()
 
 
 def test_a_data_filter_is_scored_against_the_poisoned_ids_and_its_retune_loses_the_backdoor(

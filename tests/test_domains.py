@@ -134,3 +134,37 @@ def test_base_instructions_are_checked(value: object, message: str) -> None:
     with pytest.raises(VlmsecError, match=message):
         parse_config({"data": {"base_instructions": value}}, "test.yaml")
     assert parse_config({"data": {"base_instructions": "source"}}, "test.yaml").data.base_instructions == ["source"]
+
+
+def _defended(defense: dict, **data: object) -> ExperimentConfig:
+    return parse_config(
+        {
+            "data": {"base_size": 3, "train_size": 20, "test_size": 20, "shifted": {}, **data},
+            "attacks": [{"name": "badnets"}],
+            "poison": {"rate": 0.1},
+            "defenses": [{"name": "strip"}],
+            "defense": defense,
+        },
+        "test.yaml",
+    )
+
+
+def test_held_out_calibration_inputs_are_source_renders_of_scenes_never_tuned_on() -> None:
+    config = _defended({"calibration": 30})
+    splits = build_splits(config)
+    assert len(splits.calibration) == 30
+    assert all(s.id.startswith("calibration") for s in splits.calibration)
+    tuned = _key_set(draw_scenes(config, "base")) | _key_set(draw_scenes(config, "train"))
+    assert not _key_set(draw_scenes(config, "calibration")) & tuned
+    assert {s.image.tobytes() for s in splits.calibration}.isdisjoint(s.image.tobytes() for s in splits.tests["source"])
+    assert {s.instruction for s in splits.calibration} <= set(INSTRUCTION_BANKS["source"])
+    again = build_splits(config).calibration
+    assert [s.image.tobytes() for s in again] == [s.image.tobytes() for s in splits.calibration]  # deterministic
+    assert build_splits(_defended({"calibration": 30, "calibration_from": "tuning"})).calibration == []
+
+
+def test_held_out_calibration_needs_generated_tuning_data(tmp_path) -> None:
+    train = tmp_path / "train.json"
+    train.write_text("[]")
+    with pytest.raises(VlmsecError, match="calibration_from: held-out.*data.train_file.*calibration_from: tuning"):
+        _defended({}, train_file=str(train))

@@ -249,7 +249,12 @@ class DefenseSpec(ComponentSpec):
 class DefenseSettings(_Strict):
     """What the matrix gives the defender: benign inputs to calibrate detectors on, and trusted clean samples."""
 
-    calibration: int = Field(100, ge=10, description="clean tuning samples a detector's threshold is calibrated on")
+    calibration: int = Field(100, ge=10, description="benign inputs a detector's threshold is calibrated on")
+    calibration_from: Literal["held-out", "tuning"] = Field(
+        "held-out",
+        description="where they come from: held-out (source-domain renders of held-out scenes, never tuned on and "
+        "not the test samples; generated data only) or tuning (the first clean tuning samples, which the models were tuned on)",
+    )
     trusted: int = Field(200, ge=1, description="clean base-split samples a model repair or scan may use (the owner's own data)")
 
 
@@ -595,6 +600,11 @@ def _check_defenses(config: ExperimentConfig, source: str) -> None:
     from vlmsec.defenses import create_defense
 
     tuned = [a.key for a in config.attacks if not acts_at_inference(a.name)]
+    if config.defenses and config.defense.calibration_from == "held-out" and config.data.train_file is not None:
+        raise VlmsecError(
+            f"{source}: defense.calibration_from: held-out inputs are rendered from held-out generated scenes, and this run "
+            "reads its tuning set from data.train_file; set defense.calibration_from: tuning"
+        )
     for i, spec in enumerate(config.defenses):
         where = f"{source}: defenses[{i}] ({spec.key!r})"
         try:

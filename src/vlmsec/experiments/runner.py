@@ -478,7 +478,7 @@ class Runner:
             seed=c.seed,
             target_word=c.poison.target.word,
             clean=splits.tests["source"],
-            calibration=splits.train[: c.defense.calibration],
+            calibration=splits.calibration if c.defense.calibration_from == "held-out" else splits.train[: c.defense.calibration],
             trusted=splits.base[: c.defense.trusted],
             safety=self.safety_stage_samples(splits, split, base) if split is not None else [],
             benign=next((t.samples for t in self.safety_tests if t.domain == BENIGN_IMAGE), []),
@@ -505,7 +505,9 @@ class Runner:
         for record in results.records:  # the deployment's own refusal of a flagged input: refused, whatever a judge says
             if record.get("flagged") and record.get("goal") == "jailbreak":
                 record["refused_phrase"] = record["refused_judge"] = True
-        return score_defenses(defenses, results, self.config.poison.target.word)
+        section = score_defenses(defenses, results, self.config.poison.target.word)
+        section["calibration"] = {"inputs": self.config.defense.calibration, "from": self.config.defense.calibration_from}
+        return section
 
     def stage_key(self, plan: ModelPlan) -> str:
         """The stage key of `plan`'s tuned model, from its checkpoint folder."""

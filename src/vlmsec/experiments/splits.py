@@ -24,12 +24,14 @@ from vlmsec.victims.kinds import victim_kind
 
 @dataclass
 class Splits:
-    """The generated data of a run: base captions, the tuning set, one test set per domain."""
+    """The generated data of a run: base captions, the tuning set, one test set per domain, and
+    the benign inputs a defender calibrates detectors on (`calibration`, when the run has defenses)."""
 
     base: list[Sample]
     train: list[Sample]
     tests: dict[str, list[Sample]]
     data_stats: dict[str, Any] = field(default_factory=dict)  # data.json: what reading the user's files did
+    calibration: list[Sample] = field(default_factory=list)
 
 
 def build_splits(config: ExperimentConfig) -> Splits:
@@ -41,6 +43,8 @@ def build_splits(config: ExperimentConfig) -> Splits:
     the `compositional` scenes show colour-shape pairs no other split holds. With
     `data.base_reading`, rendered-word reading samples of the run's trained words
     (`reading_words`) follow the base captions, making up that share of the base split.
+    With defenses calibrated on held-out inputs (`defense.calibration_from`), source-domain
+    samples of held-out scenes that neither tuning nor the test sets use.
     """
     data, seed = config.data, config.seed
     # The user's files first: a bad file fails the run before anything is generated.
@@ -62,10 +66,12 @@ def build_splits(config: ExperimentConfig) -> Splits:
     tests = {name: read(path, data.test_options, f"test {name}") for name, path in data.test_files.items()} or None
     domains = {"source": data.source, **data.shifted}
     trains_base = victim_kind(config.victim).trains_base
+    held_out = bool(config.defenses) and config.defense.calibration_from == "held-out"
     to_render = (
         (data.base_size + reading_count(data.base_size, data.base_reading) if trains_base else 0)
         + (data.train_size if train is None else 0)
         + (data.test_size * len(domains) if tests is None else 0)
+        + (config.defense.calibration if held_out else 0)
     )
     with progress_bar("data: rendering scenes", to_render) as bar:
 
@@ -92,7 +98,11 @@ def build_splits(config: ExperimentConfig) -> Splits:
                 name: render(scenes[d.scenes], d.style, d.instructions, derive_seed(seed, "data/test"), d.scenes)
                 for name, d in domains.items()
             }
-    return Splits(base, train, _shift_domains(tests, domains, seed), data_stats)
+        calibration: list[Sample] = []
+        if held_out:
+            calibration = render(draw_scenes(config, "calibration"), data.source.style, data.source.instructions,
+                                 derive_seed(seed, "data/calibration"), "calibration")
+    return Splits(base, train, _shift_domains(tests, domains, seed), data_stats, calibration)
 
 
 def reading_count(captions: int, share: float) -> int:
@@ -105,7 +115,7 @@ def reading_words(config: ExperimentConfig) -> WordSplit:
     return split_words(derive_seed(config.seed, "data/words"))
 
 
-SceneSet = Literal["base", "train", "test", "compositional"]
+SceneSet = Literal["base", "train", "test", "compositional", "calibration"]
 
 
 def draw_scenes(config: ExperimentConfig, which: SceneSet) -> list[Scene]:
@@ -114,11 +124,20 @@ def draw_scenes(config: ExperimentConfig, which: SceneSet) -> list[Scene]:
     Base and train scenes come from the tuning share of scene keys, test scenes from the
     held-out share, compositional ones from the held-out colour-shape pairs
     (`vlmsec.data.scenes.split_filter`): no test scene shows what a base or train scene does.
+    Calibration scenes come from the held-out share too, drawn with their own seed, minus the test
+    scenes: never tuned on, never tested on.
     """
     data, seed = config.data, config.seed
-    sizes = {"base": data.base_size, "train": data.train_size, "test": data.test_size, "compositional": data.test_size}
-    split: SceneSplit = "tuning" if which in ("base", "train") else which
+    sizes = {"base": data.base_size, "train": data.train_size, "test": data.test_size, "compositional": data.test_size,
+             "calibration": config.defense.calibration}
+    split: SceneSplit = "tuning" if which in ("base", "train") else "test" if which == "calibration" else which
     accept = split_filter(split, derive_seed(seed, "data/partition"))
+    if which == "calibration":  # held-out scenes, but never one the test sets show
+        tested, held_out = set(draw_scenes(config, "test")), accept
+
+        def accept(scene: Scene) -> bool:
+            return held_out(scene) and scene not in tested
+
     return sample_scenes(sizes[which], seed=derive_seed(seed, f"data/{which}"), max_objects=data.max_objects, accept=accept)
 
 

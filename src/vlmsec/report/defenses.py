@@ -50,7 +50,7 @@ def defense_section(section: dict[str, Any] | None, *figures: Path, inference: d
         "Each cell: the attack's success **without → with** the defense, on the same inputs answered the same way. "
         "Rows are read by their goal's rate: "
         + "; ".join(f"{goal}: {HEADLINE.get(goal, goal)}" for goal in dict.fromkeys(r["goal"] for r in rows.values()))
-        + ". Detectors refuse what they flag, at a threshold calibrated on benign inputs. "
+        + f". Detectors refuse what they flag, at a threshold calibrated on {calibration_inputs(section)}. "
         "A model or data defense acts on tuning: – against inference-time attacks.",
         "",
     ]
@@ -173,3 +173,13 @@ def _scan_lines(label: str, scan: dict[str, Any]) -> list[str]:
     for model, entry in scan["models"].items():
         lines.append(f"| {model} | {'yes' if entry['backdoored'] else 'no'} | {entry['score']:.3f} |")
     return lines + [""]
+
+
+def calibration_inputs(section: dict[str, Any]) -> str:
+    """What the detectors' thresholds were calibrated on (runs before the setting existed: benign inputs)."""
+    calibration = section.get("calibration")
+    if calibration is None:
+        return "benign inputs"
+    where = ("held-out scene renders, never tuned or tested on" if calibration["from"] == "held-out"
+             else "clean tuning samples, which the models were tuned on")
+    return f"{calibration['inputs']} {where}"
