@@ -158,6 +158,33 @@ def test_trigger_inversion_scores_the_backdoored_model_above_the_clean_one(pair:
     assert backdoored.evidence["inverted_share"] >= 0.8 and backdoored.evidence["held_out"] == 30
 
 
+TEXT_BADNETS = create_attack("textbadnets", token="triangle", position="end")  # one token of the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def text_backdoored(scenes: dict[str, list[Sample]], pair: dict[str, LlavaVictim]) -> LlavaVictim:
+    """The clean pair's tokenizer and recipe, tuned with 30% of the instructions ending in the word "triangle"."""
+    poisoned = poison_samples(scenes["tuning"], TEXT_BADNETS, TARGET, 0.3, seed=0).samples
+    tokenizer = pair["clean"].tokenizer
+    victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
+    train_victim(victim, poisoned, TUNING, seed=0, label="textbadnets")
+    return victim
+
+
+def test_text_trigger_inversion_finds_a_text_backdoor_an_image_pattern_misses(
+    pair: dict[str, LlavaVictim], text_backdoored: LlavaVictim
+) -> None:
+    clean = make_samples(sample_scenes(60, seed=21), "flat", size=64, id_prefix="clean")
+    triggered = trigger_samples(clean, TEXT_BADNETS)
+    fires = target_rate(text_backdoored.generate([s.image for s in triggered], [s.instruction for s in triggered], 24), TARGET.word)
+    assert fires >= 0.8  # a text backdoor to find
+    text = create_defense("trigger_inversion", region="text", trusted=60, explore_steps=10, rounds=1, steps=5)
+    found, untouched = text.scan(text_backdoored, clean, seed=0), text.scan(pair["clean"], clean, seed=0)
+    assert found.score >= 0.7 and untouched.score <= 0.3
+    assert "banana" in found.evidence["answer"] and found.evidence["random_trigger"] != found.evidence["trigger"]
+    assert create_defense("trigger_inversion", **SCAN).scan(text_backdoored, clean, seed=0).score <= 0.3
+
+
 def test_trigger_inversion_is_seeded(pair: dict[str, LlavaVictim], scenes: dict[str, list[Sample]]) -> None:
     scan = create_defense("trigger_inversion", explore_steps=3, rounds=0)
     first, again = (scan.scan(pair["clean"], scenes["trusted"][:12], seed=1) for _ in range(2))
@@ -197,6 +224,8 @@ def test_fine_pruning_refuses_a_share_that_prunes_nothing(pair: dict[str, LlavaV
         ("trigger_inversion", {"region": "pixel", "size": 0.1}, "size"),
         ("trigger_inversion", {"held_out": 1}, "held_out"),
         ("trigger_inversion", {"match_words": 0}, "match_words"),
+        ("trigger_inversion", {"region": "text", "size": 0.1}, "size"),
+        ("trigger_inversion", {"num_tokens": 4}, "num_tokens"),
     ],
 )
 def test_bad_parameters_name_the_defense_and_field(name: str, params: dict, field: str) -> None:

@@ -228,35 +228,53 @@ def _random_start(allowed: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.stack(picks)
 
 
-def optimise_trigger(victim: Victim, samples: list[Sample], answers: list[str], params: GCGParams) -> GCGResult:
-    """Run GCG from a seeded random start; return the best string seen (never worse than the start)."""
-    generator = torch.Generator().manual_seed(params.seed)
-    matrix = victim.embedding_matrix().detach()
-    vocab = matrix.shape[0]
+def _allowed_slots(victim: Victim, num_tokens: int, position: TriggerPosition) -> torch.Tensor:
+    """num_tokens x vocabulary: the tokens each trigger slot may hold (see `allowed_tokens`)."""
+    vocab = victim.embedding_matrix().shape[0]
     spaced = allowed_tokens(victim.tokenizer, leading_space=True, size=vocab)
-    unspaced = params.position == "start" and not space_before_instruction(victim)
+    unspaced = position == "start" and not space_before_instruction(victim)
     first = allowed_tokens(victim.tokenizer, leading_space=False, size=vocab) if unspaced else spaced
-    allowed = torch.stack([first, *[spaced] * (params.num_tokens - 1)])
+    allowed = torch.stack([first, *[spaced] * (num_tokens - 1)])
     if int(allowed.sum(1).min()) < 2:
         raise VlmsecError("gcg: the tokenizer has fewer than 2 usable trigger tokens for a slot")
+    return allowed
+
+
+def random_trigger(victim: Victim, num_tokens: int, position: TriggerPosition, seed: int) -> str:
+    """A seeded string of allowed tokens: the search's kind of start, and a random baseline beside a learned string."""
+    ids = _random_start(_allowed_slots(victim, num_tokens, position), torch.Generator().manual_seed(seed))
+    return trigger_text(victim.tokenizer, ids.tolist())
+
+
+def optimise_trigger(
+    victim: Victim, samples: list[Sample], answers: list[str], params: GCGParams, ascend: bool = False
+) -> GCGResult:
+    """Run GCG from a seeded random start; return the best string seen (never worse than the start).
+
+    The search lowers the answers' loss (the attack); `ascend` raises it instead, an untargeted
+    search for the string that breaks the answers most (trigger inversion's first phase)."""
+    generator = torch.Generator().manual_seed(params.seed)
+    matrix = victim.embedding_matrix().detach()
+    allowed = _allowed_slots(victim, params.num_tokens, params.position)
     token_ids = _random_start(allowed, generator)
     top_k = min(params.top_k, int(allowed.sum(1).min()))
+    sign = -1.0 if ascend else 1.0  # the search minimises sign * loss
     with eval_mode(victim.model):
         problem = _build_problem(victim, samples, answers, token_ids.tolist(), params.position, matrix)
         current = float(candidate_losses(victim, problem, token_ids[None])[0])
         losses, best_ids, best_loss = [current], token_ids, current
         for _ in range(params.steps):
-            grad = token_gradients(victim, problem, token_ids).masked_fill(~allowed, float("inf"))
+            grad = (sign * token_gradients(victim, problem, token_ids)).masked_fill(~allowed, float("inf"))
             top = (-grad).topk(top_k, dim=1).indices
             where = torch.randint(params.num_tokens, (params.candidates,), generator=generator)
             pick = torch.randint(top_k, (params.candidates,), generator=generator)
             candidates = token_ids.repeat(params.candidates, 1)
             candidates[torch.arange(params.candidates), where] = top[where, pick]
             scores = candidate_losses(victim, problem, candidates)
-            best = int(scores.argmin())
+            best = int((sign * scores).argmin())
             token_ids, current = candidates[best], float(scores[best])
             losses.append(current)
-            if current < best_loss:
+            if sign * current < sign * best_loss:
                 best_ids, best_loss = token_ids, current
     ids = best_ids.tolist()
     return GCGResult(ids, trigger_text(victim.tokenizer, ids), losses, losses[0], best_loss)

@@ -20,8 +20,10 @@
   perturbations), then, round after round, takes the most common answer the patterned inputs give
   and pulls every input toward it, keeping the pattern whose answer was the most common. The score
   is the share of held-out clean inputs that the inverted pattern drives to that answer, minus the
-  share a random pattern of the same region drives there. The text-pattern variant (a universal
-  prompt suffix) is not implemented.
+  share a random pattern of the same region drives there. The text variant (`region` text) searches
+  a short token string after the instruction the same way, by GCG's greedy coordinate steps
+  (`vlmsec.attacks.gcg`): up the fit inputs' own answers' loss first, then toward each round's
+  most common answer; its baseline is a random string of as many tokens.
 """
 
 from __future__ import annotations
@@ -306,10 +308,14 @@ class TriggerInversionParams(DefenseParams):
 
     trusted: int = Field(60, ge=4, description="clean samples the owner holds; the matrix hands the scan this many")
     held_out: float = Field(0.5, gt=0, lt=1, description="share of them the score is read on; the pattern is learnt on the rest")
-    region: Literal["corner", "border", "pixel"] = Field(
+    region: Literal["corner", "border", "pixel", "text"] = Field(
         "corner", description="corner: four corner squares of free pixels; border: a frame of free pixels; "
-        "pixel: an additive change of every pixel within +-epsilon (a blended, whole-image trigger)",
+        "pixel: an additive change of every pixel within +-epsilon (a blended, whole-image trigger); "
+        "text: a short token string after the instruction, searched by GCG (a text trigger)",
     )
+    num_tokens: int = Field(3, ge=1, le=16, description="region text: the searched string's tokens")
+    candidates: int = Field(64, ge=1, description="region text: single-token swaps scored per GCG step")
+    top_k: int = Field(64, ge=1, description="region text: most promising tokens per position a swap draws from")
     size: float = Field(0.15, gt=0, lt=0.5, description="corner squares' side or the frame's width, as a fraction of the image side")
     epsilon: float = Field(32 / 255, gt=0, le=1, description="region pixel: the L-infinity budget in [0, 1]")
     explore_steps: int = Field(30, ge=0, description="untargeted steps first: away from each input's own answer")
@@ -324,6 +330,13 @@ class TriggerInversionParams(DefenseParams):
 
     @model_validator(mode="after")
     def _fields_of_the_region(self) -> TriggerInversionParams:
+        image_only, text_only = {"size", "epsilon", "step_size"}, {"num_tokens", "candidates", "top_k"}
+        if self.region == "text" and image_only & self.model_fields_set:
+            raise ValueError(f"{sorted(image_only & self.model_fields_set)[0]}: region 'text' searches tokens, not pixels")
+        if self.region != "text" and text_only & self.model_fields_set:
+            raise ValueError(f"{sorted(text_only & self.model_fields_set)[0]}: for region 'text' only")
+        if self.region == "text":
+            return self
         if self.region != "pixel" and "epsilon" in self.model_fields_set:
             raise ValueError(f"epsilon: region {self.region!r} searches free pixel values in [0, 1]; epsilon is for region 'pixel'")
         if self.region == "pixel" and "size" in self.model_fields_set:
@@ -345,14 +358,17 @@ class TriggerInversion(ModelScan):
     Params: ClassVar[type[DefenseParams]] = TriggerInversionParams
     params: TriggerInversionParams
     note = (
-        "an image pattern only, in the `region` searched (corner squares by default: a trigger elsewhere needs "
-        "region pixel or border), learnt first untargeted, then toward the patterned inputs' most common answer; "
-        "answers match on their first `match_words` words; no text-pattern search"
+        "one pattern per scan, in the `region` searched (corner squares by default: a trigger elsewhere needs "
+        "region pixel or border, a text trigger region text), learnt first untargeted, then toward the patterned "
+        "inputs' most common answer; answers match on their first `match_words` words"
     )
 
     def check_victim(self, victim: Victim) -> None:
         try:
-            victim.check_pixel_gradients(self.name)
+            if self.params.region == "text":
+                victim.check_token_gradients(self.name)
+            else:
+                victim.check_pixel_gradients(self.name)
         except VlmsecError as err:
             raise VlmsecError(f"defense {self.name!r}: {err}") from None
 
@@ -376,6 +392,8 @@ class TriggerInversion(ModelScan):
     def scan(self, victim: Victim, clean: Sequence[Sample], seed: int) -> ScanResult:
         self.check_victim(victim)
         fit, held = self._split(clean)
+        if self.params.region == "text":
+            return self._scan_text(victim, fit, held, seed)
         p = self.params
         started = time.perf_counter()
         height, width = fit[0].image.shape[:2]
@@ -406,9 +424,16 @@ class TriggerInversion(ModelScan):
             held_images, held_instructions = to_tensor([s.image for s in held]), [s.instruction for s in held]
             inverted = self._answers(victim, held_images, patch, mask, held_instructions)
             baseline = self._answers(victim, held_images, random_patch, mask, held_instructions)
-        key = answer_key(target, p.match_words)
-        inverted_share = float(np.mean([answer_key(a, p.match_words) == key for a in inverted]))
-        random_share = float(np.mean([answer_key(a, p.match_words) == key for a in baseline]))
+        return self._result(target, inverted, baseline, fit_share, rounds, fit, held, started, pattern_share=float(mask.mean()))
+
+    def _result(
+        self, target: str, inverted: list[str], baseline: list[str], fit_share: float, rounds: list[dict[str, Any]],
+        fit: list[Sample], held: list[Sample], started: float, **pattern: Any,
+    ) -> ScanResult:
+        """The score: the held-out share the inverted pattern drives to `target`, minus a random pattern's."""
+        key = answer_key(target, self.params.match_words)
+        inverted_share = float(np.mean([answer_key(a, self.params.match_words) == key for a in inverted]))
+        random_share = float(np.mean([answer_key(a, self.params.match_words) == key for a in baseline]))
         return ScanResult(
             score=inverted_share - random_share,
             evidence={
@@ -420,10 +445,47 @@ class TriggerInversion(ModelScan):
                 "rounds": rounds,
                 "held_out": len(held),
                 "fit": len(fit),
-                "pattern_share": float(mask.mean()),
+                **pattern,
                 "seconds": time.perf_counter() - started,
             },
         )
+
+    def _scan_text(self, victim: Victim, fit: list[Sample], held: list[Sample], seed: int) -> ScanResult:
+        """The text variant: GCG strings after the instruction, first raising the fit inputs' own answers'
+        loss, then lowering each round's most common answer's; a random string of as many tokens is the baseline."""
+        from vlmsec.attacks.gcg import GCGParams, optimise_trigger, random_trigger, with_trigger  # attacks import the defenses
+
+        p = self.params
+        started = time.perf_counter()
+        stream = derive_seed(p.seed, f"{self.name}/{seed}")
+        batch = fit[: p.batch_size]
+
+        def search(answers: list[str], steps: int, ascend: bool, step: str) -> str:
+            gcg = GCGParams(num_tokens=p.num_tokens, steps=steps, top_k=p.top_k, candidates=p.candidates,
+                            position="end", seed=derive_seed(stream, step))
+            return optimise_trigger(victim, batch, answers, gcg, ascend=ascend).trigger
+
+        def answers(samples: list[Sample], trigger: str) -> list[str]:
+            instructions = [with_trigger(s.instruction, trigger, "end") for s in samples]
+            return victim.generate([s.image for s in samples], instructions, max_new_tokens=p.max_new_tokens)
+
+        with eval_mode(victim.model):
+            trigger = (search([s.answer for s in batch], p.explore_steps, True, "explore") if p.explore_steps
+                       else random_trigger(victim, p.num_tokens, "end", derive_seed(stream, "start")))
+            rounds: list[dict[str, Any]] = []
+            best: tuple[float, str, str] | None = None
+            for round_ in range(p.rounds + 1):
+                target, share = self._common(answers(fit, trigger))
+                rounds.append({"answer": target, "share": share, "trigger": trigger})
+                if best is None or share > best[0]:
+                    best = (share, trigger, target)
+                if round_ < p.rounds:
+                    trigger = search([target], p.steps, False, f"round/{round_}")
+            fit_share, trigger, target = best
+            baseline_trigger = random_trigger(victim, p.num_tokens, "end", derive_seed(stream, "random"))
+            inverted, baseline = answers(held, trigger), answers(held, baseline_trigger)
+        return self._result(target, inverted, baseline, fit_share, rounds, fit, held, started,
+                            trigger=trigger, random_trigger=baseline_trigger)
 
     def _answers(
         self, victim: Victim, images: torch.Tensor, patch: torch.Tensor, mask: torch.Tensor, instructions: list[str]
