@@ -65,7 +65,7 @@ def run(
     if seed_list is not None:
         if summary:
             console.print(f"seeds {seeds}: {summary['poison_seed']}")
-            console.print(f"mean and spread over seeds: {run_dir / 'seeds.md'}  (numbers: {run_dir / 'seeds.json'})")
+            console.print(f"mean and spread over seeds: {run_dir / 'seeds.md'} and seeds.html  (numbers: {run_dir / 'seeds.json'})")
         return
     if not metrics:
         return  # another process of `accelerate launch`: the main one prints
