@@ -99,11 +99,12 @@ def test_the_gallery_shows_each_attacks_first_samples_with_the_answers_the_run_r
     for row in badnets:
         clean, triggered = (load_image(run_folder / row["images"][k]) for k in ("clean", "triggered"))
         assert clean.shape == triggered.shape and (clean != triggered).any()  # the trigger is in the image
-        for model, key in (("clean", "clean model"), ("badnets", "badnets model")):
-            for trigger, condition in ((None, "clean image"), ("badnets", "triggered")):
-                said = next(r["output"] for r in generations if r["model"] == model and r["id"] == row["id"]
-                            and r["domain"] == "source" and r["trigger"] == trigger and not r["control"])
-                assert row["texts"][f"{key}, {condition}"] == said
+        for model, trigger, column in (("badnets", "badnets", "badnets model, triggered"),
+                                       ("badnets", None, "badnets model, clean image"), ("clean", "badnets", "clean model, triggered")):
+            said = next(r["output"] for r in generations if r["model"] == model and r["id"] == row["id"]
+                        and r["domain"] == "source" and r["trigger"] == trigger and not r["control"])
+            assert row["texts"][column] == said
+        assert "prompt, triggered" not in row["texts"]  # BadNets leaves the prompt as it was
 
     inference = _records(run_folder / "inference.jsonl")
     for row in sections["test_sign_pattern"]["rows"]:
@@ -137,6 +138,37 @@ def test_a_gallery_left_by_another_run_is_not_shown(run_folder: Path, tmp_path: 
     index.write_text("[1, 2]")
     with pytest.raises(VlmsecError, match=r"gallery\.json: expected \{config_hash, sections"):
         write_report(copy)
+
+
+def test_a_text_trigger_shows_its_prompt_and_a_missing_answer_reads_as_a_dash(tmp_path: Path) -> None:
+    """Without a run: a backdoor whose trigger is in the text shows the triggered prompt; an answer the
+    records lack (the poisoned model's to the clean image, say) is "–", never an invented one; markup
+    in an output is escaped, so the Markdown shows it as it was said."""
+    from vlmsec.data.sample import Sample
+    from vlmsec.experiments.plan import TestSets
+    from vlmsec.report.gallery import gallery_section, write_gallery
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    clean = [Sample(f"s{i}", image, "Describe it.", "a circle.") for i in range(5)]
+    triggered = [s.with_changes(image=image + 9, instruction="cf Describe it.") for s in clean]
+    records = [
+        {"model": "vlt", "id": "s0", "domain": "source", "trigger": "vlt", "control": False, "output": "a *banana* | <b>"},
+        {"model": "clean", "id": "s0", "domain": "source", "trigger": "vlt", "control": False, "output": "a circle."},
+    ]
+    tests = TestSets({"source": clean}, {("vlt", "source"): triggered}, {})
+    index = write_gallery(tmp_path, "abc", tests, records, None)
+    gallery = json.loads(index.read_text())
+    rows = gallery["sections"][0]["rows"]
+    assert [r["id"] for r in rows] == ["s0", "s1", "s2"]
+    assert rows[0]["texts"] == {"prompt, triggered": "cf Describe it.", "vlt model, triggered": "a *banana* | <b>",
+                                "vlt model, clean image": None, "clean model, triggered": "a circle."}
+    assert np.array_equal(load_image(tmp_path / rows[0]["images"]["triggered"]), image + 9)
+    table = "\n".join(gallery_section(gallery, index, "abc"))
+    assert "| s0 | ![clean](gallery/0-vlt/0-clean.png) | ![triggered](gallery/0-vlt/0-triggered.png) | cf Describe it. " \
+           "| a \\*banana\\* \\| \\<b\\> | – | a circle. |" in table
+    write_gallery(tmp_path, "abc", TestSets({"source": clean}, {}, {}), [], None)  # a later run's gallery replaces it whole
+    assert json.loads(index.read_text())["sections"] == [] and not (tmp_path / "gallery" / "0-vlt").exists()
+    assert gallery_section(json.loads(index.read_text()), index, "abc") == []  # no attack: no section
 
 
 # ---- the page, without a browser ---------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 At the end of a run (`write_gallery`) the first `PER_ATTACK` test samples of each attack are
 saved as PNG under `gallery/`: for a backdoor planted in tuning, the clean source image and the
-triggered one with the clean model's and the poisoned model's answers to each; for an inference
+triggered one with the poisoned model's answers to each and the clean model's to the triggered one; for an inference
 attack, the request's clean image and the adversarial input crafted from it with the deployed
 victim's answers (no attack, attacked). `gallery/gallery.json` holds the image paths and answers
 with the run's config hash; `gallery_section` renders it as Markdown (read by `write_report`,
@@ -42,7 +42,8 @@ def _answer(records: Sequence[dict[str, Any]], **match: Any) -> str | None:
 
 def _backdoor_sections(tests: TestSets, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per attack planted in tuning: its first triggered source samples beside their clean images,
-    each answered by the clean model and the attack's own model (where the run has them)."""
+    with the attack's own model's answers to both and the clean model's to the triggered one (the
+    triggered prompt too, where the trigger is in the text)."""
     clean_by_id = {s.id: s for s in tests.clean.get("source", [])}
     rows = [r for r in records if r.get("domain") == "source" and not r.get("control")]
     sections = []
@@ -54,12 +55,11 @@ def _backdoor_sections(tests: TestSets, records: Sequence[dict[str, Any]]) -> li
             clean = clean_by_id.get(sample.id)
             if clean is None or clean.image is None or sample.image is None:
                 continue
-            texts = {}
-            for model, title in ((CLEAN, "clean model"), (key, f"{key} model")):
-                texts[f"{title}, clean image"] = _answer(rows, model=model, id=sample.id, trigger=None)
-                texts[f"{title}, triggered"] = _answer(rows, model=model, id=sample.id, trigger=key)
-            entries.append({"id": sample.id, "images": {"clean": clean.image, "triggered": sample.image},
-                            "texts": {"prompt, triggered": sample.instruction, **texts}})
+            texts = {"prompt, triggered": sample.instruction} if sample.instruction != clean.instruction else {}
+            texts[f"{key} model, triggered"] = _answer(rows, model=key, id=sample.id, trigger=key)
+            texts[f"{key} model, clean image"] = _answer(rows, model=key, id=sample.id, trigger=None)
+            texts["clean model, triggered"] = _answer(rows, model=CLEAN, id=sample.id, trigger=key)
+            entries.append({"id": sample.id, "images": {"clean": clean.image, "triggered": sample.image}, "texts": texts})
         if entries:
             sections.append({"attack": key, "kind": "backdoor planted in tuning", "rows": entries})
     return sections
@@ -132,10 +132,13 @@ def _text(value: Any) -> str:
 
 def gallery_section(gallery: Any, path: Path, config_hash: str | None) -> list[str]:
     """The report's "Gallery" section from `gallery`, the content of gallery.json at `path`: per
-    attack a table of images and answers; a note instead when the gallery belongs to another run."""
+    attack a table of images and answers; a note instead when the gallery belongs to another run;
+    nothing when the run had no attack to show."""
     shape = "expected {config_hash, sections: [{attack, kind, rows: [{id, images, texts}]}]}"
     if not isinstance(gallery, dict) or not isinstance(gallery.get("sections"), list):
         raise VlmsecError(f"{path}: {shape}")
+    if not gallery["sections"]:
+        return []
     lines = ["## Gallery", ""]
     if gallery.get("config_hash") != config_hash:
         return [*lines, f"> {path} was written by another run (config hash {gallery.get('config_hash')!r}, "

@@ -52,7 +52,7 @@ blockquote { margin: .8rem 0; padding: .4rem 1rem; border-left: 4px solid #e0a52
 .table-wrap { overflow-x: auto; margin: .8rem 0 1.2rem; border: 1px solid var(--line); border-radius: 6px; }
 table { border-collapse: collapse; font-size: 13.5px; min-width: 100%; }
 th, td { padding: .4rem .65rem; border-bottom: 1px solid var(--line); vertical-align: top; text-align: left; }
-td { font-variant-numeric: tabular-nums; }
+td { font-variant-numeric: tabular-nums; } td:first-child { min-width: 9em; }
 tbody tr:nth-child(even) { background: var(--band); } tbody tr:hover { background: #e9effa; }
 th { position: sticky; top: 0; background: #e8ecf4; font-weight: 600; white-space: nowrap; cursor: pointer; user-select: none; }
 th::after { content: " \\2195"; color: #9aa3b5; font-weight: 400; }
@@ -60,7 +60,7 @@ th[aria-sort="ascending"]::after { content: " \\2191"; color: var(--accent); }
 th[aria-sort="descending"]::after { content: " \\2193"; color: var(--accent); }
 main > p > img, main img.figure { display: block; max-width: min(100%, 900px); height: auto; margin: 1rem 0;
   border: 1px solid var(--line); border-radius: 4px; }
-td img { width: 128px; height: auto; image-rendering: pixelated; border: 1px solid var(--line); border-radius: 3px; }
+td img { width: 112px; height: auto; image-rendering: pixelated; border: 1px solid var(--line); border-radius: 3px; }
 .missing { display: inline-block; padding: .6rem .9rem; border: 2px dashed #c0392b; color: #c0392b; background: #fdf1f0;
   border-radius: 4px; font-size: 13px; }
 footer { margin-top: 3rem; color: var(--muted); font-size: 12px; }
