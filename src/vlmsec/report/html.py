@@ -52,7 +52,7 @@ blockquote { margin: .8rem 0; padding: .4rem 1rem; border-left: 4px solid #e0a52
 .table-wrap { overflow-x: auto; margin: .8rem 0 1.2rem; border: 1px solid var(--line); border-radius: 6px; }
 table { border-collapse: collapse; font-size: 13.5px; min-width: 100%; }
 th, td { padding: .4rem .65rem; border-bottom: 1px solid var(--line); vertical-align: top; text-align: left; }
-td { font-variant-numeric: tabular-nums; } td:first-child { min-width: 9em; }
+td { font-variant-numeric: tabular-nums; } td:first-child { min-width: 9em; } td.num { white-space: nowrap; }
 tbody tr:nth-child(even) { background: var(--band); } tbody tr:hover { background: #e9effa; }
 th { position: sticky; top: 0; background: #e8ecf4; font-weight: 600; white-space: nowrap; cursor: pointer; user-select: none; }
 th::after { content: " \\2195"; color: #9aa3b5; font-weight: 400; }
@@ -113,6 +113,9 @@ SCRIPT = r"""
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", descending ? "descending" : "ascending");
   }
+  Array.prototype.forEach.call(document.querySelectorAll("main td"), function (cell) {
+    if (key(cell).num !== null && cell.textContent.length < 40) cell.classList.add("num");  // a rate stays on one line
+  });
   Array.prototype.forEach.call(document.querySelectorAll("main table"), function (table) {
     if (!table.tHead || !table.tHead.rows.length) return;
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, column) {
