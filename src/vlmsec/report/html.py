@@ -151,7 +151,7 @@ def _render_image(self: Any, tokens: Sequence[Token], idx: int, options: Any, en
         return f'<span class="missing" role="img" aria-label="{html.escape(alt)}">figure {html.escape(src)}: {html.escape(problem)}</span>'
     title = token.attrGet("title")
     extra = f' title="{html.escape(str(title))}"' if title else ""
-    return f'<img src="{data}" alt="{html.escape(alt)}"{extra}>'
+    return f'<img src="{html.escape(data)}" alt="{html.escape(alt)}"{extra}>'
 
 
 def _inline(src: str, folder: Path) -> tuple[str, str | None]:
