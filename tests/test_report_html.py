@@ -239,6 +239,7 @@ SORT_TABLE = """# Sorting
 | c | 9.5% [2.0, 30.1] | test-00001 |
 | d | 100.0% [80.0, 100.0] | test-00100 |
 | e | −3.2 | badnets@1% |
+| ↳ e's baseline | 1000 | test-00003 |
 | *ceiling: a reference* | 0.5 | test-00000 |
 """
 
@@ -263,17 +264,17 @@ def test_the_report_renders_in_chromium_with_every_figure_and_table_and_sorts(ru
             page.on("request", lambda r: problems.append(f"request: {r.url}") if not r.url.startswith(("file:", "data:")) else None)
 
             # The numeric-aware sort on known values: numbers by value (the unicode minus read), cells
-            # without a number last either way, the italic scale row kept at the end.
+            # without a number last either way, a "↳" row kept under its row, the italic scale row at the end.
             page.goto(pages["sort"].as_uri())
             page.click("main table th:nth-child(2)")
-            assert _column(page, 0, 0) == ["e", "c", "a", "d", "b", "ceiling: a reference"]
+            assert _column(page, 0, 0) == ["e", "↳ e's baseline", "c", "a", "d", "b", "ceiling: a reference"]
             page.click("main table th:nth-child(2)")
-            assert _column(page, 0, 0) == ["d", "a", "c", "e", "b", "ceiling: a reference"]
+            assert _column(page, 0, 0) == ["d", "a", "c", "e", "↳ e's baseline", "b", "ceiling: a reference"]
             assert page.get_attribute("main table th:nth-child(2)", "aria-sort") == "descending"
             page.click("main table th:nth-child(1)")
-            assert _column(page, 0, 0)[:5] == ["a", "b", "c", "d", "e"]
+            assert _column(page, 0, 0)[:6] == ["a", "b", "c", "d", "e", "↳ e's baseline"]
             page.click("main table th:nth-child(3)")  # names with digits: by text, the digits as numbers
-            assert _column(page, 0, 2) == ["badnets@1%", "test-00001", "test-00002", "test-00010", "test-00100", "test-00000"]
+            assert _column(page, 0, 2) == ["badnets@1%", "test-00003", "test-00001", "test-00002", "test-00010", "test-00100", "test-00000"]
 
             page.goto(pages["report"].as_uri())
             page.wait_for_load_state("load")

@@ -67,7 +67,8 @@ def _backdoor_sections(tests: TestSets, records: Sequence[dict[str, Any]]) -> li
 
 def _inference_sections(results: InferenceResults) -> list[dict[str, Any]]:
     """Per inference attack: its first requests' clean images beside the adversarial inputs, with
-    the deployed victim's answers to both (a test-time backdoor: its "neither" and "both keys")."""
+    the deployed victim's answers to both (a test-time backdoor: its "neither" and "both keys") and
+    the prompt sent where the attack changed it."""
     rows = [r for r in results.records if r.get("model", results.victim) == results.victim]
     sections = []
     for key, (inputs, requests) in results.inputs.items():
@@ -80,11 +81,11 @@ def _inference_sections(results: InferenceResults) -> list[dict[str, Any]]:
             else:
                 before = _answer(rows, attack=NO_ATTACK, goal=goal, id=item.id)
                 after = _answer(rows, attack=key, id=item.id)
-            entries.append({
-                "id": item.id,
-                "images": {"clean": request.image, "adversarial": item.image},
-                "texts": {"request": request.instruction, "target": request.target, "no attack": before, "attacked": after},
-            })
+            texts = {"request": request.instruction}
+            if item.instruction != request.instruction:  # a text trigger, an injected or typeset prompt
+                texts["prompt sent"] = item.instruction
+            texts.update({"target": request.target, "no attack": before, "attacked": after})
+            entries.append({"id": item.id, "images": {"clean": request.image, "adversarial": item.image}, "texts": texts})
         if entries:
             sections.append({"attack": key, "kind": f"inference attack, {goal or 'unknown'} goal", "rows": entries})
     return sections

@@ -69,7 +69,8 @@ footer { margin-top: 3rem; color: var(--muted); font-size: 12px; }
 # Click a header to sort its table by that column (again: the other way). A cell's key is the first
 # number that starts it or a word in it ("84.0% [62.1, 95.3]" -> 84, "−0.3" -> -0.3, "1,998,912";
 # not the digits of a name such as "test-00001" or "badnets@1%"); cells without one ("–", "not
-# measured", names) sort after those with one, by text with digits read as numbers. Rows whose first cell is all emphasis (a table's scale
+# measured", names) sort after those with one, by text with digits read as numbers.
+# A row whose first cell begins with "↳" (a baseline under its attack) moves with the row above it. Rows whose first cell is all emphasis (a table's scale
 # rows: ceiling, agreement, blind) are notes and stay at the end.
 SCRIPT = r"""
 (function () {
@@ -97,8 +98,11 @@ SCRIPT = r"""
     var descending = th.getAttribute("aria-sort") === "ascending";
     var rows = Array.prototype.slice.call(body.rows);
     var notes = rows.filter(pinned);
-    var sorted = rows.filter(function (r) { return !pinned(r); }).map(function (r) {
-      return { row: r, key: key(r.cells[column] || r.insertCell()) };
+    var sorted = [];  // groups: a row, and the rows under it that begin with "\u21b3" (its baselines)
+    rows.filter(function (r) { return !pinned(r); }).forEach(function (r) {
+      var under = sorted.length && r.cells[0] && r.cells[0].textContent.trim().charAt(0) === "\u21b3";
+      if (under) sorted[sorted.length - 1].rows.push(r);
+      else sorted.push({ rows: [r], key: key(r.cells[column] || r.insertCell()) });
     });
     sorted.sort(function (a, b) {
       var order = compare(a.key, b.key);
@@ -108,7 +112,7 @@ SCRIPT = r"""
       }
       return order;
     });
-    sorted.forEach(function (s) { body.appendChild(s.row); });
+    sorted.forEach(function (s) { s.rows.forEach(function (r) { body.appendChild(r); }); });
     notes.forEach(function (r) { body.appendChild(r); });
     Array.prototype.forEach.call(table.tHead.rows[0].cells, function (h) { h.removeAttribute("aria-sort"); });
     th.setAttribute("aria-sort", descending ? "descending" : "ascending");
