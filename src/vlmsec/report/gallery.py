@@ -35,9 +35,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def _answer(records: Sequence[dict[str, Any]], **match: Any) -> str | None:
-    """The output of the first record whose fields equal `match` (None: no such record)."""
-    return next((r["output"] for r in records if all(r.get(k) == v for k, v in match.items())), None)
+def _answers(records: Sequence[dict[str, Any]], *fields: str) -> dict[tuple[Any, ...], str]:
+    """Each record's output by the values of `fields` (the first record of each, as the run wrote them)."""
+    found: dict[tuple[Any, ...], str] = {}
+    for r in records:
+        found.setdefault(tuple(r.get(f) for f in fields), r["output"])
+    return found
 
 
 def _backdoor_sections(tests: TestSets, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,7 +48,7 @@ def _backdoor_sections(tests: TestSets, records: Sequence[dict[str, Any]]) -> li
     with the attack's own model's answers to both and the clean model's to the triggered one (the
     triggered prompt too, where the trigger is in the text)."""
     clean_by_id = {s.id: s for s in tests.clean.get("source", [])}
-    rows = [r for r in records if r.get("domain") == "source" and not r.get("control")]
+    said = _answers([r for r in records if r.get("domain") == "source" and not r.get("control")], "model", "id", "trigger")
     sections = []
     for (key, domain), triggered in tests.triggered.items():
         if domain != "source":
@@ -56,9 +59,9 @@ def _backdoor_sections(tests: TestSets, records: Sequence[dict[str, Any]]) -> li
             if clean is None or clean.image is None or sample.image is None:
                 continue
             texts = {"prompt, triggered": sample.instruction} if sample.instruction != clean.instruction else {}
-            texts[f"{key} model, triggered"] = _answer(rows, model=key, id=sample.id, trigger=key)
-            texts[f"{key} model, clean image"] = _answer(rows, model=key, id=sample.id, trigger=None)
-            texts["clean model, triggered"] = _answer(rows, model=CLEAN, id=sample.id, trigger=key)
+            texts[f"{key} model, triggered"] = said.get((key, sample.id, key))
+            texts[f"{key} model, clean image"] = said.get((key, sample.id, None))
+            texts["clean model, triggered"] = said.get((CLEAN, sample.id, key))
             entries.append({"id": sample.id, "images": {"clean": clean.image, "triggered": sample.image}, "texts": texts})
         if entries:
             sections.append({"attack": key, "kind": "backdoor planted in tuning", "rows": entries})
@@ -70,17 +73,16 @@ def _inference_sections(results: InferenceResults) -> list[dict[str, Any]]:
     the deployed victim's answers to both (a test-time backdoor: its "neither" and "both keys") and
     the prompt sent where the attack changed it."""
     rows = [r for r in results.records if r.get("model", results.victim) == results.victim]
+    by_condition, by_attack = _answers(rows, "attack", "condition", "id"), _answers(rows, "attack", "goal", "id")
     sections = []
     for key, (inputs, requests) in results.inputs.items():
         goal = next((r["goal"] for r in rows if r.get("attack") == key), None)
         entries = []
         for item, request in list(zip(inputs, requests, strict=True))[:PER_ATTACK]:
             if goal == "backdoor":
-                before = _answer(rows, attack=key, condition="neither", id=item.id)
-                after = _answer(rows, attack=key, condition="both keys", id=item.id)
+                before, after = by_condition.get((key, "neither", item.id)), by_condition.get((key, "both keys", item.id))
             else:
-                before = _answer(rows, attack=NO_ATTACK, goal=goal, id=item.id)
-                after = _answer(rows, attack=key, id=item.id)
+                before, after = by_attack.get((NO_ATTACK, goal, item.id)), by_attack.get((key, goal, item.id))
             texts = {"request": request.instruction}
             if item.instruction != request.instruction:  # a text trigger, an injected or typeset prompt
                 texts["prompt sent"] = item.instruction
