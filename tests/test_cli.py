@@ -247,7 +247,11 @@ def test_report_renders_a_finished_run(tmp_path: Path) -> None:
     assert "the image depicts a banana" in report  # triggered source example
     assert "a red circle" not in report  # clean generations are not examples
     assert "a control output" not in report  # nor are controls
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["asr_g_heatmap.png", "config.yaml", "generations.jsonl", "metrics.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "asr_g_heatmap.png", "config.yaml", "generations.jsonl", "metrics.json", "report.html", "report.md"
+    ]
+    assert "report.html" in "".join(result.output.split())  # `vlmsec report` says it wrote both
+    assert "<td>90.0% [85.1, 93.6]</td>" in (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "![ASR-G heatmap](asr_g_heatmap.png)" in report
     assert "| badnets | " in report.split("Table 1")[1]  # the domain-shift table
 

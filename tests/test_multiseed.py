@@ -122,6 +122,7 @@ def test_run_with_seeds_writes_one_run_per_seed_and_the_summary(tmp_path: Path, 
     assert summary["seeds"] == [0, 1] and "dropped" in summary["poison_seed"]
     assert summary["models"]["badnets"]["asr"]["source"]["mean"] == pytest.approx(0.625)
     assert "| badnets | 62.5% ± 17.7 (50.0–75.0) |" in (out / "seeds.md").read_text()
+    assert "<td>62.5% ± 17.7 (50.0–75.0)</td>" in (out / "seeds.html").read_text()  # the same table, as a page
 
 
 def test_run_with_bad_seeds_fails_before_any_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,13 +65,13 @@ def run(
     if seed_list is not None:
         if summary:
             console.print(f"seeds {seeds}: {summary['poison_seed']}")
-            console.print(f"mean and spread over seeds: {run_dir / 'seeds.md'}  (numbers: {run_dir / 'seeds.json'})")
+            console.print(f"mean and spread over seeds: {run_dir / 'seeds.md'} and seeds.html  (numbers: {run_dir / 'seeds.json'})")
         return
     if not metrics:
         return  # another process of `accelerate launch`: the main one prints
     if metrics["models"]:
         _print_models(cfg.name, metrics["models"])
-    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'})")
+    console.print(f"run folder: {run_dir}  (report: {run_dir / 'report.md'}, in a browser: {run_dir / 'report.html'})")
 
 
 def _print_models(run_name: str, models: dict[str, Any]) -> None:
@@ -94,14 +94,14 @@ def _print_models(run_name: str, models: dict[str, Any]) -> None:
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `vlmsec run`.")]) -> None:
-    """Render report.md again from a run folder."""
+    """Render report.md and report.html again from a run folder."""
     from vlmsec.report.markdown import write_report
 
     try:
         path = write_report(run_dir)
     except VlmsecError as err:
         _fail(err)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} and {path.with_suffix('.html')}")
 
 
 @app.command()

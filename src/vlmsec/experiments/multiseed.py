@@ -109,12 +109,13 @@ def summarize_seeds(runs: dict[int, dict[str, Any]], note: str) -> dict[str, Any
 
 
 def run_seeds(config: ExperimentConfig, seeds: list[int], out: Path, cache_dir: Path) -> dict[str, Any]:
-    """Run the study once per seed into `out`/seed-<s>/, then write `out`/seeds.json and seeds.md.
+    """Run the study once per seed into `out`/seed-<s>/, then write `out`/seeds.json, seeds.md and seeds.html.
 
     Returns the summary (empty on the non-main processes of a multi-process launch).
     """
     from vlmsec.experiments.runner import Runner
     from vlmsec.progress import console
+    from vlmsec.report.html import write_html
     from vlmsec.report.seeds import render_seed_summary
 
     runs: dict[int, dict[str, Any]] = {}
@@ -128,4 +129,5 @@ def run_seeds(config: ExperimentConfig, seeds: list[int], out: Path, cache_dir: 
     summary = summarize_seeds(runs, note)
     write_json_atomic(out / "seeds.json", summary)
     write_text_atomic(out / "seeds.md", render_seed_summary(summary))
+    write_html(out / "seeds.md")
     return summary

@@ -79,6 +79,7 @@ from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import STAGE_FILE, claim_stage, default_cache_dir, remove_leftovers, save_stage
 from vlmsec.experiments.trojan import trojan_scores, trojan_test_sets
 from vlmsec.progress import console, progress_bar, stage_line
+from vlmsec.report.gallery import write_gallery
 from vlmsec.report.markdown import write_report
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
@@ -440,6 +441,7 @@ class Runner:
             inference_section, inference_results.records if inference_results is not None else None,
             defense_section, defense_results.records if defense_results is not None else None,
         )
+        write_gallery(self.out, metrics["run"]["config_hash"], tests, records, inference_results)
         write_report(self.out)
         lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)

@@ -19,6 +19,8 @@ from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.defenses import defense_section
 from vlmsec.report.figures import defense_heatmap, detector_rocs, sweep_curves, write_figures
 from vlmsec.report.formatting import FORMATTERS, num, pct, pct_ci, ratio
+from vlmsec.report.gallery import FOLDER as GALLERY, INDEX as GALLERY_INDEX, gallery_section
+from vlmsec.report.html import write_html
 from vlmsec.report.inference import inference_section
 from vlmsec.report.safety import safety_section
 
@@ -425,11 +427,15 @@ def render_report(run_dir: str | Path) -> str:
         for r in examples:
             lines.append(f"- `{r['model']}` on `{r.get('id', '?')}` ({r.get('trigger')} trigger): {r['output']!r}")
         lines.append("")
+    gallery = run_dir / GALLERY / GALLERY_INDEX
+    if gallery.is_file():
+        lines += gallery_section(_read_json(gallery), gallery, run.get("config_hash"))
     return "\n".join(lines)
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Render report.md into the run folder (atomically) and return its path."""
+    """Render report.md into the run folder (atomically) and report.html beside it (one
+    self-contained page, `report.html`); return report.md's path."""
     run_dir = Path(run_dir)
     path = run_dir / "report.md"
     metrics = read_metrics(run_dir)
@@ -439,4 +445,5 @@ def write_report(run_dir: str | Path) -> Path:
     defense_heatmap(metrics.get("defenses"), run_dir / DEFENSE_FIGURE)
     detector_rocs(metrics.get("defenses"), run_dir / ROC_FIGURE)
     write_text_atomic(path, render_report(run_dir))
+    write_html(path)
     return path
