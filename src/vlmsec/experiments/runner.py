@@ -83,6 +83,7 @@ from vlmsec.report.markdown import write_report
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims.base import Victim, fit_answers
+from vlmsec.victims.api import COST_FILE, ApiVictim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.kinds import victim_kind
 
@@ -236,7 +237,10 @@ class Runner:
     def load_victim(self, folder: Path) -> Victim:
         """A base or tuned victim from its folder, by its kind, on this process's device."""
         victim = self.kind.load(folder, self.features)
-        victim.model.to(self.state.device)  # the GPU of this process, if it has one
+        if isinstance(victim, ApiVictim):  # no weights to place; what its requests cost is kept in the run folder
+            victim.keep_cost(self.out / COST_FILE)
+        else:
+            victim.model.to(self.state.device)  # the GPU of this process, if it has one
         return victim
 
     def poisoned_set(self, plan: ModelPlan, attacks: dict[str, Attack], splits: Splits) -> tuple[list[Sample], list[str], list[str]]:
@@ -306,7 +310,7 @@ class Runner:
         results = None
         if self.state.is_main_process:
             c = self.config
-            name = AFTER_SAFETY if c.safety is not None else DEPLOYED_BASE
+            name = AFTER_SAFETY if c.safety is not None and self.kind.trains else DEPLOYED_BASE
             stage = InferenceStage(self.out, victim, name, deployed[1], c.eval.model_dump(), c.seed)
             harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
             target = c.inference.target or self.target.prefix + self.target.word
@@ -382,6 +386,10 @@ class Runner:
             requests = c.safety.data.split(seed=derive_seed(c.seed, "safety/split"))
             images = [s.image for s in splits.tests["source"]]
             self.safety_tests = safety_test_sets(requests, images, c.safety.test_size, seed=derive_seed(c.seed, "safety/tests"))
+        if c.safety is not None and not self.kind.trains:  # a victim behind an API is deployed as it is: no stage
+            stage_records += self.stage_generations(DEPLOYED_BASE, base, base_model, splits)
+            lap("base", next_stage)
+        elif c.safety is not None:
             stage_records += self.stage_generations(BEFORE_SAFETY, base, base_model, splits)
             lap("base", "safety")
             del base_model
@@ -393,7 +401,7 @@ class Runner:
         else:
             lap("base", next_stage)
         inference_results = self.inference_stage(inference, splits, base, base_model, requests)
-        if inference_results is not None and c.safety is not None and c.inference.transfer:
+        if inference_results is not None and c.safety is not None and self.kind.trains and c.inference.transfer:
             self.transfer_to(self.load_victim(before_safety[0]), BEFORE_SAFETY, before_safety[1], inference, inference_results)
         if inference:
             lap("inference attacks", "attacks")
@@ -469,6 +477,7 @@ class Runner:
                 Row(key, attack.goal, inference_results.victim, base[0], base[1], inputs=inputs, requests=requests,
                     adaptive_to=getattr(getattr(attack.params, "adaptive", None), "defense", None))
                 for key, attack in inference.items()
+                if key in inference_results.inputs  # not an attack that failed (its victim stopped answering)
                 for inputs, requests in [inference_results.inputs[key]]
             ]
         plan_of = {p.attack: p for p in tuned}
@@ -576,7 +585,7 @@ class Runner:
         judged = sum(r.get("goal") == "jailbreak" for r in results.records) if model is not None else 0
         with progress_bar("inference attacks: the judge reads every jailbreak response", judged) as bar:
             judge_jailbreaks(results.records, model, on_batch=bar.advance)
-        section = score_inference(attacks, results.records, results.sizes, results.costs, results.victim)
+        section = score_inference(attacks, results.records, results.sizes, results.costs, results.victim, results.failed)
         if any(a.goal == "jailbreak" for a in attacks.values()):
             section["judge"] = judge_agreement(model, packaged=ATTACK_LABELS)
         return section
