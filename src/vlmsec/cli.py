@@ -217,13 +217,17 @@ def serve(
     ] = None,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Stage cache for a config's victim (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="The model name served (default: the folder's or config's name).")] = None,
+    calibration: Annotated[
+        Optional[int],
+        typer.Option("--calibration", min=1, help="Clean samples a detector's threshold is calibrated on (default: the config's defense.calibration, 100)."),
+    ] = None,
 ) -> None:
     """Serve a victim through an OpenAI-compatible chat-completions endpoint (POST /v1/chat/completions,
     GET /v1/models), its defenses in front: a defended model attacked as a black box."""
     from vlmsec.victims.server import serve as serve_victim
 
     try:
-        serve_victim(target, host, port, defense or [], cache, name)
+        serve_victim(target, host, port, defense or [], cache, name, calibration)
     except VlmsecError as err:
         _fail(err)
 

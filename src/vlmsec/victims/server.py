@@ -8,7 +8,9 @@ newlines, and at most one `image_url` part holding a base64 PNG data URL
 (`data:image/png;base64,...`; the server fetches nothing). Decoding is greedy whatever
 `temperature` says; `max_tokens` (or `max_completion_tokens`) bounds the answer. The response is
 OpenAI's `chat.completion` with `usage` (the prompt's text tokens as the victim's template writes
-it, and the answer's tokens, counted with the victim's tokenizer) and a `vlmsec` field saying
+it, and the answer's text re-encoded, both by the victim's tokenizer: the victims return text, so
+an answer that does not re-encode to the tokens generated, as a random model's may not, is counted
+as it re-encodes; `finish_reason` is "length" when that count reaches `max_tokens`) and a `vlmsec` field saying
 which defenses acted and which detector flagged the input. A bad request (not JSON, a field
 missing or of the wrong type, an image that is not a decodable PNG) gets HTTP 400 with the
 reason in OpenAI's error schema.
@@ -297,10 +299,11 @@ def load_checkpoint(folder: Path) -> Victim:
     return LlavaVictim.load(folder, FeatureCache())
 
 
-def load_served(target: str, cache: Path | None) -> tuple[Victim, str, list[Sample]]:
+def load_served(target: str, cache: Path | None, calibration: int | None = None) -> tuple[Victim, str, list[Sample]]:
     """The victim `target` names (a checkpoint folder, or a config/preset: its base victim after its
-    safety stage, from the stage cache, built there if missing), the name it is served under, and the
-    clean samples detectors calibrate on (the config's `defense.calibration` first tuning samples)."""
+    safety stage, from the stage cache, built there if missing), the name it is served under, and
+    clean samples detectors calibrate on: `calibration` (default: the config's `defense.calibration`)
+    of the config's tuning samples, or of generated clean scenes for a checkpoint folder."""
     from vlmsec.experiments.config import ExperimentConfig, load_config
     from vlmsec.experiments.runner import Runner
     from vlmsec.experiments.splits import build_splits
@@ -309,14 +312,13 @@ def load_served(target: str, cache: Path | None) -> tuple[Victim, str, list[Samp
     if path.is_dir():
         victim = load_checkpoint(path)
         victim.model.eval()
-        # Generated clean scenes, the default config's kind, for detector thresholds.
-        defaults = ExperimentConfig()
-        config = ExperimentConfig.model_validate(
-            {"data": {"base_size": 16, "train_size": defaults.defense.calibration, "test_size": 4, "shifted": {}}}
-        )
-        return victim, path.resolve().name, build_splits(config).train[: defaults.defense.calibration]
+        count = calibration if calibration is not None else ExperimentConfig().defense.calibration
+        if count == 0:
+            return victim, path.resolve().name, []
+        scenes = ExperimentConfig.model_validate({"data": {"base_size": 4, "train_size": count, "test_size": 4, "shifted": {}}})
+        return victim, path.resolve().name, build_splits(scenes).train[:count]
     config = load_config(target)
-    runner = Runner(config, Path(".") / "runs" / config.name, cache)
+    runner = Runner(config, Path("runs") / config.name, cache)
     splits = build_splits(config)
     base = runner.base_victim(splits)
     if config.safety is not None and runner.kind.trains:
@@ -324,10 +326,13 @@ def load_served(target: str, cache: Path | None) -> tuple[Victim, str, list[Samp
     victim = runner.kind.load(base[0], runner.features)
     if victim.model is not None:
         victim.model.eval()
-    return victim, config.name, splits.train[: config.defense.calibration]
+    return victim, config.name, splits.train[: calibration if calibration is not None else config.defense.calibration]
 
 
-def serve(target: str, host: str, port: int, defenses: Sequence[str], cache: Path | None, name: str | None = None) -> None:
+def serve(
+    target: str, host: str, port: int, defenses: Sequence[str], cache: Path | None, name: str | None = None,
+    calibration: int | None = None,
+) -> None:
     """Load `target`, put `defenses` (registered names) in front, and serve until interrupted."""
     import uvicorn
 
@@ -340,7 +345,9 @@ def serve(target: str, host: str, port: int, defenses: Sequence[str], cache: Pat
             raise VlmsecError(f"--defense {label}: given twice")
         chosen[label] = create_defense(label)
         check_in_front(label, chosen[label])  # before the model loads
-    victim, default_name, samples = load_served(target, cache)
+    if not any(isinstance(d, Detector) for d in chosen.values()):
+        calibration = 0  # nothing to calibrate: no samples drawn
+    victim, default_name, samples = load_served(target, cache, calibration)
     served = Served(victim, name or default_name, chosen, samples)
     url = f"http://{host}:{port}/v1"
     front = ", ".join(chosen) or "none"
