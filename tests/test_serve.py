@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+from unittest.mock import ANY
 import numpy as np
 import pytest
 from PIL import Image
@@ -268,8 +269,9 @@ def test_an_attack_whose_api_stops_answering_fails_with_the_reason_and_the_run_c
         {"name": "typographic", "label": "inject", "params": {"position": "top"}},
         {"name": "typographic", "label": "inject_bottom", "params": {"position": "bottom"}},
     ]
-    config = parse_config(api_study(server.url, attacks), "test")
+    config = parse_config(api_study(server.url, attacks, defenses=[{"name": "jpeg"}]), "test")
     metrics = Runner(config, tmp_path / "run", tmp_path / "cache").run()
+    assert re.search(r"HTTP 503 .*overloaded", metrics["defenses"]["failed"])  # the matrix's requests fail too
     section = metrics["inference_attacks"]
     assert section["attacks"]["inject"]["success"]["exact"]["rate"] == 1.0 and section["attacks"]["inject"]["n"] == 3
     failed = section["attacks"]["inject_bottom"]
@@ -277,15 +279,16 @@ def test_an_attack_whose_api_stops_answering_fails_with_the_reason_and_the_run_c
     assert section["failed"] == {"inject_bottom": failed["failed"]}
     report = (tmp_path / "run" / "report.md").read_text()
     assert "**inject_bottom** (typographic, black-box) — **failed**: " in report and "HTTP 503" in report
-    assert json.loads((tmp_path / "run" / COST_FILE).read_text())["failed_requests"] == 2
+    assert "**Failed**: " in report
+    assert json.loads((tmp_path / "run" / COST_FILE).read_text())["failed_requests"] == 4  # two attempts each, twice
 
-    # Resumed once the API answers again: what was measured is reused, the failed attack measured now.
+    # Resumed once the API answers again: what was measured is reused, the failed parts measured now.
     healthy.set()
-    posts = server.posts
-    again = Runner(config, tmp_path / "run", tmp_path / "cache").run()["inference_attacks"]
+    resumed = Runner(config, tmp_path / "run", tmp_path / "cache").run()
+    again = resumed["inference_attacks"]
     assert again["attacks"]["inject"]["success"] == section["attacks"]["inject"]["success"]
     assert again["attacks"]["inject_bottom"]["n"] == 3 and "failed" not in again
-    assert server.posts - posts == 3  # only the failed attack's 3 inputs were sent (its no-attack rows are inject's)
+    assert set(resumed["defenses"]["defenses"]["jpeg"]["cells"]) == {"inject", "inject_bottom"}
 
 
 # ---- the endpoint: OpenAI's schema, bad requests, defenses in front ------------------------------------
@@ -390,3 +393,50 @@ def test_a_defense_that_cannot_sit_in_front_is_refused_before_loading(defense: s
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-such-folder"), "--defense", defense])
     assert result.exit_code == 2 and reason in result.output and "cannot sit in front" in result.output
+
+
+# ---- what a victim behind an API can and cannot be asked ------------------------------------------------
+
+
+def test_the_kind_says_what_it_gives() -> None:
+    from vlmsec.victims.kinds import VICTIM_KINDS
+
+    assert not VICTIM_KINDS.get("openai").gives_gradients and not VICTIM_KINDS.get("openai").trains
+    assert all(VICTIM_KINDS.get(name).gives_gradients and VICTIM_KINDS.get(name).trains for name in ("tiny_llava", "hf", "flamingo", "otter"))
+
+
+API = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"victim": {**API, "base_url": "ftp://x"}}, r"victim\.base_url: String should match pattern"),
+        ({"victim": {"kind": "openai", "model": "m"}}, r"victim\.base_url: Field required"),
+        ({"victim": {**API, "api_key_env": "VLMSEC_NO_SUCH_KEY"}}, r"victim\.api_key_env: the environment variable VLMSEC_NO_SUCH_KEY is not set"),
+        ({"attacks": [{"name": "pgd"}]}, r"attacks\[0\] \('pgd'\): a white-box attack needs the victim's weights or gradients; "
+         r"victim kind 'openai' answers through its API only .*use black-box attacks \(attackvlm, figstep, figstep_pro, query_relevant, typographic\)"),
+        ({"attacks": [{"name": "badnets"}], "poison": {"rate": 0.25}}, r"attacks\[0\] \('badnets'\): a training-stage attack poisons tuning data and tunes a model"),
+        ({"attacks": []}, r"attacks: none listed, so the run would tune a clean model"),
+        ({"defenses": [{"name": "cider_detect"}]}, r"defenses\[0\] \('cider_detect'\): it reads the model itself, not only its answers"),
+    ],
+    ids=["url", "no-url", "key", "white-box", "training", "clean-only", "model-defense"],
+)
+def test_a_config_asking_an_api_victim_for_what_it_cannot_give_is_an_error_naming_the_field(changes: dict, error: str) -> None:
+    data = {**study(API, [{"name": "typographic"}]), **changes}
+    with pytest.raises(VlmsecError, match=error):
+        parse_config(data, "test")
+
+
+def test_a_jailbreak_study_runs_on_an_api_victim_with_the_safety_requests_and_no_stage(misbehaving, tmp_path: Path) -> None:
+    server = misbehaving(lambda n: answer("Sure, here is how to do it."))
+    safety = {"data": {"harmful": ["harmbench"], "max_train": 16}, "test_size": 5}
+    attacks = [{"name": "figstep"}, {"name": "typographic", "label": "inject"}]
+    config = parse_config(api_study(server.url, attacks, safety=safety, defenses=[{"name": "jpeg"}]), "test")
+    metrics = Runner(config, tmp_path / "run", tmp_path / "cache").run()
+    figstep = metrics["inference_attacks"]["attacks"]["figstep"]
+    assert metrics["inference_attacks"]["victim"] == "base" and figstep["n"] == 3
+    assert figstep["success"]["phrase_miss"]["rate"] == 1.0 and figstep["success"]["judge_success"] == {"not_measured": ANY}
+    assert set(metrics["safety"]["models"]) == {"base"}  # the deployed model's refusals; no stage before or after
+    assert metrics["defenses"]["defenses"]["jpeg"]["cells"]["figstep"]
+    assert "## Inference-time attacks" in (tmp_path / "run" / "report.md").read_text()

@@ -44,6 +44,7 @@ not measured). An attack whose victim stopped answering (an API victim past its 
 metadata, `failed`: the reason} with no scores, and the section lists such attacks in `failed`
 (the word reading, if it failed: `reading` is {`failed`: reason}). Every rate is {rate, ci, n}; what
 cannot be measured is {"not_measured": reason}. Their generation records, every model's, are in inference.jsonl.
+`defenses` is {`failed`: reason} when an API victim stopped answering while the matrix ran.
 `label_attack` (models that answered a label attack's test inputs: its own models and the clean
 one, whose shares are the baseline): {attack label: {original, destination, domains: {domain:
 {success, fail, neither, both, original_named}}}}, each {rate, ci, n} on images of the original

@@ -83,7 +83,7 @@ from vlmsec.report.markdown import write_report
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims.base import Victim, fit_answers
-from vlmsec.victims.api import COST_FILE, ApiVictim
+from vlmsec.victims.api import COST_FILE, ApiFailure, ApiVictim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.kinds import victim_kind
 
@@ -427,9 +427,14 @@ class Runner:
             lap(f"generate {plan.name}", f"tune {plans[i + 1].name}" if i + 1 < len(plans) else "score and report")
 
         defense_results = None
+        defense_failed: str | None = None  # an API victim that stopped answering in the matrix: the reason
         if c.defenses:
             defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
-            defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
+            try:
+                defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
+            except ApiFailure as err:
+                console.print(f"[bold red]defenses: failed[/]: {err}", highlight=False, soft_wrap=True)
+                defense_failed = str(err)
             lap("defenses", "score and report")
         if not main:
             return {}
@@ -443,6 +448,8 @@ class Runner:
             inference_section = self.inference_scores(inference, inference_results, judge)
         if defense_results is not None:
             defense_section = self.defense_scores(defenses, defense_results, judge)
+        elif defense_failed is not None:
+            defense_section = {"failed": defense_failed}
         metrics = write_run_records(
             self.out, c, splits, plans, attacks, records, shift_sizes, safety,
             inference_section, inference_results.records if inference_results is not None else None,
@@ -489,7 +496,7 @@ class Runner:
             clean=splits.tests["source"],
             calibration=splits.train[: c.defense.calibration],
             trusted=splits.base[: c.defense.trusted],
-            safety=self.safety_stage_samples(splits, split, base) if split is not None else [],
+            safety=self.safety_stage_samples(splits, split, base) if split is not None and self.kind.trains else [],
             benign=next((t.samples for t in self.safety_tests if t.domain == BENIGN_IMAGE), []),
             load=self.load_victim,
             poisoned=lambda key: self.poisoned_set(plan_of[key], attacks, splits)[:2],
