@@ -150,7 +150,7 @@ class Misbehaving(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, script: Callable[[int], tuple[int, dict[str, str], bytes, float]]) -> None:
-        self.script, self.posts = script, 0
+        self.script, self.posts, self.bodies = script, 0, []
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -165,7 +165,7 @@ class Misbehaving(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.server.bodies.append(self.rfile.read(int(self.headers.get("content-length", 0))))  # type: ignore[attr-defined]
         self.server.posts += 1  # type: ignore[attr-defined]
         status, headers, body, wait = self.server.script(self.server.posts)  # type: ignore[attr-defined]
         time.sleep(wait)
@@ -216,6 +216,25 @@ def test_a_rate_limit_is_retried_with_backoff_and_then_answered(misbehaving) -> 
     assert time.perf_counter() - start >= 0.1  # two waits of the server's Retry-After
     assert server.posts == 3 and (victim.cost.requests, victim.cost.failed_requests) == (3, 2)
     assert (victim.cost.prompt_tokens, victim.cost.completion_tokens) == (7, 2)
+    sent = json.loads(server.bodies[-1])  # greedy, one user turn: the text, then the image as a lossless PNG
+    assert (sent["model"], sent["max_tokens"], sent["temperature"]) == ("m", 3, 0)
+    text, image = sent["messages"][0]["content"]
+    assert text == {"type": "text", "text": "What is shown?"}
+    url = image["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))), IMAGE)
+    victim.generate([None], ["Say hi."])
+    assert json.loads(server.bodies[-1])["messages"][0]["content"] == [{"type": "text", "text": "Say hi."}]  # text only
+
+
+def test_what_an_api_victim_cannot_give_is_a_clear_error() -> None:
+    victim = victim_at("http://127.0.0.1:9/v1")
+    with pytest.raises(VlmsecError, match=r"attack 'pgd' needs the victim's pixel gradients; the openai victim \(m at http://127\.0\.0\.1:9/v1\) "
+                       r"answers through its API only"):
+        victim.check_pixel_gradients("pgd")
+    for refused in (victim.embedding_matrix, lambda: victim.answer_representations([]), lambda: victim.select_trainable(None)):
+        with pytest.raises(VlmsecError, match=r"answers through its API only"):
+            refused()
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -91,8 +92,6 @@ class ApiCost:
     @classmethod
     def read(cls, path: Path) -> ApiCost:
         """The counter kept at `path` by earlier sessions of the run folder (a resumed run adds to it); zero if none."""
-        import json
-
         try:
             data = json.loads(path.read_text())
             return cls(**{k: data[k] for k in asdict(cls()) if k in data})
@@ -186,11 +185,12 @@ class ApiVictim:
             wait = self.backoff * 2**attempt
             self.cost.requests += 1
             try:
-                outcome, reason, retry_after = self._post(body)
+                outcome, text, retry_after = self._post(body)
             finally:
                 self.cost.seconds += time.perf_counter() - start
             if outcome == "answer":
-                return reason
+                return text
+            reason = text
             self.cost.failed_requests += 1
             if outcome == "fatal" or attempt == self.retries:
                 break
@@ -201,7 +201,7 @@ class ApiVictim:
         raise ApiFailure(f"{self.describe()}: request failed {tries}: {reason}")
 
     def _post(self, body: dict[str, Any]) -> tuple[Literal["answer", "retry", "fatal"], str, float | None]:
-        """One attempt: ("answer", text, None), or ("retry" | "fatal", the reason, the server's Retry-After)."""
+        """One attempt: ("answer", the answer, None), or ("retry" | "fatal", the reason, the server's Retry-After)."""
         url = f"{self.base_url}/chat/completions"
         try:
             response = self.client.post("/chat/completions", json=body)
@@ -251,6 +251,51 @@ class ApiVictim:
 
     def save(self, folder: str | Path) -> None:
         raise self._refuse("a checkpoint to save")
+
+    # The rest of the Victim protocol: what white- and gray-box attacks, data filters and tuning call.
+    # The config check refuses them first (`experiments.config._check_access`); reached another way
+    # (`vlmsec trigger`), each stops with the same error instead of an AttributeError.
+    def vision_embedding(self, images: Any) -> Any:
+        raise self._refuse("the victim's vision tower")
+
+    def vision_tokens(self, images: Any) -> Any:
+        raise self._refuse("the victim's vision tower")
+
+    def answer_loss(self, images: Any, instructions: Any, answers: Any) -> Any:
+        raise self._refuse("the victim's loss and its gradients")
+
+    def vision_key(self) -> dict[str, Any]:
+        raise self._refuse("the victim's vision tower")
+
+    def token_problem(self, images: Any, instructions: Any, answers: Any) -> Any:
+        raise self._refuse("the victim's token embeddings")
+
+    def embedding_matrix(self) -> Any:
+        raise self._refuse("the victim's token embeddings")
+
+    def loss_from_embeddings(self, problem: Any, inputs_embeds: Any) -> Any:
+        raise self._refuse("the victim's loss and its gradients")
+
+    def image_text_vectors(self, images: Any, texts: Any) -> Any:
+        raise self._refuse("the victim's image and text embeddings")
+
+    def answer_representations(self, samples: Any, batch_size: int = 32) -> Any:
+        raise self._refuse("the victim's hidden states")
+
+    def prepare_training(self, samples: Any, label: str) -> Any:
+        raise self._refuse("tuning")
+
+    def batch_loss(self, prepared: Any, index: Any, samples: Any) -> Any:
+        raise self._refuse("tuning")
+
+    def select_trainable(self, spec: Any) -> Any:
+        raise self._refuse("tuning")
+
+    def tuning_modes(self, spec: Any) -> Any:
+        raise self._refuse("tuning")
+
+    def sequence_length(self, instruction: str, answer: str) -> int:
+        raise self._refuse("the victim's tokenizer")
 
 
 def _retry_after(response: httpx.Response) -> float | None:
