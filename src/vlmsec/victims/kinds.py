@@ -9,6 +9,8 @@ such config, answers everything the config check and the runner ask about the vi
     trains_base -> base_key, untrained           the base stage pretrains it from scratch, or
     trains_base -> given_base                    the base is given by files, keyed by them
     load                                         a base or tuned victim from its folder
+    gives_gradients, trains                      what its victim gives besides answers (false for
+                                                 `openai`, a model behind an API: black box only)
 
 `ExperimentConfig.victim` picks the `Spec` by `kind` when it validates, so a kind registered
 later, from outside the package, is configurable and runnable like the packaged ones:
