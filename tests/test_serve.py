@@ -219,3 +219,21 @@ def test_a_defense_that_cannot_sit_in_front_is_refused_before_loading(defense: s
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-such-folder"), "--defense", defense])
     assert result.exit_code == 2 and reason in result.output and "cannot sit in front" in result.output
+
+
+def test_a_config_is_served_as_its_deployed_victim_with_its_own_calibration_samples(checkpoint: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from vlmsec.experiments.splits import build_splits
+    from vlmsec.victims.server import load_served
+
+    data = study({"checkpoint": str(checkpoint), "image_size": 32}, [{"name": "typographic"}])
+    data["defense"] = {"calibration": 12}
+    path = tmp_path / "served.yaml"
+    path.write_text(yaml.safe_dump(data))
+    victim, name, samples = load_served(str(path), tmp_path / "cache")
+    assert name == "api" and [s.id for s in samples] == [s.id for s in build_splits(parse_config(data, "test")).train[:12]]
+    image = scene_images(1)[0]
+    assert victim.generate([image], ["What is shown?"], max_new_tokens=5) == LlavaVictim.load(checkpoint).generate(
+        [image], ["What is shown?"], max_new_tokens=5
+    )
