@@ -122,14 +122,14 @@ def api_study(url: str, attacks: list[dict], **sections: object) -> dict:
 def test_an_attack_whose_api_stops_answering_fails_with_the_reason_and_the_run_completes(misbehaving, tmp_path: Path) -> None:
     healthy = threading.Event()
     # The word reading (48 requests) and the first attack (3 attacked + 3 no-attack) are answered, then 503.
-    server = misbehaving(lambda n: answer(TARGET) if n <= 54 or healthy.is_set() else (503, {}, b"overloaded", 0.0))
+    server = misbehaving(lambda n: answer(TARGET) if n <= 54 or healthy.is_set() else (503, {}, b"overloaded [/]", 0.0))
     attacks = [
         {"name": "typographic", "label": "inject", "params": {"position": "top"}},
         {"name": "typographic", "label": "inject_bottom", "params": {"position": "bottom"}},
     ]
     config = parse_config(api_study(server.url, attacks, defenses=[{"name": "jpeg"}]), "test")
     metrics = Runner(config, tmp_path / "run", tmp_path / "cache").run()
-    assert re.search(r"HTTP 503 .*overloaded", metrics["defenses"]["failed"])  # the matrix's requests fail too
+    assert re.search(r"HTTP 503 .*overloaded \[/\]", metrics["defenses"]["failed"])  # the matrix's requests fail too
     section = metrics["inference_attacks"]
     assert section["attacks"]["inject"]["success"]["exact"]["rate"] == 1.0 and section["attacks"]["inject"]["n"] == 3
     failed = section["attacks"]["inject_bottom"]

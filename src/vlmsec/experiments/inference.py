@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
 from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_sealed
 from vlmsec.attacks import Attack
@@ -358,7 +359,7 @@ def run_attacks(
 
 
 def _failed(key: str, err: ApiFailure) -> str:
-    console.print(f"[bold red]{key}: failed[/]: {err}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]{escape(key)}: failed[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
     return str(err)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from rich.markup import escape
 
 from vlmsec.artifacts import read_json_sealed, stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
@@ -433,7 +434,7 @@ class Runner:
             try:
                 defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
             except ApiFailure as err:
-                console.print(f"[bold red]defenses: failed[/]: {err}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]defenses: failed[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
                 defense_failed = str(err)
             lap("defenses", "score and report")
         if not main:

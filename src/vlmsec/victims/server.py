@@ -45,6 +45,7 @@ from vlmsec.data.images import decode_image
 from vlmsec.data.sample import Sample
 from vlmsec.defenses.base import Defense, Detector, PromptDefense, Purifier
 from vlmsec.errors import VlmsecError
+from vlmsec.experiments.defenses import REFUSAL  # a flagged input gets the matrix's deployment's refusal
 from vlmsec.seeds import derive_seed
 from vlmsec.victims.base import Victim
 
@@ -52,7 +53,6 @@ DEFAULT_MAX_TOKENS = 32  # as `Victim.generate`'s default
 MAX_TOKENS_LIMIT = 4096
 PNG_DATA_URL = "data:image/png;base64,"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-REFUSAL = "I'm sorry, but I cannot help with that."  # what a detector's deployment answers a flagged input
 
 
 class BadRequest(VlmsecError):
