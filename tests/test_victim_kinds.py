@@ -40,7 +40,7 @@ def test_a_field_of_another_kind_is_an_error_naming_it(tmp_path: Path) -> None:
 
 
 def test_an_unknown_kind_names_the_known_ones() -> None:
-    with pytest.raises(VlmsecError, match=r"victim\.kind: unknown victim kind 'colour'; known: flamingo, hf, otter, tiny_llava"):
+    with pytest.raises(VlmsecError, match=r"victim\.kind: unknown victim kind 'colour'; known: flamingo, hf, openai, otter, tiny_llava"):
         parse_config({"victim": {"kind": "colour"}}, "test")
 
 

@@ -207,6 +207,32 @@ def trigger(
 
 
 @app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A checkpoint folder (a run's checkpoints/<model>, a cache stage), or a config/preset: its base victim after its safety stage.")],
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on (default: this machine only).")] = "127.0.0.1",
+    defense: Annotated[
+        Optional[list[str]],
+        typer.Option("--defense", help="A defense in front (repeatable): purifiers, detectors, a prompt defense (see `vlmsec defenses`)."),
+    ] = None,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Stage cache for a config's victim (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="The model name served (default: the folder's or config's name).")] = None,
+    calibration: Annotated[
+        Optional[int],
+        typer.Option("--calibration", min=1, help="Clean samples a detector's threshold is calibrated on (default: the config's defense.calibration, 100)."),
+    ] = None,
+) -> None:
+    """Serve a victim through an OpenAI-compatible chat-completions endpoint (POST /v1/chat/completions,
+    GET /v1/models), its defenses in front: a defended model attacked as a black box."""
+    from vlmsec.victims.server import serve as serve_victim
+
+    try:
+        serve_victim(target, host, port, defense or [], cache, name, calibration)
+    except VlmsecError as err:
+        _fail(err)
+
+
+@app.command()
 def presets() -> None:
     """List the packaged experiment presets."""
     from vlmsec.experiments.config import preset_names

@@ -164,8 +164,11 @@ def train_surrogate(images: int, steps: int, seed: int) -> SceneEncoder:
 
 def check_independent(surrogate: nn.Module, victim: Victim, attack: str = "attackvlm") -> None:
     """A VlmsecError if any weight tensor (2 or more dimensions) of `surrogate` is, or equals, one of
-    the victim's: a transfer from the victim's own tower would be white-box."""
+    the victim's: a transfer from the victim's own tower would be white-box. A victim behind an API
+    (no `model` here) has no weights within the attacker's reach to share."""
     theirs: dict[tuple[int, ...], list[tuple[str, torch.Tensor]]] = defaultdict(list)
+    if victim.model is None:
+        return
     for name, weight in victim.model.named_parameters():
         if weight.dim() >= 2:
             theirs[tuple(weight.shape)].append((name, weight))

@@ -47,6 +47,9 @@ class Defense:
     name: ClassVar[str]
     acts_on: ClassVar[Place]
     Params: ClassVar[type[DefenseParams]] = DefenseParams
+    # Whether it reads the victim itself (weights, representations, embeddings, tuning), not only its
+    # answers: such a defense cannot act on a victim behind an API, nor sit in front of `vlmsec serve`.
+    reads_model: ClassVar[bool] = False
     # What the defense is where its name alone would mislead (a substitute for weights no package
     # ships, our reading of the paper); `describe` carries it when set.
     note: ClassVar[str | None] = None
@@ -101,6 +104,7 @@ class DataFilter(Defense):
     """Scores tuning samples before tuning; the removed ones are left out and the model tuned again."""
 
     acts_on: ClassVar[Place] = "data"
+    reads_model: ClassVar[bool] = True
     Params: ClassVar[type[DefenseParams]] = FilterParams
 
     def flag(self, samples: Sequence[Sample], tuned: Victim, base: Victim, budget: int, clean: Sequence[Sample] = ()) -> Flags:
@@ -122,6 +126,7 @@ class ModelRepair(Defense):
     """Changes a tuned model in place, with a small trusted set of clean samples the owner holds."""
 
     acts_on: ClassVar[Place] = "model"
+    reads_model: ClassVar[bool] = True
     # What it is handed: the owner's clean samples, or the run's safety-stage samples (refusals and
     # helpful answers: a repair that re-aligns, which needs the run's `safety` section).
     trusted_set: ClassVar[Literal["clean", "safety"]] = "clean"
@@ -145,6 +150,7 @@ class ModelScan(Defense):
     """Scores a tuned model without changing it: is this checkpoint already backdoored?"""
 
     acts_on: ClassVar[Place] = "model"
+    reads_model: ClassVar[bool] = True
 
     def scan(self, victim: Victim, clean: Sequence[Sample], seed: int) -> ScanResult:
         """Score `victim` from `clean` inputs the owner holds."""

@@ -569,6 +569,7 @@ class CiderDetect(Detector):
     # No generation: its cost is (levels + 1) image embeddings and the denoiser, which the matrix's
     # seconds per input show.
     passes_per_input: ClassVar[int] = 0
+    reads_model: ClassVar[bool] = True  # the victim's image-text space
     note = (
         "CIDER's diffusion denoiser from a local diffusers DDPM folder (params.denoiser), one-shot as CIDER's; "
         "without one, iterated non-local means (skimage), the alternative CIDER's own code lists (h = 0.8 sigma)"

@@ -362,7 +362,7 @@ class ExperimentConfig(_Strict):
     victim: SerializeAsAny[VictimSpecBase] = Field(
         default_factory=TinyLlavaVictimSpec,
         description="the victim: `kind` names a registered victim kind (vlmsec.victims.kinds: tiny_llava, the "
-        "default; hf; flamingo; otter), the other fields are that kind's",
+        "default; hf; flamingo; otter; openai, a model behind an API), the other fields are that kind's",
     )
     base: BaseStageSpec = Field(default_factory=BaseStageSpec)
     tuning: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -477,6 +477,7 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     if base_dir is not None:
         _resolve_paths(config, base_dir)
     _check_victim(config, source, base_dir if base_dir is not None else Path())
+    _check_access(config, source)
     return config
 
 
@@ -504,6 +505,46 @@ def _check_victim(config: ExperimentConfig, source: str, base_dir: Path) -> None
             _require_judge(config.safety.judge)
     except VlmsecError as err:
         raise VlmsecError(f"{source}: {err}") from None
+
+
+def _check_access(config: ExperimentConfig, source: str) -> None:
+    """What the victim's kind cannot give stops the run before any stage: a victim behind an API
+    (`gives_gradients`, `trains` false) takes black-box inference attacks and defenses that read
+    its answers only; tuning (a training-stage attack, or the clean model a run without attacks
+    tunes), white- and gray-box attacks and defenses that read the model are refused, naming them."""
+    from vlmsec.attacks import ATTACKS
+    from vlmsec.attacks.registry import acts_at_inference
+    from vlmsec.defenses import DEFENSES
+
+    kind = victim_kind(config.victim)
+    why = f"victim kind {kind.name!r} answers through its API only (outputs: no weights, gradients or tuning)"
+    if not kind.trains:
+        if not config.attacks:
+            raise VlmsecError(f"{source}: attacks: none listed, so the run would tune a clean model; {why}: list inference-time black-box attacks")
+        for i, spec in enumerate(config.attacks):
+            if not acts_at_inference(spec.name):
+                raise VlmsecError(
+                    f"{source}: attacks[{i}] ({spec.key!r}): a training-stage attack poisons tuning data and tunes a model; {why}"
+                )
+    if not kind.gives_gradients:
+        for i, spec in enumerate(config.attacks):
+            knowledge = ATTACKS.get(spec.name).knowledge
+            if knowledge != "black-box":
+                raise VlmsecError(
+                    f"{source}: attacks[{i}] ({spec.key!r}): a {knowledge} attack needs the victim's weights or gradients; {why}: "
+                    f"use black-box attacks ({', '.join(black_box_inference_attacks())})"
+                )
+        for i, spec in enumerate(config.defenses):
+            if DEFENSES.get(spec.name).reads_model:
+                raise VlmsecError(f"{source}: defenses[{i}] ({spec.key!r}): it reads the model itself, not only its answers; {why}")
+
+
+def black_box_inference_attacks() -> list[str]:
+    """The registered inference-time attacks that need only the victim's answers (what an API victim takes)."""
+    from vlmsec.attacks import ATTACKS
+    from vlmsec.attacks.registry import acts_at_inference
+
+    return [n for n in sorted(ATTACKS) if acts_at_inference(n) and ATTACKS.get(n).knowledge == "black-box"]
 
 
 def _require_judge(folder: Path | None) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from rich.markup import escape
 
 from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_sealed
 from vlmsec.attacks import Attack
@@ -55,6 +56,7 @@ from vlmsec.experiments.config import ExperimentConfig
 from vlmsec.experiments.splits import reading_words
 from vlmsec.progress import console, progress_bar
 from vlmsec.seeds import derive_seed
+from vlmsec.victims.api import ApiFailure
 from vlmsec.victims.base import Victim
 
 DOMAIN = "inference"
@@ -319,6 +321,9 @@ class InferenceResults:
     sizes: dict[str, dict[str, Any]]
     costs: dict[str, dict[str, Any]]
     inputs: dict[str, tuple[list[AdversarialInput], list[AttackRequest]]] = field(default_factory=dict)
+    # Attacks (and the word reading, under READING) whose victim stopped answering (`ApiFailure`), with
+    # the reason: recorded as failed while the rest of the run goes on.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def run_attacks(
@@ -333,29 +338,55 @@ def run_attacks(
 ) -> InferenceResults:
     """Craft and answer every attack's inputs on `stage`'s victim, with the baselines of each goal
     (no attack; uniform noise of each perturbation attack's epsilon) answered once, and the
-    victim's word reading on `reading` (`reading_check`) when an attack works through drawn text."""
+    victim's word reading on `reading` (`reading_check`) when an attack works through drawn text. A
+    victim that stopped answering (an API victim's `ApiFailure`, after its retries) fails the attack
+    it was answering, which is recorded with the reason in `failed`; the other attacks go on."""
     results = InferenceResults(stage.victim_name, [], {}, {})
     done: set[tuple[str, str]] = set()  # (goal, baseline) pairs answered
     if any(a.typeset for a in attacks.values()):
-        results.records += stage.reading(reading)
+        try:
+            results.records += stage.reading(reading)
+        except ApiFailure as err:
+            results.failed[READING] = _failed(READING, err)
     for key, attack in attacks.items():
-        goal = attack.goal
-        requests = attack_requests(goal, harmful, source, target, seed=stage.seed)
-        learn_on = training_requests(goal, split, train, target, seed=derive_seed(stage.seed, f"inference/{key}/train"))
-        inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
-        results.inputs[key] = (inputs, requests)
-        results.sizes[key] = attack_sizes(attack, requests, inputs)
-        if goal == "backdoor":  # four conditions and a noise baseline of its own; the clean image is one of them
-            results.records += stage.backdoor(key, attack, requests, inputs)
-            continue
-        results.records += stage.answers(key, goal, inputs, requests, attacked=True)
-        if (goal, NO_ATTACK) not in done:
-            results.records += stage.baselines(goal, requests)
-            done.add((goal, NO_ATTACK))
-        if attack.epsilon is not None and (goal, noise_label(attack.epsilon)) not in done:
-            results.records += stage.noise(goal, attack.epsilon, requests)
-            done.add((goal, noise_label(attack.epsilon)))
+        try:
+            results.records += _run_attack(stage, key, attack, harmful, source, target, split, train, results, done)
+        except ApiFailure as err:
+            results.failed[key] = _failed(key, err)
+            for part in (results.inputs, results.sizes, results.costs):
+                part.pop(key, None)
     return results
+
+
+def _failed(key: str, err: ApiFailure) -> str:
+    console.print(f"[bold red]{escape(key)}: failed[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
+    return str(err)
+
+
+def _run_attack(
+    stage: InferenceStage, key: str, attack: InferenceAttack, harmful: Sequence[Sample], source: Sequence[Sample],
+    target: str, split: SafetySplit | None, train: Sequence[Sample], results: InferenceResults, done: set[tuple[str, str]],
+) -> list[dict[str, Any]]:
+    """One attack of `run_attacks`: crafted (its inputs, size and cost put in `results`), answered, and its
+    goal's baselines answered unless `done` has them; its records, returned only when all are answered."""
+    goal = attack.goal
+    requests = attack_requests(goal, harmful, source, target, seed=stage.seed)
+    learn_on = training_requests(goal, split, train, target, seed=derive_seed(stage.seed, f"inference/{key}/train"))
+    inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
+    results.inputs[key] = (inputs, requests)
+    results.sizes[key] = attack_sizes(attack, requests, inputs)
+    if goal == "backdoor":  # four conditions and a noise baseline of its own; the clean image is one of them
+        return stage.backdoor(key, attack, requests, inputs)
+    records = stage.answers(key, goal, inputs, requests, attacked=True)
+    answered = set()
+    if (goal, NO_ATTACK) not in done:
+        records += stage.baselines(goal, requests)
+        answered.add((goal, NO_ATTACK))
+    if attack.epsilon is not None and (goal, noise_label(attack.epsilon)) not in done:
+        records += stage.noise(goal, attack.epsilon, requests)
+        answered.add((goal, noise_label(attack.epsilon)))
+    done |= answered
+    return records
 
 
 def transfer(stage: InferenceStage, attacks: Mapping[str, InferenceAttack], results: InferenceResults) -> list[dict[str, Any]]:
@@ -364,6 +395,8 @@ def transfer(stage: InferenceStage, attacks: Mapping[str, InferenceAttack], resu
     records: list[dict[str, Any]] = []
     answered: set[str] = set()
     for key, attack in attacks.items():
+        if key not in results.inputs:
+            continue  # failed on the deployed victim: nothing crafted to transfer
         inputs, requests = results.inputs[key]
         if attack.goal == "backdoor":  # its four conditions; "neither" is its no-attack row
             records += stage.backdoor(key, attack, requests, inputs)
@@ -458,8 +491,14 @@ def score_inference(
     sizes: Mapping[str, dict[str, Any]],
     costs: Mapping[str, dict[str, Any]],
     victim_name: str,
+    failed: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """metrics.json's `inference_attacks` section (see `vlmsec.experiments.records`)."""
+    """metrics.json's `inference_attacks` section (see `vlmsec.experiments.records`); an attack in
+    `failed` (its victim stopped answering) is `{..., "failed": reason}` with no scores."""
+    failed = failed or {}
+    if failed:
+        attacks_failed = {key: attacks[key] for key in attacks if key in failed}
+        attacks = {key: a for key, a in attacks.items() if key not in failed}
     matrix = transfer_matrix(attacks, records, victim_name)
     records = [r for r in records if r.get("model", victim_name) == victim_name]  # the others' are the matrix's
     reading_rows = [r for r in records if r["attack"] == READING]
@@ -485,4 +524,10 @@ def score_inference(
             entry["reading"] = reading
             entry["meaningful"] = reading is not None and reading["contains"].get("rate", 0) >= MEANINGFUL_READING
         section["attacks"][key] = entry
+    if failed:
+        section["failed"] = dict(failed)
+        for key, attack in attacks_failed.items():
+            section["attacks"][key] = {**attack.describe(), "epsilon": attack.epsilon, "failed": failed[key]}
+        if READING in failed:
+            section["reading"] = {"failed": failed[READING]}
     return section

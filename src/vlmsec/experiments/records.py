@@ -40,8 +40,11 @@ noise": same keys and `epsilon`}; a backdoor has its noise only, with both keys)
 `images` (the folder of its PNGs); typeset attacks also `reading` and `meaningful` (the victim
 reads at least half the words)}}, and `transfer` (the inputs as saved, answered by the run's other
 models: {`crafted_on`, `models`, `attacks`: {label: {`goal`, `by_model`: {model: {`success`, "no attack"}}}}}, or
-not measured). Every rate is {rate, ci, n}; what cannot be measured is {"not_measured": reason}.
-Their generation records, every model's, are in inference.jsonl.
+not measured). An attack whose victim stopped answering (an API victim past its retries) is {its
+metadata, `failed`: the reason} with no scores, and the section lists such attacks in `failed`
+(the word reading, if it failed: `reading` is {`failed`: reason}). Every rate is {rate, ci, n}; what
+cannot be measured is {"not_measured": reason}. Their generation records, every model's, are in inference.jsonl.
+`defenses` is {`failed`: reason} when an API victim stopped answering while the matrix ran.
 `label_attack` (models that answered a label attack's test inputs: its own models and the clean
 one, whose shares are the baseline): {attack label: {original, destination, domains: {domain:
 {success, fail, neither, both, original_named}}}}, each {rate, ci, n} on images of the original

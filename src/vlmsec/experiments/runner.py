@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from rich.markup import escape
 
 from vlmsec.artifacts import read_json_sealed, stable_hash, write_json_atomic, write_text_atomic
 from vlmsec.attacks import Attack, AttackContext, TargetAnswer, create_attack, poison_samples
@@ -84,6 +85,7 @@ from vlmsec.report.markdown import write_report
 from vlmsec.seeds import derive_seed
 from vlmsec.train.tuning import refuse_lost_processes, train_victim
 from vlmsec.victims.base import Victim, fit_answers
+from vlmsec.victims.api import COST_FILE, ApiFailure, ApiVictim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.kinds import victim_kind
 
@@ -237,7 +239,10 @@ class Runner:
     def load_victim(self, folder: Path) -> Victim:
         """A base or tuned victim from its folder, by its kind, on this process's device."""
         victim = self.kind.load(folder, self.features)
-        victim.model.to(self.state.device)  # the GPU of this process, if it has one
+        if isinstance(victim, ApiVictim):  # no weights to place; what its requests cost is kept in the run folder
+            victim.keep_cost(self.out / COST_FILE)
+        else:
+            victim.model.to(self.state.device)  # the GPU of this process, if it has one
         return victim
 
     def poisoned_set(self, plan: ModelPlan, attacks: dict[str, Attack], splits: Splits) -> tuple[list[Sample], list[str], list[str]]:
@@ -307,7 +312,7 @@ class Runner:
         results = None
         if self.state.is_main_process:
             c = self.config
-            name = AFTER_SAFETY if c.safety is not None else DEPLOYED_BASE
+            name = AFTER_SAFETY if c.safety is not None and self.kind.trains else DEPLOYED_BASE
             stage = InferenceStage(self.out, victim, name, deployed[1], c.eval.model_dump(), c.seed)
             harmful = next((t.samples for t in self.safety_tests if t.domain == HARMFUL_IMAGE), [])
             target = c.inference.target or self.target.prefix + self.target.word
@@ -383,6 +388,10 @@ class Runner:
             requests = c.safety.data.split(seed=derive_seed(c.seed, "safety/split"))
             images = [s.image for s in splits.tests["source"]]
             self.safety_tests = safety_test_sets(requests, images, c.safety.test_size, seed=derive_seed(c.seed, "safety/tests"))
+        if c.safety is not None and not self.kind.trains:  # a victim behind an API is deployed as it is: no stage
+            stage_records += self.stage_generations(DEPLOYED_BASE, base, base_model, splits)
+            lap("base", next_stage)
+        elif c.safety is not None:
             stage_records += self.stage_generations(BEFORE_SAFETY, base, base_model, splits)
             lap("base", "safety")
             del base_model
@@ -394,7 +403,7 @@ class Runner:
         else:
             lap("base", next_stage)
         inference_results = self.inference_stage(inference, splits, base, base_model, requests)
-        if inference_results is not None and c.safety is not None and c.inference.transfer:
+        if inference_results is not None and c.safety is not None and self.kind.trains and c.inference.transfer:
             self.transfer_to(self.load_victim(before_safety[0]), BEFORE_SAFETY, before_safety[1], inference, inference_results)
         if inference:
             lap("inference attacks", "attacks")
@@ -420,9 +429,14 @@ class Runner:
             lap(f"generate {plan.name}", f"tune {plans[i + 1].name}" if i + 1 < len(plans) else "score and report")
 
         defense_results = None
+        defense_failed: str | None = None  # an API victim that stopped answering in the matrix: the reason
         if c.defenses:
             defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
-            defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
+            try:
+                defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
+            except ApiFailure as err:
+                console.print(f"[bold red]defenses: failed[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
+                defense_failed = str(err)
             lap("defenses", "score and report")
         if not main:
             return {}
@@ -436,6 +450,8 @@ class Runner:
             inference_section = self.inference_scores(inference, inference_results, judge)
         if defense_results is not None:
             defense_section = self.defense_scores(defenses, defense_results, judge)
+        elif defense_failed is not None:
+            defense_section = {"failed": defense_failed}
         metrics = write_run_records(
             self.out, c, splits, plans, attacks, records, shift_sizes, safety,
             inference_section, inference_results.records if inference_results is not None else None,
@@ -471,6 +487,7 @@ class Runner:
                 Row(key, attack.goal, inference_results.victim, base[0], base[1], inputs=inputs, requests=requests,
                     adaptive_to=getattr(getattr(attack.params, "adaptive", None), "defense", None))
                 for key, attack in inference.items()
+                if key in inference_results.inputs  # not an attack that failed (its victim stopped answering)
                 for inputs, requests in [inference_results.inputs[key]]
             ]
         plan_of = {p.attack: p for p in tuned}
@@ -482,7 +499,7 @@ class Runner:
             clean=splits.tests["source"],
             calibration=splits.calibration if c.defense.calibration_from == "held-out" else splits.train[: c.defense.calibration],
             trusted=splits.base[: c.defense.trusted],
-            safety=self.safety_stage_samples(splits, split, base) if split is not None else [],
+            safety=self.safety_stage_samples(splits, split, base) if split is not None and self.kind.trains else [],
             benign=next((t.samples for t in self.safety_tests if t.domain == BENIGN_IMAGE), []),
             load=self.load_victim,
             poisoned=lambda key: self.poisoned_set(plan_of[key], attacks, splits)[:2],
@@ -580,7 +597,7 @@ class Runner:
         judged = sum(r.get("goal") == "jailbreak" for r in results.records) if model is not None else 0
         with progress_bar("inference attacks: the judge reads every jailbreak response", judged) as bar:
             judge_jailbreaks(results.records, model, on_batch=bar.advance)
-        section = score_inference(attacks, results.records, results.sizes, results.costs, results.victim)
+        section = score_inference(attacks, results.records, results.sizes, results.costs, results.victim, results.failed)
         if any(a.goal == "jailbreak" for a in attacks.values()):
             section["judge"] = judge_agreement(model, packaged=ATTACK_LABELS)
         return section

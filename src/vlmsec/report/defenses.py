@@ -40,6 +40,8 @@ def defense_section(section: dict[str, Any] | None, *figures: Path, inference: d
     (metrics.json's `inference_attacks`) marks the rows of typeset attacks on a victim that does not read."""
     if not section:
         return []
+    if "failed" in section:  # the victim behind an API stopped answering while the matrix ran
+        return ["## Defenses: the attack × defense matrix", "", f"**Failed**: {section['failed']}", ""]
     attacks = (inference or {}).get("attacks", {})
     unread = {row for row in section["rows"] if attacks.get(row, {}).get("meaningful") is False}
     rows, defenses = section["rows"], section["defenses"]

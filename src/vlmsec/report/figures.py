@@ -122,7 +122,7 @@ def shift_sizes(metrics: dict[str, Any], path: Path) -> Path | None:
 def defense_heatmap(section: dict[str, Any] | None, path: Path) -> Path | None:
     """Attack x defense heatmap: each cell's success with the defense (colour), annotated
     "without→with"; blank where the cell is not measured (a tuning defense against an inference attack)."""
-    if not section:
+    if not section or "failed" in section:  # the matrix failed (an API victim stopped answering)
         return None
     columns = {k: d for k, d in section["defenses"].items() if d.get("cells")}
     rows = list(section["rows"])
@@ -153,7 +153,7 @@ def defense_heatmap(section: dict[str, Any] | None, path: Path) -> Path | None:
 
 def detector_rocs(section: dict[str, Any] | None, path: Path) -> Path | None:
     """One panel per detector: its ROC curve on each attack's inputs against clean ones, AUROC in the legend."""
-    if not section:
+    if not section or "failed" in section:  # the matrix failed (an API victim stopped answering)
         return None
     detectors = {
         label: {row: cell["detection"] for row, cell in entry.get("cells", {}).items() if "roc" in cell.get("detection", {})}

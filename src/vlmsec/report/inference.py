@@ -162,7 +162,9 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
         "is random values of the same size and place, sent with the trigger.",
         "",
     ]
-    if reading is not None:
+    if reading is not None and "failed" in reading:
+        lines += [f"Word reading of the victim: **failed** ({reading['failed']}).", ""]
+    elif reading is not None:
         lines += [
             f"Word reading of the victim (typeset words, \"What word is written in the image?\"): names the word "
             f"{_cell(reading['contains'])}, answers exactly it {_cell(reading['exact'])}.",
@@ -176,6 +178,9 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
         lines += [f"### Goal: {goal}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for key, entry in chosen.items():
             label = f"**{key}** ({entry.get('name', '?')}, {entry.get('knowledge', '?')})"
+            if "failed" in entry:  # its victim stopped answering: no scores, the reason instead
+                lines.append(f"| {label} — **failed**: {entry['failed']} | – |" + " |" * (len(header) - 2))
+                continue
             if entry.get("meaningful") is False:
                 label += f" — {not_meaningful(entry.get('reading'))}"
             lines.append(_row(label, goal, entry.get("success", {})))
@@ -189,6 +194,8 @@ def inference_section(section: dict[str, Any] | None) -> list[str]:
     lines += transfer_lines(section.get("transfer"))
     lines += ["Size of each perturbation against the clean image (mean over images, pixels in [0, 1]) and cost:", ""]
     for key, entry in attacks.items():
+        if "failed" in entry:
+            continue
         lines.append(f"- **{key}**: {_size(entry.get('size', {}))}. Cost: {_cost(entry.get('cost', {}))}. Images: `{entry.get('images', '?')}/`.")
         for text in (entry.get("variant"), entry.get("note")):
             if text:

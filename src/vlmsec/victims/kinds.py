@@ -9,6 +9,8 @@ such config, answers everything the config check and the runner ask about the vi
     trains_base -> base_key, untrained           the base stage pretrains it from scratch, or
     trains_base -> given_base                    the base is given by files, keyed by them
     load                                         a base or tuned victim from its folder
+    gives_gradients, trains                      what its victim gives besides answers (false for
+                                                 `openai`, a model behind an API: black box only)
 
 `ExperimentConfig.victim` picks the `Spec` by `kind` when it validates, so a kind registered
 later, from outside the package, is configurable and runnable like the packaged ones:
@@ -38,6 +40,7 @@ from vlmsec.experiments.stages import folder_signature, path_signature
 from vlmsec.inputs import STRICT_INPUT, PathInput
 from vlmsec.registry import Registry
 from vlmsec.victims import hf
+from vlmsec.victims.api import ApiVictim, api_key
 from vlmsec.victims.architectures import architecture, model_types_where
 from vlmsec.victims.base import Victim
 from vlmsec.victims.features import FeatureCache
@@ -78,6 +81,11 @@ class VictimKind(Generic[SpecT]):
 
     name: ClassVar[str]
     Spec: ClassVar[type[VictimSpecBase]]
+    # What the kind's victim gives besides answers: gradients and representations (white- and gray-box
+    # attacks, defenses that read the model), and tuning (training-stage attacks, the clean model,
+    # data and model defenses). An API victim gives neither: the config check refuses what needs them.
+    gives_gradients: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
 
     def __init__(self, spec: SpecT) -> None:
         self.spec = spec
@@ -568,3 +576,58 @@ class OtterKind(_FlamingoFamily[OtterVictimSpec]):
 
     def load_released(self, folder: Path, features: FeatureCache) -> Victim:
         return load_otter(folder, self.spec.tokenizer, features)
+
+
+# ---- any model behind an OpenAI-compatible chat-completions API -------------------------------------
+
+
+class OpenAIVictimSpec(VictimSpecBase):
+    """A black-box victim over an OpenAI-compatible API (`victims.api`): outputs only."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(
+        pattern=r"^https?://\S+$",
+        description="the API's base URL, e.g. http://127.0.0.1:8000/v1 (requests go to <base_url>/chat/completions); "
+        "nothing is sent anywhere else",
+    )
+    model: str = Field(min_length=1, description="the model name the API serves")
+    api_key_env: str | None = Field(
+        None, min_length=1, description="the environment variable holding the API key (the key itself is never stored)"
+    )
+    max_requests_per_second: float | None = Field(None, gt=0, description="request pacing; null: as fast as answers come")
+    retries: int = Field(3, ge=0, le=20, description="retries of a failed request (timeout, refused, 429, 5xx, garbage)")
+    backoff_seconds: float = Field(1.0, ge=0, le=60, description="the first retry's wait, doubled at each retry (or the server's Retry-After)")
+    timeout_seconds: float = Field(60.0, gt=0, description="how long one request may take")
+    max_requests: int | None = Field(None, ge=1, description="the run's request budget (retries count); null: no limit")
+
+
+@VICTIM_KINDS.register
+class OpenAIKind(VictimKind[OpenAIVictimSpec]):
+    """A model reached only through an OpenAI-compatible API: no gradients, no tuning, no base stage."""
+
+    name = "openai"
+    Spec = OpenAIVictimSpec
+    gives_gradients = False
+    trains = False
+
+    def check_files(self) -> None:
+        api_key(self.spec.api_key_env)  # an unset key variable stops the run before any request
+
+    def tower_key(self) -> str:
+        return stable_hash({"tower": "openai", "base_url": self.spec.base_url, "model": self.spec.model})
+
+    def given_base(self) -> tuple[Path, str]:
+        """The API's model as deployed: keyed by where it is and its name (a hosted model changed behind
+        the same name is not noticed: start a fresh run folder)."""
+        return Path(self.spec.base_url), stable_hash({"openai": self.spec.base_url, "model": self.spec.model})
+
+    def load(self, folder: Path, features: FeatureCache) -> Victim:
+        s = self.spec
+        return ApiVictim(  # type: ignore[return-value]  # generate only: the config check keeps the rest from being asked
+            s.base_url, s.model, api_key(s.api_key_env), retries=s.retries, timeout_seconds=s.timeout_seconds,
+            max_requests_per_second=s.max_requests_per_second, max_requests=s.max_requests, backoff_seconds=s.backoff_seconds,
+        )
+
+    def check_safety(self) -> None:
+        """The API's model is deployed as it is: a `safety` section gives the held-out requests jailbreak
+        attacks run on and the judge, and no safety stage is trained."""
