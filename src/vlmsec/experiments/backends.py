@@ -1,0 +1,209 @@
+"""Where a study's tuned models run: one after another in this process (`SerialBackend`, the
+default), or as Ray tasks on a local or remote cluster (`RayBackend`, `vlmsec run --backend ray`).
+
+Each tuned model (`Runner.model_stage`: tune, generate, the inference attacks' transfer, the
+clean model's shift sizes) depends only on stages built before it (the base victim, the
+attacks' learned triggers), so the models are independent. A Ray task gets the config as its
+JSON dump, the run and cache folders, the plan's name, the base stage and what the driver
+measured that is not derivable from the config (the safety test sets, the inference attacks'
+saved inputs); it rebuilds the splits, attacks and test sets (deterministic from the config
+and seed), runs the model's stage and returns its records, which the driver merges in plan
+order, so metrics.json is the serial run's.
+
+Determinism: floating-point results depend on the number of torch threads, so every task and
+the driver pin the same number (`threads`); a serial run given the same number gives the same
+metrics.json. Concurrency: each model writes its own checkpoint, poisoned ids and generation
+files; the shared files (the feature cache) are written under a lock and merged
+(`FeatureCache.save`). A worker killed midway leaves a temporary checkpoint that no stage
+reads (`save_stage` moves a stage into place whole); Ray runs the task again (`max_retries`),
+which removes what dead processes left and builds the stage again. A killed driver resumes as a
+serial run does: finished stages are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from vlmsec.attacks import Attack, create_attack
+from vlmsec.errors import VlmsecError
+from vlmsec.eval.generation import TestSet
+from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.inference import InferenceResults, inference_attacks
+from vlmsec.experiments.plan import ModelPlan, TestSets, plan_models
+from vlmsec.experiments.splits import Splits, build_splits
+from vlmsec.experiments.stages import remove_leftovers
+from vlmsec.progress import console
+from vlmsec.victims.base import fit_answers
+
+if TYPE_CHECKING:
+    from vlmsec.attacks.inference import InferenceAttack
+    from vlmsec.experiments.runner import Runner
+
+BACKENDS = ("serial", "ray")
+
+
+@dataclass
+class ModelInputs:
+    """What every tuned model of a study needs, built by the driver before the models."""
+
+    splits: Splits
+    attacks: dict[str, Attack]
+    tests: TestSets
+    base: tuple[Path, str]
+    inference: dict[str, InferenceAttack]
+    inference_results: InferenceResults | None
+    safety_tests: list[TestSet]
+
+
+@dataclass
+class ModelResult:
+    """What one tuned model adds to the run: its generation records, the transfer records of the
+    inference attacks' inputs answered on it, the shift sizes (the clean model's), stage times."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    transfer: list[dict[str, Any]] = field(default_factory=list)
+    shift_sizes: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """Runs the stage of each tuned model of a study; results in plan order."""
+
+    def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
+        """`runner.model_stage` of every plan, in plan order."""
+
+
+def pin_threads(threads: int | None) -> None:
+    """Pin this process's torch threads (floating-point results depend on their number); None leaves them."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise VlmsecError(f"--threads-per-task: {threads}; give 1 or more")
+    torch.set_num_threads(threads)
+
+
+class SerialBackend:
+    """Today's loop: each model in turn in this process (and in step across `accelerate launch` processes)."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        pin_threads(threads)
+
+    def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
+        """Every model's stage, one after the other."""
+        return [runner.model_stage(plan, inputs) for plan in plans]
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """One Ray task's description: enough to rebuild a `Runner` and its inputs on any node."""
+
+    config: str  # the config's JSON dump
+    workdir: str  # the driver's working folder: the config's relative paths are taken against it
+    out: str
+    cache: str
+    plan: str
+    base: tuple[str, str]
+    threads: int
+
+
+class RayBackend:
+    """Each tuned model as a Ray task: on a local cluster of this machine's cores, or on the
+    cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
+    on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
+    the cluster has GPUs and the run is not told to stay on the CPU (ACCELERATE_USE_CPU)."""
+
+    def __init__(self, address: str | None = None, threads: int | None = None, max_retries: int = 2,
+                 task: Callable[[ModelTask, dict[str, Any]], ModelResult] | None = None) -> None:
+        self.address = address
+        self.threads = threads if threads is not None else 1
+        self.max_retries = max_retries
+        self.task = task if task is not None else model_task  # a test swaps in a task that dies once
+        pin_threads(self.threads)
+
+    def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
+        """Submit every model's task, wait for all, return their results in plan order."""
+        if runner.state.num_processes > 1:
+            raise VlmsecError("--backend ray: run the study without `accelerate launch` (each Ray task is one process)")
+        if not plans:
+            return []
+        import ray  # the `ray` extra: only this backend needs it
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=True)
+        try:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and not _cpu_only() else 0
+            remote = ray.remote(self.task).options(num_cpus=self.threads, num_gpus=gpus, max_retries=self.max_retries)
+            shared = ray.put({"inference_results": inputs.inference_results, "safety_tests": inputs.safety_tests})
+            config = json.dumps(runner.config.model_dump(mode="json"))
+            base = (str(inputs.base[0].resolve()), inputs.base[1])
+            console.print(f"ray: {len(plans)} tuned models as tasks, {self.threads} CPU(s){' and 1 GPU' if gpus else ''} each, "
+                          f"on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+            refs = [
+                remote.remote(
+                    ModelTask(config, os.getcwd(), str(runner.out.resolve()), str(runner.cache.resolve()), plan.name, base, self.threads),
+                    shared,
+                )
+                for plan in plans
+            ]
+            return list(ray.get(refs))
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _cpu_only() -> bool:
+    """Whether the run is told to stay on the CPU (as `accelerate` reads ACCELERATE_USE_CPU)."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
+
+
+def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
+    """One tuned model's stage in a Ray worker: rebuild the runner and its inputs, run `model_stage`."""
+    from vlmsec.experiments.runner import Runner  # the runner imports this module
+
+    pin_threads(task.threads)
+    config = parse_config(json.loads(task.config), f"ray task {task.plan!r}", base_dir=Path(task.workdir))
+    runner = Runner(config, Path(task.out), Path(task.cache))
+    remove_leftovers(runner.out)  # what a killed attempt of a task left (only temporaries of dead processes)
+    plan = next(p for p in plan_models(config) if p.name == task.plan)
+    return runner.model_stage(plan, rebuild_inputs(runner, (Path(task.base[0]), task.base[1]), shared))
+
+
+def rebuild_inputs(runner: Runner, base: tuple[Path, str], shared: dict[str, Any]) -> ModelInputs:
+    """The driver's `ModelInputs`, rebuilt from the config as `Runner.run` builds them: the splits
+    (the tuning answers cut to the base victim's length), every attack (training-stage ones
+    prepared: learned triggers are read from the cache the driver filled), the test sets."""
+    c = runner.config
+    splits = build_splits(c)
+    victim = runner.load_victim(base[0])
+    splits.train, _ = fit_answers(victim, splits.train)
+    attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
+    inference = inference_attacks(attacks)
+    runner.prepare_attacks({key: a for key, a in attacks.items() if key not in inference}, splits, base, victim)
+    del victim
+    runner.safety_tests = shared["safety_tests"]
+    return ModelInputs(
+        splits, attacks, TestSets.build(splits.tests, attacks), base, inference, shared["inference_results"], shared["safety_tests"]
+    )
+
+
+def make_backend(name: str, address: str | None = None, threads: int | None = None) -> Backend:
+    """The backend `vlmsec run --backend` names; --address only with ray."""
+    if name == "serial":
+        if address is not None:
+            raise VlmsecError("--address: only with --backend ray")
+        return SerialBackend(threads)
+    if name == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise VlmsecError("--backend ray needs Ray: pip install 'vlmsec[ray]'") from None
+        return RayBackend(address, threads)
+    raise VlmsecError(f"--backend: {name!r} is not one of {', '.join(BACKENDS)}")
