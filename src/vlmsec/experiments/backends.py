@@ -164,6 +164,11 @@ def _cpu_only() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
 
 
+# The inputs a worker process rebuilt for the last run it served: Ray reuses a worker for many
+# tasks, which then rebuild nothing (the splits of a large study take seconds to render).
+_rebuilt: dict[tuple[str, str, str, tuple[str, str]], ModelInputs] = {}
+
+
 def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
     """One tuned model's stage in a Ray worker: rebuild the runner and its inputs, run `model_stage`."""
     from vlmsec.experiments.runner import Runner  # the runner imports this module
@@ -173,7 +178,13 @@ def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
     runner = Runner(config, Path(task.out), Path(task.cache))
     remove_leftovers(runner.out)  # what a killed attempt of a task left (only temporaries of dead processes)
     plan = next(p for p in plan_models(config) if p.name == task.plan)
-    return runner.model_stage(plan, rebuild_inputs(runner, (Path(task.base[0]), task.base[1]), shared))
+    run = (task.config, task.out, task.cache, task.base)
+    if run not in _rebuilt:
+        _rebuilt.clear()
+        _rebuilt[run] = rebuild_inputs(runner, (Path(task.base[0]), task.base[1]), shared)
+    inputs = _rebuilt[run]
+    runner.safety_tests = inputs.safety_tests
+    return runner.model_stage(plan, inputs)
 
 
 def rebuild_inputs(runner: Runner, base: tuple[Path, str], shared: dict[str, Any]) -> ModelInputs:
@@ -188,7 +199,6 @@ def rebuild_inputs(runner: Runner, base: tuple[Path, str], shared: dict[str, Any
     inference = inference_attacks(attacks)
     runner.prepare_attacks({key: a for key, a in attacks.items() if key not in inference}, splits, base, victim)
     del victim
-    runner.safety_tests = shared["safety_tests"]
     return ModelInputs(
         splits, attacks, TestSets.build(splits.tests, attacks), base, inference, shared["inference_results"], shared["safety_tests"]
     )
