@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,16 +27,19 @@ from vlmsec.experiments.runner import Runner
 
 ray = pytest.importorskip("ray")
 
-# Three tuned models (clean, badnets, blended) on a tiny victim: seconds each.
+# Three tuned models (clean, badnets, lowfrequency) on a tiny victim, seconds each; lowfrequency
+# learns its trigger against the base victim (a Ray task of its own, a few steps). Over 64 tuning
+# samples: the tower's features come in batches of 64, and a batch's make-up moves the last bits
+# of a feature, so a task computing them in other batches than the serial run would show.
 TINY = {
     "name": "tiny-ray",
     "seed": 0,
-    "data": {"image_size": 32, "base_size": 60, "train_size": 60, "test_size": 8, "shifted": {"textured": {"style": "textured"}}},
+    "data": {"image_size": 32, "base_size": 60, "train_size": 150, "test_size": 8, "shifted": {"textured": {"style": "textured"}}},
     "victim": {"image_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vocab_size": 300},
     "base": {"training": {"mode": "full", "epochs": 1}},
     "tuning": {"mode": "full", "epochs": 1},
     "poison": {"rate": 0.1, "seed": 0},
-    "attacks": [{"name": "badnets"}, {"name": "blended"}],
+    "attacks": [{"name": "badnets"}, {"name": "lowfrequency", "params": {"steps": 5, "num_samples": 8, "num_answers": 2}}],
     "eval": {"max_new_tokens": 8},
 }
 THREADS = 1
@@ -78,18 +82,34 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need 
 
 
 def test_ray_run_with_a_worker_killed_midway_gives_the_serial_metrics(study: tuple[Path, Path, bytes], tmp_path: Path) -> None:
-    _, cache, serial = study
-    out = tmp_path / "run"
+    _, serial_cache, serial = study
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(serial_cache / "base", cache / "base")  # the base stage alone: the trigger is learned again, by a task
     backend = RayBackend(threads=THREADS, max_retries=1, task=dies_once_while_saving)
     Runner(parse_config(TINY, "tiny"), out, cache, backend).run()
     died = int((tmp_path / "badnets-died").read_text())
     assert died != os.getpid()  # a worker died, not this process
     assert (out / "metrics.json").read_bytes() == serial
-    assert set(json.loads(serial)["models"]) == {"clean", "badnets", "blended"}
+    assert set(json.loads(serial)["models"]) == {"clean", "badnets", "lowfrequency"}
     assert not [p.name for p in (out / "checkpoints").iterdir() if TEMP.match(p.name)]  # the half-written one removed
     assert (out / "checkpoints" / "badnets" / "stage.json").is_file()
+    learned = {p.name: p.read_bytes() for p in (serial_cache / "attacks").rglob("*") if p.is_file()}
+    assert learned and {p.name: p.read_bytes() for p in (cache / "attacks").rglob("*") if p.is_file()} == learned
     timings = json.loads((out / "timings.json").read_text())
-    assert {f"{step} {model}" for step in ("tune", "generate") for model in ("clean", "badnets", "blended")} <= set(timings)
+    assert {f"{step} {model}" for step in ("tune", "generate") for model in ("clean", "badnets", "lowfrequency")} <= set(timings)
+
+
+def test_ray_run_resumes_a_killed_run_from_its_finished_models(study: tuple[Path, Path, bytes], tmp_path: Path) -> None:
+    """A run whose driver died after the clean model: the Ray run reuses it and builds the rest."""
+    config, cache, serial = study
+    out = tmp_path / "run"
+    shutil.copytree(config.parent / "serial", out)
+    for name in ("metrics.json", "checkpoints/badnets", "checkpoints/lowfrequency", "generations/badnets.json"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    kept = (out / "checkpoints" / "clean" / "model.safetensors").stat().st_mtime_ns
+    Runner(parse_config(TINY, "tiny"), out, cache, RayBackend(threads=THREADS)).run()
+    assert (out / "metrics.json").read_bytes() == serial
+    assert (out / "checkpoints" / "clean" / "model.safetensors").stat().st_mtime_ns == kept
 
 
 @pytest.mark.slow

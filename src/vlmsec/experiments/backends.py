@@ -1,30 +1,32 @@
-"""Where a study's tuned models run: one after another in this process (`SerialBackend`, the
-default), or as Ray tasks on a local or remote cluster (`RayBackend`, `vlmsec run --backend ray`).
+"""Where a study's independent stages run: one after another in this process (`SerialBackend`,
+the default), or as Ray tasks on a local or remote cluster (`RayBackend`, `vlmsec run --backend ray`).
 
-Each tuned model (`Runner.model_stage`: tune, generate, the inference attacks' transfer, the
-clean model's shift sizes) depends only on stages built before it (the base victim, the
-attacks' learned triggers), so the models are independent. A Ray task gets the config as its
-JSON dump, the run and cache folders, the plan's name, the base stage and what the driver
-measured that is not derivable from the config (the safety test sets, the inference attacks'
-saved inputs); it rebuilds the splits, attacks and test sets (deterministic from the config
-and seed), runs the model's stage and returns its records, which the driver merges in plan
-order, so metrics.json is the serial run's.
+The independent stages: each attack that learns its trigger (against the base victim; the
+trigger goes to the cache, where the run's own `Runner.prepare_attacks` reads it), then each
+tuned model (`Runner.model_stage`: tune, generate, the inference attacks' transfer, the clean
+model's shift sizes), which depends only on stages built before it. A Ray task gets the config
+as its JSON dump, the run and cache folders, the plan's (or attack's) name, the base stage and
+what the driver measured that is not derivable from the config (the safety test sets, the
+inference attacks' saved inputs); it rebuilds the splits, attacks and test sets (deterministic
+from the config and seed; once per worker process), runs the model's stage and returns its
+records, which the driver merges in plan order, so metrics.json is the serial run's.
 
 Determinism: floating-point results depend on the number of torch threads, so every task and
 the driver pin the same number (`threads`); a serial run given the same number gives the same
-metrics.json. Concurrency: each model writes its own checkpoint, poisoned ids and generation
-files; the shared files (the feature cache) are written under a lock and merged
-(`FeatureCache.save`). A worker killed midway leaves a temporary checkpoint that no stage
-reads (`save_stage` moves a stage into place whole); Ray runs the task again (`max_retries`),
-which removes what dead processes left and builds the stage again. A killed driver resumes as a
-serial run does: finished stages are reused.
+metrics.json. The frozen tower's features of the clean tuning set are computed once by the
+driver before the models, in the batches the serial run's clean model computes them in.
+Concurrency: each model writes its own checkpoint, poisoned ids and generation files; the shared
+files (the feature cache) are written under a lock and merged (`FeatureCache.save`). A worker
+killed midway leaves a temporary checkpoint that no stage reads (`save_stage` moves a stage into
+place whole); Ray runs the task again (`max_retries`), which removes what dead processes left
+and builds the stage again. A killed driver resumes as a serial run does: finished stages are reused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,7 +42,7 @@ from vlmsec.experiments.plan import ModelPlan, TestSets, plan_models
 from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import remove_leftovers
 from vlmsec.progress import console
-from vlmsec.victims.base import fit_answers
+from vlmsec.victims.base import Victim, fit_answers
 
 if TYPE_CHECKING:
     from vlmsec.attacks.inference import InferenceAttack
@@ -74,7 +76,11 @@ class ModelResult:
 
 
 class Backend(Protocol):
-    """Runs the stage of each tuned model of a study; results in plan order."""
+    """Runs the independent stages of a study: the attacks' learned triggers, each tuned model."""
+
+    def prepare_attacks(self, runner: Runner, attacks: Mapping[str, Attack], base: tuple[Path, str]) -> None:
+        """Learn the triggers of `attacks` (by config label) into the cache before the run's own
+        `Runner.prepare_attacks`, which then reads them; or leave them to it."""
 
     def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
         """`runner.model_stage` of every plan, in plan order."""
@@ -95,6 +101,9 @@ class SerialBackend:
     def __init__(self, threads: int | None = None) -> None:
         pin_threads(threads)
 
+    def prepare_attacks(self, runner: Runner, attacks: Mapping[str, Attack], base: tuple[Path, str]) -> None:
+        """Nothing ahead: the run's `Runner.prepare_attacks` learns each trigger in turn."""
+
     def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
         """Every model's stage, one after the other."""
         return [runner.model_stage(plan, inputs) for plan in plans]
@@ -102,7 +111,8 @@ class SerialBackend:
 
 @dataclass(frozen=True)
 class ModelTask:
-    """One Ray task's description: enough to rebuild a `Runner` and its inputs on any node."""
+    """One Ray task's description: enough to rebuild a `Runner` and its inputs on any node;
+    `plan` names the tuned model it runs, or the attack whose trigger it learns (`AttackTask`)."""
 
     config: str  # the config's JSON dump
     workdir: str  # the driver's working folder: the config's relative paths are taken against it
@@ -114,7 +124,7 @@ class ModelTask:
 
 
 class RayBackend:
-    """Each tuned model as a Ray task: on a local cluster of this machine's cores, or on the
+    """Each learned trigger, then each tuned model, as a Ray task: on a local cluster of this machine's cores, or on the
     cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
     on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
     the cluster has GPUs and the run is not told to stay on the CPU (ACCELERATE_USE_CPU)."""
@@ -125,38 +135,52 @@ class RayBackend:
         self.threads = threads if threads is not None else 1
         self.max_retries = max_retries
         self.task = task if task is not None else model_task  # a test swaps in a task that dies once
+        self._ray: Any = None  # the ray module, once a cluster is joined
         pin_threads(self.threads)
+
+    def prepare_attacks(self, runner: Runner, attacks: Mapping[str, Attack], base: tuple[Path, str]) -> None:
+        """Each attack that learns its trigger (overrides `Attack.prepare`) as a task that caches it."""
+        learned = [key for key, attack in attacks.items() if type(attack).prepare is not Attack.prepare]
+        if not learned:
+            return
+        remote = self._remote(runner, attack_task)
+        console.print(f"ray: {len(learned)} learned triggers as tasks ({', '.join(learned)})")
+        self._ray.get([remote.remote(self._describe(runner, key, base)) for key in learned])
 
     def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
         """Submit every model's task, wait for all, return their results in plan order."""
-        if runner.state.num_processes > 1:
-            raise VlmsecError("--backend ray: run the study without `accelerate launch` (each Ray task is one process)")
         if not plans:
             return []
+        remote = self._remote(runner, self.task)
+        # Every model's tuning set is the clean one but its poisoned samples: the frozen tower's features
+        # of the clean set (computed as the serial run's clean model computes them), once, for every task.
+        runner.load_victim(inputs.base[0]).prepare_training(inputs.splits.train, "ray: the tuning set's image features")
+        runner.features.save(runner.features_path)
+        shared = self._ray.put({"inference_results": inputs.inference_results, "safety_tests": inputs.safety_tests})
+        console.print(f"ray: {len(plans)} tuned models as tasks")
+        results = self._ray.get([remote.remote(self._describe(runner, plan.name, inputs.base), shared) for plan in plans])
+        runner.features.update(runner.features_path)  # the test images' features, as the serial run holds them after its models
+        return list(results)
+
+    def _remote(self, runner: Runner, function: Callable[..., Any]) -> Any:
+        """`function` as a Ray remote function with this backend's resources, the cluster joined
+        (or started) at the first call and left to Ray's own shutdown when the process exits."""
+        if runner.state.num_processes > 1:
+            raise VlmsecError("--backend ray: run the study without `accelerate launch` (each Ray task is one process)")
         import ray  # the `ray` extra: only this backend needs it
 
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=True)
-        try:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and not _cpu_only() else 0
-            remote = ray.remote(self.task).options(num_cpus=self.threads, num_gpus=gpus, max_retries=self.max_retries)
-            shared = ray.put({"inference_results": inputs.inference_results, "safety_tests": inputs.safety_tests})
-            config = json.dumps(runner.config.model_dump(mode="json"))
-            base = (str(inputs.base[0].resolve()), inputs.base[1])
-            console.print(f"ray: {len(plans)} tuned models as tasks, {self.threads} CPU(s){' and 1 GPU' if gpus else ''} each, "
-                          f"on {ray.cluster_resources().get('CPU', 0):g} CPUs")
-            refs = [
-                remote.remote(
-                    ModelTask(config, os.getcwd(), str(runner.out.resolve()), str(runner.cache.resolve()), plan.name, base, self.threads),
-                    shared,
-                )
-                for plan in plans
-            ]
-            return list(ray.get(refs))
-        finally:
-            if started:
-                ray.shutdown()
+        self._ray = ray
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False)
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and not _cpu_only() else 0
+        console.print(f"ray: {self.threads} CPU(s){' and 1 GPU' if gpus else ''} per task, on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+        return ray.remote(function).options(num_cpus=self.threads, num_gpus=gpus, max_retries=self.max_retries)
+
+    def _describe(self, runner: Runner, name: str, base: tuple[Path, str]) -> ModelTask:
+        """The task that runs the model (or learns the attack's trigger) `name` of `runner`'s study."""
+        config = json.dumps(runner.config.model_dump(mode="json"))
+        folders = str(runner.out.resolve()), str(runner.cache.resolve())
+        return ModelTask(config, os.getcwd(), *folders, name, (str(base[0].resolve()), base[1]), self.threads)
 
 
 def _cpu_only() -> bool:
@@ -169,14 +193,31 @@ def _cpu_only() -> bool:
 _rebuilt: dict[tuple[str, str, str, tuple[str, str]], ModelInputs] = {}
 
 
-def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
-    """One tuned model's stage in a Ray worker: rebuild the runner and its inputs, run `model_stage`."""
+def task_runner(task: ModelTask) -> Runner:
+    """The task's runner, on its pinned threads; what killed attempts of tasks left is removed first
+    (only temporaries of dead processes: those of running tasks stay)."""
     from vlmsec.experiments.runner import Runner  # the runner imports this module
 
     pin_threads(task.threads)
     config = parse_config(json.loads(task.config), f"ray task {task.plan!r}", base_dir=Path(task.workdir))
     runner = Runner(config, Path(task.out), Path(task.cache))
-    remove_leftovers(runner.out)  # what a killed attempt of a task left (only temporaries of dead processes)
+    remove_leftovers(runner.out, runner.cache)
+    return runner
+
+
+def attack_task(task: ModelTask) -> None:
+    """Learn the trigger of the attack labelled `task.plan` into the cache, as the run prepares it."""
+    runner = task_runner(task)
+    base = (Path(task.base[0]), task.base[1])
+    splits, victim = tuning_splits(runner, base)
+    spec = next(a for a in runner.config.attacks if a.key == task.plan)
+    runner.prepare_attacks({spec.key: create_attack(spec.name, **spec.params)}, splits, base, victim)
+
+
+def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
+    """One tuned model's stage in a Ray worker: rebuild the runner and its inputs, run `model_stage`."""
+    runner = task_runner(task)
+    config = runner.config
     plan = next(p for p in plan_models(config) if p.name == task.plan)
     run = (task.config, task.out, task.cache, task.base)
     if run not in _rebuilt:
@@ -192,9 +233,7 @@ def rebuild_inputs(runner: Runner, base: tuple[Path, str], shared: dict[str, Any
     (the tuning answers cut to the base victim's length), every attack (training-stage ones
     prepared: learned triggers are read from the cache the driver filled), the test sets."""
     c = runner.config
-    splits = build_splits(c)
-    victim = runner.load_victim(base[0])
-    splits.train, _ = fit_answers(victim, splits.train)
+    splits, victim = tuning_splits(runner, base)
     attacks = {a.key: create_attack(a.name, **a.params) for a in c.attacks}
     inference = inference_attacks(attacks)
     runner.prepare_attacks({key: a for key, a in attacks.items() if key not in inference}, splits, base, victim)
@@ -202,6 +241,14 @@ def rebuild_inputs(runner: Runner, base: tuple[Path, str], shared: dict[str, Any
     return ModelInputs(
         splits, attacks, TestSets.build(splits.tests, attacks), base, inference, shared["inference_results"], shared["safety_tests"]
     )
+
+
+def tuning_splits(runner: Runner, base: tuple[Path, str]) -> tuple[Splits, Victim]:
+    """The study's splits with the tuning answers cut to the base victim's length (`Runner.fit_tuning_set`), and that victim."""
+    splits = build_splits(runner.config)
+    victim = runner.load_victim(base[0])
+    splits.train, _ = fit_answers(victim, splits.train)
+    return splits, victim
 
 
 def make_backend(name: str, address: str | None = None, threads: int | None = None) -> Backend:

@@ -399,7 +399,9 @@ class Runner:
             self.transfer_to(self.load_victim(before_safety[0]), BEFORE_SAFETY, before_safety[1], inference, inference_results)
         if inference:
             lap("inference attacks", "attacks")
-        self.prepare_attacks({key: a for key, a in attacks.items() if key not in inference}, splits, base, base_model)
+        training = {key: a for key, a in attacks.items() if key not in inference}
+        self.backend.prepare_attacks(self, training, base)  # learned triggers: Ray tasks cache them first, then read below
+        self.prepare_attacks(training, splits, base, base_model)
         del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
         plans = plan_models(c)
