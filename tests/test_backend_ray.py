@@ -99,6 +99,7 @@ def test_ray_run_with_a_worker_killed_midway_gives_the_serial_metrics(study: tup
     assert {f"{step} {model}" for step in ("tune", "generate") for model in ("clean", "badnets", "lowfrequency")} <= set(timings)
 
 
+@pytest.mark.slow
 def test_ray_run_resumes_a_killed_run_from_its_finished_models(study: tuple[Path, Path, bytes], tmp_path: Path) -> None:
     """A run whose driver died after the clean model: the Ray run reuses it and builds the rest."""
     config, cache, serial = study

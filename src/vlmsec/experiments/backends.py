@@ -43,6 +43,7 @@ from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import remove_leftovers
 from vlmsec.progress import console
 from vlmsec.victims.base import Victim, fit_answers
+from vlmsec.victims.features import FeatureCache
 
 if TYPE_CHECKING:
     from vlmsec.attacks.inference import InferenceAttack
@@ -154,8 +155,11 @@ class RayBackend:
         remote = self._remote(runner, self.task)
         # Every model's tuning set is the clean one but its poisoned samples: the frozen tower's features
         # of the clean set (computed as the serial run's clean model computes them), once, for every task.
-        runner.load_victim(inputs.base[0]).prepare_training(inputs.splits.train, "ray: the tuning set's image features")
-        runner.features.save(runner.features_path)
+        victim = runner.load_victim(inputs.base[0])
+        if isinstance(getattr(victim, "features", None), FeatureCache):  # kinds that run their tower in every forward have none
+            victim.prepare_training(inputs.splits.train, "ray: the tuning set's image features")
+            runner.features.save(runner.features_path)
+        del victim
         shared = self._ray.put({"inference_results": inputs.inference_results, "safety_tests": inputs.safety_tests})
         console.print(f"ray: {len(plans)} tuned models as tasks")
         results = self._ray.get([remote.remote(self._describe(runner, plan.name, inputs.base), shared) for plan in plans])
