@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from vlmsec.experiments import runner as runner_module
 from vlmsec.experiments.backends import ModelResult, ModelTask, RayBackend, SerialBackend, make_backend, model_task
 from vlmsec.experiments.config import parse_config
 from vlmsec.experiments.runner import Runner
+from vlmsec.experiments.stages import STAGE_FILE
 
 ray = pytest.importorskip("ray")
 
@@ -64,10 +66,17 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
 
 
 def dies_once_while_saving(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
-    """`model_task`, except that the first attempt at badnets dies (the worker process exits)
-    with its checkpoint half-written in a temporary folder, as a killed worker leaves it."""
-    marker = Path(task.out).parent / "badnets-died"
-    if task.plan == "badnets" and not marker.exists():
+    """`model_task`, except that the first attempt at lowfrequency dies (the worker process exits)
+    with its checkpoint half-written in a temporary folder, as a killed worker leaves it; and the
+    clean model waits for badnets, so badnets finds no feature the clean model computed (unlike
+    the serial run's badnets) but those the driver computed ahead."""
+    if task.plan == "clean":
+        badnets = Path(task.out) / "checkpoints" / "badnets" / STAGE_FILE
+        deadline = time.monotonic() + 300
+        while not badnets.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    marker = Path(task.out).parent / "lowfrequency-died"
+    if task.plan == "lowfrequency" and not marker.exists():
         marker.write_text(str(os.getpid()), encoding="utf-8")
 
         def save_then_die(victim: Any, folder: Path, key: str, record: dict[str, Any]) -> None:
@@ -87,16 +96,25 @@ def test_ray_run_with_a_worker_killed_midway_gives_the_serial_metrics(study: tup
     shutil.copytree(serial_cache / "base", cache / "base")  # the base stage alone: the trigger is learned again, by a task
     backend = RayBackend(threads=THREADS, max_retries=1, task=dies_once_while_saving)
     Runner(parse_config(TINY, "tiny"), out, cache, backend).run()
-    died = int((tmp_path / "badnets-died").read_text())
+    died = int((tmp_path / "lowfrequency-died").read_text())
     assert died != os.getpid()  # a worker died, not this process
     assert (out / "metrics.json").read_bytes() == serial
     assert set(json.loads(serial)["models"]) == {"clean", "badnets", "lowfrequency"}
+    # The tuned weights, to the bit (finer than the tiny study's metrics): badnets, tuned before the clean
+    # model, would otherwise compute its features in other batches than the serial run's badnets.
+    for model in ("clean", "badnets", "lowfrequency"):
+        assert weight_hashes(out, model) == weight_hashes(study[0].parent / "serial", model)
     assert not [p.name for p in (out / "checkpoints").iterdir() if TEMP.match(p.name)]  # the half-written one removed
-    assert (out / "checkpoints" / "badnets" / "stage.json").is_file()
+    assert (out / "checkpoints" / "lowfrequency" / "stage.json").is_file()
     learned = {p.name: p.read_bytes() for p in (serial_cache / "attacks").rglob("*") if p.is_file()}
     assert learned and {p.name: p.read_bytes() for p in (cache / "attacks").rglob("*") if p.is_file()} == learned
     timings = json.loads((out / "timings.json").read_text())
     assert {f"{step} {model}" for step in ("tune", "generate") for model in ("clean", "badnets", "lowfrequency")} <= set(timings)
+
+
+def weight_hashes(run: Path, model: str) -> dict[str, str]:
+    """The sha256 of each file of a tuned model's checkpoint, as its stage.json records them."""
+    return json.loads((run / "checkpoints" / model / "stage.json").read_text())["files"]
 
 
 @pytest.mark.slow
