@@ -55,7 +55,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
     threads = torch.get_num_threads()
     root = tmp_path_factory.mktemp("ray")
     config, cache = root / "tiny.yaml", root / "cache"
-    config.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    config.write_text(yaml.safe_dump(TINY, sort_keys=False), encoding="utf-8")  # config.yaml keeps the order
     Runner(parse_config(TINY, "tiny"), root / "serial", cache, SerialBackend(THREADS)).run()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -117,7 +117,6 @@ def weight_hashes(run: Path, model: str) -> dict[str, str]:
     return json.loads((run / "checkpoints" / model / "stage.json").read_text())["files"]
 
 
-@pytest.mark.slow
 def test_ray_run_resumes_a_killed_run_from_its_finished_models(study: tuple[Path, Path, bytes], tmp_path: Path) -> None:
     """A run whose driver died after the clean model: the Ray run reuses it and builds the rest."""
     config, cache, serial = study
@@ -131,7 +130,6 @@ def test_ray_run_resumes_a_killed_run_from_its_finished_models(study: tuple[Path
     assert (out / "checkpoints" / "clean" / "model.safetensors").stat().st_mtime_ns == kept
 
 
-@pytest.mark.slow
 def test_cli_ray_run_gives_the_serial_metrics(study: tuple[Path, Path, bytes], tmp_path: Path) -> None:
     config, cache, serial = study
     out = tmp_path / "run"
