@@ -97,7 +97,7 @@ def pin_threads(threads: int | None) -> None:
 
 
 class SerialBackend:
-    """Today's loop: each model in turn in this process (and in step across `accelerate launch` processes)."""
+    """The serial loop: each model in turn in this process (and in step across `accelerate launch` processes)."""
 
     def __init__(self, threads: int | None = None) -> None:
         pin_threads(threads)
@@ -113,7 +113,7 @@ class SerialBackend:
 @dataclass(frozen=True)
 class ModelTask:
     """One Ray task's description: enough to rebuild a `Runner` and its inputs on any node;
-    `plan` names the tuned model it runs, or the attack whose trigger it learns (`AttackTask`)."""
+    `plan` names the tuned model it runs, or the label of the attack whose trigger it learns (`attack_task`)."""
 
     config: str  # the config's JSON dump
     workdir: str  # the driver's working folder: the config's relative paths are taken against it
