@@ -48,8 +48,8 @@ def run(
     ] = None,
     threads_per_task: Annotated[
         Optional[int],
-        typer.Option("--threads-per-task", help="Torch threads per tuned model (Ray: also its CPUs; default 1); give a serial "
-                     "run the same number for the same metrics.json."),
+        typer.Option("--threads-per-task", help="Torch threads per tuned model (ray: also its CPUs, default 1; serial: default torch's, "
+                     "the cores); give a serial run the Ray run's number for the same metrics.json."),
     ] = None,
 ) -> None:
     """Poison, tune, evaluate and report, as the config says."""
