@@ -234,6 +234,21 @@ def test_feature_cache_saved_by_two_runs_at_once_keeps_the_entries_of_both(tmp_p
     assert len(FeatureCache.load(path)) == 6
 
 
+def test_feature_cache_update_adds_what_another_process_saved_and_keeps_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "tower.safetensors"
+    mine, theirs = FeatureCache.load(path), FeatureCache.load(path)
+    shared, own = fake_images(2, seed=0), fake_images(1, seed=1)
+    mine.get(own, CountingCompute())
+    theirs.get(shared, CountingCompute())
+    theirs.save(path)
+    mine.update(path)
+    compute = CountingCompute()
+    mine.get(shared + own, compute)
+    assert compute.calls == 0 and len(mine) == 3  # theirs read back, its own kept
+    mine.save(path)
+    assert len(FeatureCache.load(path)) == 3
+
+
 # ---- 4. file modes ------------------------------------------------------------------------
 
 

@@ -40,9 +40,21 @@ def run(
             "in OUT/seeds.json and seeds.md; a pinned poison.seed is dropped so the poison picks follow each seed.",
         ),
     ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="Where the tuned models run: serial (in turn, here) or ray (as Ray tasks).")
+    ] = "serial",
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="With --backend ray: the cluster to join (default: a local one of this machine's cores).")
+    ] = None,
+    threads_per_task: Annotated[
+        Optional[int],
+        typer.Option("--threads-per-task", help="Torch threads per tuned model (ray: also its CPUs, default 1; serial: default torch's, "
+                     "the cores); give a serial run the Ray run's number for the same metrics.json."),
+    ] = None,
 ) -> None:
     """Poison, tune, evaluate and report, as the config says."""
     from vlmsec.artifacts import check_writable
+    from vlmsec.experiments.backends import make_backend
     from vlmsec.experiments.config import load_config
     from vlmsec.experiments.multiseed import parse_seeds, run_seeds
     from vlmsec.experiments.runner import Runner
@@ -50,6 +62,7 @@ def run(
 
     try:
         cfg = load_config(config)
+        runs_on = make_backend(backend, address, threads_per_task)
         seed_list = parse_seeds(seeds) if seeds is not None else None
         run_dir = out if out is not None else Path("runs") / cfg.name
         cache_dir = cache if cache is not None else default_cache_dir()
@@ -57,9 +70,9 @@ def run(
         check_writable(run_dir, "--out" if out is not None else "run folder (the default of --out)")
         check_writable(cache_dir, "--cache" if cache is not None else "cache folder (the default of --cache, $VLMSEC_CACHE)")
         if seed_list is not None:
-            summary = run_seeds(cfg, seed_list, run_dir, cache_dir)
+            summary = run_seeds(cfg, seed_list, run_dir, cache_dir, runs_on)
         else:
-            metrics = Runner(cfg, run_dir, cache_dir).run()
+            metrics = Runner(cfg, run_dir, cache_dir, runs_on).run()
     except VlmsecError as err:
         _fail(err)
     if seed_list is not None:

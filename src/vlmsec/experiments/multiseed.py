@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmsec.artifacts import write_json_atomic, write_text_atomic
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.experiments.config import ExperimentConfig, parse_config
 from vlmsec.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from vlmsec.experiments.backends import Backend
 
 # Table 1's numbers: what a seed moves and a reader compares.
 SEED_METRICS = ("asr", "asr_g", "asr_g_attributable", "false_trigger", "cider")
@@ -108,8 +111,9 @@ def summarize_seeds(runs: dict[int, dict[str, Any]], note: str) -> dict[str, Any
     }
 
 
-def run_seeds(config: ExperimentConfig, seeds: list[int], out: Path, cache_dir: Path) -> dict[str, Any]:
-    """Run the study once per seed into `out`/seed-<s>/, then write `out`/seeds.json, seeds.md and seeds.html.
+def run_seeds(config: ExperimentConfig, seeds: list[int], out: Path, cache_dir: Path, backend: Backend | None = None) -> dict[str, Any]:
+    """Run the study once per seed into `out`/seed-<s>/ (its tuned models on `backend`), then write
+    `out`/seeds.json, seeds.md and seeds.html.
 
     Returns the summary (empty on the non-main processes of a multi-process launch).
     """
@@ -123,7 +127,7 @@ def run_seeds(config: ExperimentConfig, seeds: list[int], out: Path, cache_dir: 
     for seed in seeds:
         seeded_config, note = reseeded(config, seed)
         console.print(f"seed {seed}: {note}; run folder {out / f'seed-{seed}'}")
-        runs[seed] = Runner(seeded_config, out / f"seed-{seed}", cache_dir).run()
+        runs[seed] = Runner(seeded_config, out / f"seed-{seed}", cache_dir, backend).run()
     if not all(runs.values()):
         return {}
     summary = summarize_seeds(runs, note)

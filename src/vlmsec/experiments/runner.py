@@ -47,6 +47,7 @@ from vlmsec.eval.generation import TestSet, cached_generations
 from vlmsec.eval.refusal import ATTACK_LABELS, RefusalJudge
 from vlmsec.eval.scoring import score_generations
 from vlmsec.eval.shift import shift_size
+from vlmsec.experiments.backends import Backend, ModelInputs, ModelResult, SerialBackend
 from vlmsec.experiments.config import ExperimentConfig, check_poison_counts
 from vlmsec.experiments.defenses import LABEL_FLIP, TUNED_BACKDOOR, DefenseContext, DefenseMatrix, DefenseResults, Row, score_defenses
 from vlmsec.experiments.inference import (
@@ -96,8 +97,9 @@ BARRIER_TIMEOUT = timedelta(hours=24)
 class Runner:
     """Runs one experiment config into one run folder."""
 
-    def __init__(self, config: ExperimentConfig, out_dir: Path, cache_dir: Path | None = None) -> None:
+    def __init__(self, config: ExperimentConfig, out_dir: Path, cache_dir: Path | None = None, backend: Backend | None = None) -> None:
         self.config = config
+        self.backend = backend if backend is not None else SerialBackend()  # where the tuned models run
         self.out = Path(out_dir)
         self.cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         target = config.poison.target
@@ -407,7 +409,9 @@ class Runner:
             self.transfer_to(self.load_victim(before_safety[0]), BEFORE_SAFETY, before_safety[1], inference, inference_results)
         if inference:
             lap("inference attacks", "attacks")
-        self.prepare_attacks({key: a for key, a in attacks.items() if key not in inference}, splits, base, base_model)
+        training = {key: a for key, a in attacks.items() if key not in inference}
+        self.backend.prepare_attacks(self, training, base)  # learned triggers: Ray tasks cache them first, then read below
+        self.prepare_attacks(training, splits, base, base_model)
         del base_model  # tuning loads its own copy
         tests = TestSets.build(splits.tests, attacks)
         plans = plan_models(c)
@@ -415,18 +419,14 @@ class Runner:
 
         records: list[dict[str, Any]] = []
         shift_sizes: dict[str, dict[str, float]] = {}
-        for i, plan in enumerate(plans):
-            victim = self.tuned_victim(plan, attacks, splits, base)
-            lap(f"tune {plan.name}", f"generate {plan.name}")
-            if main:
-                records += self.generations(victim, plan, tests, self.trojan_tests(plan, attacks, splits))
-                if inference_results is not None and c.inference.transfer:
-                    self.transfer_to(victim, plan.name, self.stage_key(plan), inference, inference_results)
-                if plan.name == CLEAN and c.eval.shift_size:
-                    shift_sizes = self.shift_sizes(victim, splits)
-                self.features.save(self.features_path)
-            self.state.wait_for_everyone()
-            lap(f"generate {plan.name}", f"tune {plans[i + 1].name}" if i + 1 < len(plans) else "score and report")
+        inputs = ModelInputs(splits, attacks, tests, base, inference, inference_results, self.safety_tests)
+        for result in self.backend.run_models(self, plans, inputs):  # independent models: in turn, or as Ray tasks
+            records += result.records
+            if inference_results is not None:
+                inference_results.records += result.transfer
+            shift_sizes = result.shift_sizes or shift_sizes
+            timings.update(result.timings)
+        clock = time.perf_counter()
 
         defense_results = None
         defense_failed: str | None = None  # an API victim that stopped answering in the matrix: the reason
@@ -462,6 +462,31 @@ class Runner:
         lap("score and report", None)
         write_json_atomic(self.out / "timings.json", timings)
         return metrics
+
+    def model_stage(self, plan: ModelPlan, inputs: ModelInputs) -> ModelResult:
+        """One tuned model: tune it (`tuned_victim`), then (main process) its generations, the inference
+        attacks' inputs answered on it (transfer) and, the clean model, the shift sizes; with its stage
+        times. The unit a backend (`experiments.backends`) runs, here or as a Ray task; the run merges
+        the results in plan order."""
+        c = self.config
+        result = ModelResult()
+        clock = time.perf_counter()
+        victim = self.tuned_victim(plan, inputs.attacks, inputs.splits, inputs.base)
+        result.timings[f"tune {plan.name}"] = round(time.perf_counter() - clock, 2)
+        stage_line(f"tune {plan.name}", result.timings[f"tune {plan.name}"], f"generate {plan.name}")
+        clock = time.perf_counter()
+        if self.state.is_main_process:
+            result.records = self.generations(victim, plan, inputs.tests, self.trojan_tests(plan, inputs.attacks, inputs.splits))
+            if inputs.inference_results is not None and c.inference.transfer:
+                stage = InferenceStage(self.out, victim, plan.name, self.stage_key(plan), c.eval.model_dump(), c.seed, prefix=f"transfer-{plan.name}")
+                result.transfer = transfer(stage, inputs.inference, inputs.inference_results)
+            if plan.name == CLEAN and c.eval.shift_size:
+                result.shift_sizes = self.shift_sizes(victim, inputs.splits)
+            self.features.save(self.features_path)
+        self.state.wait_for_everyone()
+        result.timings[f"generate {plan.name}"] = round(time.perf_counter() - clock, 2)
+        stage_line(f"generate {plan.name}", result.timings[f"generate {plan.name}"])
+        return result
 
     def defense_stage(
         self, defenses: dict[str, Defense], plans: list[ModelPlan], attacks: dict[str, Attack], tests: TestSets, splits: Splits, base: tuple[Path, str],

@@ -105,6 +105,17 @@ class FeatureCache:
             self._read_from = _identity(path)
         self._dirty = False
 
+    def update(self, path: str | Path) -> None:
+        """Add the entries other processes saved to `path` since this cache read it, keeping this
+        cache's own (what a run's driver does after its Ray tasks computed features)."""
+        path = Path(path)
+        with file_lock(path):
+            if _identity(path) == self._read_from:
+                return
+            with contextlib.suppress(CorruptFile):  # a damaged file adds nothing
+                self._features = {**_read(path), **self._features}
+                self._read_from = _identity(path)
+
     @classmethod
     def load(cls, path: str | Path) -> FeatureCache:
         """Load a cache saved by `save`; a missing file gives an empty cache, a corrupt one is
