@@ -78,6 +78,11 @@ class VictimKind(Generic[SpecT]):
 
     name: ClassVar[str]
     Spec: ClassVar[type[VictimSpecBase]]
+    # What an attacker with the weights can do with this kind (`vlmsec scan` rules cells out by them):
+    # read pixel gradients (white-box attacks), and tune it (poisoned models). A kind reached only
+    # through its outputs (an HTTP API) sets both False.
+    gives_gradients: ClassVar[bool] = True
+    tunable: ClassVar[bool] = True
 
     def __init__(self, spec: SpecT) -> None:
         self.spec = spec
