@@ -233,3 +233,69 @@ def test_a_tiny_scan_writes_the_same_card_for_the_same_config_and_seed(tmp_path:
     assert set(card["backdoor_present"]["models"]) == {"scanned model", "tuned: clean", "tuned: badnets"}
     markdown = (tmp_path / "scan0" / "card.md").read_text()
     assert "| white-box | inference |" in markdown and "### black-box/training/backdoor" in markdown
+
+
+def _scores(hits: int, n: int) -> dict[str, Any]:
+    return {"rate": hits / n, "ci": list(wilson_interval(hits, n)), "n": n}
+
+
+def test_a_cell_reads_the_runs_records_its_baselines_and_copies_its_evidence(tmp_path: Path) -> None:
+    """Two white-box targeted attacks on one request set (a hand-made run folder): the union over
+    requests, each attack beside its baselines and cost, and the successful inputs' PNGs copied."""
+    from PIL import Image
+
+    budget = Budget("two", requests=4, test_size=4, attacks=(
+        {"name": "pgd", "params": {"steps": 5}}, {"name": "image_hijack", "label": "hijack", "params": {"steps": 5}}))
+    config = scan_config(parse_config(TINY_VICTIM, "test"), budget)
+    run = tmp_path / "scan"
+    hits = {"pgd": {"r0", "r1"}, "hijack": {"r1", "r3"}}
+    records = []
+    for key, broken in hits.items():
+        for i in range(4):
+            rid = f"r{i}"
+            records.append(_record(key, rid, "a red star" if rid in broken else "a blue circle", request=f"question {i}", prompt=f"USER: q{i}"))
+            (run / "adversarial" / key).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(run / "adversarial" / key / f"{rid}.png")
+    def entry(name: str, epsilon: float) -> dict[str, Any]:
+        return {"name": name, "goal": "targeted", "epsilon": epsilon, "success": {"contains": _scores(2, 4), "exact": _scores(0, 4)},
+                "baselines": {"no attack": {"contains": _scores(0, 4)}, "uniform noise": {"epsilon": epsilon, "contains": _scores(1, 4)}},
+                "cost": {"steps": 5, "queries": {"not_measured": "no"}, "seconds_per_image": 0.5, "craft_seconds": 2.0}}
+    section = {"victim": "base", "attacks": {"pgd": entry("pgd", 16 / 255), "hijack": entry("image_hijack", 8 / 255)}}
+    (run / "metrics.json").write_text(json.dumps({"inference_attacks": section, "models": {}}))
+    (run / "inference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    cells = scan_module.measure_cells(run, run, config, budget, victim_access(config))
+    cell = cells["white-box/inference/targeted"]
+    assert cell["status"] == "measured" and cell["method"].startswith("union over 2 attack(s)")
+    assert cell["rate"] == _scores(3, 4)  # r0, r1, r3: broken by either attack; r2 by none
+    pgd = cell["attacks"]["pgd"]
+    assert pgd["rate"] == _scores(2, 4) and pgd["baselines"] == {"no attack": _scores(0, 4), "uniform noise": _scores(1, 4)}
+    assert pgd["cost"] == {"epsilon": 16 / 255, "steps": 5, "queries": {"not_measured": "no"}, "seconds_per_image": 0.5, "craft_seconds": 2.0}
+    assert [(e["attack"], e["id"]) for e in cell["evidence"]] == [("pgd", "r0"), ("pgd", "r1"), ("hijack", "r3")]
+    shown = cell["evidence"][2]
+    assert shown["request"] == "question 3" and shown["output"] == "a red star" and shown["sent"] == "USER: q3"
+    copied = run / shown["image"]
+    assert copied.parent == run / "card" / "evidence" / "white-box-inference-targeted"
+    assert copied.read_bytes() == (run / "adversarial" / "hijack" / "r3.png").read_bytes()
+    assert cells["black-box/inference/targeted"]["status"] == "not measured"
+    from vlmsec.report.card import render_card
+
+    markdown = render_card({"victim": {"config": "tiny", "kind": "tiny_llava", "deployed": "base"}, "battery_version": "1",
+                            "budget": "two", "seeds": {"study": 0, "attacks": [0]}, "requests_per_goal": 4, "config_hash": "0" * 64,
+                            "vlmsec": "0", "cells": cells, "backdoor_present": {"not_measured": "not in this budget"}})
+    assert "| white-box | inference | **0.75** [0.30, 0.95] |" in markdown
+    assert f"![hijack r3]({shown['image']})" in markdown
+
+
+def test_over_seeds_gives_the_mean_and_a_t_interval_of_each_measured_cell() -> None:
+    def cells(value: float | None) -> dict[str, Any]:
+        found = {c: {"status": "not measured"} for c in CELLS}
+        found["white-box/inference/targeted"] = {"status": "measured", "rate": {"rate": value, "ci": [0, 1], "n": 8}}
+        return found
+
+    summary = scan_module.over_seeds({0: cells(0.2), 1: cells(0.4), 2: cells(0.6)})
+    assert list(summary) == ["white-box/inference/targeted"]
+    entry = summary["white-box/inference/targeted"]
+    assert entry["mean"] == pytest.approx(0.4) and entry["std"] == pytest.approx(0.2) and entry["seeds"] == 3
+    half = 4.302653 * 0.2 / 3**0.5  # t(0.975, 2 degrees of freedom)
+    assert entry["ci"] == pytest.approx([max(0.4 - half, 0), 0.4 + half], abs=1e-5)
