@@ -121,7 +121,10 @@ BUDGETS: dict[str, Budget] = {
         "quick", requests=8, test_size=8,
         attacks=STRUCTURE + _pgd_family(40, 40),
         presence={"trusted": 16, "explore_steps": 10, "rounds": 1, "steps": 10},
-        left_out={"poisoning": "planting a backdoor tunes two models (clean and BadNets), beyond ten minutes on two cores"},
+        left_out={
+            "poisoning": "planting a backdoor tunes two models (clean and BadNets), beyond ten minutes on two cores",
+            "black-box/inference/targeted": "AttackVLM trains a surrogate, then queries the victim 200 times per image",
+        },
         takes="the structure attacks and four white-box attacks at 40 steps on 8 requests per goal, a short backdoor scan",
     ),
     "standard": Budget(
@@ -209,22 +212,23 @@ def skip_reason(cell: str, budget: Budget, access: Access) -> tuple[str, str] | 
     if reason is not None:
         return "not applicable", reason
     knowledge, stage, goal = _knowledge_stage_goal(cell)
-    if goal == "jailbreak" and not access.safety:
-        return "not measured", (
-            "the victim config has no safety section: the jailbreak requests are its held-out harmful requests, "
-            "judged by its refusal judge"
-        )
-    if cell in budget_cells(budget):
-        return None
+    here = cell in budget_cells(budget)
     later = next((b for b in ORDER if cell in budget_cells(BUDGETS[b])), None)
-    if later is None and knowledge == "gray-box":
+    if not here and later is None and knowledge == "gray-box":
         return "not measured", (
             f"battery {BATTERY_VERSION} has no gray-box attack (the architecture, not the tuned weights); crafting on the "
             "base before the safety stage and answering on the scanned model (the reverse of the run's transfer matrix) "
             "is not implemented yet"
         )
-    if later is None:
+    if not here and later is None:
         return "not measured", f"battery {BATTERY_VERSION} has no attack for this cell"
+    if goal == "jailbreak" and not access.safety:
+        return "not measured", (
+            "the victim config has no safety section: the jailbreak requests are its held-out harmful requests, "
+            "judged by its refusal judge"
+        )
+    if here:
+        return None
     why = budget.left_out.get("poisoning" if stage == "training" else cell, "left out of this budget")
     return "not measured", f"not in budget {budget.name} ({why}); `--budget {later}` measures it"
 
@@ -334,7 +338,7 @@ def run_scan(
         Runner(configs[s], runs[s], cache).run()
     first = budget.seeds[0]
     presence = backdoor_presence(configs[first], budget, runs[first], cache)
-    card = build_card(out, victim, budget, configs[first], runs, presence)
+    card = build_card(out, victim, budget, configs, runs, presence)
     card["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_card(out, card)
     return card
@@ -581,13 +585,16 @@ def over_seeds(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def build_card(
-    out: Path, victim: ExperimentConfig, budget: Budget, config: ExperimentConfig, runs: Mapping[int, Path], presence: dict[str, Any]
+    out: Path, victim: ExperimentConfig, budget: Budget, configs: Mapping[int, ExperimentConfig], runs: Mapping[int, Path],
+    presence: dict[str, Any],
 ) -> dict[str, Any]:
-    """The risk card (without its wall time): provenance, then every cell, the backdoor scan, and with
-    several attack seeds, the cells over seeds. The cells are read from the first seed's run."""
+    """The risk card (without its wall time) from the study run of each attack seed (`configs`, `runs`):
+    provenance, every cell, the backdoor scan, and with several seeds, the cells over seeds. The
+    cells and the config hash are the first seed's."""
+    first = next(iter(runs))
+    config = configs[first]
     access = victim_access(config)
-    per_seed = {s: measure_cells(out, run, scan_config(victim, budget, config.seed, s), budget, access) for s, run in runs.items()}
-    first = next(iter(per_seed))
+    per_seed = {s: measure_cells(out, run, configs[s], budget, access) for s, run in runs.items()}
     card: dict[str, Any] = {
         "card_version": CARD_VERSION,
         "battery_version": BATTERY_VERSION,
