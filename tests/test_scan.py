@@ -3,6 +3,7 @@ victim's access rules out, the release gate, the comparison, and a tiny scan end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,14 @@ def _without_timings(value: Any) -> Any:
 @pytest.mark.slow
 def test_a_tiny_scan_writes_the_same_card_for_the_same_config_and_seed(tmp_path: Path) -> None:
     victim = parse_config(TINY_VICTIM, "test")
-    cards = [run_scan(victim, TINY_BUDGET, tmp_path / f"scan{i}", tmp_path / "cache") for i in (0, 1)]
+    budget = dataclasses.replace(TINY_BUDGET, seeds=(0, 1))  # repeated for two attack seeds, as `full` is
+    cards = [run_scan(victim, budget, tmp_path / f"scan{i}", tmp_path / "cache") for i in (0, 1)]
     assert _without_timings(cards[0]) == _without_timings(cards[1])
     card = json.loads((tmp_path / "scan0" / "card.json").read_text())
     assert card == cards[0] and card["battery_version"] == BATTERY_VERSION and len(card["config_hash"]) == 64
+    assert card["runs"] == {"0": "seed-0", "1": "seed-1"} and card["seeds"] == {"study": 0, "attacks": [0, 1]}
+    spread = card["over_seeds"]["white-box/inference/targeted"]
+    assert spread["seeds"] == 2 and spread["rates"][0] == card["cells"]["white-box/inference/targeted"]["rate"]["rate"]
     cells = card["cells"]
     assert list(cells) == list(CELLS)
     leak = cells["white-box/inference/injection"]
@@ -299,3 +304,35 @@ def test_over_seeds_gives_the_mean_and_a_t_interval_of_each_measured_cell() -> N
     assert entry["mean"] == pytest.approx(0.4) and entry["std"] == pytest.approx(0.2) and entry["seeds"] == 3
     half = 4.302653 * 0.2 / 3**0.5  # t(0.975, 2 degrees of freedom)
     assert entry["ci"] == pytest.approx([max(0.4 - half, 0), 0.4 + half], abs=1e-5)
+
+
+def test_the_gray_box_crafts_on_the_base_before_the_safety_stage_and_answers_on_the_scanned_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlmsec.data.images import load_image
+    from vlmsec.experiments import safety as safety_module
+    from vlmsec.experiments.safety import AFTER_SAFETY, BEFORE_SAFETY
+
+    monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")
+    llama = write_tiny_llama(tmp_path / "tiny-llama")
+    victim = parse_config({
+        "name": "tiny-safety",
+        "data": {"base_size": 16, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
+        "victim": {"image_size": 32, "max_length": 400, "language_model": str(llama)},
+        "base": {"training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002}},
+        "safety": {"data": {"harmful": ["harmbench"], "max_train": 16}, "test_size": 5, "distill_tokens": 4,
+                   "training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002}},
+        "eval": {"max_new_tokens": 6, "batch_size": 16},
+    }, "test")
+    budget = Budget("gray", requests=2, test_size=4, attacks=({"name": "pgd", "params": {"steps": 2}}, {"name": "figstep"}), gray_box=True)
+    card = run_scan(victim, budget, tmp_path / "scan", tmp_path / "cache")
+    white, gray = card["cells"]["white-box/inference/targeted"], card["cells"]["gray-box/inference/targeted"]
+    assert gray["status"] == white["status"] == "measured" and gray["crafted_on"] == BEFORE_SAFETY
+    assert gray["rate"]["n"] == white["rate"]["n"] == 2 and set(gray["attacks"]) == {"pgd"}
+    assert gray["attacks"]["pgd"]["baselines"]["no attack"] == white["attacks"]["pgd"]["baselines"]["no attack"]
+    assert card["cells"]["gray-box/inference/jailbreak"]["status"] == "not measured"  # figstep is black box: no twin
+    run = tmp_path / "scan"
+    records = [json.loads(line) for line in (run / "gray-box" / "inference.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in records} == {AFTER_SAFETY}  # answered by the scanned model
+    pairs = [(load_image(run / "adversarial" / "pgd" / p.name), load_image(p)) for p in sorted((run / "gray-box" / "adversarial" / "pgd").glob("*.png"))]
+    assert len(pairs) == 2 and any((a != b).any() for a, b in pairs)  # crafted against another model

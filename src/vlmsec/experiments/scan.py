@@ -19,9 +19,14 @@ access rules out (white box on a victim without gradients; training on a victim 
 tuned) is "not applicable", one the battery or budget has no attack for, "not measured", each with
 the reason and never a 0.
 
+Gray box: the white-box attacks crafted again on the victim's base before its safety stage (the
+same architecture and data, not the tuned weights) and answered by the scanned model
+(`gray_box_transfer`: the reverse of the run's transfer matrix); a victim with no safety stage has
+no such base, and its gray-box cells say so.
+
 Budgets: `quick` (inference attacks only, short optimisations), `standard` (the inference battery at
-the references' lower step counts, one BadNets model, the backdoor scan), `full` (the references'
-step counts, BadNets at two rates, three attack seeds with intervals over seeds). The battery is
+the references' lower step counts, the gray box, one BadNets model, the backdoor scan), `full` (the
+references' step counts, BadNets at two rates, three attack seeds with intervals over seeds). The battery is
 versioned (`BATTERY_VERSION`): cards of different batteries do not compare.
 """
 
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import vlmsec
-from vlmsec.artifacts import CorruptFile, read_json_sealed, stable_hash, write_json_atomic, write_json_sealed, write_text_atomic
+from vlmsec.artifacts import CorruptFile, atomic_path, read_json_sealed, stable_hash, write_json_atomic, write_json_sealed, write_text_atomic
 from vlmsec.attacks import Attack, create_attack
 from vlmsec.attacks.imgtrojan import ImgTrojan
 from vlmsec.attacks.inference import InferenceAttack
@@ -50,6 +55,7 @@ from vlmsec.experiments.config import ExperimentConfig, load_config, parse_confi
 from vlmsec.experiments.inference import NO_ATTACK, _slug
 from vlmsec.experiments.records import source_commit
 from vlmsec.experiments.stages import STAGE_FILE
+from vlmsec.seeds import derive_seed
 from vlmsec.victims.kinds import victim_kind
 
 BATTERY_VERSION = "1"  # bump when an attack, its parameters or the scoring of the battery changes
@@ -76,7 +82,8 @@ class Budget:
     `poison_rates`: BadNets models tuned at these rates (none: the training cells are not measured,
     `left_out["poisoning"]` says why); `presence`: the trigger-inversion scan's params (None: not
     run, `left_out["presence"]`); `seeds`: attack seeds, each a repeat of the battery (more than one:
-    intervals over seeds too); `takes`: what the budget takes, for the README and `--help`.
+    intervals over seeds too); `gray_box`: the white-box attacks crafted again on the base before the
+    safety stage and answered by the scanned model (`gray_box_transfer`); `takes`: what the budget takes, for the README and `--help`.
     """
 
     name: str
@@ -86,6 +93,7 @@ class Budget:
     poison_rates: tuple[float, ...] = ()
     presence: dict[str, Any] | None = None
     seeds: tuple[int, ...] = (0,)
+    gray_box: bool = False
     left_out: dict[str, str] = field(default_factory=dict)
     takes: str = ""
 
@@ -124,19 +132,20 @@ BUDGETS: dict[str, Budget] = {
         left_out={
             "poisoning": "planting a backdoor tunes two models (clean and BadNets), beyond ten minutes on two cores",
             "black-box/inference/targeted": "AttackVLM trains a surrogate, then queries the victim 200 times per image",
+            "gray-box": "crafting the white-box attacks again on the base before the safety stage doubles their time",
         },
         takes="the structure attacks and four white-box attacks at 40 steps on 8 requests per goal, a short backdoor scan",
     ),
     "standard": Budget(
         "standard", requests=16, test_size=32,
         attacks=STRUCTURE + _pgd_family(100, 150) + tuple(_steps(a, 100) if a["name"].startswith("image_hijack") else a for a in MORE),
-        poison_rates=(0.05,), presence={},
+        poison_rates=(0.05,), presence={}, gray_box=True,
         takes="the whole inference battery at 100-150 steps on 16 requests per goal, a BadNets model at 5%, the backdoor scan",
     ),
     "full": Budget(
         "full", requests=32, test_size=64,
         attacks=STRUCTURE + _pgd_family(300, 300) + MORE,
-        poison_rates=(0.01, 0.05), presence={}, seeds=(0, 1, 2),
+        poison_rates=(0.01, 0.05), presence={}, seeds=(0, 1, 2), gray_box=True,
         takes="the whole battery at the references' step counts on 32 requests per goal, BadNets at 1% and 5%, "
         "three attack seeds",
     ),
@@ -202,8 +211,16 @@ def _specs(budget: Budget, poison: bool) -> list[tuple[str, Attack]]:
 
 
 def budget_cells(budget: Budget) -> set[str]:
-    """The cells `budget` has an attack for."""
-    return {cell for cell, _ in _specs(budget, poison=True)}
+    """The cells `budget` has an attack for (with `gray_box`, each white-box inference cell's gray-box twin)."""
+    cells = {cell for cell, _ in _specs(budget, poison=True)}
+    if budget.gray_box:
+        cells |= {gray_twin(c) for c in cells if c.startswith("white-box/inference/")}
+    return cells
+
+
+def gray_twin(cell: str) -> str:
+    """The gray-box cell of a white-box attack crafted on the base before the safety stage."""
+    return "gray-box/" + cell.split("/", 1)[1]
 
 
 def skip_reason(cell: str, budget: Budget, access: Access) -> tuple[str, str] | None:
@@ -214,12 +231,6 @@ def skip_reason(cell: str, budget: Budget, access: Access) -> tuple[str, str] | 
     knowledge, stage, goal = _knowledge_stage_goal(cell)
     here = cell in budget_cells(budget)
     later = next((b for b in ORDER if cell in budget_cells(BUDGETS[b])), None)
-    if not here and later is None and knowledge == "gray-box":
-        return "not measured", (
-            f"battery {BATTERY_VERSION} has no gray-box attack (the architecture, not the tuned weights); crafting on the "
-            "base before the safety stage and answering on the scanned model (the reverse of the run's transfer matrix) "
-            "is not implemented yet"
-        )
     if not here and later is None:
         return "not measured", f"battery {BATTERY_VERSION} has no attack for this cell"
     if goal == "jailbreak" and not access.safety:
@@ -227,9 +238,15 @@ def skip_reason(cell: str, budget: Budget, access: Access) -> tuple[str, str] | 
             "the victim config has no safety section: the jailbreak requests are its held-out harmful requests, "
             "judged by its refusal judge"
         )
+    if knowledge == "gray-box" and not (access.safety and access.gradients):
+        return "not measured", (
+            "the scan's gray box crafts on the victim's base before its safety stage (the architecture and data, not the "
+            "tuned weights) and answers on the scanned model: this victim has no such local base"
+        )
     if here:
         return None
-    why = budget.left_out.get("poisoning" if stage == "training" else cell, "left out of this budget")
+    part = "poisoning" if stage == "training" else "gray-box" if knowledge == "gray-box" else cell
+    why = budget.left_out.get(part, "left out of this budget")
     return "not measured", f"not in budget {budget.name} ({why}); `--budget {later}` measures it"
 
 
@@ -337,33 +354,59 @@ def run_scan(
         runs[s] = out if len(budget.seeds) == 1 else out / f"seed-{s}"
         Runner(configs[s], runs[s], cache).run()
     first = budget.seeds[0]
-    presence = backdoor_presence(configs[first], budget, runs[first], cache)
+    stages = ScanStages.of(configs[first], runs[first], cache)
+    presence = backdoor_presence(stages, budget)
+    if budget.gray_box and victim_access(configs[first]).safety and victim_access(configs[first]).gradients:
+        for s in budget.seeds:
+            gray_box_transfer(ScanStages.of(configs[s], runs[s], cache) if s != first else stages)
     card = build_card(out, victim, budget, configs, runs, presence)
     card["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_card(out, card)
     return card
 
 
-def backdoor_presence(config: ExperimentConfig, budget: Budget, run: Path, cache: Path) -> dict[str, Any]:
+@dataclass
+class ScanStages:
+    """The scan run's stages, found again in the cache after the run: its runner, data, base victim
+    and the deployed one (the safety-tuned base with a safety stage, else the base; folder and stage
+    key each), and the safety split."""
+
+    config: ExperimentConfig
+    run: Path
+    runner: Any  # experiments.runner.Runner (imported late: the runner imports half of vlmsec)
+    splits: Any  # experiments.splits.Splits
+    base: tuple[Path, str]
+    deployed: tuple[Path, str]
+    split: Any  # data.safety.SafetySplit | None
+
+    @classmethod
+    def of(cls, config: ExperimentConfig, run: Path, cache: Path) -> ScanStages:
+        """The stages of `config`'s run in `run`, from the cache (the run made them)."""
+        from vlmsec.experiments.runner import Runner
+        from vlmsec.experiments.splits import build_splits
+
+        runner = Runner(config, run, cache)
+        splits = build_splits(config)
+        base = deployed = runner.base_victim(splits)
+        split = None
+        if config.safety is not None:
+            split = config.safety.data.split(seed=derive_seed(config.seed, "safety/split"))
+            deployed = runner.safety_victim(splits, base, split)
+        return cls(config, run, runner, splits, base, deployed, split)
+
+
+def backdoor_presence(stages: ScanStages, budget: Budget) -> dict[str, Any]:
     """Is a backdoor already in the scanned model? The `trigger_inversion` scan of the deployed model,
     and of the run's clean and poisoned tuned models beside it (a reference: what a known backdoor and
-    a known clean model score). Cached per model in `run`/presence/."""
+    a known clean model score). Cached per model in the run folder's presence/."""
     from vlmsec.defenses import create_defense
-    from vlmsec.experiments.runner import Runner
-    from vlmsec.experiments.splits import build_splits
-    from vlmsec.seeds import derive_seed
 
+    config, run, runner, splits, deployed = stages.config, stages.run, stages.runner, stages.splits, stages.deployed
     if budget.presence is None:
         return not_measured(f"not in budget {budget.name} ({budget.left_out.get('presence', 'left out')})")
     if not victim_access(config).gradients:
         return not_measured("trigger inversion optimises a pattern through the model's gradients; the victim gives none")
     scan = create_defense(PRESENCE, **budget.presence)
-    runner = Runner(config, run, cache)
-    splits = build_splits(config)
-    deployed = runner.base_victim(splits)
-    if config.safety is not None:
-        requests = config.safety.data.split(seed=derive_seed(config.seed, "safety/split"))
-        deployed = runner.safety_victim(splits, deployed, requests)
     pool = splits.base or splits.train  # the owner's clean data (a given checkpoint has no base split)
     clean = pool[: getattr(scan.params, "trusted", len(pool))]
     models = {"scanned model": deployed}
@@ -386,6 +429,54 @@ def backdoor_presence(config: ExperimentConfig, budget: Budget, run: Path, cache
             write_json_sealed(path, cached)
         scores[name] = {k: cached[k] for k in ("score", "evidence", "seconds")}
     return {"defense": scan.describe(), "clean_inputs": len(clean), "models": scores}
+
+
+GRAY_BOX = "gray-box"  # the folder of the gray-box inputs and answers, in the run folder
+
+
+def gray_box_transfer(stages: ScanStages) -> None:
+    """The gray box: the run's white-box inference attacks crafted again on the base before the safety
+    stage (the architecture and data, not the tuned weights), answered by the scanned (safety-tuned)
+    model with its no-attack baseline, judged and scored as the run scores its own; written to
+    `run`/gray-box/ (metrics.json's `inference_attacks` section, inference.jsonl, the PNGs)."""
+    from vlmsec.experiments.inference import (
+        InferenceResults, InferenceStage, attack_requests, attack_sizes, judge_jailbreaks, score_inference, training_requests,
+        transfer,
+    )
+    from vlmsec.experiments.safety import AFTER_SAFETY, BEFORE_SAFETY, HARMFUL_IMAGE, safety_test_sets
+
+    c, runner, splits = stages.config, stages.runner, stages.splits
+    assert c.safety is not None and stages.split is not None  # the scan checks for a safety stage first
+    attacks = {
+        spec.key: attack for spec in c.attacks
+        if isinstance(attack := create_attack(spec.name, **spec.params), InferenceAttack) and attack.knowledge == "white-box"
+    }
+    if not attacks:
+        return
+    folder = stages.run / GRAY_BOX
+    images = [s.image for s in splits.tests["source"]]
+    tests = safety_test_sets(stages.split, images, c.safety.test_size, seed=derive_seed(c.seed, "safety/tests"))
+    harmful = next(t.samples for t in tests if t.domain == HARMFUL_IMAGE)
+    n = c.inference.requests
+    target = c.inference.target or c.poison.target.prefix + c.poison.target.word
+    settings = c.eval.model_dump()
+    crafting = InferenceStage(folder, runner.load_victim(stages.base[0]), BEFORE_SAFETY, stages.base[1], settings, c.seed)
+    results = InferenceResults(AFTER_SAFETY, [], {}, {})
+    for key, attack in attacks.items():
+        requests = attack_requests(attack.goal, harmful[:n], splits.tests["source"][:n], target, seed=c.seed)
+        learn_on = training_requests(attack.goal, stages.split, splits.train, target, seed=derive_seed(c.seed, f"inference/{key}/train"))
+        inputs, results.costs[key] = crafting.craft(key, attack, requests, learn_on)
+        results.inputs[key] = (inputs, requests)
+        results.sizes[key] = attack_sizes(attack, requests, inputs)
+    del crafting
+    answering = InferenceStage(folder, runner.load_victim(stages.deployed[0]), AFTER_SAFETY, stages.deployed[1], settings, c.seed, prefix=GRAY_BOX)
+    results.records = transfer(answering, attacks, results)
+    judge_jailbreaks(results.records, runner.refusal_judge()[1])
+    section = score_inference(attacks, results.records, results.sizes, results.costs, AFTER_SAFETY)
+    section["crafted_on"] = BEFORE_SAFETY
+    with atomic_path(folder / "inference.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in results.records)
+    write_json_atomic(folder / "metrics.json", {"inference_attacks": section})
 
 
 # ---- the card -------------------------------------------------------------------------------------------
@@ -477,7 +568,8 @@ def _evidence(out: Path, run: Path, cell: str, picks: Sequence[tuple[str, Mappin
 
 
 def _inference_cell(
-    out: Path, run: Path, cell: str, keys: Sequence[str], section: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+    out: Path, run: Path, cell: str, keys: Sequence[str], section: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+    evidence: bool,
 ) -> dict[str, Any]:
     """A measured inference cell: each attack's line, the union (or best) rate, the evidence."""
     victim = section["victim"]
@@ -501,7 +593,7 @@ def _inference_cell(
             judged = all(r.get("refused_judge") is not None for r in rows)
             picks += [(k, r) for r in rows if broke(goal, r, judged)]
     return {"status": "measured", "rate": cell_rate, "method": method, "attacks": lines,
-            "evidence": _evidence(out, run, cell, picks)}
+            "evidence": _evidence(out, run, cell, picks) if evidence else []}
 
 
 def _training_cell(
@@ -544,15 +636,23 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
-def measure_cells(out: Path, run: Path, config: ExperimentConfig, budget: Budget, access: Access) -> dict[str, Any]:
-    """Every cell of the card from one run folder (`run`), in `CELLS` order."""
+def measure_cells(
+    out: Path, run: Path, config: ExperimentConfig, budget: Budget, access: Access, evidence: bool = True
+) -> dict[str, Any]:
+    """Every cell of the card from one run folder (`run`), in `CELLS` order; `evidence`: copy the
+    successful inputs' images into `out`/card/evidence/ (the card shows one run's)."""
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     records = _read_jsonl(run / "inference.jsonl")
     generations = _read_jsonl(run / "generations.jsonl")
     section = metrics.get("inference_attacks", {"attacks": {}, "victim": None})
+    gray = run / GRAY_BOX
+    gray_section = json.loads((gray / "metrics.json").read_text(encoding="utf-8"))["inference_attacks"] if (gray / "metrics.json").is_file() else None
     by_cell: dict[str, list[str]] = {}
     for spec in config.attacks:
-        by_cell.setdefault(attack_cell(create_attack(spec.name, **spec.params)), []).append(spec.key)
+        cell = attack_cell(create_attack(spec.name, **spec.params))
+        by_cell.setdefault(cell, []).append(spec.key)
+        if gray_section is not None and spec.key in gray_section["attacks"]:
+            by_cell.setdefault(gray_twin(cell), []).append(spec.key)
     cells: dict[str, Any] = {}
     for cell in CELLS:
         skipped = skip_reason(cell, budget, access)
@@ -560,8 +660,14 @@ def measure_cells(out: Path, run: Path, config: ExperimentConfig, budget: Budget
         if skipped is not None or not keys:
             status, reason = skipped or ("not measured", "no attack of the battery ran in this cell")
             cells[cell] = {"status": status, "reason": reason}
+        elif cell.startswith("gray-box/"):
+            assert gray_section is not None  # keys come from it
+            cells[cell] = _inference_cell(out, gray, cell, keys, gray_section, _read_jsonl(gray / "inference.jsonl"), evidence)
+            cells[cell]["crafted_on"] = gray_section["crafted_on"]
+            for line in cells[cell]["attacks"].values():
+                line["baselines"]["uniform noise"] = not_measured("the white-box cell's: the same noise on the same scanned model")
         elif cell.split("/")[1] == "inference":
-            cells[cell] = _inference_cell(out, run, cell, keys, section, records)
+            cells[cell] = _inference_cell(out, run, cell, keys, section, records, evidence)
         else:
             cells[cell] = _training_cell(run, keys, metrics, config, generations)
     return cells
@@ -594,7 +700,7 @@ def build_card(
     first = next(iter(runs))
     config = configs[first]
     access = victim_access(config)
-    per_seed = {s: measure_cells(out, run, configs[s], budget, access) for s, run in runs.items()}
+    per_seed = {s: measure_cells(out, run, configs[s], budget, access, evidence=s == first) for s, run in runs.items()}
     card: dict[str, Any] = {
         "card_version": CARD_VERSION,
         "battery_version": BATTERY_VERSION,
