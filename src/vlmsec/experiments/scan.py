@@ -83,7 +83,8 @@ class Budget:
     `left_out["poisoning"]` says why); `presence`: the trigger-inversion scan's params (None: not
     run, `left_out["presence"]`); `seeds`: attack seeds, each a repeat of the battery (more than one:
     intervals over seeds too); `gray_box`: the white-box attacks crafted again on the base before the
-    safety stage and answered by the scanned model (`gray_box_transfer`); `takes`: what the budget takes, for the README and `--help`.
+    safety stage and answered by the scanned model (`gray_box_transfer`); `left_out`: why what a
+    larger budget measures is left out of this one, by part ("poisoning", "presence", "gray-box") or cell.
     """
 
     name: str
@@ -95,7 +96,6 @@ class Budget:
     seeds: tuple[int, ...] = (0,)
     gray_box: bool = False
     left_out: dict[str, str] = field(default_factory=dict)
-    takes: str = ""
 
 
 def _pgd_family(steps: int, long: int) -> tuple[dict[str, Any], ...]:
@@ -127,27 +127,23 @@ MORE = (
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         "quick", requests=8, test_size=8,
-        attacks=STRUCTURE + _pgd_family(40, 40),
-        presence={"trusted": 16, "explore_steps": 10, "rounds": 1, "steps": 10},
+        attacks=STRUCTURE + _pgd_family(30, 30),
+        presence={"trusted": 16, "explore_steps": 8, "rounds": 1, "steps": 8},
         left_out={
             "poisoning": "planting a backdoor tunes two models (clean and BadNets), beyond ten minutes on two cores",
             "black-box/inference/targeted": "AttackVLM trains a surrogate, then queries the victim 200 times per image",
             "gray-box": "crafting the white-box attacks again on the base before the safety stage doubles their time",
         },
-        takes="the structure attacks and four white-box attacks at 40 steps on 8 requests per goal, a short backdoor scan",
     ),
     "standard": Budget(
         "standard", requests=16, test_size=32,
         attacks=STRUCTURE + _pgd_family(100, 150) + tuple(_steps(a, 100) if a["name"].startswith("image_hijack") else a for a in MORE),
         poison_rates=(0.05,), presence={}, gray_box=True,
-        takes="the whole inference battery at 100-150 steps on 16 requests per goal, a BadNets model at 5%, the backdoor scan",
     ),
     "full": Budget(
         "full", requests=32, test_size=64,
         attacks=STRUCTURE + _pgd_family(300, 300) + MORE,
         poison_rates=(0.01, 0.05), presence={}, seeds=(0, 1, 2), gray_box=True,
-        takes="the whole battery at the references' step counts on 32 requests per goal, BadNets at 1% and 5%, "
-        "three attack seeds",
     ),
 }
 ORDER = tuple(BUDGETS)
