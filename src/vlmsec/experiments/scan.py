@@ -707,6 +707,7 @@ def build_card(
         "vlmsec": vlmsec.__version__,
         "commit": source_commit(),
         "requests_per_goal": budget.requests,
+        "target": config.inference.target or config.poison.target.prefix + config.poison.target.word,
         "runs": {str(s): (run.relative_to(out).as_posix() or ".") for s, run in runs.items()},
         "cells": per_seed[first],
         "backdoor_present": presence,

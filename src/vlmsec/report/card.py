@@ -56,7 +56,8 @@ def render_card(card: Mapping[str, Any]) -> str:
         f"# Risk card: {victim['config']} ({victim['kind']}, {victim['deployed']})",
         "",
         f"vlmsec scan, battery {card['battery_version']}, budget **{card['budget']}**, study seed {card['seeds']['study']}, "
-        f"attack seeds {', '.join(map(str, card['seeds']['attacks']))}, {card['requests_per_goal']} requests per goal; "
+        f"attack seeds {', '.join(map(str, card['seeds']['attacks']))}, {card['requests_per_goal']} requests per goal, "
+        f"targeted output {_quote(card.get('target'))}; "
         f"config sha256 `{card['config_hash'][:16]}…`; vlmsec {card['vlmsec']}"
         + (f" ({card['commit'][:10]})" if card.get("commit") else "")
         + (f"; wall time {card['wall_seconds']:.0f} s" if "wall_seconds" in card else "")
