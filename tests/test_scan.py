@@ -110,6 +110,7 @@ def test_a_victim_without_gradients_has_its_white_box_cells_not_applicable(monke
     status, reason = skip_reason("white-box/inference/targeted", TINY_BUDGET, victim_access(victim))
     assert status == "not applicable" and "no gradients" in reason
     assert skip_reason("black-box/inference/injection", TINY_BUDGET, victim_access(victim)) is None
+    assert "gradients" in scan_module.presence_reason(TINY_BUDGET, victim_access(victim))  # no trigger inversion either
     monkeypatch.setattr(TinyLlavaKind, "tunable", False)
     config = scan_config(victim, TINY_BUDGET)
     assert [a.name for a in config.attacks] == ["typographic"] and config.poison.rate == 0

@@ -350,11 +350,12 @@ def run_scan(
         runs[s] = out if len(budget.seeds) == 1 else out / f"seed-{s}"
         Runner(configs[s], runs[s], cache).run()
     first = budget.seeds[0]
-    stages = ScanStages.of(configs[first], runs[first], cache)
-    presence = backdoor_presence(stages, budget)
-    if budget.gray_box and victim_access(configs[first]).safety and victim_access(configs[first]).gradients:
+    access = victim_access(configs[first])
+    reason = presence_reason(budget, access)
+    presence = not_measured(reason) if reason else backdoor_presence(ScanStages.of(configs[first], runs[first], cache), budget)
+    if budget.gray_box and access.safety and access.gradients:
         for s in budget.seeds:
-            gray_box_transfer(ScanStages.of(configs[s], runs[s], cache) if s != first else stages)
+            gray_box_transfer(ScanStages.of(configs[s], runs[s], cache))
     card = build_card(out, victim, budget, configs, runs, presence)
     card["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_card(out, card)
@@ -391,6 +392,15 @@ class ScanStages:
         return cls(config, run, runner, splits, base, deployed, split)
 
 
+def presence_reason(budget: Budget, access: Access) -> str | None:
+    """Why the backdoor scan is not run (not in the budget; no gradients), or None."""
+    if budget.presence is None:
+        return f"not in budget {budget.name} ({budget.left_out.get('presence', 'left out of this budget')})"
+    if not access.gradients:
+        return "trigger inversion optimises a pattern through the model's gradients; the victim gives none"
+    return None
+
+
 def backdoor_presence(stages: ScanStages, budget: Budget) -> dict[str, Any]:
     """Is a backdoor already in the scanned model? The `trigger_inversion` scan of the deployed model,
     and of the run's clean and poisoned tuned models beside it (a reference: what a known backdoor and
@@ -398,10 +408,7 @@ def backdoor_presence(stages: ScanStages, budget: Budget) -> dict[str, Any]:
     from vlmsec.defenses import create_defense
 
     config, run, runner, splits, deployed = stages.config, stages.run, stages.runner, stages.splits, stages.deployed
-    if budget.presence is None:
-        return not_measured(f"not in budget {budget.name} ({budget.left_out.get('presence', 'left out')})")
-    if not victim_access(config).gradients:
-        return not_measured("trigger inversion optimises a pattern through the model's gradients; the victim gives none")
+    assert budget.presence is not None  # `presence_reason` says why not otherwise
     scan = create_defense(PRESENCE, **budget.presence)
     pool = splits.base or splits.train  # the owner's clean data (a given checkpoint has no base split)
     clean = pool[: getattr(scan.params, "trusted", len(pool))]
