@@ -133,6 +133,11 @@ def test_the_scan_config_keeps_the_victims_stages_and_replaces_the_study(tmp_pat
     assert config.poison.rate == 0 and not config.defenses and config.inference.transfer is False
     assert config.tuning == victim.base.training  # a victim config without tuning: its base stage's
     assert "--budget standard" in skip_reason("black-box/training/backdoor", BUDGETS["quick"], victim_access(victim))[1]
+    larger = parse_config({**victim.model_dump(mode="json", exclude_unset=True), "data": {**TINY_VICTIM["data"], "train_size": 800}}, "test")
+    standard, full = scan_config(larger, BUDGETS["standard"]), scan_config(larger, BUDGETS["full"], attack_seed=2)
+    assert standard.poison.rate == 0.05 and standard.attacks[-1].name == "badnets" and not standard.sweep.rates
+    assert full.poison.rate == 0.01 and full.sweep.rates == [0.05] and full.sweep.attacks == ["badnets"]
+    assert {a.params["seed"] for a in full.attacks} == {2} and full.seed == victim.seed  # a repeat changes the attacks' seeds only
     # Without a safety section the jailbreak attacks are left out, and their cells say why.
     tiny = parse_config({**TINY_VICTIM, "inference": {"target": "a red star."}}, "test")
     kept = scan_config(tiny, BUDGETS["quick"])
