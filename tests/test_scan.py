@@ -240,7 +240,7 @@ def test_a_tiny_scan_writes_the_same_card_for_the_same_config_and_seed(tmp_path:
     assert planted["cost"] == {"poisoned_samples": 4, "poison_rate": 0.25, "train_samples": 16}
     assert "clean model" in planted["baselines"] and planted["rate"]["n"] == 4
     assert cells["black-box/inference/jailbreak"]["status"] == "not measured"  # no safety section
-    assert "gray-box" in cells["gray-box/inference/targeted"]["reason"]
+    assert "no such local base" in cells["gray-box/inference/targeted"]["reason"]  # no safety stage: no base before it
     assert set(card["backdoor_present"]["models"]) == {"scanned model", "tuned: clean", "tuned: badnets"}
     markdown = (tmp_path / "scan0" / "card.md").read_text()
     assert "| white-box | inference |" in markdown and "### black-box/training/backdoor" in markdown
