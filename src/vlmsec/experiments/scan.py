@@ -622,7 +622,7 @@ def _training_cell(
             }
             hits = [g for g in generations if g["model"] == name and g.get("triggered") and g["domain"] == "source"
                     and contains_target(g["output"], word)]
-            evidence += [{"attack": name, "id": g["id"], "image": None, "request": g["prompt"], "output": g["output"]}
+            evidence += [{"attack": name, "id": g["id"], "image": None, "request": None, "sent": g["prompt"], "output": g["output"]}
                          for g in hits[: EVIDENCE - len(evidence)]]
     best = max(lines, key=lambda n: _value(lines[n]["rate"]) or 0.0)
     return {"status": "measured", "rate": lines[best]["rate"],

@@ -96,7 +96,9 @@ def render_card(card: Mapping[str, Any]) -> str:
         lines.append("")
         for shown in entry.get("evidence", []):
             image = f"![{shown['attack']} {shown['id']}]({shown['image']}) " if shown.get("image") else ""
-            lines.append(f"- {image}**{shown['attack']}**, `{shown['id']}`: asked {_quote(shown.get('request'))}; answered {_quote(shown['output'])}")
+            sent = f"; sent {_quote(shown['sent'])}" if shown.get("sent") else ""
+            lines.append(f"- {image}**{shown['attack']}**, `{shown['id']}`: asked {_quote(shown.get('request'))}{sent}; "
+                         f"answered {_quote(shown['output'])}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
