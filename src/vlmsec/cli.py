@@ -246,6 +246,75 @@ def serve(
 
 
 @app.command()
+def scan(
+    out: Annotated[Path, typer.Option("--out", help="Scan folder: the study run, card.json, card.md, card/evidence/.")],
+    victim: Annotated[
+        Optional[str],
+        typer.Argument(help="A victim config (YAML or preset) or a saved model's folder; default: the safety-tuned SmolLM2 (smollm2-attacks)."),
+    ] = None,
+    budget: Annotated[str, typer.Option("--budget", help="quick, standard or full (see the README's `vlmsec scan`).")] = "quick",
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Shared stage cache (default: $VLMSEC_CACHE or ~/.cache/vlmsec).")] = None,
+    fail_above: Annotated[
+        Optional[list[str]],
+        typer.Option("--fail-above", help="CELL=RATE, e.g. white-box/inference/jailbreak=0.2: exit 1 when the cell's rate is above "
+                     "RATE or the cell has no measured rate. Repeatable."),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Study seed (default: the victim config's, so its cached stages are used).")] = None,
+) -> None:
+    """Scan one model with the standard battery and write its risk card."""
+    from vlmsec.artifacts import check_writable
+    from vlmsec.experiments.scan import BUDGETS, gate_failures, parse_gate, run_scan, victim_config
+    from vlmsec.experiments.stages import default_cache_dir
+
+    try:
+        if budget not in BUDGETS:
+            raise VlmsecError(f"--budget {budget!r}: budgets: {', '.join(BUDGETS)}")
+        gates = [parse_gate(text) for text in fail_above or []]
+        config = victim_config(victim)
+        cache_dir = cache if cache is not None else default_cache_dir()
+        check_writable(out, "--out")
+        check_writable(cache_dir, "--cache" if cache is not None else "cache folder (the default of --cache, $VLMSEC_CACHE)")
+        card = run_scan(config, BUDGETS[budget], out, cache_dir, seed)
+    except VlmsecError as err:
+        _fail(err)
+    console.print(f"risk card: {out / 'card.md'}  (numbers: {out / 'card.json'})")
+    failures = gate_failures(card, gates)
+    for failure in failures:
+        console.print(f"[bold red]fail-above:[/] {escape(failure)}", markup=True, highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def compare(
+    first: Annotated[Path, typer.Argument(help="A card.json (or the scan folder holding it).")],
+    second: Annotated[Path, typer.Argument(help="Another card.json of the same battery version.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the comparison as Markdown here.")] = None,
+) -> None:
+    """Two risk cards side by side (cards of different battery versions are refused)."""
+    from vlmsec.artifacts import write_text_atomic
+    from vlmsec.experiments.scan import check_comparable, read_card
+    from vlmsec.report.card import comparison_rows, render_comparison
+
+    try:
+        a, b = read_card(first), read_card(second)
+        names = (str(first), str(second))
+        check_comparable(a, b, names)
+        if out is not None:
+            write_text_atomic(out, render_comparison(a, b, names))
+    except VlmsecError as err:
+        _fail(err)
+    table = Table(title=f"risk cards, battery {a['battery_version']}")
+    for column in ("cell", f"A: {a['victim']['config']} ({a['budget']})", f"B: {b['victim']['config']} ({b['budget']})", "B − A"):
+        table.add_column(column)
+    for row in comparison_rows(a, b):
+        table.add_row(*row)
+    console.print(table)
+    if out is not None:
+        console.print(f"wrote {out}")
+
+
+@app.command()
 def presets() -> None:
     """List the packaged experiment presets."""
     from vlmsec.experiments.config import preset_names
