@@ -307,8 +307,19 @@ def test_a_cell_reads_the_runs_records_its_baselines_and_copies_its_evidence(tmp
     markdown = render_card({"victim": {"config": "tiny", "kind": "tiny_llava", "deployed": "base"}, "battery_version": "1",
                             "budget": "two", "seeds": {"study": 0, "attacks": [0]}, "requests_per_goal": 4, "config_hash": "0" * 64,
                             "vlmsec": "0", "cells": cells, "backdoor_present": {"not_measured": "not in this budget"}})
-    assert "| white-box | inference | **0.75** [0.30, 0.95] |" in markdown
+    assert "| white-box | inference | **0.75** [0.30, 0.95] (no attack 0.00) |" in markdown
     assert f"![hijack r3]({shown['image']})" in markdown
+
+    # A typeset attack on a victim that does not read its words is listed but left out of the cell's rate.
+    section["attacks"]["hijack"]["meaningful"] = False
+    (run / "metrics.json").write_text(json.dumps({"inference_attacks": section, "models": {}}))
+    cell = scan_module.measure_cells(run, run, config, budget, victim_access(config))["white-box/inference/targeted"]
+    assert cell["rate"] == _scores(2, 4) and "left out: hijack" in cell["method"] and set(cell["attacks"]) == {"pgd", "hijack"}
+    section["attacks"]["pgd"]["meaningful"] = False
+    (run / "metrics.json").write_text(json.dumps({"inference_attacks": section, "models": {}}))
+    cell = scan_module.measure_cells(run, run, config, budget, victim_access(config))["white-box/inference/targeted"]
+    assert cell["status"] == "not meaningful" and "rate" not in cell and "pgd, hijack" in cell["reason"]
+    assert "not meaningful" in gate_failures({"cells": {"white-box/inference/targeted": cell}}, [parse_gate("white-box/inference/targeted=0.5")])[0]
 
 
 def test_over_seeds_gives_the_mean_and_a_t_interval_of_each_measured_cell() -> None:

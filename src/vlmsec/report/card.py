@@ -27,8 +27,11 @@ def rate_text(entry: Any) -> str:
 def cell_text(entry: Mapping[str, Any], notes: list[str]) -> str:
     """A table cell: the rate and interval, or its status with a numbered note holding the reason."""
     if entry.get("status") == "measured":
-        r = entry["rate"]
-        return f"**{r['rate']:.2f}** [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r.get("rate") is not None else rate_text(r)
+        r, plain = entry["rate"], entry.get("no_attack")
+        if r.get("rate") is None:
+            return rate_text(r)
+        beside = f" (no attack {plain['rate']:.2f})" if isinstance(plain, Mapping) and plain.get("rate") is not None else ""
+        return f"**{r['rate']:.2f}** [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]{beside}"
     reason = entry.get("reason", "")
     if reason not in notes:
         notes.append(reason)
@@ -64,7 +67,8 @@ def render_card(card: Mapping[str, Any]) -> str:
         + ".",
         "",
         "Success rate of the attacks in each cell with its 95% Wilson interval over requests (the owner's worst case: "
-        "a request counts when any attack of the cell broke it; see each cell's method).",
+        "a request counts when any attack of the cell broke it; see each cell's method), beside the rate of the same "
+        "requests with no attack where the cell's attacks share them.",
         "",
         "| knowledge | stage | " + " | ".join(GOAL_TITLES[g] for g in GOALS) + " |",
         "|---|---|" + "---|" * len(GOALS),
@@ -85,9 +89,10 @@ def render_card(card: Mapping[str, Any]) -> str:
     lines += ["## Cells", ""]
     for cell in CELLS:
         entry = card["cells"][cell]
-        if entry.get("status") != "measured":
+        if "attacks" not in entry:
             continue
-        lines += [f"### {cell}", "", f"Rate {rate_text(entry['rate'])}; {entry['method']}.", ""]
+        summary = f"Rate {rate_text(entry['rate'])}; {entry['method']}." if entry["status"] == "measured" else f"{entry['status'].capitalize()}: {entry['reason']}."
+        lines += [f"### {cell}", "", summary, ""]
         lines += ["| attack | rate | baselines | cost |", "|---|---|---|---|"]
         for key, line in entry["attacks"].items():
             base = "; ".join(f"{name}: {rate_text(value)}" for name, value in line["baselines"].items())
