@@ -584,8 +584,8 @@ def _inference_cell(
     keys = [k for k in keys if k not in unread]
     if not keys:
         return {"status": "not meaningful", "attacks": lines, "evidence": [],
-                "reason": f"the victim reads under half the typeset words of {', '.join(unread)}: the rate would measure "
-                "the judge reading babble, not the attack"}
+                "reason": f"the victim reads under half the typeset words of {', '.join(unread)}: a rate would not "
+                "measure the attack, whose words the victim cannot read"}
     entries = {k: section["attacks"][k] for k in keys}
     goals = {e["goal"] for e in entries.values()}
     if len(goals) == 1:
