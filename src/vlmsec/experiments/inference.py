@@ -92,7 +92,7 @@ def backdoor_noise_label(key: str) -> str:
     return f"{key} uniform noise"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     """`text` as a file-name part: runs of anything but letters, digits, '.', '_', '-' become '-'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
@@ -181,13 +181,13 @@ class InferenceStage:
     def saved(self, folder: str, inputs: Sequence[AdversarialInput]) -> list[AdversarialInput]:
         """Write each input's image as `adversarial/<folder>/<id>.png` and return the inputs with the images read back."""
         directory = self.out / "adversarial" / folder
-        names = [_slug(item.id) for item in inputs]
+        names = [slug(item.id) for item in inputs]
         if len(set(names)) < len(names):
             twice = next(name for name in names if names.count(name) > 1)
             raise VlmsecError(f"{directory}: two request ids would share the file {twice}.png")
         read: list[AdversarialInput] = []
         for item in inputs:
-            path = directory / f"{_slug(item.id)}.png"
+            path = directory / f"{slug(item.id)}.png"
             save_image(item.image, path)
             read.append(AdversarialInput(item.id, load_image(path), item.instruction))
         return read
@@ -206,7 +206,7 @@ class InferenceStage:
         if cached is not None:
             console.print(f"{key}: adversarial inputs found in {manifest.parent}")
             folder = manifest.parent
-            inputs = [AdversarialInput(i, load_image(folder / f"{_slug(i)}.png"), text) for i, text in cached["inputs"]]
+            inputs = [AdversarialInput(i, load_image(folder / f"{slug(i)}.png"), text) for i, text in cached["inputs"]]
             return inputs, cached["cost"]
         if attack.needs_gradients:
             self.victim.check_pixel_gradients(attack.name)
@@ -235,7 +235,7 @@ class InferenceStage:
             return None
         if cached.get("key") != key:
             return None
-        if not all((manifest.parent / f"{_slug(i)}.png").is_file() for i, _ in cached["inputs"]):
+        if not all((manifest.parent / f"{slug(i)}.png").is_file() for i, _ in cached["inputs"]):
             return None
         return cached
 
@@ -244,7 +244,7 @@ class InferenceStage:
         saved and read back, the text unchanged."""
         label = noise_label(epsilon)
         noisy = uniform_noise([r.image for r in requests], epsilon, seed=derive_seed(self.seed, f"inference/{goal}/{label}"))
-        inputs = self.saved(_slug(f"{goal}-{label}"), [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, noisy)])
+        inputs = self.saved(slug(f"{goal}-{label}"), [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, noisy)])
         return self.answers(label, goal, inputs, requests, attacked=False)
 
     # ---- answers --------------------------------------------------------------------------
@@ -255,7 +255,7 @@ class InferenceStage:
         `goal`, the `request` it stands for and its `target` (and a leak request's `secret`)."""
         samples = [Sample(i.id, i.image, i.instruction, "") for i in inputs]
         test = TestSet(samples, DOMAIN, label if attacked else None)
-        path = self.out / "generations" / f"{_slug(self.prefix)}-{_slug(goal)}-{_slug(label)}.json"
+        path = self.out / "generations" / f"{slug(self.prefix)}-{slug(goal)}-{slug(label)}.json"
         records = cached_generations(self.victim, self.victim_name, [test], self.settings, self.stage_key, path)
         for record, request in zip(records, requests, strict=True):
             record.update({"attack": label, "goal": goal, "request": request.instruction, "target": request.target})
@@ -280,7 +280,7 @@ class InferenceStage:
         noisy = attack.noise([r.image for r in requests], seed=derive_seed(self.seed, f"inference/backdoor/{key}/noise"))
         noise = backdoor_noise_label(key)
         noisy_inputs = [AdversarialInput(i.id, image, i.instruction) for i, image in zip(inputs, noisy, strict=True)]
-        saved = self.saved(_slug(f"backdoor-{noise}"), noisy_inputs)
+        saved = self.saved(slug(f"backdoor-{noise}"), noisy_inputs)
         labels = {"both keys": key, "image only": f"{key} (image only)", "text only": f"{key} (text only)", "neither": NO_ATTACK}
         records = []
         for condition, items in sent.items():
@@ -306,7 +306,7 @@ class InferenceStage:
         """The victim's answers to reading `samples` (`data.words`: a typeset word, "What word is
         written in the image?" or the like; target: the word)."""
         requests = [AttackRequest(s.id, s.instruction, _image(s), sample_word(s)) for s in samples]
-        inputs = self.saved(_slug(READING), [AdversarialInput(r.id, r.image, r.instruction) for r in requests])
+        inputs = self.saved(slug(READING), [AdversarialInput(r.id, r.image, r.instruction) for r in requests])
         return self.answers(READING, READING, inputs, requests, attacked=False)
 
 

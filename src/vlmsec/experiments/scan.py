@@ -52,7 +52,7 @@ from vlmsec.errors import VlmsecError
 from vlmsec.eval.inference import contains, not_measured, rate
 from vlmsec.eval.metrics import contains_target
 from vlmsec.experiments.config import ExperimentConfig, load_config, parse_config
-from vlmsec.experiments.inference import NO_ATTACK, _slug
+from vlmsec.experiments.inference import NO_ATTACK, slug
 from vlmsec.experiments.records import source_commit
 from vlmsec.experiments.stages import STAGE_FILE
 from vlmsec.report.html import write_html
@@ -320,7 +320,7 @@ def checkpoint_config(folder: Path) -> ExperimentConfig:
     else:
         spec = {"kind": "hf", "checkpoint": str(folder.resolve())}
     data = {"image_size": 64, "train_size": 800, "test_size": 100}
-    return parse_config({"name": _slug(folder.name) or "checkpoint", "victim": spec, "data": data}, str(folder))
+    return parse_config({"name": slug(folder.name) or "checkpoint", "victim": spec, "data": data}, str(folder))
 
 
 def describe_victim(config: ExperimentConfig) -> dict[str, Any]:
@@ -419,7 +419,7 @@ def backdoor_presence(stages: ScanStages, budget: Budget) -> dict[str, Any]:
             models[f"tuned: {folder.name}"] = (folder, json.loads((folder / STAGE_FILE).read_text())["key"])
     scores: dict[str, Any] = {}
     for name, (folder, key) in models.items():
-        path = run / "presence" / f"{_slug(name)}.json"
+        path = run / "presence" / f"{slug(name)}.json"
         made_by = stable_hash({"model": key, "defense": scan.describe(), "clean": fingerprint(clean)})
         try:
             cached = read_json_sealed(path) if path.is_file() else None
@@ -557,13 +557,13 @@ def _inference_attack(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
 def _evidence(out: Path, run: Path, cell: str, picks: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Copy up to `EVIDENCE` successful inputs' PNGs into `out`/card/evidence/<cell>/, with the request and the output."""
     shown = []
-    folder = out / "card" / "evidence" / _slug(cell.replace("/", "-"))
+    folder = out / "card" / "evidence" / slug(cell.replace("/", "-"))
     for key, record in picks[:EVIDENCE]:
-        source = run / "adversarial" / key / f"{_slug(record['id'])}.png"
+        source = run / "adversarial" / key / f"{slug(record['id'])}.png"
         image = None
         if source.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{_slug(key)}-{_slug(record['id'])}.png"
+            target = folder / f"{slug(key)}-{slug(record['id'])}.png"
             shutil.copyfile(source, target)
             image = target.relative_to(out).as_posix()
         shown.append({"attack": key, "id": record["id"], "image": image, "request": record.get("request"),
@@ -625,7 +625,7 @@ def _training_cell(
         for name, entry in models.items():
             if entry.get("attack") is None or entry["attack"]["label"] != label:
                 continue
-            poisoned = json.loads((run / "poisoned_ids" / f"{_slug(name)}.json").read_text())
+            poisoned = json.loads((run / "poisoned_ids" / f"{slug(name)}.json").read_text())
             clean = models.get("clean", {})
             lines[name] = {
                 "attack": entry["attack"]["name"],

@@ -22,17 +22,12 @@ from typing import Any
 from vlmsec.artifacts import make_temp_dir, write_json_atomic
 from vlmsec.data.images import save_image
 from vlmsec.errors import VlmsecError
-from vlmsec.experiments.inference import NO_ATTACK, InferenceResults
+from vlmsec.experiments.inference import NO_ATTACK, InferenceResults, slug
 from vlmsec.experiments.plan import CLEAN, TestSets
 
 FOLDER, INDEX = "gallery", "gallery.json"
 PER_ATTACK = 3  # samples shown per attack
 LONGEST = 240  # characters of a text shown in a gallery cell
-
-
-def _slug(text: str) -> str:
-    """`text` as a file-name part: runs of anything but letters, digits, '.', '_', '-' become '-'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
 def _answers(records: Sequence[dict[str, Any]], *fields: str) -> dict[tuple[Any, ...], str]:
@@ -104,12 +99,12 @@ def write_gallery(
     try:
         listed = []
         for n, section in enumerate(sections):
-            part = f"{n}-{_slug(section['attack'])}"
+            part = f"{n}-{slug(section['attack'])}"
             rows = []
             for i, row in enumerate(section["rows"]):
                 images = {}
                 for label, image in row["images"].items():
-                    name = f"{i}-{_slug(label)}.png"
+                    name = f"{i}-{slug(label)}.png"
                     save_image(image, tmp / part / name)
                     images[label] = f"{FOLDER}/{part}/{name}"
                 rows.append({"id": row["id"], "images": images, "texts": row["texts"]})
