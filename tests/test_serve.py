@@ -237,3 +237,65 @@ def test_a_config_is_served_as_its_deployed_victim_with_its_own_calibration_samp
     assert victim.generate([image], ["What is shown?"], max_new_tokens=5) == LlavaVictim.load(checkpoint).generate(
         [image], ["What is shown?"], max_new_tokens=5
     )
+
+
+# ---- a scan through the API equals the scan in-process --------------------------------------------------
+
+
+def _without_seconds(value: object) -> object:
+    """`value` without its timings (wall-clock seconds differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def test_a_scan_of_the_served_checkpoint_equals_the_scan_in_process_on_every_black_box_cell(
+    server: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    """`run_scan` on `vlmsec serve` (the openai kind) and on the same folder loaded in-process: the
+    black-box cells (rates, baselines, queries, the evidence PNGs and outputs) are equal to the
+    digit; the API scan's white-box and training cells are "not applicable" with the reason, where
+    the in-process scan measures its white-box attack."""
+    from vlmsec.experiments.scan import CELLS, Budget, run_scan
+
+    budget = Budget(
+        "tiny", requests=3, test_size=4,
+        attacks=({"name": "typographic", "params": {"position": "top"}}, {"name": "attackvlm", "params": ATTACKVLM},
+                 {"name": "pgd", "params": {"steps": 2}}),
+    )
+    local = {"checkpoint": str(checkpoint), **SPEC.model_dump(include={"image_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"})}
+    remote = {"kind": "openai", "base_url": server, "model": "tiny", "retries": 0}
+    cards = {}
+    for name, victim in (("local", local), ("remote", remote)):
+        # A victim config as a user writes it (the scan replaces its attacks with the battery's). The
+        # target is a word this untuned victim says, so that rates and evidence are not all zero.
+        config = parse_config({**study(victim, [{"name": "typographic"}]), "name": f"tiny-{name}", "inference": {"target": "left"}}, "test")
+        cards[name] = run_scan(config, budget, tmp_path / name, tmp_path / "cache")
+    here, there = cards["local"]["cells"], cards["remote"]["cells"]
+    black = [c for c in CELLS if c.startswith("black-box/inference/")]
+    # attackvlm; typographic, whose words this untuned victim cannot read (listed, no rate); no safety section.
+    assert [here[c]["status"] for c in black] == ["measured", "not measured", "not meaningful", "not measured"]
+    assert set(here["black-box/inference/injection"]["attacks"]) == {"typographic"}
+    # What each evidence line says was sent: the in-process prompt template, or the API's user turn
+    # (the server applies the same template).
+    sent = {run: [e.pop("sent") for c in black for e in cells[c].get("evidence", [])] for run, cells in (("local", here), ("remote", there))}
+    assert sent["remote"] and all(p.startswith("USER: <image>\n") and p.endswith(f"{t}\nASSISTANT:") for p, t in zip(sent["local"], sent["remote"], strict=True))
+    for cell in black:
+        assert _without_seconds(here[cell]) == _without_seconds(there[cell]), cell
+    targeted = here["black-box/inference/targeted"]
+    assert targeted["rate"]["rate"] > 0 and targeted["attacks"]["attackvlm"]["cost"]["queries"] > 0
+    assert targeted["evidence"]  # the same PNGs were crafted, sent and kept on both paths
+    for shown in targeted["evidence"]:
+        assert (tmp_path / "remote" / shown["image"]).read_bytes() == (tmp_path / "local" / shown["image"]).read_bytes()
+    answers = {run: [(r["attack"], r["id"], r["output"]) for r in map(json.loads, (tmp_path / run / "inference.jsonl").read_text().splitlines())
+                     if not r["attack"].startswith(("pgd", "uniform noise eps=0.06"))] for run in ("local", "remote")}
+    assert answers["local"] == answers["remote"] and len(answers["local"]) == 48 + 4 * 3  # reading; typographic, attackvlm, no attack, its noise
+    # The API scan: every white-box and training cell is not applicable with the reason, never a 0.
+    assert here["white-box/inference/targeted"]["status"] == "measured"
+    for cell in CELLS:
+        if cell.startswith("white-box/") or "/training/" in cell:
+            assert there[cell]["status"] == "not applicable" and "rate" not in there[cell], cell
+            assert ("gives no gradients" if cell.startswith("white-box/") else "cannot be tuned") in there[cell]["reason"]
+    assert "| white-box | inference | not applicable" in (tmp_path / "remote" / "card.md").read_text()
