@@ -258,7 +258,9 @@ def test_a_scan_of_the_served_checkpoint_equals_the_scan_in_process_on_every_bla
     black-box cells (rates, baselines, queries, the evidence PNGs and outputs) are equal to the
     digit; the API scan's white-box and training cells are "not applicable" with the reason, where
     the in-process scan measures its white-box attack."""
-    from vlmsec.experiments.scan import CELLS, Budget, run_scan
+    import yaml
+
+    from vlmsec.experiments.scan import CELLS, Budget, run_scan, victim_config
 
     budget = Budget(
         "tiny", requests=3, test_size=4,
@@ -269,10 +271,11 @@ def test_a_scan_of_the_served_checkpoint_equals_the_scan_in_process_on_every_bla
     remote = {"kind": "openai", "base_url": server, "model": "tiny", "retries": 0}
     cards = {}
     for name, victim in (("local", local), ("remote", remote)):
-        # A victim config as a user writes it (the scan replaces its attacks with the battery's). The
+        # A victim config file as `vlmsec scan FILE` reads it: no attacks (the battery's replace them). The
         # target is a word this untuned victim says, so that rates and evidence are not all zero.
-        config = parse_config({**study(victim, [{"name": "typographic"}]), "name": f"tiny-{name}", "inference": {"target": "left"}}, "test")
-        cards[name] = run_scan(config, budget, tmp_path / name, tmp_path / "cache")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**study(victim, []), "name": f"tiny-{name}", "inference": {"target": "left"}}))
+        cards[name] = run_scan(victim_config(str(path)), budget, tmp_path / name, tmp_path / "cache")
     here, there = cards["local"]["cells"], cards["remote"]["cells"]
     black = [c for c in CELLS if c.startswith("black-box/inference/")]
     # attackvlm; typographic, whose words this untuned victim cannot read (listed, no rate); no safety section.

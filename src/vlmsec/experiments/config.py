@@ -456,10 +456,13 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(f"  {line}" for line in validation_messages(err))
 
 
-def parse_config(data: Any, source: str, base_dir: Path | None = None) -> ExperimentConfig:
+def parse_config(data: Any, source: str, base_dir: Path | None = None, victim_only: bool = False) -> ExperimentConfig:
     """Validate a config mapping; errors name `source` and every bad field.
 
     Relative file paths in the config are taken relative to `base_dir` (the config's folder).
+    `victim_only`: the config is read for its data and victim sections (a scan's victim, whose
+    attacks the battery replaces): the check of its attacks against the victim's access is left
+    to the study built from it.
     """
     if not isinstance(data, dict):
         raise VlmsecError(f"{source}: a config must be a mapping of fields, got {type(data).__name__}")
@@ -477,7 +480,8 @@ def parse_config(data: Any, source: str, base_dir: Path | None = None) -> Experi
     if base_dir is not None:
         _resolve_paths(config, base_dir)
     _check_victim(config, source, base_dir if base_dir is not None else Path())
-    _check_access(config, source)
+    if not victim_only:
+        _check_access(config, source)
     return config
 
 
@@ -769,8 +773,8 @@ def _read_config_file(path: Path) -> str:
         raise VlmsecError(f"{path}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the config as UTF-8") from None
 
 
-def load_config(name_or_path: str | Path) -> ExperimentConfig:
-    """Load a config from a YAML file, or a packaged preset by name."""
+def load_config(name_or_path: str | Path, victim_only: bool = False) -> ExperimentConfig:
+    """Load a config from a YAML file, or a packaged preset by name (`victim_only`: see `parse_config`)."""
     path = Path(name_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         text = _read_config_file(path)
@@ -788,4 +792,4 @@ def load_config(name_or_path: str | Path) -> ExperimentConfig:
         raise VlmsecError(f"{source}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     except RecursionError:
         raise VlmsecError(f"{source}: not valid YAML: nested too deeply") from None
-    return parse_config(data, source, base_dir)
+    return parse_config(data, source, base_dir, victim_only)

@@ -292,13 +292,14 @@ def config_digest(config: ExperimentConfig) -> str:
 
 def victim_config(target: str | None) -> ExperimentConfig:
     """The victim a scan runs on: a config file or preset name, a saved vlmsec model (a checkpoint
-    folder: `checkpoint_config`), or by default the safety-tuned SmolLM2 of the `smollm2-attacks` preset."""
+    folder: `checkpoint_config`), or by default the safety-tuned SmolLM2 of the `smollm2-attacks` preset.
+    Its attacks need not be listed (a victim behind an API: none), as the battery replaces them."""
     if target is None:
-        return load_config(DEFAULT_VICTIM)
+        return load_config(DEFAULT_VICTIM, victim_only=True)
     path = Path(target)
     if path.is_dir():
         return checkpoint_config(path)
-    return load_config(target)
+    return load_config(target, victim_only=True)
 
 
 def checkpoint_config(folder: Path) -> ExperimentConfig:
