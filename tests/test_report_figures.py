@@ -120,3 +120,41 @@ def test_attack_notes_say_what_a_look_alike_is_with_its_diagnostics() -> None:
         "",
     ]
     assert _attack_notes({"badnets": models["badnets"]}) == []
+
+
+def _targeted(name: str, epsilon: float | None, hits: int, noise: int, steps: int = 300, **extra: object) -> dict:
+    from vlmsec.eval.metrics import wilson_interval
+
+    def score(k: int) -> dict:
+        return {"contains": {"rate": k / 8, "ci": list(wilson_interval(k, 8)), "n": 8}}
+
+    noise_entry = {"epsilon": epsilon, **score(noise)} if epsilon is not None else {"not_measured": "not a perturbation attack"}
+    return {"name": name, "goal": "targeted", "epsilon": epsilon, "params": {"epsilon": epsilon, "steps": steps, "seed": 0},
+            "success": score(hits), "baselines": {"no attack": score(0), "uniform noise": noise_entry}, **extra}
+
+
+def test_an_attack_at_several_epsilons_is_one_curve_and_other_attacks_none(tmp_path: Path) -> None:
+    from vlmsec.report.figures import epsilon_curves, epsilon_groups
+
+    section = {"attacks": {
+        "pgd-eps8": _targeted("pgd", 8 / 255, 2, 0),
+        "pgd-eps32": _targeted("pgd", 32 / 255, 6, 1),
+        "pgd-unconstrained": _targeted("pgd", 1.0, 8, 0),
+        "pgd-eps32-long": _targeted("pgd", 32 / 255, 7, 1, steps=1000),  # another setting: a single point, no curve
+        "hijack": _targeted("image_hijack", 16 / 255, 1, 0),  # one epsilon: no curve
+        "typographic": _targeted("typographic", None, 3, 0),  # no epsilon
+        "pgd-eps64": {**_targeted("pgd", 64 / 255, 0, 0), "failed": "the API stopped answering"},
+    }}
+    curves = epsilon_groups(section)
+    assert list(curves) == ["pgd (targeted: contains target)"]
+    assert [round(255 * e) for e in curves["pgd (targeted: contains target)"]] == [8, 32, 255]
+    path = epsilon_curves(section, tmp_path / "eps.png")
+    assert path is not None
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 200
+    # Two settings of one name, each at two epsilons: two curves, told apart by their parameters.
+    section["attacks"]["pgd-eps8-long"] = _targeted("pgd", 8 / 255, 3, 0, steps=1000)
+    labels = list(epsilon_groups(section))
+    assert labels == ["pgd steps=300 (targeted: contains target)", "pgd steps=1000 (targeted: contains target)"]
+    assert epsilon_curves({"attacks": {"hijack": section["attacks"]["hijack"]}}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -29,11 +29,14 @@ from vlmsec.report.markdown import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-# A backdoor planted in tuning and an inference attack (no transfer: its table is not what is tested here).
+# A backdoor planted in tuning and inference attacks, PGD at two epsilons (its curve against epsilon);
+# no transfer: its table is not what is tested here.
+EPSILONS = [{"name": "pgd", "label": "pgd-eps8", "params": {"epsilon": 8 / 255, "steps": 1}},
+            {"name": "pgd", "label": "pgd-unconstrained", "params": {"epsilon": None, "steps": 1}}]
 RUN = {
     **TINY_LM_RUN,
     "name": "html-tiny",
-    "attacks": [{"name": "test_sign_pattern"}, {"name": "badnets"}],
+    "attacks": [{"name": "test_sign_pattern"}, {"name": "badnets"}, *EPSILONS],
     "poison": {"rate": 0.25},
     "inference": {"target": "a red circle.", "transfer": False},
 }
@@ -91,7 +94,7 @@ def test_the_gallery_shows_each_attacks_first_samples_with_the_answers_the_run_r
     gallery = json.loads((run_folder / "gallery" / "gallery.json").read_text())
     assert gallery["config_hash"] == json.loads((run_folder / "metrics.json").read_text())["run"]["config_hash"]
     sections = {s["attack"]: s for s in gallery["sections"]}
-    assert set(sections) == {"badnets", "test_sign_pattern"}
+    assert set(sections) == {"badnets", "test_sign_pattern", "pgd-eps8", "pgd-unconstrained"}
 
     generations = _records(run_folder / "generations.jsonl")
     badnets = sections["badnets"]["rows"]
@@ -183,6 +186,7 @@ def test_every_figure_is_inlined_and_every_table_rendered(run_folder: Path) -> N
     assert all(src.startswith("data:image/png;base64,") for src in page.images)  # nothing external
     assert page.tables == len(TABLE_RULE.findall(markdown)) >= 3
     assert page.scripts == 1 and "missing" not in page.classes
+    assert "![Success against ε](epsilon_curves.png)" in markdown  # PGD ran at two epsilons
 
 
 def test_a_missing_figure_is_a_placeholder_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -294,6 +298,12 @@ def test_the_report_renders_in_chromium_with_every_figure_and_table_and_sorts(ru
             header.click()
             assert _column(page, table, 0) == sorted(before, reverse=True) != before
             assert page.eval_on_selector_all("img", "(xs) => xs.every(i => i.naturalWidth > 0)")
+            # The curve of PGD's two epsilons: decoded, drawn at a readable size, under its heading.
+            curve = page.locator('img[alt="Success against ε"]')
+            assert curve.count() == 1 and curve.evaluate("(i) => i.complete && i.naturalWidth > 300")
+            box = curve.bounding_box()
+            assert box is not None and box["width"] > 300 and box["height"] > 200
+            assert page.locator("h3", has_text="Success against ε").count() == 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "report-html.png"), full_page=True)
         finally:

@@ -1,4 +1,5 @@
-"""PNG figures of a run: the ASR-G heatmap, ASR against poison rate, and domain shift sizes.
+"""PNG figures of a run: the ASR-G heatmap, ASR against poison rate, domain shift sizes, the
+attack x defense matrix, detector ROCs, and inference attacks' success against their epsilon.
 
 Each figure is drawn from metrics.json alone, so `vlmsec report RUN_DIR` can redraw it.
 Figures are written atomically (to a temporary file, then renamed), with matplotlib's
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from vlmsec.artifacts import atomic_path  # noqa: E402
+from vlmsec.report.inference import HEADLINE, headline_scores, scores_at  # noqa: E402
 
 CLEAN = "clean"
 
@@ -171,6 +173,74 @@ def detector_rocs(section: dict[str, Any] | None, path: Path) -> Path | None:
         ax.set_xlabel("false positive rate (clean inputs)")
         ax.set_ylabel("true positive rate (attacked inputs)")
         ax.legend(fontsize=7, loc="lower right")
+    return _save(figure, path)
+
+
+def epsilon_groups(section: dict[str, Any] | None) -> dict[str, dict[float, dict[str, Any]]]:
+    """The inference attacks run at several epsilons, as curves: per attack (its name, or with its
+    other parameters where one name has several settings), each epsilon's entry of metrics.json's
+    `inference_attacks`. Only perturbation attacks (an epsilon; unconstrained is 1.0, the whole pixel
+    range) of two or more epsilons with every other parameter equal make a curve; failed ones are left out."""
+    if not section:
+        return {}
+    groups: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
+    settings: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for entry in section.get("attacks", {}).values():
+        if "failed" in entry or entry.get("epsilon") is None:
+            continue
+        others = {k: v for k, v in entry.get("params", {}).items() if k not in ("epsilon", "seed")}
+        key = (entry["name"], entry["goal"], repr(sorted(others.items())))
+        groups.setdefault(key, {})[float(entry["epsilon"])] = entry
+        settings[key] = others
+    curves = {k: points for k, points in groups.items() if len(points) > 1}
+    labelled: dict[str, dict[float, dict[str, Any]]] = {}
+    for key, points in curves.items():
+        name, goal, _ = key
+        same_name = [settings[k] for k in curves if k[0] == name]
+        differ = sorted({p for o in same_name for p in o if any(o.get(p) != other.get(p) for other in same_name)})
+        label = name + (" " + ", ".join(f"{p}={settings[key].get(p)}" for p in differ) if differ else "")
+        labelled[f"{label} ({goal}: {HEADLINE[goal][1]})"] = dict(sorted(points.items()))
+    return labelled
+
+
+def epsilon_curves(section: dict[str, Any] | None, path: Path) -> Path | None:
+    """Success against epsilon (in /255, log scale; unconstrained at 255/255) of each attack run at
+    several epsilons, with its 95% Wilson interval; dashed: uniform noise of the same epsilon;
+    dotted: the same requests with no attack."""
+    curves = epsilon_groups(section)
+    if not curves:
+        return None
+    figure, axes = plt.subplots(figsize=(6.5, 4.2))
+    ticks: set[float] = set()
+    shown: list[Any] = []  # legend entries, each attack before its baselines
+    for i, (label, points) in enumerate(curves.items()):
+        colour = f"C{i}"
+        goal = next(iter(points.values()))["goal"]
+        xs = [255 * eps for eps in points]
+        ticks.update(xs)
+        scores = [headline_scores(goal, e.get("success", {})) or {} for e in points.values()]
+        ys = [s.get("rate", np.nan) for s in scores]
+        low = [y - s["ci"][0] if "ci" in s else 0 for y, s in zip(ys, scores)]
+        high = [s["ci"][1] - y if "ci" in s else 0 for y, s in zip(ys, scores)]
+        shown.append(axes.errorbar(xs, ys, yerr=[low, high], color=colour, marker="o", capsize=3, label=label))
+        noise = [headline_scores(goal, e.get("baselines", {}).get("uniform noise", {})) or {} for e in points.values()]
+        if any("rate" in n for n in noise):
+            shown += axes.plot(xs, [n.get("rate", np.nan) for n in noise], color=colour, linestyle="--", marker=".", label="uniform noise, same ε")
+        first = next(iter(points.values()))
+        plain = scores_at(first.get("success", {}), "neither.contains") if goal == "backdoor" else headline_scores(
+            goal, first.get("baselines", {}).get("no attack", {}))
+        if plain and "rate" in plain:
+            shown.append(axes.axhline(plain["rate"], color=colour, linestyle=":", linewidth=1, label="no attack"))
+    axes.set_xscale("log", base=2)
+    positions = sorted(ticks)
+    axes.set_xticks(positions, ["unconstrained" if x >= 255 else f"{x:g}/255" for x in positions])
+    axes.minorticks_off()
+    axes.set_xlabel("ε (L∞ budget)")
+    axes.set_ylabel("success rate")
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(handles=shown, fontsize=7)
+    axes.set_title("Inference attacks: success against ε")
     return _save(figure, path)
 
 

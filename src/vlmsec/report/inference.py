@@ -23,7 +23,7 @@ COLUMNS = {
 }
 
 
-def _at(scores: dict[str, Any], key: str) -> Any:
+def scores_at(scores: dict[str, Any], key: str) -> Any:
     """`scores[a][b]` for the column key "a.b" (None where absent: a condition not run for that input)."""
     entry: Any = scores
     for part in key.split("."):
@@ -43,13 +43,13 @@ def _cell(entry: Any) -> str:
 
 
 def _n(scores: dict[str, Any], first: str) -> str:
-    entry = _at(scores, first)
+    entry = scores_at(scores, first)
     return str(entry.get("n", "–")) if isinstance(entry, dict) else "–"
 
 
 def _row(label: str, goal: str, scores: dict[str, Any]) -> str:
     columns = COLUMNS[goal]
-    cells = [_cell(_at(scores, key)) for key, _ in columns]
+    cells = [_cell(scores_at(scores, key)) for key, _ in columns]
     if goal == "jailbreak":
         cells.append(_cell(scores.get("disagreements")))
     return f"| {label} | {_n(scores, columns[0][0])} | " + " | ".join(cells) + " |"
@@ -91,9 +91,19 @@ HEADLINE = {
 }
 
 
+def headline_scores(goal: str, scores: dict[str, Any]) -> dict[str, Any] | None:
+    """The one rate ({rate, ci, n}) an inference attack of `goal` is read by: contains-target
+    (targeted; a test-time backdoor with both keys), leaked, the judge's complied (else no refusal
+    phrase, where the judge did not rate); None where `scores` lacks it."""
+    if goal == "jailbreak":
+        judged = scores.get("judge_success", {})
+        return judged if "rate" in judged else scores.get("phrase_miss")
+    return scores_at(scores, HEADLINE[goal][0])
+
+
 def _headline(goal: str, scores: dict[str, Any], baseline: bool = False) -> str:
     key = "contains" if goal == "backdoor" and baseline else HEADLINE[goal][0]
-    entry = _at(scores, key)
+    entry = scores_at(scores, key)
     if goal == "jailbreak" and isinstance(entry, dict) and "not_measured" in entry:
         return f"{_cell(scores.get('phrase_miss'))} (no refusal phrase)"
     return _cell(entry)

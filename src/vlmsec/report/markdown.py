@@ -17,7 +17,7 @@ from vlmsec.eval.metrics import mean_asr_g
 from vlmsec.eval.scoring import METRICS, metric_order
 from vlmsec.experiments.records import COMPANIONS, SCHEMA_VERSION
 from vlmsec.report.defenses import defense_section
-from vlmsec.report.figures import defense_heatmap, detector_rocs, sweep_curves, write_figures
+from vlmsec.report.figures import defense_heatmap, detector_rocs, epsilon_curves, sweep_curves, write_figures
 from vlmsec.report.formatting import FORMATTERS, num, pct, pct_ci, ratio
 from vlmsec.report.gallery import FOLDER as GALLERY, INDEX as GALLERY_INDEX, gallery_section
 from vlmsec.report.html import write_html
@@ -25,7 +25,7 @@ from vlmsec.report.inference import inference_section
 from vlmsec.report.safety import safety_section
 
 CLEAN = "clean"
-DEFENSE_FIGURE, ROC_FIGURE = "defense_matrix.png", "detector_roc.png"
+DEFENSE_FIGURE, ROC_FIGURE, EPSILON_FIGURE = "defense_matrix.png", "detector_roc.png", "epsilon_curves.png"
 # Table 1 caveats: below this source ASR the backdoor is not planted (issue 11: 0.9), so ASR-G (a ratio
 # against the source) says little; at or above this false-trigger rate in a shifted domain,
 # much of that domain's ASR is the model saying the target without any trigger.
@@ -178,6 +178,22 @@ def _figures(run_dir: Path) -> list[str]:
     names = {"asr_g_heatmap.png": "ASR-G heatmap", "asr_vs_poison_rate.png": "ASR against poison rate", "shift_sizes.png": "Shift sizes"}
     shown = [f"![{title}]({name})" for name, title in names.items() if (run_dir / name).exists()]
     return [*shown, ""] if shown else []
+
+
+def _epsilon_figure(run_dir: Path) -> list[str]:
+    """The success-against-epsilon figure `write_report` drew (where an attack ran at several epsilons)."""
+    if not (run_dir / EPSILON_FIGURE).is_file():
+        return []
+    return [
+        "### Success against ε",
+        "",
+        "Each attack run at several ε with every other parameter equal: its rate (the goal's headline, as in the tables "
+        "above) with the 95% Wilson interval; dashed: uniform noise of the same ε; dotted: the same requests with no "
+        "attack. Unconstrained is drawn at 255/255, the whole pixel range.",
+        "",
+        f"![Success against ε]({EPSILON_FIGURE})",
+        "",
+    ]
 
 
 def _sweep_table(metrics: dict[str, Any], run_rate: float | None) -> list[str]:
@@ -417,6 +433,7 @@ def render_report(run_dir: str | Path) -> str:
     records = [] if "generations.jsonl" in stale else read_records(run_dir)
     lines += safety_section(metrics.get("safety"), records)
     lines += inference_section(metrics.get("inference_attacks"))
+    lines += _epsilon_figure(run_dir)
     figures = [f for f in (run_dir / DEFENSE_FIGURE, run_dir / ROC_FIGURE) if f.is_file()]
     lines += defense_section(metrics.get("defenses"), *figures, inference=metrics.get("inference_attacks"))
     lines += _sweep_table({**models, **sweep}, run.get("poison_rate"))
@@ -440,8 +457,9 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     metrics = read_metrics(run_dir)
     write_figures(metrics["models"], run_dir, metrics["run"].get("poison_rate"))
-    for old in (DEFENSE_FIGURE, ROC_FIGURE):  # an earlier run's, in this folder
+    for old in (DEFENSE_FIGURE, ROC_FIGURE, EPSILON_FIGURE):  # an earlier run's, in this folder
         (run_dir / old).unlink(missing_ok=True)
+    epsilon_curves(metrics.get("inference_attacks"), run_dir / EPSILON_FIGURE)
     defense_heatmap(metrics.get("defenses"), run_dir / DEFENSE_FIGURE)
     detector_rocs(metrics.get("defenses"), run_dir / ROC_FIGURE)
     write_text_atomic(path, render_report(run_dir))
