@@ -16,24 +16,21 @@ from vlmsec.attacks import create_attack
 from vlmsec.cli import app
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import wilson_interval
-from vlmsec.experiments import scan as scan_module
-from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.scan import (
+from vlmsec.experiments import card as card_module, scan as scan_module
+from vlmsec.experiments.battery import (
     BATTERY_VERSION,
     BUDGETS,
     CELLS,
     Budget,
     attack_cell,
-    write_card,
-    checkpoint_config,
-    gate_failures,
-    parse_gate,
-    run_scan,
+    presence_reason,
     scan_config,
     skip_reason,
-    union_rate,
     victim_access,
 )
+from vlmsec.experiments.card import gate_failures, parse_gate, union_rate, write_card
+from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.scan import checkpoint_config, run_scan
 from vlmsec.victims.kinds import TinyLlavaKind
 
 TINY_VICTIM = {
@@ -111,7 +108,7 @@ def test_a_victim_without_gradients_has_its_white_box_cells_not_applicable(monke
     status, reason = skip_reason("white-box/inference/targeted", TINY_BUDGET, victim_access(victim))
     assert status == "not applicable" and "no gradients" in reason
     assert skip_reason("black-box/inference/injection", TINY_BUDGET, victim_access(victim)) is None
-    assert "gradients" in scan_module.presence_reason(TINY_BUDGET, victim_access(victim))  # no trigger inversion either
+    assert "gradients" in presence_reason(TINY_BUDGET, victim_access(victim))  # no trigger inversion either
     monkeypatch.setattr(TinyLlavaKind, "trains", False)
     config = scan_config(victim, TINY_BUDGET)
     assert [a.name for a in config.attacks] == ["typographic"] and config.poison.rate == 0
@@ -288,7 +285,7 @@ def test_a_cell_reads_the_runs_records_its_baselines_and_copies_its_evidence(tmp
     (run / "metrics.json").write_text(json.dumps({"inference_attacks": section, "models": {}}))
     (run / "inference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    cells = scan_module.measure_cells(run, run, config, budget, victim_access(config))
+    cells = card_module.measure_cells(run, run, config, budget, victim_access(config))
     cell = cells["white-box/inference/targeted"]
     assert cell["status"] == "measured" and cell["method"].startswith("union over 2 attack(s)")
     assert cell["rate"] == _scores(3, 4)  # r0, r1, r3: broken by either attack; r2 by none
@@ -313,11 +310,11 @@ def test_a_cell_reads_the_runs_records_its_baselines_and_copies_its_evidence(tmp
     # A typeset attack on a victim that does not read its words is listed but left out of the cell's rate.
     section["attacks"]["hijack"]["meaningful"] = False
     (run / "metrics.json").write_text(json.dumps({"inference_attacks": section, "models": {}}))
-    cell = scan_module.measure_cells(run, run, config, budget, victim_access(config))["white-box/inference/targeted"]
+    cell = card_module.measure_cells(run, run, config, budget, victim_access(config))["white-box/inference/targeted"]
     assert cell["rate"] == _scores(2, 4) and "left out: hijack" in cell["method"] and set(cell["attacks"]) == {"pgd", "hijack"}
     section["attacks"]["pgd"]["meaningful"] = False
     (run / "metrics.json").write_text(json.dumps({"inference_attacks": section, "models": {}}))
-    cell = scan_module.measure_cells(run, run, config, budget, victim_access(config))["white-box/inference/targeted"]
+    cell = card_module.measure_cells(run, run, config, budget, victim_access(config))["white-box/inference/targeted"]
     assert cell["status"] == "not meaningful" and "rate" not in cell and "pgd, hijack" in cell["reason"]
     assert "not meaningful" in gate_failures({"cells": {"white-box/inference/targeted": cell}}, [parse_gate("white-box/inference/targeted=0.5")])[0]
 
@@ -328,7 +325,7 @@ def test_over_seeds_gives_the_mean_and_a_t_interval_of_each_measured_cell() -> N
         found["white-box/inference/targeted"] = {"status": "measured", "rate": {"rate": value, "ci": [0, 1], "n": 8}}
         return found
 
-    summary = scan_module.over_seeds({0: cells(0.2), 1: cells(0.4), 2: cells(0.6)})
+    summary = card_module.over_seeds({0: cells(0.2), 1: cells(0.4), 2: cells(0.6)})
     assert list(summary) == ["white-box/inference/targeted"]
     entry = summary["white-box/inference/targeted"]
     assert entry["mean"] == pytest.approx(0.4) and entry["std"] == pytest.approx(0.2) and entry["seeds"] == 3

@@ -260,7 +260,8 @@ def test_a_scan_of_the_served_checkpoint_equals_the_scan_in_process_on_every_bla
     the in-process scan measures its white-box attack."""
     import yaml
 
-    from vlmsec.experiments.scan import CELLS, Budget, run_scan, victim_config
+    from vlmsec.experiments.battery import CELLS, Budget
+    from vlmsec.experiments.scan import run_scan, victim_config
 
     budget = Budget(
         "tiny", requests=3, test_size=4,

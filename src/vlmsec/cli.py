@@ -263,7 +263,9 @@ def scan(
 ) -> None:
     """Scan one model with the standard battery and write its risk card."""
     from vlmsec.artifacts import check_writable
-    from vlmsec.experiments.scan import BUDGETS, gate_failures, parse_gate, run_scan, victim_config
+    from vlmsec.experiments.battery import BUDGETS
+    from vlmsec.experiments.card import gate_failures, parse_gate
+    from vlmsec.experiments.scan import run_scan, victim_config
     from vlmsec.experiments.stages import default_cache_dir
 
     try:
@@ -293,7 +295,7 @@ def compare(
 ) -> None:
     """Two risk cards side by side (cards of different battery versions are refused)."""
     from vlmsec.artifacts import write_text_atomic
-    from vlmsec.experiments.scan import check_comparable, read_card
+    from vlmsec.experiments.card import check_comparable, read_card
     from vlmsec.report.card import comparison_rows, render_comparison
 
     try:

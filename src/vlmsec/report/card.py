@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlmsec.experiments.scan import CELLS, GOAL_TITLES, GOALS, KNOWLEDGE, STAGES
+from vlmsec.experiments.battery import CELLS, GOAL_TITLES, GOALS, KNOWLEDGE, STAGES
 
 
 def rate_text(entry: Any) -> str:
