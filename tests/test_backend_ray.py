@@ -170,3 +170,50 @@ def test_backend_options_are_checked() -> None:
         make_backend("dask")
     with pytest.raises(VlmsecError, match="--threads-per-task"):
         make_backend("serial", threads=0)
+
+
+# The tiny study's data, victim and base (cached by the serial run), nothing tuned: inference attacks
+# against the base, each crafted as a Ray task, then answered and scored by the driver.
+CRAFTED = {
+    **TINY,
+    "name": "tiny-ray-inference",
+    "poison": {"rate": 0.0},
+    "attacks": [
+        {"name": "pgd", "label": "pgd-eps8", "params": {"epsilon": 8 / 255, "steps": 2}},
+        {"name": "pgd", "label": "pgd-unconstrained", "params": {"epsilon": None, "steps": 2}},
+        {"name": "anydoor", "params": {"mode": "border", "steps": 1}},
+        {"name": "typographic"},
+    ],
+    "inference": {"requests": 4, "target": "a red star."},
+}
+
+
+def _without_seconds(value: Any) -> Any:
+    """`value` without its wall-clock timings (which differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def test_ray_crafts_each_inference_attack_as_a_task_with_the_serial_results(
+    study: tuple[Path, Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every attack crafted in a worker (the driver's own crafting is made to fail): the same PNGs,
+    the same answers and the same metrics as the serial run, timings aside."""
+    from vlmsec.attacks import create_attack
+
+    _, cache, _ = study
+    serial, parallel = tmp_path / "serial", tmp_path / "ray"
+    Runner(parse_config(CRAFTED, "tiny"), serial, cache, SerialBackend(THREADS)).run()
+    for spec in CRAFTED["attacks"]:  # the driver crafts nothing: a worker (another process) must have
+        monkeypatch.setattr(type(create_attack(spec["name"])), "craft", lambda *args: pytest.fail("crafted in the driver"))
+    Runner(parse_config(CRAFTED, "tiny"), parallel, cache, RayBackend(threads=THREADS)).run()
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (serial, parallel))
+    assert _without_seconds(a) == _without_seconds(b)
+    assert set(a["inference_attacks"]["attacks"]) == {"pgd-eps8", "pgd-unconstrained", "anydoor", "typographic"}
+    assert (serial / "inference.jsonl").read_bytes() == (parallel / "inference.jsonl").read_bytes()
+    images = sorted(p.relative_to(serial) for p in (serial / "adversarial").rglob("*.png"))
+    assert len(images) >= 4 * 4 and images == sorted(p.relative_to(parallel) for p in (parallel / "adversarial").rglob("*.png"))
+    assert all((serial / p).read_bytes() == (parallel / p).read_bytes() for p in images)

@@ -1,7 +1,10 @@
 """Where a study's independent stages run: one after another in this process (`SerialBackend`,
 the default), or as Ray tasks on a local or remote cluster (`RayBackend`, `vlmsec run --backend ray`).
 
-The independent stages: each attack that learns its trigger (against the base victim; the
+The independent stages: each inference attack's crafting against the deployed victim (its
+inputs go to the run folder's `adversarial/<key>/`, where the run's own `run_attacks` reads them
+and answers them in turn; a victim behind an API is left to the driver, whose request budget and
+cost counter it is), each attack that learns its trigger (against the base victim; the
 trigger goes to the cache, where the run's own `Runner.prepare_attacks` reads it), then each
 tuned model (`Runner.model_stage`: tune, generate, the inference attacks' transfer, the clean
 model's shift sizes), which depends only on stages built before it. A Ray task gets the config
@@ -37,7 +40,7 @@ from vlmsec.attacks import Attack, create_attack
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import TestSet
 from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.inference import InferenceResults, inference_attacks
+from vlmsec.experiments.inference import InferenceResults, InferenceStage, inference_attacks
 from vlmsec.experiments.plan import ModelPlan, TestSets, plan_models
 from vlmsec.experiments.splits import Splits, build_splits
 from vlmsec.experiments.stages import remove_leftovers
@@ -46,7 +49,7 @@ from vlmsec.victims.base import Victim, fit_answers
 from vlmsec.victims.features import FeatureCache
 
 if TYPE_CHECKING:
-    from vlmsec.attacks.inference import InferenceAttack
+    from vlmsec.attacks.inference import AttackRequest, InferenceAttack
     from vlmsec.experiments.runner import Runner
 
 BACKENDS = ("serial", "ray")
@@ -76,8 +79,16 @@ class ModelResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+Crafts = Mapping[str, "tuple[list[AttackRequest], list[AttackRequest]]"]  # per attack: its requests, what it learns on
+
+
 class Backend(Protocol):
-    """Runs the independent stages of a study: the attacks' learned triggers, each tuned model."""
+    """Runs the independent stages of a study: the inference attacks' crafting, the attacks' learned
+    triggers, each tuned model."""
+
+    def craft_inputs(self, runner: Runner, crafts: Crafts, deployed: tuple[Path, str], victim_name: str) -> None:
+        """Craft each inference attack's inputs for its requests (`crafts`, by config label) on the deployed
+        victim into the run folder before the run's own `run_attacks`, which then reads them; or leave them to it."""
 
     def prepare_attacks(self, runner: Runner, attacks: Mapping[str, Attack], base: tuple[Path, str]) -> None:
         """Learn the triggers of `attacks` (by config label) into the cache before the run's own
@@ -102,6 +113,9 @@ class SerialBackend:
     def __init__(self, threads: int | None = None) -> None:
         pin_threads(threads)
 
+    def craft_inputs(self, runner: Runner, crafts: Crafts, deployed: tuple[Path, str], victim_name: str) -> None:
+        """Nothing ahead: `run_attacks` crafts each attack in turn."""
+
     def prepare_attacks(self, runner: Runner, attacks: Mapping[str, Attack], base: tuple[Path, str]) -> None:
         """Nothing ahead: the run's `Runner.prepare_attacks` learns each trigger in turn."""
 
@@ -125,7 +139,7 @@ class ModelTask:
 
 
 class RayBackend:
-    """Each learned trigger, then each tuned model, as a Ray task: on a local cluster of this machine's cores, or on the
+    """Each inference attack's crafting, each learned trigger, then each tuned model, as a Ray task: on a local cluster of this machine's cores, or on the
     cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
     on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
     the cluster has GPUs and the run is not told to stay on the CPU (ACCELERATE_USE_CPU)."""
@@ -138,6 +152,17 @@ class RayBackend:
         self.task = task if task is not None else model_task  # a test swaps in a task that dies once
         self._ray: Any = None  # the ray module, once a cluster is joined
         pin_threads(self.threads)
+
+    def craft_inputs(self, runner: Runner, crafts: Crafts, deployed: tuple[Path, str], victim_name: str) -> None:
+        """Each inference attack's crafting as a task that saves its inputs (`InferenceStage.craft`);
+        a victim behind an API (a kind that does not train) crafts in the driver, which holds its request
+        budget and cost counter."""
+        if not crafts or not runner.kind.trains:
+            return
+        remote = self._remote(runner, craft_task)
+        shared = self._ray.put({"crafts": dict(crafts), "victim": victim_name})
+        console.print(f"ray: {len(crafts)} inference attacks crafted as tasks ({', '.join(crafts)})")
+        self._ray.get([remote.remote(self._describe(runner, key, deployed), shared) for key in crafts])
 
     def prepare_attacks(self, runner: Runner, attacks: Mapping[str, Attack], base: tuple[Path, str]) -> None:
         """Each attack that learns its trigger (overrides `Attack.prepare`) as a task that caches it."""
@@ -181,7 +206,8 @@ class RayBackend:
         return ray.remote(function).options(num_cpus=self.threads, num_gpus=gpus, max_retries=self.max_retries)
 
     def _describe(self, runner: Runner, name: str, base: tuple[Path, str]) -> ModelTask:
-        """The task that runs the model (or learns the attack's trigger) `name` of `runner`'s study."""
+        """The task that runs the model (or learns the attack's trigger, or crafts the inference attack's
+        inputs against the victim in `base`) `name` of `runner`'s study."""
         config = json.dumps(runner.config.model_dump(mode="json"))
         folders = str(runner.out.resolve()), str(runner.cache.resolve())
         return ModelTask(config, os.getcwd(), *folders, name, (str(base[0].resolve()), base[1]), self.threads)
@@ -216,6 +242,18 @@ def attack_task(task: ModelTask) -> None:
     splits, victim = tuning_splits(runner, base)
     spec = next(a for a in runner.config.attacks if a.key == task.plan)
     runner.prepare_attacks({spec.key: create_attack(spec.name, **spec.params)}, splits, base, victim)
+
+
+def craft_task(task: ModelTask, shared: dict[str, Any]) -> None:
+    """Craft the inference attack labelled `task.plan` on the deployed victim (`task.base`) for its
+    requests (`shared["crafts"]`) into the run folder, as the run's `run_attacks` crafts it."""
+    runner = task_runner(task)
+    c = runner.config
+    spec = next(a for a in c.attacks if a.key == task.plan)
+    requests, learn_on = shared["crafts"][task.plan]
+    victim = runner.load_victim(Path(task.base[0]))
+    stage = InferenceStage(runner.out, victim, shared["victim"], task.base[1], c.eval.model_dump(), c.seed)
+    stage.craft(task.plan, create_attack(spec.name, **spec.params), requests, learn_on)
 
 
 def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:

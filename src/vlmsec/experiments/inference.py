@@ -115,6 +115,16 @@ def attack_requests(
     raise VlmsecError(f"inference attacks of goal {goal!r} are not run yet (runs measure {', '.join(GOALS)})")
 
 
+def craft_requests(
+    key: str, goal: str, harmful: Sequence[Sample], source: Sequence[Sample], target: str, split: SafetySplit | None,
+    train: Sequence[Sample], seed: int,
+) -> tuple[list[AttackRequest], list[AttackRequest]]:
+    """What attack `key` of `goal` is crafted for: its test requests (`attack_requests`) and the
+    requests a universal attack learns on (`training_requests`, drawn by a seed of its own)."""
+    requests = attack_requests(goal, harmful, source, target, seed=seed)
+    return requests, training_requests(goal, split, train, target, seed=derive_seed(seed, f"inference/{key}/train"))
+
+
 def training_requests(goal: str, split: SafetySplit | None, train: Sequence[Sample], target: str, seed: int) -> list[AttackRequest]:
     """What a universal attack learns on, never tested on: the safety split's training harmful requests,
     each with a tuning-set image drawn by `seed` (jailbreak), the tuning samples with the target
@@ -370,8 +380,7 @@ def _run_attack(
     """One attack of `run_attacks`: crafted (its inputs, size and cost put in `results`), answered, and its
     goal's baselines answered unless `done` has them; its records, returned only when all are answered."""
     goal = attack.goal
-    requests = attack_requests(goal, harmful, source, target, seed=stage.seed)
-    learn_on = training_requests(goal, split, train, target, seed=derive_seed(stage.seed, f"inference/{key}/train"))
+    requests, learn_on = craft_requests(key, goal, harmful, source, target, split, train, stage.seed)
     inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
     results.inputs[key] = (inputs, requests)
     results.sizes[key] = attack_sizes(attack, requests, inputs)

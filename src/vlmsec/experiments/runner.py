@@ -54,6 +54,7 @@ from vlmsec.experiments.inference import (
     DEPLOYED_BASE,
     InferenceResults,
     InferenceStage,
+    craft_requests,
     inference_attacks,
     judge_jailbreaks,
     reading_check,
@@ -320,7 +321,10 @@ class Runner:
             target = c.inference.target or self.target.prefix + self.target.word
             n = c.inference.requests  # None: every request
             reading = reading_check(c) if any(a.typeset for a in attacks.values()) else []
-            results = run_attacks(stage, attacks, harmful[:n], splits.tests["source"][:n], target, split, splits.train, reading)
+            source = splits.tests["source"][:n]
+            crafts = {k: craft_requests(k, a.goal, harmful[:n], source, target, split, splits.train, c.seed) for k, a in attacks.items()}
+            self.backend.craft_inputs(self, crafts, deployed, name)  # as Ray tasks, or left to `run_attacks`
+            results = run_attacks(stage, attacks, harmful[:n], source, target, split, splits.train, reading)
             self.features.save(self.features_path)
         self.state.wait_for_everyone()
         return results

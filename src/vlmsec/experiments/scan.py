@@ -165,8 +165,7 @@ def gray_box_transfer(stages: ScanStages) -> None:
     model with its no-attack baseline, judged and scored as the run scores its own; written to
     `run`/gray-box/ (metrics.json's `inference_attacks` section, inference.jsonl, the PNGs)."""
     from vlmsec.experiments.inference import (
-        InferenceResults, InferenceStage, attack_requests, attack_sizes, judge_jailbreaks, score_inference, training_requests,
-        transfer,
+        InferenceResults, InferenceStage, attack_sizes, craft_requests, judge_jailbreaks, score_inference, transfer,
     )
     from vlmsec.experiments.safety import AFTER_SAFETY, BEFORE_SAFETY, HARMFUL_IMAGE, safety_test_sets
 
@@ -188,8 +187,7 @@ def gray_box_transfer(stages: ScanStages) -> None:
     crafting = InferenceStage(folder, runner.load_victim(stages.base[0]), BEFORE_SAFETY, stages.base[1], settings, c.seed)
     results = InferenceResults(AFTER_SAFETY, [], {}, {})
     for key, attack in attacks.items():
-        requests = attack_requests(attack.goal, harmful[:n], splits.tests["source"][:n], target, seed=c.seed)
-        learn_on = training_requests(attack.goal, stages.split, splits.train, target, seed=derive_seed(c.seed, f"inference/{key}/train"))
+        requests, learn_on = craft_requests(key, attack.goal, harmful[:n], splits.tests["source"][:n], target, stages.split, splits.train, c.seed)
         inputs, results.costs[key] = crafting.craft(key, attack, requests, learn_on)
         results.inputs[key] = (inputs, requests)
         results.sizes[key] = attack_sizes(attack, requests, inputs)
