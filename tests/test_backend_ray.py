@@ -217,3 +217,38 @@ def test_ray_crafts_each_inference_attack_as_a_task_with_the_serial_results(
     images = sorted(p.relative_to(serial) for p in (serial / "adversarial").rglob("*.png"))
     assert len(images) >= 4 * 4 and images == sorted(p.relative_to(parallel) for p in (parallel / "adversarial").rglob("*.png"))
     assert all((serial / p).read_bytes() == (parallel / p).read_bytes() for p in images)
+
+
+# The tiny study with an attack x defense matrix: a purifier, a detector and a data filter (which
+# tunes the base again on what it keeps, per poisoned model), each defense's column a Ray task.
+DEFENDED = {
+    **TINY,
+    "defenses": [{"name": "jpeg", "params": {"quality": 30}}, {"name": "strip", "params": {"blends": 2}},
+                 {"name": "spectral_signatures"}],
+    "defense": {"calibration": 10, "trusted": 16},
+}
+
+
+@pytest.mark.slow  # two matrices with two tunings each: ~2 min on a loaded 2-core machine
+def test_ray_computes_each_defense_column_as_a_task_with_the_serial_matrix(
+    study: tuple[Path, Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the serial study's finished models, the matrix run serially and with each defense's column
+    a task (the driver's detector scoring and data filtering made to fail): the same metrics, timings aside."""
+    from vlmsec.defenses.data_filters import SpectralSignatures
+    from vlmsec.defenses.detect import Strip
+
+    config, cache, _ = study
+    runs = {name: tmp_path / name for name in ("serial", "ray")}
+    for run in runs.values():
+        shutil.copytree(config.parent / "serial", run)  # the tuned models, reused by both
+    Runner(parse_config(DEFENDED, "tiny"), runs["serial"], cache, SerialBackend(THREADS)).run()
+    monkeypatch.setattr(Strip, "scores", lambda *args, **kwargs: pytest.fail("scored in the driver"))
+    monkeypatch.setattr(SpectralSignatures, "flag", lambda *args, **kwargs: pytest.fail("filtered in the driver"))
+    Runner(parse_config(DEFENDED, "tiny"), runs["ray"], cache, RayBackend(threads=THREADS)).run()
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in runs.values())
+    assert _without_seconds(a) == _without_seconds(b)
+    section = a["defenses"]["defenses"]
+    assert set(section) == {"jpeg", "strip", "spectral_signatures"} and all(entry.get("cells") for entry in section.values())
+    for model in ("badnets+spectral_signatures", "lowfrequency+spectral_signatures"):  # tuned again in a worker, to the bit
+        assert weight_hashes(runs["ray"], model) == weight_hashes(runs["serial"], model)

@@ -7,7 +7,10 @@ and answers them in turn; a victim behind an API is left to the driver, whose re
 cost counter it is), each attack that learns its trigger (against the base victim; the
 trigger goes to the cache, where the run's own `Runner.prepare_attacks` reads it), then each
 tuned model (`Runner.model_stage`: tune, generate, the inference attacks' transfer, the clean
-model's shift sizes), which depends only on stages built before it. A Ray task gets the config
+model's shift sizes), which depends only on stages built before it; then, after the undefended
+side of the attack x defense matrix, each defense's column (`DefenseMatrix.column`: its answers,
+scores, repaired or refiltered models go to the run folder, where the driver's matrix reads them
+back; an API victim's matrix stays in the driver). A Ray task gets the config
 as its JSON dump, the run and cache folders, the plan's (or attack's) name, the base stage and
 what the driver measured that is not derivable from the config (the safety test sets, the
 inference attacks' saved inputs); it rebuilds the splits, attacks and test sets (deterministic
@@ -30,13 +33,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from vlmsec.attacks import Attack, create_attack
+from vlmsec.defenses import Defense, create_defense
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.generation import TestSet
 from vlmsec.experiments.config import parse_config
@@ -97,6 +101,10 @@ class Backend(Protocol):
     def run_models(self, runner: Runner, plans: Sequence[ModelPlan], inputs: ModelInputs) -> list[ModelResult]:
         """`runner.model_stage` of every plan, in plan order."""
 
+    def defense_columns(self, runner: Runner, defenses: Mapping[str, Defense], inputs: ModelInputs) -> None:
+        """Compute each defense's column of the matrix (by config label) into the run folder before the
+        run's own matrix, which then reads them; or leave them to it."""
+
 
 def pin_threads(threads: int | None) -> None:
     """Pin this process's torch threads (floating-point results depend on their number); None leaves them."""
@@ -123,6 +131,9 @@ class SerialBackend:
         """Every model's stage, one after the other."""
         return [runner.model_stage(plan, inputs) for plan in plans]
 
+    def defense_columns(self, runner: Runner, defenses: Mapping[str, Defense], inputs: ModelInputs) -> None:
+        """Nothing ahead: the run's matrix computes each column in turn."""
+
 
 @dataclass(frozen=True)
 class ModelTask:
@@ -139,7 +150,7 @@ class ModelTask:
 
 
 class RayBackend:
-    """Each inference attack's crafting, each learned trigger, then each tuned model, as a Ray task: on a local cluster of this machine's cores, or on the
+    """Each inference attack's crafting, each learned trigger, each tuned model, then each defense's column, as a Ray task: on a local cluster of this machine's cores, or on the
     cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
     on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
     the cluster has GPUs and the run is not told to stay on the CPU (ACCELERATE_USE_CPU)."""
@@ -185,11 +196,26 @@ class RayBackend:
             victim.prepare_training(inputs.splits.train, "ray: the tuning set's image features")
             runner.features.save(runner.features_path)
         del victim
-        shared = self._ray.put({"inference_results": inputs.inference_results, "safety_tests": inputs.safety_tests})
+        shared = self._shared(inputs)
         console.print(f"ray: {len(plans)} tuned models as tasks")
         results = self._ray.get([remote.remote(self._describe(runner, plan.name, inputs.base), shared) for plan in plans])
         runner.features.update(runner.features_path)  # the test images' features, as the serial run holds them after its models
         return list(results)
+
+    def defense_columns(self, runner: Runner, defenses: Mapping[str, Defense], inputs: ModelInputs) -> None:
+        """Each defense's column as a task (those that can run; the driver reports the others); a victim
+        behind an API answers the driver's matrix, which holds its request budget and cost counter."""
+        labels = [label for label, defense in defenses.items() if defense.unavailable() is None]
+        if not labels or not runner.kind.trains:
+            return
+        remote = self._remote(runner, defense_task)
+        shared = self._shared(inputs)
+        console.print(f"ray: {len(labels)} defense columns as tasks ({', '.join(labels)})")
+        self._ray.get([remote.remote(self._describe(runner, label, inputs.base), shared) for label in labels])
+
+    def _shared(self, inputs: ModelInputs) -> Any:
+        """What a model or defense task needs from the driver that the config does not give (in Ray's object store)."""
+        return self._ray.put({"inference_results": inputs.inference_results, "safety_tests": inputs.safety_tests})
 
     def _remote(self, runner: Runner, function: Callable[..., Any]) -> Any:
         """`function` as a Ray remote function with this backend's resources, the cluster joined
@@ -259,15 +285,32 @@ def craft_task(task: ModelTask, shared: dict[str, Any]) -> None:
 def model_task(task: ModelTask, shared: dict[str, Any]) -> ModelResult:
     """One tuned model's stage in a Ray worker: rebuild the runner and its inputs, run `model_stage`."""
     runner = task_runner(task)
-    config = runner.config
-    plan = next(p for p in plan_models(config) if p.name == task.plan)
+    plan = next(p for p in plan_models(runner.config) if p.name == task.plan)
+    return runner.model_stage(plan, worker_inputs(runner, task, shared))
+
+
+def defense_task(task: ModelTask, shared: dict[str, Any]) -> None:
+    """The column of the defense labelled `task.plan` in a Ray worker, into the run folder: rebuild the
+    runner, its inputs and the matrix, then `DefenseMatrix.column`."""
+    runner = task_runner(task)
+    c = runner.config
+    inputs = worker_inputs(runner, task, shared)
+    spec = next(d for d in c.defenses if d.key == task.plan)
+    matrix = runner.defense_matrix({spec.key: create_defense(spec.name, **spec.params)}, plan_models(c), inputs, runner.safety_split())
+    matrix.column(spec.key)
+
+
+def worker_inputs(runner: Runner, task: ModelTask, shared: dict[str, Any]) -> ModelInputs:
+    """The run's `ModelInputs`, rebuilt once per worker process and run (`rebuild_inputs`), with what the
+    driver handed this task (`shared`: the defense tasks' inference results hold the models' transfer
+    too); the runner's safety test sets set."""
     run = (task.config, task.out, task.cache, task.base)
     if run not in _rebuilt:
         _rebuilt.clear()
         _rebuilt[run] = rebuild_inputs(runner, (Path(task.base[0]), task.base[1]), shared)
-    inputs = _rebuilt[run]
+    inputs = replace(_rebuilt[run], inference_results=shared["inference_results"], safety_tests=shared["safety_tests"])
     runner.safety_tests = inputs.safety_tests
-    return runner.model_stage(plan, inputs)
+    return inputs
 
 
 def rebuild_inputs(runner: Runner, base: tuple[Path, str], shared: dict[str, Any]) -> ModelInputs:

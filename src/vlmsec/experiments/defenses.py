@@ -151,30 +151,44 @@ class DefenseMatrix:
 
     def run(self) -> DefenseResults:
         """Every cell: the undefended side first, then each defense by its kind."""
-        models = {(r.model, r.folder, r.stage_key) for r in self.rows}
-        for model, folder, key in sorted(models):
+        self.undefended()
+        for label in self.defenses:
+            self.column(label)
+        return self.results
+
+    def _models(self) -> list[tuple[str, Path, str]]:
+        """The rows' models (name, folder, stage key), in a fixed order."""
+        return sorted({(r.model, r.folder, r.stage_key) for r in self.rows})
+
+    def undefended(self) -> None:
+        """The undefended side of every cell: each model's utility, each row's inputs answered."""
+        for model, folder, key in self._models():
             self._utility(NONE, None, model, folder, key)
         for row in self.rows:
             self._answer(NONE, None, row, row.model, row.folder, row.stage_key)
-        for label, defense in self.defenses.items():
-            reason = defense.unavailable()
-            if reason is not None:
-                console.print(f"defense {label}: not run: {reason}")
-                self.results.unavailable[label] = reason
+
+    def column(self, label: str) -> None:
+        """Defense `label`'s cells (each row, and each model's utility under it), by its kind; its
+        caches (answers, scores, repaired and refiltered models) go under the run folder, so a column
+        another process computed first (`vlmsec run --backend ray`) is read back here."""
+        defense = self.defenses[label]
+        reason = defense.unavailable()
+        if reason is not None:
+            console.print(f"defense {label}: not run: {reason}")
+            self.results.unavailable[label] = reason
+            return
+        if isinstance(defense, ModelScan):
+            self._scan(label, defense)
+            return
+        for row in self.rows:
+            if isinstance(defense, (ModelRepair, DataFilter)):
+                if row.tuned:
+                    self._rebuilt(label, defense, row)
                 continue
-            if isinstance(defense, ModelScan):
-                self._scan(label, defense)
-                continue
-            for row in self.rows:
-                if isinstance(defense, (ModelRepair, DataFilter)):
-                    if row.tuned:
-                        self._rebuilt(label, defense, row)
-                    continue
-                self._answer(label, defense, row, row.model, row.folder, row.stage_key)
-            if isinstance(defense, (Purifier, Detector, PromptDefense)):
-                for model, folder, key in sorted(models):
-                    self._utility(label, defense, model, folder, key)
-        return self.results
+            self._answer(label, defense, row, row.model, row.folder, row.stage_key)
+        if isinstance(defense, (Purifier, Detector, PromptDefense)):
+            for model, folder, key in self._models():
+                self._utility(label, defense, model, folder, key)
 
     # ---- answering under a defense ----------------------------------------------------------
     def _answer(self, label: str, defense: Defense | None, row: Row, model: str, folder: Path, stage_key: str) -> None:

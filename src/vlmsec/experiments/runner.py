@@ -176,6 +176,11 @@ class Runner:
             self.state.wait_for_everyone()
         return folder, key
 
+    def safety_split(self) -> SafetySplit | None:
+        """The safety section's requests split into training and held-out ones (None without a safety section)."""
+        c = self.config
+        return c.safety.data.split(seed=derive_seed(c.seed, "safety/split")) if c.safety is not None else None
+
     def safety_samples(self, splits: Splits, split: SafetySplit, helpful: list[str]) -> list[Sample]:
         """The safety stage's tuning samples: refusals, the victim's own `helpful` answers to the benign
         training requests (in `distillation_prompts` order), and clean captions (`safety_training_samples`)."""
@@ -391,7 +396,7 @@ class Runner:
         requests: SafetySplit | None = None
         next_stage = "inference attacks" if inference else "attacks"
         if c.safety is not None:  # refusal before and after the safety stage, which the tuned models then start from
-            requests = c.safety.data.split(seed=derive_seed(c.seed, "safety/split"))
+            requests = self.safety_split()
             images = [s.image for s in splits.tests["source"]]
             self.safety_tests = safety_test_sets(requests, images, c.safety.test_size, seed=derive_seed(c.seed, "safety/tests"))
         if c.safety is not None and not self.kind.trains:  # a victim behind an API is deployed as it is: no stage
@@ -437,7 +442,7 @@ class Runner:
         if c.defenses:
             defenses = {d.key: create_defense(d.name, **d.params) for d in c.defenses}
             try:
-                defense_results = self.defense_stage(defenses, plans, attacks, tests, splits, base, inference, inference_results, requests)
+                defense_results = self.defense_stage(defenses, plans, inputs, requests)
             except ApiFailure as err:
                 console.print(f"[bold red]defenses: failed[/]: {escape(str(err))}", highlight=False, soft_wrap=True)
                 defense_failed = str(err)
@@ -492,17 +497,27 @@ class Runner:
         stage_line(f"generate {plan.name}", result.timings[f"generate {plan.name}"])
         return result
 
-    def defense_stage(
-        self, defenses: dict[str, Defense], plans: list[ModelPlan], attacks: dict[str, Attack], tests: TestSets, splits: Splits, base: tuple[Path, str],
-        inference: dict[str, InferenceAttack], inference_results: InferenceResults | None, split: SafetySplit | None,
-    ) -> DefenseResults | None:
-        """Every attack x defense cell (`experiments.defenses`) on the run's stages: rows are the
-        backdoors planted in tuning (their poisoned models) and the inference attacks (their saved
-        inputs against the deployed victim); the main process computes them, the others wait."""
-        c = self.config
+    def defense_stage(self, defenses: dict[str, Defense], plans: list[ModelPlan], inputs: ModelInputs, split: SafetySplit | None) -> DefenseResults:
+        """Every attack x defense cell (`experiments.defenses`) on the run's stages: the undefended side,
+        then each defense's column (computed first as Ray tasks by that backend, then read back here)."""
         if self.state.num_processes > 1:
             raise VlmsecError("defenses: the matrix runs in one process; run the study without `accelerate launch` "
                               "processes, or without `defenses`")
+        matrix = self.defense_matrix(defenses, plans, inputs, split)
+        matrix.undefended()
+        self.features.save(self.features_path)  # what the columns' tasks start from, as the serial columns do
+        self.backend.defense_columns(self, defenses, inputs)
+        for label in defenses:
+            matrix.column(label)
+        self.features.save(self.features_path)
+        return matrix.results
+
+    def defense_matrix(self, defenses: dict[str, Defense], plans: list[ModelPlan], inputs: ModelInputs, split: SafetySplit | None) -> DefenseMatrix:
+        """The attack x defense matrix on the run's stages: rows are the backdoors planted in tuning
+        (their poisoned models) and the inference attacks (their saved inputs against the deployed victim)."""
+        c = self.config
+        attacks, tests, splits, base = inputs.attacks, inputs.tests, inputs.splits, inputs.base
+        inference, inference_results = inputs.inference, inputs.inference_results
         tuned = [p for p in plans if p.attack is not None and not p.sweep]
         rows = [
             Row(p.attack, TUNED_BACKDOOR if flip is None else LABEL_FLIP, p.name, self.out / "checkpoints" / p.name,
@@ -540,9 +555,7 @@ class Runner:
             },
             poison_rate=c.poison.rate,
         )
-        results = DefenseMatrix(context, defenses, rows).run()
-        self.features.save(self.features_path)
-        return results
+        return DefenseMatrix(context, defenses, rows)
 
     def defense_scores(self, defenses: dict[str, Defense], results: DefenseResults, judge: tuple[Path | None, RefusalJudge | None] | None) -> dict[str, Any]:
         """metrics.json's `defenses` section: jailbreak rows' records judged like the inference attacks', then every cell scored."""
