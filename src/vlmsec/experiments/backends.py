@@ -88,7 +88,7 @@ Crafts = Mapping[str, "tuple[list[AttackRequest], list[AttackRequest]]"]  # per 
 
 class Backend(Protocol):
     """Runs the independent stages of a study: the inference attacks' crafting, the attacks' learned
-    triggers, each tuned model."""
+    triggers, each tuned model, each defense's column of the matrix."""
 
     def craft_inputs(self, runner: Runner, crafts: Crafts, deployed: tuple[Path, str], victim_name: str) -> None:
         """Craft each inference attack's inputs for its requests (`crafts`, by config label) on the deployed
@@ -150,8 +150,8 @@ class ModelTask:
 
 
 class RayBackend:
-    """Each inference attack's crafting, each learned trigger, each tuned model, then each defense's column, as a Ray task: on a local cluster of this machine's cores, or on the
-    cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
+    """Each inference attack's crafting, each learned trigger, each tuned model, then each defense's
+    column, as a Ray task: on a local cluster of this machine's cores, or on the cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
     on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
     the cluster has GPUs and the run is not told to stay on the CPU (ACCELERATE_USE_CPU)."""
 
