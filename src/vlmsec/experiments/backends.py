@@ -151,8 +151,8 @@ class ModelTask:
 
 class RayBackend:
     """Each inference attack's crafting, each learned trigger, each tuned model, then each defense's
-    column, as a Ray task: on a local cluster of this machine's cores, or on the cluster at `address` (`ray start --head` / `ray start --address`; the run and cache folders
-    on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
+    column, as a Ray task: on a local cluster of this machine's cores, or on the cluster at
+    `address` (`ray start --head` / `ray start --address`; the run and cache folders on a shared file system). Each task uses `threads` CPUs and torch threads, and one GPU when
     the cluster has GPUs and the run is not told to stay on the CPU (ACCELERATE_USE_CPU)."""
 
     def __init__(self, address: str | None = None, threads: int | None = None, max_retries: int = 2,
