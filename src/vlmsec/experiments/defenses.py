@@ -166,9 +166,10 @@ class DefenseMatrix:
                 self._scan(label, defense)
                 continue
             for row in self.rows:
+                if inapplicable(defense, row.key, row.goal) is not None:
+                    continue
                 if isinstance(defense, (ModelRepair, DataFilter)):
-                    if row.tuned:
-                        self._rebuilt(label, defense, row)
+                    self._rebuilt(label, defense, row)
                     continue
                 self._answer(label, defense, row, row.model, row.folder, row.stage_key)
             if isinstance(defense, (Purifier, Detector, PromptDefense)):
@@ -502,15 +503,24 @@ def score_defenses(defenses: Mapping[str, Defense], results: DefenseResults, tar
             section["defenses"][label] = entry
             continue
         for row, meta in results.rows.items():
-            goal = meta["goal"]
-            if isinstance(defense, (ModelRepair, DataFilter)) and goal not in TUNED_GOALS:
-                entry["cells"][row] = not_measured(
-                    f"a {defense.acts_on} defense acts on tuning; {row} is crafted at inference against the deployed model"
-                )
-                continue
-            entry["cells"][row] = _cell(label, defense, row, meta, records, results, target_word)
+            reason = inapplicable(defense, row, meta["goal"])
+            entry["cells"][row] = (
+                not_measured(reason) if reason is not None else _cell(label, defense, row, meta, records, results, target_word)
+            )
         section["defenses"][label] = entry
     return section
+
+
+def inapplicable(defense: Defense, row: str, goal: str) -> str | None:
+    """Why `defense` has no cell in `row` (an attack of `goal`), or None when it has one: a tuning defense
+    against an attack crafted at inference; an input purifier or detector against a clean-label attack,
+    whose test inputs are unmodified images (nothing to purify or detect: its poison is in the model)."""
+    if isinstance(defense, (ModelRepair, DataFilter)) and goal not in TUNED_GOALS:
+        return f"a {defense.acts_on} defense acts on tuning; {row} is crafted at inference against the deployed model"
+    if isinstance(defense, (Purifier, Detector)) and goal == LABEL_FLIP:
+        return (f"not applicable: {row} is a clean-label attack, its test inputs are unmodified images of the original "
+                f"concept; an {defense.acts_on} defense has no attacked input to purify or detect")
+    return None
 
 
 def _cell(label: str, defense: Defense, row: str, meta: dict[str, Any], records: Sequence[dict[str, Any]],
