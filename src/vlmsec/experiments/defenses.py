@@ -19,8 +19,9 @@ The "without" side of every cell is answered the same way as the "with" side (th
 the same generation settings, cached under `defenses/none/`), so the two differ by the defense
 alone. Utility is per model and defense: clean CIDEr on the source inputs, and over-refusal of
 benign requests with an image when the run has a safety stage. What cannot be computed (a model
-defense against an inference attack, a defense whose weights no package ships) is not measured,
-with the reason: never a 0.
+defense against an inference attack; an input purifier or detector against a clean-label attack,
+whose test inputs are unmodified images; a defense whose weights no package ships) is not
+measured, with the reason: never a 0.
 """
 
 from __future__ import annotations
