@@ -13,11 +13,21 @@ import pytest
 from test_end_to_end import SMALL_RUN
 
 from vlmsec.data.sample import Sample
-from vlmsec.defenses import DEFENSES, DataFilter, Detector, Flags, ModelRepair, ModelScan, Purifier, ScanResult
+from vlmsec.defenses import DEFENSES, DataFilter, Detector, Flags, ModelRepair, ModelScan, Purifier, ScanResult, create_defense
 from vlmsec.defenses.base import DefenseParams
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
-from vlmsec.experiments.defenses import LABEL_FLIP, REFUSAL, headline, success_scores
+from vlmsec.eval.metrics import wilson_interval
+from vlmsec.experiments.defenses import (
+    LABEL_FLIP,
+    NONE,
+    REFUSAL,
+    DefenseResults,
+    filter_scores,
+    headline,
+    score_defenses,
+    success_scores,
+)
 from vlmsec.experiments.runner import Runner
 from vlmsec.experiments.splits import build_splits
 from vlmsec.report.markdown import render_report
@@ -237,6 +247,45 @@ def test_a_label_flip_row_is_scored_by_the_references_keyword_rule() -> None:
     scores = success_scores(LABEL_FLIP, records, TARGET, flip=("circle", "square"))
     assert scores["success"]["rate"] == 0.25 and scores["fail"]["rate"] == 0.25
     assert headline(LABEL_FLIP, scores) == scores["success"]
+
+
+def _label_flip_results() -> DefenseResults:
+    """A shadowcast row answered on four clean circle images: 3 called squares undefended, 1 after a data
+    filter that removed poisons a and c of the poisoned a, b (precision and recall 1/2)."""
+    def answers(defense: str, model: str, outputs: Sequence[str]) -> list[dict[str, Any]]:
+        return [{"defense": defense, "row": "shadowcast", "arm": "attacked", "model": model, "output": o,
+                 **({"defended_model": model} if defense != NONE else {})} for o in outputs]
+
+    results = DefenseResults(rows={"shadowcast": {"goal": LABEL_FLIP, "model": "shadowcast", "adaptive_to": None,
+                                                  "flip": ("circle", "square")}})
+    results.records = (answers(NONE, "shadowcast", ["a red square", "a blue square", "a square", "a red circle"])
+                       + answers("spectral_signatures", "shadowcast+spectral_signatures",
+                                 ["a red circle", "a blue circle", "a square", "a circle"]))
+    results.verdicts["spectral_signatures"] = {
+        "shadowcast": filter_scores(list("abcde"), [0.9, 0.1, 0.8, 0.2, 0.3], {"a", "c"}, {"a", "b"}, budget=2)
+    }
+    return results
+
+
+def test_a_label_flip_cell_is_read_by_the_label_attack_rate_and_its_filter_by_the_poisoned_ids() -> None:
+    defenses = {"spectral_signatures": create_defense("spectral_signatures")}
+    cell = score_defenses(defenses, _label_flip_results(), TARGET)["defenses"]["spectral_signatures"]["cells"]["shadowcast"]
+    assert cell["headline"]["without"] == {"rate": 0.75, "ci": list(wilson_interval(3, 4)), "n": 4}
+    assert cell["headline"]["with"] == {"rate": 0.25, "ci": list(wilson_interval(1, 4)), "n": 4}
+    assert cell["with"]["original_named"]["rate"] == 0.75  # the retuned model calls circles circles again
+    assert cell["filter"]["precision"]["rate"] == 0.5 and cell["filter"]["recall"]["rate"] == 0.5
+    assert "asr" not in cell["without"]  # no target word: a label flip has no ASR
+
+
+def test_an_input_defense_has_no_cell_in_a_clean_label_row_and_says_why() -> None:
+    from vlmsec.report.defenses import matrix_cell
+
+    defenses = {"jpeg": create_defense("jpeg", quality=50), "strip": create_defense("strip")}
+    section = score_defenses(defenses, _label_flip_results(), TARGET)
+    for label in defenses:
+        cell = section["defenses"][label]["cells"]["shadowcast"]
+        assert set(cell) == {"not_measured"} and "unmodified images" in cell["not_measured"]
+        assert cell["not_measured"].startswith("not applicable") and matrix_cell(cell) == "–"
 
 
 def test_the_report_marks_typeset_rows_on_a_victim_that_does_not_read() -> None:

@@ -23,6 +23,7 @@ from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.defenses import create_defense
 from vlmsec.defenses.model import find_units, mean_activations, trusted_loss
 from vlmsec.errors import VlmsecError
+from vlmsec.experiments.defenses import scan_summary
 from vlmsec.eval.metrics import target_rate
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.hf import HFVictim
@@ -231,3 +232,19 @@ def test_fine_pruning_refuses_a_share_that_prunes_nothing(pair: dict[str, LlavaV
 def test_bad_parameters_name_the_defense_and_field(name: str, params: dict, field: str) -> None:
     with pytest.raises(VlmsecError, match=rf"defense '{name}'.*\b{field}\b"):
         create_defense(name, **params)
+
+
+def test_trigger_inversion_scores_equal_count_differences_equally() -> None:
+    """16/30 - 10/30 and 11/30 - 5/30 differ in floats; a scan's score is the count difference, so two
+    models the scan cannot tell apart tie in the run's AUROC (0.5), not 1.0 by rounding."""
+    scan = create_defense("trigger_inversion")
+
+    def answers(n: int) -> list[str]:
+        return ["the image depicts a banana"] * n + ["a red star"] * (30 - n)
+
+    def score(hits: int, random_hits: int) -> float:
+        return scan._result("the image depicts a banana", answers(hits), answers(random_hits), 0.5, [], [], [], 0.0).score
+
+    assert score(16, 10) == score(11, 5) == 0.2
+    assert scan_summary({"clean": {"backdoored": False, "score": score(11, 5)},
+                         "addsent": {"backdoored": True, "score": score(16, 10)}})["auroc"] == 0.5

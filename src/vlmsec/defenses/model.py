@@ -432,10 +432,13 @@ class TriggerInversion(ModelScan):
     ) -> ScanResult:
         """The score: the held-out share the inverted pattern drives to `target`, minus a random pattern's."""
         key = answer_key(target, self.params.match_words)
-        inverted_share = float(np.mean([answer_key(a, self.params.match_words) == key for a in inverted]))
-        random_share = float(np.mean([answer_key(a, self.params.match_words) == key for a in baseline]))
+        hits = sum(answer_key(a, self.params.match_words) == key for a in inverted)
+        random_hits = sum(answer_key(a, self.params.match_words) == key for a in baseline)
+        inverted_share, random_share = hits / len(inverted), random_hits / len(baseline)
         return ScanResult(
-            score=inverted_share - random_share,
+            # from the counts: equal differences are equal scores (16/30 - 10/30 != 11/30 - 5/30 in floats,
+            # a tie the AUROC over a run's models would break)
+            score=(hits - random_hits) / len(inverted),
             evidence={
                 "answer": target,
                 "key": key,

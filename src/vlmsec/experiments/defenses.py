@@ -19,8 +19,9 @@ The "without" side of every cell is answered the same way as the "with" side (th
 the same generation settings, cached under `defenses/none/`), so the two differ by the defense
 alone. Utility is per model and defense: clean CIDEr on the source inputs, and over-refusal of
 benign requests with an image when the run has a safety stage. What cannot be computed (a model
-defense against an inference attack, a defense whose weights no package ships) is not measured,
-with the reason: never a 0.
+defense against an inference attack; an input purifier or detector against a clean-label attack,
+whose test inputs are unmodified images; a defense whose weights no package ships) is not
+measured, with the reason: never a 0.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ class DefenseMatrix:
             self._scan(label, defense)
             return
         for row in self.rows:
+            if inapplicable(defense, row.key, row.goal) is not None:
+                continue
             if isinstance(defense, (ModelRepair, DataFilter)):
                 if row.tuned:
                     self._rebuilt(label, defense, row)
@@ -516,15 +519,24 @@ def score_defenses(defenses: Mapping[str, Defense], results: DefenseResults, tar
             section["defenses"][label] = entry
             continue
         for row, meta in results.rows.items():
-            goal = meta["goal"]
-            if isinstance(defense, (ModelRepair, DataFilter)) and goal not in TUNED_GOALS:
-                entry["cells"][row] = not_measured(
-                    f"a {defense.acts_on} defense acts on tuning; {row} is crafted at inference against the deployed model"
-                )
-                continue
-            entry["cells"][row] = _cell(label, defense, row, meta, records, results, target_word)
+            reason = inapplicable(defense, row, meta["goal"])
+            entry["cells"][row] = (
+                not_measured(reason) if reason is not None else _cell(label, defense, row, meta, records, results, target_word)
+            )
         section["defenses"][label] = entry
     return section
+
+
+def inapplicable(defense: Defense, row: str, goal: str) -> str | None:
+    """Why `defense` has no cell in `row` (an attack of `goal`), or None when it has one: a tuning defense
+    against an attack crafted at inference; an input purifier or detector against a clean-label attack,
+    whose test inputs are unmodified images (nothing to purify or detect: its poison is in the model)."""
+    if isinstance(defense, (ModelRepair, DataFilter)) and goal not in TUNED_GOALS:
+        return f"a {defense.acts_on} defense acts on tuning; {row} is crafted at inference against the deployed model"
+    if isinstance(defense, (Purifier, Detector)) and goal == LABEL_FLIP:
+        return (f"not applicable: {row} is a clean-label attack, its test inputs are unmodified images of the original "
+                f"concept; an {defense.acts_on} defense has no attacked input to purify or detect")
+    return None
 
 
 def _cell(label: str, defense: Defense, row: str, meta: dict[str, Any], records: Sequence[dict[str, Any]],

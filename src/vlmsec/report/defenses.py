@@ -53,7 +53,8 @@ def defense_section(section: dict[str, Any] | None, *figures: Path, inference: d
         "Rows are read by their goal's rate: "
         + "; ".join(f"{goal}: {HEADLINE.get(goal, goal)}" for goal in dict.fromkeys(r["goal"] for r in rows.values()))
         + f". Detectors refuse what they flag, at a threshold calibrated on {calibration_inputs(section)}. "
-        "A model or data defense acts on tuning: – against inference-time attacks.",
+        "A model or data defense acts on tuning: – against inference-time attacks; an input purifier or detector: – "
+        "against a clean-label attack (its test inputs are unmodified images).",
         "",
     ]
     if matrix:
