@@ -46,7 +46,7 @@ import copy
 import io
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -186,13 +186,25 @@ class AdaptiveAttackParams(AttackParams):
         "input defense, or its loss posed as the defense poses it (attacks.evade)",
     )
 
+    # The typeset attacks know the OCR screen only (by searching their renderings); the others every
+    # input or prompt defense but it.
+    knows_ocr_only: ClassVar[bool] = False
+
     @field_validator("adaptive")
     @classmethod
-    def _not_the_ocr_screen(cls, adaptive: AdaptiveParams | None) -> AdaptiveParams | None:
-        if adaptive is not None and issubclass(DEFENSES.get(adaptive.defense), OcrScreen):
+    def _the_defenses_this_attack_can_know(cls, adaptive: AdaptiveParams | None) -> AdaptiveParams | None:
+        if adaptive is None:
+            return adaptive
+        ocr = issubclass(DEFENSES.get(adaptive.defense), OcrScreen)
+        if ocr and not cls.knows_ocr_only:
             raise ValueError(
                 "defense: 'ocr_screen' reads text, not gradients: a perturbation attack has nothing to hide from it; "
-                "the typeset attacks (figstep, typographic, query_relevant) take adaptive: {defense: ocr_screen}"
+                "the typeset attacks (figstep, figstep_pro, typographic, query_relevant) take adaptive: {defense: ocr_screen}"
+            )
+        if cls.knows_ocr_only and not ocr:
+            raise ValueError(
+                f"defense: a typeset attack draws its image, it does not optimise pixels: it can know 'ocr_screen' "
+                f"(a search over its renderings), not {adaptive.defense!r}"
             )
         return adaptive
 
