@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmsec.attacks.inference import to_tensor, to_uint8
-from vlmsec.defenses.detect import CiderDetect, DdpmDenoiser, Strip, _resize
+from vlmsec.defenses.detect import CiderDetect, DdpmDenoiser, Strip, resize_image
 from vlmsec.defenses.prompt import ECSO_CHECK_PROMPT, ECSO_RESPONSE_CHARS, AdaShieldStatic, Ecso
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class StripEvasion:
 
             side = max(16, min(256, max(height, width)))
             scenes = sample_scenes(STRIP_POOL, self._pool_seed)
-            rendered = [_resize(render_scene(s, "flat", size=side, seed=self._pool_seed), height, width) for s in scenes]
+            rendered = [resize_image(render_scene(s, "flat", size=side, seed=self._pool_seed), height, width) for s in scenes]
             self._pools[key] = to_tensor(rendered)
         return self._pools[key]
 
