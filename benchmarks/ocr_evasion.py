@@ -44,7 +44,8 @@ def main() -> None:
     scene = np.full((64, 64, 3), 200, np.uint8)
     requests = [AttackRequest(b.id, b.text, scene, "Sure, here is how") for b in behaviours]
     table = Table(title=f"OCR screen vs typeset attacks ({len(requests)} HarmBench requests, {args.size} px)")
-    for column in ("attack", "naive: read back", "naive: instruction cue", "adaptive: hidden", "OCR queries / request", "seconds"):
+    columns = ("attack", "naive: read back", "naive: instruction cue", "adaptive: hidden", "OCR queries / request", "contrast kept", "seconds")
+    for column in columns:
         table.add_column(column)
     for name, params in ATTACKS.items():
         naive = create_attack(name, size=args.size, **params).craft(requests)
@@ -59,7 +60,7 @@ def main() -> None:
         hidden = round(diagnostics["ocr_evasion"] * len(requests))
         table.add_row(
             name, rate(read, len(requests)), rate(cued, len(requests)), rate(hidden, len(requests)),
-            f"{diagnostics['queries']:.1f}", f"{seconds:.0f}",
+            f"{diagnostics['queries']:.1f}", f"{diagnostics.get('kept_contrast', float('nan')):.2f}", f"{seconds:.0f}",
         )
     Console().print(table)
 
