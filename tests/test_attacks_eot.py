@@ -190,10 +190,10 @@ def recording(expectation: Expectation) -> list[int]:
 
 def test_each_draw_has_a_fresh_seed_from_the_attacks_seed() -> None:
     def seeds(attack_seed: int) -> list[int]:
-        expectation = Expectation(adaptive_params(defense="random_resize_pad", samples=3), attack_seed)
+        expectation = Expectation(adaptive_params(defense="random_resize_pad", samples=3), attack_seed, PatternVictim())  # type: ignore[arg-type]
         drawn = recording(expectation)
         for _ in range(2):
-            expectation.gradient(batch(1), lambda images: (images**2).sum())
+            expectation.gradient(batch(1), lambda images, _: (images**2).sum())
         return drawn
 
     first = seeds(5)
@@ -202,9 +202,9 @@ def test_each_draw_has_a_fresh_seed_from_the_attacks_seed() -> None:
 
 @pytest.mark.parametrize(("defense", "draws"), [("jpeg", 1), ("bit_depth", 1), ("blur", 1), ("random_resize_pad", 3), ("jailguard", 3)])
 def test_a_deterministic_purifier_is_drawn_once_per_step(defense: str, draws: int) -> None:
-    expectation = Expectation(adaptive_params(defense=defense, samples=3), 0)
+    expectation = Expectation(adaptive_params(defense=defense, samples=3), 0, PatternVictim())  # type: ignore[arg-type]
     seeds = recording(expectation)
-    expectation.gradient(batch(1), lambda images: (images**2).sum())
+    expectation.gradient(batch(1), lambda images, _: (images**2).sum())
     assert len(seeds) == draws
 
 
@@ -215,9 +215,9 @@ def test_the_expectation_is_the_mean_of_the_draws_gradients() -> None:
     def loss(images: torch.Tensor) -> torch.Tensor:
         return (images * torch.linspace(-1, 1, images.shape[-1])).pow(2).sum()
 
-    expectation = Expectation(adaptive, 0)
+    expectation = Expectation(adaptive, 0, PatternVictim())  # type: ignore[arg-type]
     seeds = recording(expectation)
-    mean = expectation.gradient(x, loss)
+    mean = expectation.gradient(x, lambda images, _: loss(images))
     transform = Purified(adaptive.build())  # type: ignore[arg-type]
     draws = []
     for seed in seeds:
@@ -325,8 +325,11 @@ def test_the_description_carries_adaptive_only_when_the_attacker_knows_the_defen
     ("adaptive", "message"),
     [
         ({"defense": "jpg"}, r"adaptive\.defense: unknown defense 'jpg'; known: .*jpeg"),
-        ({"defense": "strip"}, r"adaptive\.defense: the adaptive attacker cannot see through 'strip' \(a Detector\)"),
-        ({"defense": "ecso"}, r"adaptive\.defense: .*cannot see through 'ecso' \(a PromptDefense\)"),
+        ({"defense": "finetune"}, r"adaptive\.defense: the adaptive attacker cannot see through 'finetune' \(a ModelRepair\)"),
+        ({"defense": "spectral_signatures"}, r"adaptive\.defense: .*cannot see through 'spectral_signatures' \(a DataFilter\)"),
+        ({"defense": "ocr_screen"}, r"adaptive: defense: 'ocr_screen' reads text, not gradients"),
+        ({"defense": "jpeg", "strength": 2}, r"adaptive: strength: 'jpeg' has no detector term to weigh"),
+        ({"defense": "strip", "strength": 0}, r"adaptive\.strength: Input should be greater than 0"),
         ({"defense": "jpeg", "params": {"quality": 100}}, r"adaptive\.params: adaptive\.defense 'jpeg': .*quality: .*95"),
         ({"defense": "blur", "params": {"sigma": 2}}, r"adaptive\.params: adaptive\.defense 'blur': .*sigma: Extra inputs"),
         ({"defense": "diffusion"}, r"adaptive\.params: adaptive\.defense 'diffusion' cannot run here: .*params\.checkpoint"),

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 
 from vlmsec.attacks.adaptive import eval_mode
 from vlmsec.attacks.base import AttackParams
-from vlmsec.attacks.eot import AdaptiveAttackParams, Expectation
+from vlmsec.attacks.eot import AdaptiveAttackParams, AnswerLoss, Expectation
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack, to_tensor, to_uint8
 from vlmsec.attacks.pgd import LOSS_CHECK_ROWS, check_target, uint8_budget
 from vlmsec.attacks.registry import register
@@ -304,13 +304,13 @@ class AnyDoor(InferenceAttack):
         size = min(self.params.batch_size, len(plain))
         step_size, pixel, epsilon = self._step_size(), self.params.mode == "pixel", self.epsilon
         delta, momentum = start.clone(), torch.zeros_like(start)
-        expectation = Expectation(self.params.adaptive, self.params.seed)
+        expectation = Expectation(self.params.adaptive, self.params.seed, victim)
         for _ in range(self.params.steps):
             picked = rng.sample(range(len(plain)), size)
 
-            def loss(images: torch.Tensor) -> torch.Tensor:
-                with_trigger = victim.answer_loss(images, [triggered[i] for i in picked], [targets[i] for i in picked])
-                return with_trigger + victim.answer_loss(images, [plain[i] for i in picked], [answers[i] for i in picked])
+            def loss(images: torch.Tensor, ask: AnswerLoss) -> torch.Tensor:
+                with_trigger = ask(images, [triggered[i] for i in picked], [targets[i] for i in picked])
+                return with_trigger + ask(images, [plain[i] for i in picked], [answers[i] for i in picked], goal=False)
 
             grad = expectation.gradient(delta, loss, lambda d: self._apply(clean[picked], d, mask))
             with torch.no_grad():

@@ -28,12 +28,16 @@ surrogate (`bpda`):
   and the surrogate samples the image there (`source_grid`); the photometric ones (blur, jitter,
   grayscale, solarize, posterize) are straight-through.
 
-Other defenses (`strip`, `cider_detect`, `ocr_screen`, prompt, model and data defenses) have no
-image transform to see through: naming one is an error at parameter time, as is a JailGuard with
+Defenses with no image transform are known through the loss instead (`attacks.evade`): `strip`
+and `cider_detect` add a term that keeps the input under the detector (weighted by `strength`),
+`adashield_s` and `ecso` pose the loss as the defended deployment asks. `ocr_screen` reads text,
+not gradients: the typeset attacks search their renderings under it (`attacks.typeset_search`) with
+this same field. Model and data defenses are an error at parameter time, as is a JailGuard with
 text mutations (the attacker optimises the image alone). The draws are seeded by the attack's seed,
 so an adaptive attack is as deterministic as a naive one; each step costs `samples` forward and
 backward passes instead of one (one for a deterministic purifier: jpeg, bit_depth, blur), plus the
-defense's own transform per draw (for `diffusion`, an img2img pass).
+defense's own transform per draw (for `diffusion`, an img2img pass); STRIP's blends add `samples`
+rows to the step's one pass, CIDER its denoiser and `levels` + 1 image embeddings per image.
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ from __future__ import annotations
 import copy
 import io
 import math
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -56,20 +60,32 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from vlmsec.attacks.base import AttackParams
 from vlmsec.attacks.inference import to_tensor, to_uint8
+from vlmsec.attacks.evade import CiderEvasion, EcsoEvasion, Evasion, Prompted, StripEvasion
 from vlmsec.defenses.base import Defense, Purifier
-from vlmsec.defenses.registry import DEFENSES
-from vlmsec.defenses.detect import IMAGE_MUTATIONS, JailGuard, mutate_image
+from vlmsec.defenses.detect import IMAGE_MUTATIONS, CiderDetect, JailGuard, Strip, mutate_image
+from vlmsec.defenses.ocr import OcrScreen
+from vlmsec.defenses.prompt import AdaShieldStatic, Ecso
 from vlmsec.defenses.purify import BitDepth, Blur, Jpeg, RandomResizePad
+from vlmsec.defenses.registry import DEFENSES
 from vlmsec.errors import VlmsecError
+
+if TYPE_CHECKING:
+    from vlmsec.victims.base import Victim
 
 DEFAULT_SAMPLES = 4
 SEED_STREAM = 0xE07  # the draws' seeds: their own stream of the attack's seed
 # JailGuard's mutations that only move pixels or blank them: differentiated exactly (`source_grid`).
 MOVES_PIXELS = frozenset({"flip", "vflip", "rotate", "crop", "mask"})
+# The defenses an attacker can know: through their transform (EOT), through its loss (`attacks.evade`)
+# or, for the OCR screen, by searching the typeset attacks' renderings.
+THROUGH_TRANSFORM = (Purifier, JailGuard)
+THROUGH_LOSS = (Strip, CiderDetect, AdaShieldStatic, Ecso)
+WEIGHTED = (Strip, CiderDetect, Ecso)  # the defenses whose evasion term `strength` weighs
 
 
 class AdaptiveParams(BaseModel):
@@ -82,21 +98,50 @@ class AdaptiveParams(BaseModel):
         validate_default=True,  # the defense's own defaults are checked too (diffusion without a folder cannot run)
         description="the defense's parameters (validated by it; stored with its defaults filled in)",
     )
-    samples: int = Field(DEFAULT_SAMPLES, ge=1, le=256, description="draws of the defense's transform averaged per step (EOT)")
+    samples: int = Field(
+        DEFAULT_SAMPLES,
+        ge=1,
+        le=256,
+        description="draws of the defense's transform averaged per step (EOT); strip: blends per image per step; "
+        "ocr_screen: renderings tried per request",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="weight of the term that keeps the input under the detector (strip, cider_detect, ecso's check); "
+        "null: 1",
+    )
 
     @field_validator("defense")
     @classmethod
-    def _a_defense_with_a_transform(cls, name: str) -> str:
+    def _a_defense_the_attacker_can_know(cls, name: str) -> str:
         try:
             kind = DEFENSES.get(name)
         except VlmsecError as err:
             raise ValueError(str(err)) from None
-        if not issubclass(kind, (Purifier, JailGuard)):
+        if not issubclass(kind, (*THROUGH_TRANSFORM, *THROUGH_LOSS, OcrScreen)):
             raise ValueError(
-                f"the adaptive attacker cannot see through {name!r} (a {kind.kind()}): EOT needs an image transform "
-                "the defense applies before the model answers, which a purifier or jailguard's mutations are"
+                f"the adaptive attacker cannot see through {name!r} (a {kind.kind()}): it knows input and prompt "
+                "defenses (a purifier, jailguard, strip, cider_detect, ocr_screen, adashield_s, ecso), not a defense "
+                "that changes the model or its tuning data"
             )
         return name
+
+    @model_validator(mode="after")
+    def _strength_where_it_weighs(self) -> AdaptiveParams:
+        if self.strength is not None and not issubclass(DEFENSES.get(self.defense), WEIGHTED):
+            raise ValueError(
+                f"strength: {self.defense!r} has no detector term to weigh (strip, cider_detect and ecso have)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _unset_strength_dumps_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        if self.strength is None:  # as before the field existed: the caches keyed by it are unchanged
+            dumped.pop("strength", None)
+        return dumped
 
     @field_validator("params")
     @classmethod
@@ -137,8 +182,31 @@ class AdaptiveAttackParams(AttackParams):
 
     adaptive: AdaptiveParams | None = Field(
         None,
-        description="null: the naive attacker; else {defense, params, samples}: EOT with BPDA through that input defense",
+        description="null: the naive attacker; else {defense, params, samples, strength}: EOT with BPDA through that "
+        "input defense, or its loss posed as the defense poses it (attacks.evade)",
     )
+
+    # The typeset attacks know the OCR screen only (by searching their renderings); the others every
+    # input or prompt defense but it.
+    knows_ocr_only: ClassVar[bool] = False
+
+    @field_validator("adaptive")
+    @classmethod
+    def _the_defenses_this_attack_can_know(cls, adaptive: AdaptiveParams | None) -> AdaptiveParams | None:
+        if adaptive is None:
+            return adaptive
+        ocr = issubclass(DEFENSES.get(adaptive.defense), OcrScreen)
+        if ocr and not cls.knows_ocr_only:
+            raise ValueError(
+                "defense: 'ocr_screen' reads text, not gradients: a perturbation attack has nothing to hide from it; "
+                "the typeset attacks (figstep, figstep_pro, typographic, query_relevant) take adaptive: {defense: ocr_screen}"
+            )
+        if cls.knows_ocr_only and not ocr:
+            raise ValueError(
+                f"defense: a typeset attack draws its image, it does not optimise pixels: it can know 'ocr_screen' "
+                f"(a search over its renderings), not {adaptive.defense!r}"
+            )
+        return adaptive
 
     @model_serializer(mode="wrap")
     def _naive_dumps_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -297,52 +365,93 @@ class Mutated:
         return moved[0] * inside.to(image)
 
 
-def transform_of(adaptive: AdaptiveParams) -> Transform:
-    """The transform the adaptive attacker optimises through."""
+def transform_of(adaptive: AdaptiveParams) -> Transform | None:
+    """The transform the adaptive attacker optimises through; None for a defense known through its loss."""
     defense = adaptive.build()
     if isinstance(defense, Purifier):
         return Purified(defense)
     if isinstance(defense, JailGuard):
         return Mutated(defense)
-    raise VlmsecError(f"adaptive.defense {adaptive.defense!r}: no transform to optimise through")  # refused at validation
+    return None
+
+
+def evasion_of(adaptive: AdaptiveParams, seed: int) -> Evasion | None:
+    """The loss the adaptive attacker asks for (`attacks.evade`); None for a defense known through its transform."""
+    defense = adaptive.build()
+    strength = 1.0 if adaptive.strength is None else adaptive.strength
+    if isinstance(defense, Strip):
+        return StripEvasion(defense, strength, adaptive.samples, seed)
+    if isinstance(defense, CiderDetect):
+        return CiderEvasion(defense, strength, adaptive.samples)
+    if isinstance(defense, AdaShieldStatic):
+        return Prompted(defense)
+    if isinstance(defense, Ecso):
+        return EcsoEvasion(defense, strength)
+    return None
+
+
+class AnswerLoss(Protocol):
+    """The victim's answer loss as the attacker who knows the defense asks for it, in one draw:
+    `goal` False for a term that is not the attack (no detector term on it)."""
+
+    def __call__(
+        self, images: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], goal: bool = True
+    ) -> torch.Tensor: ...
 
 
 # ---- the expectation -----------------------------------------------------------------------------
 class Expectation:
     """How a white-box attack takes its gradient: plainly for the naive attacker (`adaptive` None),
     else averaged over `adaptive.samples` draws of the defense's transform, each seeded from a
-    stream of the attack's `seed` (a fresh seed per draw, the same sequence on every run). A
-    deterministic purifier (jpeg, bit_depth, blur) is drawn once per step, whatever `samples`
-    says: its draws would all be the same."""
+    stream of the attack's `seed` (a fresh seed per draw, the same sequence on every run), and
+    with the loss the defense asks for (`attacks.evade`). A deterministic purifier (jpeg,
+    bit_depth, blur) is drawn once per step, whatever `samples` says: its draws would all be the
+    same; so are the loss-side defenses but the DDPM denoiser of `cider_detect`."""
 
-    def __init__(self, adaptive: AdaptiveParams | None, seed: int) -> None:
+    def __init__(self, adaptive: AdaptiveParams | None, seed: int, victim: Victim) -> None:
+        self.victim = victim
         self.transform: Transform | None = None
+        self.evasion: Evasion | None = None
         self.samples = 1
         if adaptive is not None:
             self.transform = transform_of(adaptive)
-            if not (isinstance(self.transform, Purified) and self.transform.deterministic):
+            self.evasion = evasion_of(adaptive, seed)
+            if self.evasion is not None:
+                self.samples = self.evasion.draws
+            elif not (isinstance(self.transform, Purified) and self.transform.deterministic):
                 self.samples = adaptive.samples
         self._seeds = np.random.default_rng([seed, SEED_STREAM])
 
     def gradient(
         self,
         x: torch.Tensor,
-        loss: Callable[[torch.Tensor], torch.Tensor],
+        loss: Callable[[torch.Tensor, AnswerLoss], torch.Tensor],
         images: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The gradient with respect to `x` of `loss` (a function of the images the victim sees,
-        around `Victim.answer_loss`) of `images(x)` (default: `x` itself), each draw's images
+        """The gradient with respect to `x` of `loss(images(x), ask)` (default images: `x` itself),
+        `ask` the victim's answer loss as the defense poses it (`AnswerLoss`), each draw's images
         passed through the defense's transform; the mean over the draws. One backward pass per
         draw, so only one draw's graph is held at a time."""
         grads = [self._draw(x, loss, images) for _ in range(self.samples)]
         return grads[0] if len(grads) == 1 else torch.stack(grads).mean(0)
 
     def _draw(
-        self, x: torch.Tensor, loss: Callable[[torch.Tensor], torch.Tensor], images: Callable[[torch.Tensor], torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        loss: Callable[[torch.Tensor, AnswerLoss], torch.Tensor],
+        images: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> torch.Tensor:
         leaf = x.detach().requires_grad_(True)
         shown = leaf if images is None else images(leaf)
+        seed = int(self._seeds.integers(2**31)) if self.transform is not None or self.evasion is not None else 0
         if self.transform is not None:
-            shown = self.transform(shown, int(self._seeds.integers(2**31)))
-        (grad,) = torch.autograd.grad(loss(shown), leaf)
+            shown = self.transform(shown, seed)
+        victim, evasion = self.victim, self.evasion
+
+        def ask(pixels: torch.Tensor, instructions: Sequence[str], answers: Sequence[str], goal: bool = True) -> torch.Tensor:
+            if evasion is None:
+                return victim.answer_loss(pixels, instructions, answers)
+            return evasion.loss(victim, pixels, instructions, answers, goal, seed)
+
+        (grad,) = torch.autograd.grad(loss(shown, ask), leaf)
         return grad

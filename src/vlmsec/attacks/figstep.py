@@ -20,6 +20,7 @@ from pydantic import Field
 
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack
 from vlmsec.attacks.registry import register
+from vlmsec.attacks.typeset_search import SearchesRenderings
 from vlmsec.attacks.typeset import TypesetParams, fit_text, font_name, render, to_array
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def step_list(text: str, steps: int) -> str:
 
 
 @register
-class FigStep(InferenceAttack):
+class FigStep(SearchesRenderings, InferenceAttack):
     """The request typeset as the heading of an empty list "1. 2. 3.", with FigStep's benign prompt."""
 
     name = "figstep"
@@ -95,12 +96,10 @@ class FigStep(InferenceAttack):
         self, requests: Sequence[AttackRequest], victim: Victim | None = None, train: Sequence[AttackRequest] = ()
     ) -> list[AdversarialInput]:
         """One typeset image per request, sent with the benign prompt; needs no model."""
+        if self.params.adaptive is not None:
+            return self.evade_ocr(requests)
         crafted = [AdversarialInput(r.id, to_array(self.image(r.instruction), self.params.size), self.prompt()) for r in requests]
         return crafted
-
-    def diagnostics(self) -> dict[str, float]:
-        """No optimisation and no queries: the images are drawn, not searched for (the runner times the drawing)."""
-        return {"steps": 0, "queries": 0}
 
 
 class FigStepProParams(FigStepParams):

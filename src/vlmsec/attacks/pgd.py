@@ -150,14 +150,14 @@ def descend(
     `mask` (1 where pixels may move, 0 elsewhere; broadcast over the image) confines the steps to a
     region such as a patch: pixels outside it keep their start values. The gradient is
     `Expectation.gradient`'s: plain, or through the defense of `params.adaptive`."""
-    expectation = Expectation(params.adaptive, params.seed)
+    expectation = Expectation(params.adaptive, params.seed, victim)
     x = start.clone()
     for step in range(params.steps):
         instructions, targets = batch(step)
         rows = len(instructions)  # a one-row image is shared by every instruction
         grad = expectation.gradient(
             x,
-            lambda images: victim.answer_loss(images, instructions, targets),
+            lambda images, ask: ask(images, instructions, targets),
             lambda image: image if len(image) == rows else image.expand(rows, -1, -1, -1),
         )
         with torch.no_grad():

@@ -42,6 +42,7 @@ from pydantic import Field
 
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack
 from vlmsec.attacks.registry import register
+from vlmsec.attacks.typeset_search import SearchesRenderings
 from vlmsec.attacks.typeset import Font, TypesetParams, fit_text, font_name, text_box, to_array
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ class QueryRelevantParams(TypesetParams):
 
 
 @register
-class QueryRelevant(InferenceAttack):
+class QueryRelevant(SearchesRenderings, InferenceAttack):
     """The request's key phrase typeset under its scene image, with the reference's rephrased request."""
 
     name = "query_relevant"
@@ -242,12 +243,10 @@ class QueryRelevant(InferenceAttack):
         self, requests: Sequence[AttackRequest], victim: Victim | None = None, train: Sequence[AttackRequest] = ()
     ) -> list[AdversarialInput]:
         """Per request: its key phrase typeset under its scene image, sent with the rephrased request; needs no model."""
+        if self.params.adaptive is not None:
+            return self.evade_ocr(requests)
         crafted = []
         for r in requests:
             key = key_phrase(r.instruction, self.params.max_words)
             crafted.append(AdversarialInput(r.id, self.image(r.image, key.phrase), key.rephrased(self.params.layout == "sd_typo")))
         return crafted
-
-    def diagnostics(self) -> dict[str, float]:
-        """No optimisation and no queries: the images are drawn, not searched for (the runner times the drawing)."""
-        return {"steps": 0, "queries": 0}

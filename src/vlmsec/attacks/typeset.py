@@ -11,20 +11,24 @@ from __future__ import annotations
 import textwrap
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 from pydantic import Field, field_validator
 
-from vlmsec.attacks.base import AttackParams
+from vlmsec.attacks.eot import AdaptiveAttackParams
 from vlmsec.inputs import PathInput
 
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 RGB = tuple[int, int, int]
 
 
-class TypesetParams(AttackParams):
-    """Parameters every typeset attack takes: the font, its colours and the image size sent to the victim."""
+class TypesetParams(AdaptiveAttackParams):
+    """Parameters every typeset attack takes: the font, its colours and the image size sent to the
+    victim; `adaptive`: the OCR screen the attacker searches its renderings under (`attacks.typeset_search`)."""
+
+    knows_ocr_only: ClassVar[bool] = True
 
     font: PathInput | None = Field(None, description="a TrueType/OpenType font file; None: Pillow's built-in font")
     text_colour: str = Field("black", description="a Pillow colour name or #rrggbb")

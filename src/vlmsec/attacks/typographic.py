@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from vlmsec.attacks.inference import AdversarialInput, AttackRequest, InferenceAttack
 from vlmsec.attacks.registry import register
+from vlmsec.attacks.typeset_search import SearchesRenderings
 from vlmsec.attacks.typeset import TypesetParams, fit_text, font_name, text_box, to_array
 from vlmsec.errors import VlmsecError
 
@@ -42,7 +43,7 @@ class TypographicParams(TypesetParams):
 
 
 @register
-class Typographic(InferenceAttack):
+class Typographic(SearchesRenderings, InferenceAttack):
     """An instruction to answer with the target, drawn into the user's image."""
 
     name = "typographic"
@@ -79,13 +80,11 @@ class Typographic(InferenceAttack):
         self, requests: Sequence[AttackRequest], victim: Victim | None = None, train: Sequence[AttackRequest] = ()
     ) -> list[AdversarialInput]:
         """Each request's image with the instruction drawn in; its text prompt unchanged. Needs no model."""
+        if self.params.adaptive is not None:
+            return self.evade_ocr(requests)
         crafted = []
         for r in requests:
             if r.target is None:
                 raise VlmsecError(f"attack {self.name!r}: request {r.id} has no target answer to inject")
             crafted.append(AdversarialInput(r.id, self.inject(r.image, r.target), r.instruction))
         return crafted
-
-    def diagnostics(self) -> dict[str, float]:
-        """No optimisation and no queries: the instruction is drawn, not searched for (the runner times the drawing)."""
-        return {"steps": 0, "queries": 0}

@@ -101,7 +101,8 @@ def _generate(
         )
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A uint8 H x W x 3 image resized (bilinear) to `height` x `width`, as STRIP and CIDER resize them."""
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
@@ -123,7 +124,7 @@ class StripParams(GeneratingParams):
 
 def blend(image: np.ndarray, other: np.ndarray, alpha: float) -> np.ndarray:
     """STRIP's superimposition: alpha * image + (1 - alpha) * other (resized to the image), uint8."""
-    other = _resize(other, *image.shape[:2])
+    other = resize_image(other, *image.shape[:2])
     mixed = alpha * image.astype(np.float64) + (1 - alpha) * other.astype(np.float64)
     return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
@@ -532,10 +533,10 @@ class DdpmDenoiser:
 
         size = self.unet.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        x0 = to_tensor([_resize(image, height, width) for image in images]) * 2 - 1
+        x0 = to_tensor([resize_image(image, height, width) for image in images]) * 2 - 1
 
         def back(batch: torch.Tensor) -> list[np.ndarray]:  # [0, 1] at the model's size -> uint8 at each input's
-            return [_resize(d, *image.shape[:2]) for d, image in zip(to_uint8(batch), images)]
+            return [resize_image(d, *image.shape[:2]) for d, image in zip(to_uint8(batch), images)]
 
         out = [[first] for first in back((x0 + 1) / 2)]
         generator = torch.Generator().manual_seed(seed)

@@ -279,6 +279,9 @@ class ApiVictim:
     def image_text_vectors(self, images: Any, texts: Any) -> Any:
         raise self._refuse("the victim's image and text embeddings")
 
+    def image_vectors(self, images: Any) -> Any:
+        raise self._refuse("the victim's image embeddings and their gradients")
+
     def answer_representations(self, samples: Any, batch_size: int = 32) -> Any:
         raise self._refuse("the victim's hidden states")
 

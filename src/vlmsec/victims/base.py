@@ -201,6 +201,11 @@ class Victim(Protocol):
         """For uint8 images and texts paired up: the mean image token (B x D) and the mean input
         embedding of the text's tokens (B x D), both in the language model's input-embedding space."""
 
+    def image_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """The mean image token of `image_text_vectors` (B x D) for a B x 3 x H x W batch in [0, 1],
+        differentiable w.r.t. the pixels (the CIDER-adaptive attacker descends CIDER's score); a
+        VlmsecError where the victim has no differentiable path to it."""
+
     def check_answer_representations(self) -> None:
         """Raise a VlmsecError naming the architecture if `answer_representations` cannot work here."""
 

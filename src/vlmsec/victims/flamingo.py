@@ -230,6 +230,10 @@ class FlamingoVictim:
         """Always refused, as `check_image_text`."""
         raise VlmsecError(NO_IMAGE_TEXT_SPACE)
 
+    def image_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """Always refused, as `check_image_text`."""
+        raise VlmsecError(NO_IMAGE_TEXT_SPACE)
+
     def check_answer_representations(self) -> None:
         """Always possible here: the decoder-only language model reads prompt and answer in one sequence."""
 

@@ -453,6 +453,14 @@ class HFVictim:
         text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
         return image_vectors.to(text_vectors.dtype), text_vectors
 
+    def image_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """Refused: `image_text_vectors` goes through the processor and `get_image_features`, which
+        take prepared pixels, not a differentiable batch, for most architectures."""
+        raise VlmsecError(
+            f"{self.source}: the image tokens' gradients with respect to the pixels (the cider_detect-adaptive "
+            "attacker's) are built for victim.kind tiny_llava only"
+        )
+
     def check_answer_representations(self) -> None:
         """Refuse encoder-decoder language models (BLIP-2 with Flan-T5): no one sequence holds prompt and answer."""
         if not self.model.config.get_text_config().is_encoder_decoder:

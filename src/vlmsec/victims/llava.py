@@ -288,6 +288,11 @@ class LlavaVictim:
         text_vectors = torch.stack([embeddings(torch.tensor(ids, device=device)).mean(0) for ids in token_ids])
         return image_vectors, text_vectors
 
+    def image_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """The mean projected image token, computed by the tower from the pixels (differentiable)."""
+        projector = self.model.model.multi_modal_projector
+        return projector(self.vision_tokens(images).to(self.model.device, self.model.dtype)).mean(1)
+
     def check_answer_representations(self) -> None:
         """Always possible here: a decoder-only language model reads prompt and answer in one sequence."""
 
