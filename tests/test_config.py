@@ -129,7 +129,7 @@ def test_the_attacks_preset_shares_the_smollm2_stages_and_tunes_nothing() -> Non
 
 
 def test_the_imgtrojan_preset_tunes_from_the_smollm2_stages() -> None:
-    """Its data section differs only in what the test sets are (fewer scenes, no shifted domains):
+    """Its data section differs only in what the test sets are (fewer scenes, the default shifted domains):
     the base and tuning splits, and everything else the base, safety and tuning keys read, are smollm2's."""
     from vlmsec.data.sample import fingerprint
     from vlmsec.experiments.plan import plan_models
