@@ -128,6 +128,24 @@ def test_the_attacks_preset_shares_the_smollm2_stages_and_tunes_nothing() -> Non
     assert plan_models(attacks) == [] and attacks.inference.requests is not None
 
 
+def test_the_imgtrojan_preset_tunes_from_the_smollm2_stages() -> None:
+    """Its data section differs only in what the test sets are (fewer scenes, the default shifted domains):
+    the base and tuning splits, and everything else the base, safety and tuning keys read, are smollm2's."""
+    from vlmsec.data.sample import fingerprint
+    from vlmsec.experiments.plan import plan_models
+    from vlmsec.experiments.splits import build_splits
+
+    study, trojan = load_config("smollm2"), load_config("smollm2-imgtrojan")
+    for part in ("victim", "base", "tuning", "seed"):
+        assert getattr(trojan, part) == getattr(study, part), part
+    assert trojan.safety is not None and study.safety is not None
+    assert trojan.safety.model_dump(exclude={"test_size"}) == study.safety.model_dump(exclude={"test_size"})
+    mine, theirs = build_splits(trojan), build_splits(study)
+    assert fingerprint(mine.base) == fingerprint(theirs.base) and fingerprint(mine.train) == fingerprint(theirs.train)
+    assert len(mine.tests["source"]) == trojan.safety.test_size == 50
+    assert [(p.name, p.rate) for p in plan_models(trojan)] == [("clean", 0.0), ("imgtrojan", 0.01)]
+
+
 def test_presets_command_lists_quickstart() -> None:
     result = CliRunner().invoke(app, ["presets"])
     assert result.exit_code == 0, result.output

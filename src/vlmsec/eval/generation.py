@@ -61,34 +61,58 @@ def generate_records(
     ]
 
 
+def generation_key(model: str, model_key: str, settings: dict[str, Any], test: TestSet) -> str:
+    """The cache key of one test set's generations: the model (run name and stage key), the
+    generation `settings` and the set's exact inputs (domain, trigger, control, samples)."""
+    return stable_hash(
+        {
+            "model": [model, model_key],
+            "eval": settings,
+            "inputs": [test.domain, test.trigger, test.control, fingerprint(test.samples)],
+        }
+    )
+
+
 def cached_generations(
     victim: Victim, model: str, tests: list[TestSet], settings: dict[str, Any], model_key: str, path: Path
 ) -> list[dict[str, Any]]:
-    """Generations for every test set, reused from `path` when nothing that made them changed.
+    """Generations for every test set, each set reused from `path` when nothing that made it changed.
 
-    The cache is keyed by the model's stage key, the generation `settings` (max_new_tokens,
-    batch_size, ...) and the exact inputs, so a killed run that starts again regenerates
-    nothing it had finished, and a changed test set is never served stale. The file is sealed
-    with a hash of its content: a damaged one is reported and its generations made again.
+    The file holds one entry per test set (`generation_key`) and is rewritten after every set
+    generated: a run killed midway regenerates only the sets it had not finished, a model given
+    one more test set (another attack's, a new domain) generates that set alone, and a changed
+    set is never served stale. Entries of sets no longer asked for are dropped. The file is
+    sealed with a hash of its content: a damaged one is reported and every set generated again.
     """
-    key = stable_hash(
-        {
-            "model": model_key,
-            "eval": settings,
-            "inputs": [[t.domain, t.trigger, t.control, fingerprint(t.samples)] for t in tests],
-        }
-    )
-    if path.is_file():
-        try:
-            cached = read_json_sealed(path)
-        except CorruptFile as err:
-            console.print(f"{err}: generating again")
-        else:
-            if cached.get("key") == key:
-                console.print(f"{model}: generations found in {path}")
-                return cached["records"]
-    records: list[dict[str, Any]] = []
-    for test in tests:
-        records += generate_records(victim, model, test, settings["max_new_tokens"], settings["batch_size"])
-    write_json_sealed(path, {"key": key, "records": records})
-    return records
+    keys = [generation_key(model, model_key, settings, t) for t in tests]
+    found = _cached_sets(path)
+    sets = {k: found[k] for k in keys if k in found}
+    reused = sum(k in sets for k in keys)
+    if reused == len(keys):
+        console.print(f"{model}: generations found in {path}")
+    elif reused:
+        console.print(f"{model}: generations of {reused} of {len(keys)} test sets found in {path}; generating the rest")
+    if found.keys() - sets.keys():  # entries of sets no longer asked for
+        write_json_sealed(path, {"sets": sets})
+    for test, key in zip(tests, keys):
+        if key not in sets:
+            sets[key] = generate_records(victim, model, test, settings["max_new_tokens"], settings["batch_size"])
+            write_json_sealed(path, {"sets": sets})
+    return [record for key in keys for record in sets[key]]
+
+
+def _cached_sets(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The per-set entries of a generations file, or none (no file; a damaged one or one written
+    by an older vlmsec, reported)."""
+    if not path.is_file():
+        return {}
+    try:
+        cached = read_json_sealed(path)
+    except CorruptFile as err:
+        console.print(f"{err}: generating again")
+        return {}
+    sets = cached.get("sets")
+    if not isinstance(sets, dict):
+        console.print(f"{path}: one entry for every test set (an older vlmsec's file): generating again")
+        return {}
+    return sets
