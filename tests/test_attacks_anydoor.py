@@ -30,20 +30,11 @@ from vlmsec.experiments.runner import Runner
 from vlmsec.report.inference import inference_section
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tiny_llava import build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
-from vlmsec.victims.vision import VitTowerSpec
-from victim_checks import spy_on_answer_losses
+from victim_checks import TINY_VIT_LLAVA, spy_on_answer_losses
 
-SPEC = TinyLlavaSpec(
-    image_size=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=2,
-    vocab_size=300,
-    vision=VitTowerSpec(kind="vit", patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
-)
+SPEC = TINY_VIT_LLAVA
 TRAINING = TrainingSpec(mode="full", epochs=100, batch_size=8, learning_rate=1e-2, warmup_ratio=0.1)
 INSTRUCTION = "Describe the image briefly."
 TARGET = "The image depicts banana"

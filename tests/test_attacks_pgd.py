@@ -22,22 +22,13 @@ from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
 from vlmsec.train.tuning import TrainingSpec, train_victim
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
+from vlmsec.victims.tiny_llava import build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
-from vlmsec.victims.vision import VitTowerSpec
-from victim_checks import spy_on_answer_losses
+from victim_checks import TINY_VIT_LLAVA, spy_on_answer_losses
 
 # A ViT tower trained with the LM: a frozen EfficientNet's features barely move a freshly trained tiny
 # LM, and sign steps on them oscillate; a jointly trained tower makes the answer follow the image.
-SPEC = TinyLlavaSpec(
-    image_size=32,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=2,
-    vocab_size=300,
-    vision=VitTowerSpec(kind="vit", patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
-)
+SPEC = TINY_VIT_LLAVA
 TRAINING = TrainingSpec(mode="full", epochs=300, batch_size=8, learning_rate=1e-2, warmup_ratio=0.1)
 INSTRUCTION = "Describe the image briefly."
 

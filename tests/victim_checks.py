@@ -17,6 +17,19 @@ from vlmsec.victims import generation
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
 from vlmsec.victims.tokenizer import train_tokenizer
+from vlmsec.victims.vision import VitTowerSpec
+
+
+# The tiny LLaVA with a ViT tower the white-box attack tests train with the LM (sign steps move its answer).
+TINY_VIT_LLAVA = TinyLlavaSpec(
+    image_size=32,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    vocab_size=300,
+    vision=VitTowerSpec(kind="vit", patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2),
+)
 
 
 def count_vision_embedding_calls(monkeypatch: pytest.MonkeyPatch, victim_class: type) -> list[int]:
