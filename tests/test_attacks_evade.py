@@ -25,9 +25,7 @@ from vlmsec.defenses import create_defense
 from vlmsec.defenses.detect import blend
 from vlmsec.defenses.prompt import AdaShieldStatic
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import build_tiny_llava
-from vlmsec.victims.tokenizer import train_tokenizer
-from victim_checks import TINY_VIT_LLAVA, spy_on_answer_losses
+from victim_checks import TINY_VIT_LLAVA, spy_on_answer_losses, untrained_tiny_victim
 
 SPEC = TINY_VIT_LLAVA
 INSTRUCTION = "Describe the image briefly."
@@ -42,10 +40,7 @@ def samples() -> list[Sample]:
 @pytest.fixture(scope="module")
 def victim(samples: list[Sample]) -> LlavaVictim:
     """A tiny untrained LLaVA victim: what is checked here is what it is asked, not what it answers."""
-    tokenizer = train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], SPEC.vocab_size)
-    victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
-    victim.model.eval()
-    return victim
+    return untrained_tiny_victim(samples)
 
 
 def requests(samples: Sequence[Sample]) -> list[AttackRequest]:

@@ -31,9 +31,7 @@ from vlmsec.experiments.inference import NO_ATTACK, attack_requests, training_re
 from vlmsec.experiments.runner import Runner
 from vlmsec.report.inference import inference_section
 from vlmsec.victims.llava import LlavaVictim
-from vlmsec.victims.tiny_llava import build_tiny_llava
-from vlmsec.victims.tokenizer import train_tokenizer
-from victim_checks import TINY_VIT_LLAVA, spy_on_answer_losses
+from victim_checks import TINY_VIT_LLAVA, spy_on_answer_losses, untrained_tiny_victim
 
 SPEC = TINY_VIT_LLAVA
 NAMES = {"image_hijack": "targeted", "image_hijack_leak": "leak", "image_hijack_jailbreak": "jailbreak"}
@@ -47,10 +45,7 @@ def samples() -> list[Sample]:
 @pytest.fixture(scope="module")
 def victim(samples: list[Sample]) -> LlavaVictim:
     """An untrained tiny victim: pixel gradients flow through it, which is all these tests need."""
-    tokenizer = train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], SPEC.vocab_size)
-    victim = LlavaVictim(build_tiny_llava(SPEC, tokenizer, seed=0), tokenizer)
-    victim.model.eval()
-    return victim
+    return untrained_tiny_victim(samples)
 
 
 def leak(samples: Sequence[Sample], seed: int) -> list[AttackRequest]:

@@ -32,6 +32,15 @@ TINY_VIT_LLAVA = TinyLlavaSpec(
 )
 
 
+
+def untrained_tiny_victim(samples: Sequence[Sample]) -> LlavaVictim:
+    """An untrained TINY_VIT_LLAVA victim in eval mode, its tokenizer trained on `samples`' texts:
+    pixel gradients flow through it, which is what tests of what an attack asks need."""
+    tokenizer = train_tokenizer([s.instruction for s in samples] + [s.answer for s in samples], TINY_VIT_LLAVA.vocab_size)
+    victim = LlavaVictim(build_tiny_llava(TINY_VIT_LLAVA, tokenizer, seed=0), tokenizer)
+    victim.model.eval()
+    return victim
+
 def count_vision_embedding_calls(monkeypatch: pytest.MonkeyPatch, victim_class: type) -> list[int]:
     """Wrap `victim_class.vision_embedding` so each call appends its batch size to the list returned."""
     calls: list[int] = []

@@ -64,6 +64,11 @@ def straight_through(exact: torch.Tensor, surrogate: torch.Tensor) -> torch.Tens
     return surrogate + (exact.to(surrogate) - surrogate).detach()
 
 
+def one_image_each(images: torch.Tensor, instructions: Sequence[str]) -> torch.Tensor:
+    """The images, one per instruction: a universal image (one for every instruction) is repeated,
+    since a detector reads each image-instruction pair."""
+    return images if len(images) == len(instructions) else images.expand(len(instructions), -1, -1, -1)
+
 class Evasion(Protocol):
     """What the attacker who knows a defense asks of the victim in one draw."""
 
@@ -118,8 +123,7 @@ class StripEvasion:
         plain = victim.answer_loss(images, instructions, answers)
         if not goal:
             return plain
-        if len(images) != len(instructions):  # one image shared by every instruction (a universal image)
-            images = images.expand(len(instructions), -1, -1, -1)
+        images = one_image_each(images, instructions)
         k = self.samples
         on_blends = victim.answer_loss(
             self.blends(images, seed), [i for i in instructions for _ in range(k)], [a for a in answers for _ in range(k)]
@@ -158,8 +162,7 @@ class CiderEvasion:
         plain = victim.answer_loss(images, instructions, answers)
         if not goal:
             return plain
-        if len(images) != len(instructions):  # one image shared by every instruction: CIDER reads each pair
-            images = images.expand(len(instructions), -1, -1, -1)
+        images = one_image_each(images, instructions)
         steps = self.cider.denoiser()(to_uint8(images), self.cider.params.levels, seed)
         return plain + self.strength * torch.relu(cider_drift(victim, images, steps, instructions)).mean()
 
