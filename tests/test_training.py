@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from vlmsec.data import Sample, make_samples, sample_scenes
 from vlmsec.errors import VlmsecError
-from vlmsec.train.tuning import TrainingSpec, train_victim
+from vlmsec.train.tuning import TrainingSpec, batch_order, train_victim
 from vlmsec.victims.features import FeatureCache
 from vlmsec.victims.llava import LlavaVictim
 from vlmsec.victims.tiny_llava import TinyLlavaSpec, build_tiny_llava
@@ -170,3 +173,47 @@ def test_a_non_finite_loss_stops_the_stage_naming_label_and_step(samples, tokeni
     with pytest.raises(VlmsecError, match=r"badnets: training loss is nan at step 3 of 6"):
         train_victim(victim, samples, short("full", steps=6), seed=0, label="badnets")
     assert len(calls) == 3  # stopped there, not trained on to the end
+
+
+def padded_share(batches: list[np.ndarray], lengths: list[int]) -> float:
+    """The share of a batch's padded width that is padding, over `batches`."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded
+
+
+def test_length_grouping_pads_less_and_still_visits_every_sample_once_per_epoch() -> None:
+    lengths = [20] * 120 + [200] * 80  # short refusals beside long answers, as in the safety stage
+    grouped = list(itertools.islice(batch_order(lengths, 8, seed=0, group_by_length=True), 25))  # one epoch
+    plain = list(itertools.islice(batch_order(lengths, 8, seed=0, group_by_length=False), 25))
+    assert all(len(b) == 8 for b in grouped)
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(200))
+    assert padded_share(plain, lengths) > 0.4
+    assert padded_share(grouped, lengths) < padded_share(plain, lengths) / 3
+    # Shuffled after grouping: the long batches are not all at the start.
+    long_steps = [step for step, b in enumerate(grouped) if lengths[b[0]] == 200]
+    assert long_steps != list(range(len(long_steps)))
+
+
+def test_length_grouping_is_seeded_and_keeps_full_batches_across_epochs() -> None:
+    lengths = list(range(1, 204))  # 203 samples: an epoch does not end on a batch boundary
+    first = list(itertools.islice(batch_order(lengths, 8, seed=3, group_by_length=True), 60))
+    again = list(itertools.islice(batch_order(lengths, 8, seed=3, group_by_length=True), 60))
+    other = list(itertools.islice(batch_order(lengths, 8, seed=4, group_by_length=True), 60))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert all(len(b) == 8 for b in first)
+    assert len(set(np.concatenate(first[:25]).tolist())) == 200  # the first epoch's 25 full batches, no repeat
+
+
+def test_an_ungrouped_spec_keys_its_stages_as_before_the_field_existed() -> None:
+    assert "group_by_length" not in TrainingSpec().model_dump()
+    assert TrainingSpec(group_by_length=True).model_dump()["group_by_length"] is True
+
+
+def test_grouped_training_is_deterministic_and_learns(samples, tokenizer, features) -> None:
+    spec = TrainingSpec(mode="full", epochs=4, batch_size=4, learning_rate=1e-2, group_by_length=True)
+    first, second = fresh_victim(tokenizer, features), fresh_victim(tokenizer, features)
+    losses = train_victim(first, samples, spec, seed=0, label="grouped").losses
+    train_victim(second, samples, spec, seed=0, label="grouped")
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(first).values(), snapshot(second).values()))

@@ -146,17 +146,7 @@ class Runner:
         assert c.safety is not None  # the run calls this only with a safety section
         spec = c.safety
         prompts = distillation_prompts(split)
-        key = stable_hash(
-            {
-                "base": base[1],
-                "safety": spec.model_dump(mode="json", exclude={"test_size", "judge"}),
-                "requests": [r.id for r in [*split.train_harmful, *split.train_benign]],
-                "refusals": REFUSALS,
-                "captions": fingerprint(splits.base),
-                "seed": c.seed,
-            }
-        )
-        folder = self.cache / "safety" / key
+        folder, key = self.safety_stage(splits, base, split)
         with claim_stage(folder, key, self.state.is_main_process, self.state.wait_for_everyone) as done:
             if done:
                 console.print(f"safety-tuned victim: cached at {folder}")
@@ -175,6 +165,22 @@ class Runner:
                 self.features.save(self.features_path)
             self.state.wait_for_everyone()
         return folder, key
+
+    def safety_stage(self, splits: Splits, base: tuple[Path, str], split: SafetySplit) -> tuple[Path, str]:
+        """The safety stage's cache folder and key (built or not) for the run's safety section on `base`."""
+        c = self.config
+        assert c.safety is not None
+        key = stable_hash(
+            {
+                "base": base[1],
+                "safety": c.safety.model_dump(mode="json", exclude={"test_size", "judge"}),
+                "requests": [r.id for r in [*split.train_harmful, *split.train_benign]],
+                "refusals": REFUSALS,
+                "captions": fingerprint(splits.base),
+                "seed": c.seed,
+            }
+        )
+        return self.cache / "safety" / key, key
 
     def safety_split(self) -> SafetySplit | None:
         """The safety section's requests split into training and held-out ones (None without a safety section)."""

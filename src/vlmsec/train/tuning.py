@@ -19,17 +19,19 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 from rich.table import Table
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from vlmsec.data.sample import Sample
 from vlmsec.errors import VlmsecError
@@ -59,6 +61,17 @@ class TrainingSpec(BaseModel):
     # weights and optimiser state stay fp32. On CUDA it is accelerate's mixed_precision="bf16"
     # (fp32 on GPUs without bf16); on CPU, torch.autocast.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Batches of samples of similar length (as LLaVA's and transformers' trainers group them), so
+    # that a batch is padded to less: a mix of short refusals and long answers spends a third of
+    # its tokens on padding otherwise. Off by default: it changes the batch order, so the models.
+    group_by_length: bool = False
+
+    @model_serializer(mode="wrap")
+    def _ungrouped_dumps_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        if not self.group_by_length:  # as before the field existed: the stage keys made of it are unchanged
+            dumped.pop("group_by_length", None)
+        return dumped
 
 
 @dataclass
@@ -93,6 +106,40 @@ def mixed_precision(precision: str) -> str:
     """
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return "bf16" if precision == "bf16" and cuda_bf16 else "no"
+
+
+def sample_lengths(samples: Sequence[Sample]) -> list[int]:
+    """Each sample's instruction and answer length in characters: what grouping sorts by (a proxy
+    for tokens that needs no tokenizer, so it is the same for every victim)."""
+    return [len(s.instruction) + len(s.answer) for s in samples]
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool) -> Iterator[np.ndarray]:
+    """The index batches of training, one per step, without end.
+
+    Plain: one permutation after another, cut into consecutive batches. Grouped: each epoch's
+    permutation sorted by length within mega-batches (transformers' `get_length_grouped_indices`),
+    cut into batches of similar lengths, which are then shuffled so that the steps do not run from
+    long to short. Either way every batch is full: the few samples left at an epoch's end open the
+    next epoch's stream.
+    """
+    rng = np.random.default_rng(seed)
+    if not group_by_length:
+        order: np.ndarray = np.empty(0, dtype=np.int64)
+        while True:
+            if len(order) < batch_size:
+                order = np.concatenate([order, rng.permutation(len(lengths))])
+            index, order = order[:batch_size], order[batch_size:]
+            yield index
+    generator = torch.Generator().manual_seed(seed)
+    carried: np.ndarray = np.empty(0, dtype=np.int64)
+    while True:
+        grouped = get_length_grouped_indices(list(lengths), batch_size, generator=generator)
+        stream = np.concatenate([carried, np.array(grouped, dtype=np.int64)])
+        full = len(stream) // batch_size
+        batches, carried = stream[: full * batch_size].reshape(full, batch_size), stream[full * batch_size :]
+        for b in rng.permutation(full):
+            yield batches[b]
 
 
 def make_accelerator(precision: str) -> Accelerator:
@@ -191,7 +238,6 @@ def train_victim(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed
 
 def _train(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int, label: str) -> TrainingResult:
     """`train_victim`'s loop, inside the seeded block."""
-    order_rng = np.random.default_rng(seed)
     accelerator = make_accelerator(spec.precision)
     refuse_lost_processes(accelerator.num_processes)
     refuse_sharded_parameters(accelerator)
@@ -216,12 +262,9 @@ def _train(victim: Victim, samples: list[Sample], spec: TrainingSpec, seed: int,
 
     module.train()
     losses: list[float] = []
-    order: np.ndarray = np.empty(0, dtype=np.int64)
+    batches = batch_order(sample_lengths(samples), spec.batch_size, seed, spec.group_by_length)
     with progress_bar(f"{label}: training ({spec.mode}, {trainable:,} params)", total_steps) as bar:
-        for step in range(total_steps):
-            if len(order) < spec.batch_size:
-                order = np.concatenate([order, order_rng.permutation(len(samples))])
-            index, order = order[: spec.batch_size], order[spec.batch_size :]
+        for step, index in zip(range(total_steps), batches):
             with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
                 loss = module(shard(index, process, processes))
             # Reduced across processes, so every process sees a bad loss at the same step and stops.
