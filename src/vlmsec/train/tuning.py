@@ -63,7 +63,7 @@ class TrainingSpec(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     # Batches of samples of similar length (as LLaVA's and transformers' trainers group them), so
     # that a batch is padded to less: a mix of short refusals and long answers spends a third of
-    # its tokens on padding otherwise. Off by default: it changes the batch order, so the models.
+    # its tokens on padding otherwise. Off by default: it changes the batch order, and so the model.
     group_by_length: bool = False
 
     @model_serializer(mode="wrap")
