@@ -46,10 +46,14 @@ def token_widths(victim: LlavaVictim, samples: list[Sample], batches: list[np.nd
     return real, padded
 
 
-def one_epoch(samples: list[Sample], spec: TrainingSpec, seed: int, grouped: bool) -> list[np.ndarray]:
-    """The batches of one epoch in the order training would draw them."""
-    steps = math.ceil(len(samples) / spec.batch_size)
-    return list(itertools.islice(batch_order(sample_lengths(samples), spec.batch_size, seed, grouped), steps))
+def epoch_steps(samples: list[Sample], spec: TrainingSpec) -> int:
+    """Steps in one epoch of `samples` at `spec`'s batch size, as training counts them."""
+    return math.ceil(len(samples) / spec.batch_size)
+
+
+def first_batches(samples: list[Sample], spec: TrainingSpec, grouped: bool, steps: int) -> list[np.ndarray]:
+    """The first `steps` batches in the order training draws them with seed 0."""
+    return list(itertools.islice(batch_order(sample_lengths(samples), spec.batch_size, 0, grouped), steps))
 
 
 def main() -> None:
@@ -89,8 +93,8 @@ def main() -> None:
             table.add_row(name, tuning, "", "", "", "")
             continue
         samples, spec = tuning
-        (real, plain), (_, grouped) = (token_widths(victim, samples, one_epoch(samples, spec, 0, g)) for g in (False, True))
-        steps = math.ceil(len(samples) / spec.batch_size)
+        steps = epoch_steps(samples, spec)
+        (real, plain), (_, grouped) = (token_widths(victim, samples, first_batches(samples, spec, g, steps)) for g in (False, True))
         table.add_row(name, str(len(samples)), str(spec.batch_size), f"{1 - real / plain:.0%}", f"{1 - real / grouped:.0%}",
                       f"{plain / steps:.0f} → {grouped / steps:.0f}")
     Console().print(table)
@@ -104,9 +108,8 @@ def main() -> None:
         victim.prepare_training(samples, "image features")  # the tower's features cached before either is timed
         for grouped in (False, True):
             fresh = runner.load_victim(base[0])
-            short = spec.model_copy(update={"epochs": args.steps / math.ceil(len(samples) / spec.batch_size), "group_by_length": grouped})
-            batches = list(itertools.islice(batch_order(sample_lengths(samples), spec.batch_size, 0, grouped), args.steps))
-            real, _ = token_widths(fresh, samples, batches)
+            short = spec.model_copy(update={"epochs": args.steps / epoch_steps(samples, spec), "group_by_length": grouped})
+            real, _ = token_widths(fresh, samples, first_batches(samples, spec, grouped, args.steps))
             start = time.perf_counter()
             train_victim(fresh, samples, short, seed=0, label="grouped" if grouped else "plain")
             seconds = time.perf_counter() - start

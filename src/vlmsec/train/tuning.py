@@ -134,7 +134,7 @@ def batch_order(lengths: Sequence[int], batch_size: int, seed: int, group_by_len
     generator = torch.Generator().manual_seed(seed)
     carried: np.ndarray = np.empty(0, dtype=np.int64)
     while True:
-        grouped = get_length_grouped_indices(list(lengths), batch_size, generator=generator)
+        grouped = get_length_grouped_indices(lengths, batch_size, generator=generator)
         stream = np.concatenate([carried, np.array(grouped, dtype=np.int64)])
         full = len(stream) // batch_size
         batches, carried = stream[: full * batch_size].reshape(full, batch_size), stream[full * batch_size :]
