@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from vlmsec.cli import app
 from vlmsec.errors import VlmsecError
-from vlmsec.experiments.config import ExperimentConfig, load_config, preset_names
+from vlmsec.experiments.config import DataSpec, ExperimentConfig, load_config, preset_names
 from vlmsec.seeds import derive_seed
 
 # (yaml text, pieces the error message must contain besides the file name)
@@ -144,6 +144,47 @@ def test_the_imgtrojan_preset_tunes_from_the_smollm2_stages() -> None:
     assert fingerprint(mine.base) == fingerprint(theirs.base) and fingerprint(mine.train) == fingerprint(theirs.train)
     assert len(mine.tests["source"]) == trojan.safety.test_size == 50
     assert [(p.name, p.rate) for p in plan_models(trojan)] == [("clean", 0.0), ("imgtrojan", 0.01)]
+
+
+def test_a_config_extends_another_section_by_section(tmp_path: Path) -> None:
+    """Sections the child gives replace the parent's whole; the rest, but not the name, are inherited."""
+    write(tmp_path, "name: parent\nseed: 3\ndata: {train_size: 300, test_size: 40}\n"
+          "tuning: {mode: lora, epochs: 2}\npoison: {rate: 0.1}\nattacks: [{name: badnets}]\n", "parent.yaml")
+    child = load_config(write(tmp_path, "extends: parent.yaml\ndata: {train_size: 500}\nattacks: [{name: blended}]\n", "child.yaml"))
+    assert child.seed == 3 and child.tuning.mode == "lora" and child.tuning.epochs == 2 and child.poison.rate == 0.1
+    assert child.data.train_size == 500 and child.data.test_size == DataSpec().test_size  # replaced whole, not merged
+    assert [a.name for a in child.attacks] == ["blended"]
+    assert child.name == ExperimentConfig().name
+
+
+def test_a_config_file_extends_a_preset_and_chains(tmp_path: Path) -> None:
+    write(tmp_path, "name: mine\nextends: smollm2-defenses\ndefenses: [{name: jpeg}]\n")
+    mine, defenses = load_config(tmp_path / "config.yaml"), load_config("smollm2-defenses")
+    for part in ("data", "victim", "base", "safety", "attacks", "inference", "defense"):  # through smollm2-attacks to smollm2
+        assert getattr(mine, part) == getattr(defenses, part), part
+    assert [d.name for d in mine.defenses] == ["jpeg"] and mine.name == "mine"
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"config.yaml": "extends: a.yaml\n", "a.yaml": "extends: config.yaml\n"}, ["extends: a cycle", "a.yaml ->", "config.yaml"]),
+        ({"config.yaml": "extends: ./sub/../config.yaml\n"}, ["extends: a cycle"]),
+        ({"config.yaml": "extends: missing.yaml\n"}, ["extends:", "missing.yaml", "not found"]),
+        ({"config.yaml": "extends: [smollm2]\n"}, ["extends: must name a preset or a config file"]),
+        ({"config.yaml": "extends: a.yaml\n", "a.yaml": "- 1\n"}, ["a.yaml", "must be a mapping"]),
+        ({"config.yaml": "extends: a.yaml\n", "a.yaml": "poison: {rate: 2}\n"}, ["(extends", "a.yaml", "poison.rate"]),
+    ],
+)
+def test_a_bad_parent_is_an_error_naming_the_file(tmp_path: Path, files: dict[str, str], expected: list[str]) -> None:
+    for name, text in files.items():
+        write(tmp_path, text, name)
+    with pytest.raises(VlmsecError) as info:
+        load_config(tmp_path / "config.yaml")
+    message = str(info.value)
+    assert str(tmp_path / "config.yaml") in message
+    for piece in expected:
+        assert piece in message, f"{piece!r} not in {message!r}"
 
 
 def test_presets_command_lists_quickstart() -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from vlmsec.errors import VlmsecError
-from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.config import load_config, parse_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
@@ -46,12 +46,17 @@ def test_the_readme_has_config_examples() -> None:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_config_example_is_valid(block: str) -> None:
+def test_readme_config_example_is_valid(block: str, tmp_path: Path) -> None:
+    """An example is laid over the quickstart preset, or, if it `extends` a preset, loaded as a file."""
     quickstart = yaml.safe_load((resources.files("vlmsec.experiments") / "presets" / "quickstart.yaml").read_text())
     fragment = yaml.safe_load(block)
     assert isinstance(fragment, dict)
     try:
-        parse_config(_overlay(quickstart, fragment), "README example")
+        if "extends" in fragment:
+            (tmp_path / "example.yaml").write_text(block, encoding="utf-8")
+            load_config(tmp_path / "example.yaml")
+        else:
+            parse_config(_overlay(quickstart, fragment), "README example")
     except VlmsecError as err:
         missing = [p for p in _paths(fragment) if re.search(MISSING.format(path=re.escape(p)), str(err))]
         assert missing, str(err)

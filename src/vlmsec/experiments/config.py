@@ -8,6 +8,7 @@ or the name of a packaged preset (`quickstart`).
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -773,9 +774,31 @@ def _read_config_file(path: Path) -> str:
         raise VlmsecError(f"{path}: line {line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the config as UTF-8") from None
 
 
+EXTENDS = "extends"  # a config's key naming the config it starts from
+
+
 def load_config(name_or_path: str | Path, victim_only: bool = False) -> ExperimentConfig:
-    """Load a config from a YAML file, or a packaged preset by name (`victim_only`: see `parse_config`)."""
+    """Load a config from a YAML file, or a packaged preset by name (`victim_only`: see `parse_config`).
+
+    A config may start from another: `extends: <preset or file>` (a file relative to this one's
+    folder; a preset may extend only presets). Each top-level section the config gives replaces
+    the parent's whole section, and the rest are the parent's, except `name`, which is never
+    inherited (two studies would share a run folder). So a study that reuses another's data,
+    victim and stages names them once and writes only what it changes. Relative paths in either
+    file are read against the folder of the config loaded.
+    """
+    data, source, base_dir = _read_mapping(name_or_path, None)
+    data, source = _with_parent(data, source, base_dir, chain=[source])
+    return parse_config(data, source, base_dir, victim_only)
+
+
+def _read_mapping(name_or_path: str | Path, folder: Path | None) -> tuple[Any, str, Path | None]:
+    """The parsed YAML of a config file or packaged preset, the name errors give it, and its folder
+    (None for a preset). `folder`: where a relative path is looked up (the referring config's), or None
+    for the working directory."""
     path = Path(name_or_path)
+    if folder is not None and not path.is_absolute():
+        path = Path(os.path.normpath(folder / path))  # one spelling per file, so a cycle is seen
     if path.suffix in {".yaml", ".yml"} or path.exists():
         text = _read_config_file(path)
         source, base_dir = str(path), path.parent
@@ -783,13 +806,36 @@ def load_config(name_or_path: str | Path, victim_only: bool = False) -> Experime
         text = (resources.files("vlmsec.experiments") / "presets" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
         source, base_dir = f"preset {name_or_path!r}", None
     else:
-        raise VlmsecError(f"{name_or_path}: neither a config file nor a preset; presets: {', '.join(preset_names())}")
+        raise VlmsecError(f"{path}: neither a config file nor a preset; presets: {', '.join(preset_names())}")
     try:
-        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: no tags that build objects
+        return yaml.load(text, Loader=_ConfigLoader), source, base_dir  # a SafeLoader: no tags that build objects
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise VlmsecError(f"{source}:{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     except RecursionError:
         raise VlmsecError(f"{source}: not valid YAML: nested too deeply") from None
-    return parse_config(data, source, base_dir, victim_only)
+
+
+def _with_parent(data: Any, source: str, base_dir: Path | None, chain: list[str]) -> tuple[Any, str]:
+    """`data` with the sections it does not give taken from the config it `extends` (and that one's
+    parent, in turn); the source errors name becomes "<file> (extends <parent>)"."""
+    if not isinstance(data, dict) or EXTENDS not in data:
+        return data, source
+    parent_ref = data[EXTENDS]
+    if not isinstance(parent_ref, str) or not parent_ref.strip():
+        raise VlmsecError(f"{source}: {EXTENDS}: must name a preset or a config file, got {parent_ref!r}")
+    if base_dir is None and parent_ref not in preset_names():
+        raise VlmsecError(f"{source}: {EXTENDS}: {parent_ref!r} is not a preset (a preset extends only presets)")
+    try:
+        parent, parent_source, parent_dir = _read_mapping(parent_ref, base_dir)
+    except VlmsecError as err:
+        raise VlmsecError(f"{source}: {EXTENDS}: {err}") from None
+    if parent_source in chain:
+        raise VlmsecError(f"{source}: {EXTENDS}: a cycle: {' -> '.join([*chain, parent_source])}")
+    parent, parent_source = _with_parent(parent, parent_source, parent_dir, [*chain, parent_source])
+    if not isinstance(parent, dict):
+        raise VlmsecError(f"{source}: {EXTENDS}: {parent_source}: a config must be a mapping of fields, got {type(parent).__name__}")
+    own = {key: value for key, value in data.items() if key != EXTENDS}
+    inherited = {key: value for key, value in parent.items() if key != "name"}
+    return inherited | own, f"{source} (extends {parent_source})"
