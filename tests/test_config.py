@@ -165,6 +165,13 @@ def test_a_config_file_extends_a_preset_and_chains(tmp_path: Path) -> None:
     assert [d.name for d in mine.defenses] == ["jpeg"] and mine.name == "mine"
 
 
+def test_a_presets_parent_is_the_preset_whatever_the_working_folder_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "not: [a config", "smollm2")  # a file named as the parent preset
+    monkeypatch.chdir(tmp_path)
+    attacks = load_config("smollm2-attacks")
+    assert attacks.safety is not None and attacks.safety.training.epochs == 4  # smollm2's safety section
+
+
 @pytest.mark.parametrize(
     ("files", "expected"),
     [

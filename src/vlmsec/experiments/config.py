@@ -787,19 +787,18 @@ def load_config(name_or_path: str | Path, victim_only: bool = False) -> Experime
     victim and stages names them once and writes only what it changes. Relative paths in either
     file are read against the folder of the config loaded.
     """
-    data, source, base_dir = _read_mapping(name_or_path, None)
+    data, source, base_dir = _read_mapping(name_or_path, Path())
     data, source = _with_parent(data, source, base_dir, chain=[source])
     return parse_config(data, source, base_dir, victim_only)
 
 
 def _read_mapping(name_or_path: str | Path, folder: Path | None) -> tuple[Any, str, Path | None]:
     """The parsed YAML of a config file or packaged preset, the name errors give it, and its folder
-    (None for a preset). `folder`: where a relative path is looked up (the referring config's), or None
-    for the working directory."""
-    path = Path(name_or_path)
-    if folder is not None and not path.is_absolute():
-        path = Path(os.path.normpath(folder / path))  # one spelling per file, so a cycle is seen
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    (None for a preset). `folder`: where a relative path is looked up (the working directory for the
+    config given, the referring config's folder for a parent); None when a preset's parent is read,
+    which can only be a preset, whatever files the working directory holds."""
+    path = Path(name_or_path) if folder is None else Path(os.path.normpath(folder / name_or_path))  # one spelling per file
+    if folder is not None and (path.suffix in {".yaml", ".yml"} or path.exists()):
         text = _read_config_file(path)
         source, base_dir = str(path), path.parent
     elif str(name_or_path) in preset_names():
