@@ -804,6 +804,8 @@ def _read_mapping(name_or_path: str | Path, folder: Path | None) -> tuple[Any, s
     elif str(name_or_path) in preset_names():
         text = (resources.files("vlmsec.experiments") / "presets" / f"{name_or_path}.yaml").read_text(encoding="utf-8")
         source, base_dir = f"preset {name_or_path!r}", None
+    elif folder is None:
+        raise VlmsecError(f"{name_or_path!r} is not a preset (a preset extends only presets)")
     else:
         raise VlmsecError(f"{path}: neither a config file nor a preset; presets: {', '.join(preset_names())}")
     try:
@@ -824,8 +826,6 @@ def _with_parent(data: Any, source: str, base_dir: Path | None, chain: list[str]
     parent_ref = data[EXTENDS]
     if not isinstance(parent_ref, str) or not parent_ref.strip():
         raise VlmsecError(f"{source}: {EXTENDS}: must name a preset or a config file, got {parent_ref!r}")
-    if base_dir is None and parent_ref not in preset_names():
-        raise VlmsecError(f"{source}: {EXTENDS}: {parent_ref!r} is not a preset (a preset extends only presets)")
     try:
         parent, parent_source, parent_dir = _read_mapping(parent_ref, base_dir)
     except VlmsecError as err:
