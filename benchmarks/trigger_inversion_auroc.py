@@ -30,11 +30,11 @@ from vlmsec.experiments.config import ExperimentConfig, load_config
 from vlmsec.experiments.runner import Runner
 
 
-def seeded_config(config: Path, name: str, seed: int, out: Path) -> ExperimentConfig:
+def seeded_config(config: Path, study: str, seed: int, out: Path) -> ExperimentConfig:
     """`config` at another top-level seed: a config file that extends it, so every seed derived from
     the top-level one (poisoned ids, attacks, scans) is derived anew, as for a user's own config."""
-    path = out / f"{name}-seed{seed}.yaml"
-    text = yaml.safe_dump({"extends": str(config.resolve()), "name": f"{name}-seed{seed}", "seed": seed})
+    path = out / f"{study}-seed{seed}.yaml"
+    text = yaml.safe_dump({"extends": str(config.resolve()), "name": f"{study}-seed{seed}", "seed": seed})
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
     return load_config(path)
@@ -67,11 +67,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/trigger-inversion-seeds"))
     args = parser.parse_args()
-    name = load_config(args.config).name
+    study = load_config(args.config).name
 
     per_seed: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
     for seed in args.seeds:
-        per_seed[seed] = scan_scores(Runner(seeded_config(args.config, name, seed, args.out), args.out / f"seed-{seed}").run())
+        per_seed[seed] = scan_scores(Runner(seeded_config(args.config, study, seed, args.out), args.out / f"seed-{seed}").run())
 
     console = Console(width=160)
     for label in sorted({label for scans in per_seed.values() for label in scans}):
