@@ -40,13 +40,9 @@ def seeded_config(config: Path, study: str, seed: int, out: Path) -> ExperimentC
     return load_config(path)
 
 
-def scan_scores(metrics: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per scan label, each model's `{"score", "backdoored"}` from a run's metrics."""
-    return {
-        label: entry["scan"]["models"]
-        for label, entry in metrics["defenses"]["defenses"].items()
-        if "scan" in entry
-    }
+def scan_results(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per scan label, the run's `scan` record: each model's `{"score", "backdoored"}` and the run's own AUROC."""
+    return {label: entry["scan"] for label, entry in metrics["defenses"]["defenses"].items() if "scan" in entry}
 
 
 def pooled_auroc(clean: list[float], backdoored: list[float]) -> tuple[float, tuple[float, float]]:
@@ -69,23 +65,23 @@ def main() -> None:
     args = parser.parse_args()
     study = load_config(args.config).name
 
-    per_seed: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
+    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in args.seeds:
-        per_seed[seed] = scan_scores(Runner(seeded_config(args.config, study, seed, args.out), args.out / f"seed-{seed}").run())
+        per_seed[seed] = scan_results(Runner(seeded_config(args.config, study, seed, args.out), args.out / f"seed-{seed}").run())
 
     console = Console(width=160)
     for label in sorted({label for scans in per_seed.values() for label in scans}):
-        models = {(seed, name): m for seed, scans in per_seed.items() for name, m in scans.get(label, {}).items()}
+        models = {(seed, name): m for seed, scans in per_seed.items() for name, m in scans.get(label, {}).get("models", {}).items()}
         clean = [m["score"] for m in models.values() if not m["backdoored"]]
         table = Table(title=f"{label}: scores per seed (clean first), and each run's own AUROC")
         names = sorted({name for _, name in models}, key=lambda n: (n != "clean", n))
         for column in ("seed", *names, "run AUROC"):
             table.add_column(column)
         for seed, scans in per_seed.items():
-            row = scans.get(label, {})
-            run_clean = [m["score"] for m in row.values() if not m["backdoored"]]
-            run_back = [m["score"] for m in row.values() if m["backdoored"]]
-            table.add_row(str(seed), *(f"{row[n]['score']:.2f}" if n in row else "–" for n in names), f"{auroc(run_clean, run_back):.2f}")
+            scan = scans.get(label, {})
+            row, area = scan.get("models", {}), scan.get("auroc")
+            table.add_row(str(seed), *(f"{row[n]['score']:.2f}" if n in row else "–" for n in names),
+                          f"{area:.2f}" if isinstance(area, float) else "not measured")
         console.print(table)
         area, (low, high) = pooled_auroc(clean, [m["score"] for m in models.values() if m["backdoored"]])
         console.print(f"{label}: pooled AUROC {area:.2f} [{low:.2f}, {high:.2f}] over {len(clean)} clean and {len(models) - len(clean)} backdoored models")
