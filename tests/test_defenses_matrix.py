@@ -10,11 +10,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_end_to_end import SMALL_RUN
 
 from vlmsec.data.sample import Sample
 from vlmsec.defenses import DEFENSES, DataFilter, Detector, Flags, ModelRepair, ModelScan, Purifier, ScanResult, create_defense
 from vlmsec.defenses.base import DefenseParams
+from vlmsec.defenses.detect import auroc
 from vlmsec.errors import VlmsecError
 from vlmsec.experiments.config import parse_config
 from vlmsec.eval.metrics import wilson_interval
@@ -25,6 +27,7 @@ from vlmsec.experiments.defenses import (
     DefenseResults,
     filter_scores,
     headline,
+    noise_detection,
     score_defenses,
     success_scores,
 )
@@ -91,6 +94,8 @@ RUN = {
     "name": "defended",
     "data": {**SMALL_RUN["data"], "shifted": {}},
     "eval": {"max_new_tokens": 24, "shift_size": False},
+    "attacks": [*SMALL_RUN["attacks"], {"name": "pgd", "params": {"epsilon": 0.0627451, "steps": 2}}],
+    "inference": {"requests": 8, "target": "a large red star in the center."},
     "defenses": [
         {"name": "test_identity"},
         {"name": "jpeg", "params": {"quality": 20}},
@@ -158,6 +163,32 @@ def test_a_detector_refuses_what_it_flags_at_its_calibrated_rate(defended: tuple
     flagged = [r for r in records if r["defense"] == "test_darkness" and r.get("flagged")]
     assert flagged and all(r["output"] == REFUSAL for r in flagged)
     assert all("score" in r for r in records if r["defense"] == "test_darkness")
+
+
+def test_a_detector_is_read_against_the_attacks_noise_of_the_same_size(defended: tuple[Path, dict[str, Any]]) -> None:
+    run, metrics = defended
+    cell = _cells(metrics, "test_darkness")["pgd"]
+    noise = cell["detection"]["noise"]
+    assert noise["baseline"] == "uniform noise eps=0.0627451" and noise["flagged"]["n"] == 8
+    saved = sorted((run / "adversarial" / "targeted-uniform-noise-eps-0.0627451").glob("*.png"))
+    cached = json.loads((run / "defenses" / "test_darkness" / "scores" / "base-targeted-uniform_noise_eps_0.0627451.json").read_text())
+    assert cached["scores"] == [-float(np.asarray(Image.open(path)).mean()) for path in saved]  # the saved noise images, scored
+    attacked = [r["score"] for r in _records(run) if r["defense"] == "test_darkness" and r.get("row") == "pgd"]
+    assert noise["auroc"] == auroc(cached["scores"], attacked)
+    assert "not_measured" in _cells(metrics, "test_darkness")["blended"]["detection"]["noise"]  # a trigger, not a budget
+    assert "| test_darkness | pgd | " in (run / "report.md").read_text()
+
+
+def test_noise_detection_reads_the_attack_against_its_noise() -> None:
+    noise = {"baseline": "uniform noise eps=0.1", "scores": [0.1, 0.2, 0.3], "flagged": [False, False, True]}
+    assert noise_detection(noise, [0.4, 0.5])["auroc"] == 1.0  # every attacked input above every noise input
+    assert noise_detection(noise, [0.1, 0.2, 0.3])["auroc"] == 0.5  # the attack scores as noise does
+    assert noise_detection(noise, [0.0])["flagged"]["rate"] == pytest.approx(1 / 3)
+    assert "not_measured" in noise_detection(None, [0.4])
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "defenses.jsonl").read_text().splitlines()]
 
 
 def test_a_detector_is_calibrated_on_held_out_renders_never_tuned_or_tested_on(defended: tuple[Path, dict[str, Any]]) -> None:

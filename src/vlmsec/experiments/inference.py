@@ -249,13 +249,23 @@ class InferenceStage:
             return None
         return cached
 
-    def noise(self, goal: str, epsilon: float, requests: Sequence[AttackRequest]) -> list[dict[str, Any]]:
-        """The noise baseline's records: the requests' clean images with uniform noise of `epsilon`,
-        saved and read back, the text unchanged."""
-        label = noise_label(epsilon)
-        noisy = uniform_noise([r.image for r in requests], epsilon, seed=derive_seed(self.seed, f"inference/{goal}/{label}"))
-        inputs = self.saved(slug(f"{goal}-{label}"), [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, noisy)])
-        return self.answers(label, goal, inputs, requests, attacked=False)
+    def noise(
+        self, key: str, attack: InferenceAttack, requests: Sequence[AttackRequest], inputs: Sequence[AdversarialInput]
+    ) -> tuple[str, list[AdversarialInput]]:
+        """The perturbation attack `key`'s random baseline of its own size, with its label, saved and
+        read back: the requests' clean images with uniform noise of its epsilon, the text unchanged
+        (one per goal and size, shared by the attacks that have them); a test-time backdoor's own
+        perturbation of its place, with the trigger in the question (`backdoor_noise_label`)."""
+        if attack.goal == "backdoor":
+            label = backdoor_noise_label(key)
+            noisy = attack.noise([r.image for r in requests], seed=derive_seed(self.seed, f"inference/backdoor/{key}/noise"))
+            items = [AdversarialInput(i.id, image, i.instruction) for i, image in zip(inputs, noisy, strict=True)]
+            return label, self.saved(slug(f"backdoor-{label}"), items)
+        assert attack.epsilon is not None
+        label = noise_label(attack.epsilon)
+        noisy = uniform_noise([r.image for r in requests], attack.epsilon, seed=derive_seed(self.seed, f"inference/{attack.goal}/{label}"))
+        items = [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, noisy, strict=True)]
+        return label, self.saved(slug(f"{attack.goal}-{label}"), items)
 
     # ---- answers --------------------------------------------------------------------------
     def answers(
@@ -287,10 +297,7 @@ class InferenceStage:
             "text only": [AdversarialInput(r.id, r.image, i.instruction) for r, i in zip(requests, inputs, strict=True)],
             "neither": [AdversarialInput(r.id, r.image, r.instruction) for r in requests],
         }
-        noisy = attack.noise([r.image for r in requests], seed=derive_seed(self.seed, f"inference/backdoor/{key}/noise"))
-        noise = backdoor_noise_label(key)
-        noisy_inputs = [AdversarialInput(i.id, image, i.instruction) for i, image in zip(inputs, noisy, strict=True)]
-        saved = self.saved(slug(f"backdoor-{noise}"), noisy_inputs)
+        noise, saved = self.noise(key, attack, requests, inputs)
         labels = {"both keys": key, "image only": f"{key} (image only)", "text only": f"{key} (text only)", "neither": NO_ATTACK}
         records = []
         for condition, items in sent.items():
@@ -331,6 +338,8 @@ class InferenceResults:
     sizes: dict[str, dict[str, Any]]
     costs: dict[str, dict[str, Any]]
     inputs: dict[str, tuple[list[AdversarialInput], list[AttackRequest]]] = field(default_factory=dict)
+    # Per perturbation attack, its noise baseline's label and inputs (what a detector is also read against).
+    noise: dict[str, tuple[str, list[AdversarialInput]]] = field(default_factory=dict)
     # Attacks (and the word reading, under READING) whose victim stopped answering (`ApiFailure`), with
     # the reason: recorded as failed while the rest of the run goes on.
     failed: dict[str, str] = field(default_factory=dict)
@@ -363,7 +372,7 @@ def run_attacks(
             results.records += _run_attack(stage, key, attack, harmful, source, target, split, train, results, done)
         except ApiFailure as err:
             results.failed[key] = _failed(key, err)
-            for part in (results.inputs, results.sizes, results.costs):
+            for part in (results.inputs, results.noise, results.sizes, results.costs):
                 part.pop(key, None)
     return results
 
@@ -385,15 +394,18 @@ def _run_attack(
     results.inputs[key] = (inputs, requests)
     results.sizes[key] = attack_sizes(attack, requests, inputs)
     if goal == "backdoor":  # four conditions and a noise baseline of its own; the clean image is one of them
+        results.noise[key] = stage.noise(key, attack, requests, inputs)
         return stage.backdoor(key, attack, requests, inputs)
     records = stage.answers(key, goal, inputs, requests, attacked=True)
     answered = set()
     if (goal, NO_ATTACK) not in done:
         records += stage.baselines(goal, requests)
         answered.add((goal, NO_ATTACK))
-    if attack.epsilon is not None and (goal, noise_label(attack.epsilon)) not in done:
-        records += stage.noise(goal, attack.epsilon, requests)
-        answered.add((goal, noise_label(attack.epsilon)))
+    if attack.epsilon is not None:
+        results.noise[key] = label, noisy = stage.noise(key, attack, requests, inputs)
+        if (goal, label) not in done:
+            records += stage.answers(label, goal, noisy, requests, attacked=False)
+            answered.add((goal, label))
     done |= answered
     return records
 

@@ -535,7 +535,8 @@ class Runner:
         if inference_results is not None:
             rows += [
                 Row(key, attack.goal, inference_results.victim, base[0], base[1], inputs=inputs, requests=requests,
-                    adaptive_to=getattr(getattr(attack.params, "adaptive", None), "defense", None))
+                    adaptive_to=getattr(getattr(attack.params, "adaptive", None), "defense", None),
+                    noise=inference_results.noise.get(key))
                 for key, attack in inference.items()
                 if key in inference_results.inputs  # not an attack that failed (its victim stopped answering)
                 for inputs, requests in [inference_results.inputs[key]]

@@ -127,16 +127,23 @@ def _detection_table(matrix: dict[str, Any]) -> list[str]:
     lines = [
         "### Detectors: attacked vs clean inputs",
         "",
-        "| detector | attack | AUROC | TPR at threshold | FPR on clean test inputs |",
-        "|---|---|---|---|---|",
+        "Beside each AUROC over clean inputs, the AUROC over the attack's noise baseline (random perturbations "
+        "of the same size) and the share of those noise inputs flagged: near 0.5, the detector tells the attack "
+        "no better than noise, so it detects perturbation, not the attack.",
+        "",
+        "| detector | attack | AUROC | TPR at threshold | FPR on clean test inputs | AUROC over noise of the same size | noise flagged |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, row, d in rows:
         if "not_measured" in d:
-            lines.append(f"| {label} | {row} | – ({_why(d)}) | – | – |")
+            lines.append(f"| {label} | {row} | – ({_why(d)}) | – | – | – | – |")
             continue
+        noise = d.get("noise", {})
+        against_noise = (f"{noise['auroc']:.2f}", pct_ci(_rate(noise["flagged"]), noise["flagged"].get("ci"))) if "auroc" in noise \
+            else (f"– ({_why(noise)})" if noise else "–", "–")
         lines.append(
             f"| {label} | {row} | {d['auroc']:.2f} | {pct_ci(_rate(d['tpr']), d['tpr'].get('ci'))} | "
-            f"{pct_ci(_rate(d['fpr']), d['fpr'].get('ci'))} |"
+            f"{pct_ci(_rate(d['fpr']), d['fpr'].get('ci'))} | {against_noise[0]} | {against_noise[1]} |"
         )
     return lines + [""]
 
