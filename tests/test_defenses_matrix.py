@@ -328,3 +328,22 @@ def test_the_report_marks_typeset_rows_on_a_victim_that_does_not_read() -> None:
                "defenses": {"jpeg": {"acts_on": "input", "cells": {"figstep": cell, "pgd": cell}}}}
     lines = "\n".join(defense_section(section, inference={"attacks": {"figstep": {"meaningful": False}, "pgd": {}}}))
     assert "| figstep (jailbreak) † |" in lines and "| pgd (jailbreak) |" in lines and "† Not meaningful" in lines
+
+
+def test_the_detector_table_reads_each_detector_against_the_attacks_noise_or_says_why_not() -> None:
+    from vlmsec.report.defenses import defense_section
+
+    rate = {"rate": 0.5, "ci": [0.2, 0.8], "n": 4}
+    detection = {"auroc": 0.9, "tpr": rate, "fpr": rate}
+    headline = {"headline": {"without": rate, "with": rate}, "utility": {"without": {}, "with": {}}, "adaptive": False}
+    cells = {
+        "pgd": {**headline, "detection": {**detection, "noise": {"auroc": 0.55, "flagged": {"rate": 0.75, "ci": [0.3, 0.95], "n": 4}}}},
+        "badnets": {**headline, "detection": {**detection, "noise": {"not_measured": "not applicable: a tuned backdoor has no noise baseline"}}},
+    }
+    section = {"rows": {"pgd": {"goal": "jailbreak"}, "badnets": {"goal": "backdoor"}},
+               "defenses": {"strip": {"acts_on": "input", "cells": cells}}}
+    lines = defense_section(section)
+    table = lines[lines.index("### Detectors: attacked vs clean inputs"):]
+    pgd, badnets = (next(line for line in table if line.startswith(f"| strip | {row} |")) for row in ("pgd", "badnets"))
+    assert pgd.endswith("| 0.90 | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] | 0.55 | 75.0% [30.0, 95.0] |")
+    assert badnets.endswith("| 0.90 | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] | – (not applicable: a tuned backdoor has no noise baseline) | – |")

@@ -307,6 +307,25 @@ class _SignPattern(InferenceAttack):
         return {"steps": 1}
 
 
+
+def test_the_uniform_noise_of_one_goal_and_size_is_made_once_for_the_attacks_that_share_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlmsec.experiments.inference import InferenceStage, noise_label
+
+    stage = InferenceStage(tmp_path, victim=None, victim_name="base", stage_key="k", settings={}, seed=0)  # type: ignore[arg-type]
+    saved: list[str] = []
+    write = stage.saved
+    monkeypatch.setattr(stage, "saved", lambda folder, inputs: saved.append(folder) or write(folder, inputs))
+    requests = _requests(3)
+    first = stage.noise("a", _SignPattern(), requests, [])
+    second = stage.noise("b", _SignPattern(), requests, [])
+    assert first[0] == second[0] == noise_label(8 / 255) and first[1] is second[1]
+    assert len(saved) == 1 and len(list((tmp_path / "adversarial" / saved[0]).glob("*.png"))) == 3
+    moved = [np.abs(n.image.astype(int) - r.image.astype(int)).max() for n, r in zip(first[1], requests)]
+    assert all(0 < m <= 8 for m in moved)  # uniform noise within epsilon (8/255 is 8 levels)
+
+
 TINY_LM_RUN = {
     "name": "inference-tiny",
     "data": {"base_size": 24, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},

@@ -186,6 +186,7 @@ class InferenceStage:
         self.settings = settings
         self.seed = seed
         self.prefix = prefix  # generation files are generations/<prefix>-<goal>-<label>.json
+        self._uniform_noise: dict[tuple[str, str], list[AdversarialInput]] = {}  # by (goal, label): made once
 
     # ---- inputs ---------------------------------------------------------------------------
     def saved(self, folder: str, inputs: Sequence[AdversarialInput]) -> list[AdversarialInput]:
@@ -263,9 +264,11 @@ class InferenceStage:
             return label, self.saved(slug(f"backdoor-{label}"), items)
         assert attack.epsilon is not None
         label = noise_label(attack.epsilon)
-        noisy = uniform_noise([r.image for r in requests], attack.epsilon, seed=derive_seed(self.seed, f"inference/{attack.goal}/{label}"))
-        items = [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, noisy, strict=True)]
-        return label, self.saved(slug(f"{attack.goal}-{label}"), items)
+        if (attack.goal, label) not in self._uniform_noise:
+            noisy = uniform_noise([r.image for r in requests], attack.epsilon, seed=derive_seed(self.seed, f"inference/{attack.goal}/{label}"))
+            items = [AdversarialInput(r.id, image, r.instruction) for r, image in zip(requests, noisy, strict=True)]
+            self._uniform_noise[attack.goal, label] = self.saved(slug(f"{attack.goal}-{label}"), items)
+        return label, self._uniform_noise[attack.goal, label]
 
     # ---- answers --------------------------------------------------------------------------
     def answers(
@@ -284,25 +287,26 @@ class InferenceStage:
         return records
 
     def backdoor(
-        self, key: str, attack: InferenceAttack, requests: Sequence[AttackRequest], inputs: Sequence[AdversarialInput]
+        self, key: str, requests: Sequence[AttackRequest], inputs: Sequence[AdversarialInput],
+        noise: tuple[str, Sequence[AdversarialInput]],
     ) -> list[dict[str, Any]]:
         """A test-time backdoor's records, each tagged with its `condition` and the request's clean
         `answer`: its crafted `inputs` (the adversarial image with the trigger in the question: both
         keys), the adversarial image with the plain question, the clean image with the trigger, and
-        neither (shared by the goal's attacks); and its noise baseline, the attack's random
-        perturbation of the same size with the trigger (`backdoor_noise_label`)."""
+        neither (shared by the goal's attacks); and its `noise` baseline (label, inputs: `noise`), the
+        attack's random perturbation of the same size with the trigger."""
         sent = {
             "both keys": list(inputs),
             "image only": [AdversarialInput(r.id, i.image, r.instruction) for r, i in zip(requests, inputs, strict=True)],
             "text only": [AdversarialInput(r.id, r.image, i.instruction) for r, i in zip(requests, inputs, strict=True)],
             "neither": [AdversarialInput(r.id, r.image, r.instruction) for r in requests],
         }
-        noise, saved = self.noise(key, attack, requests, inputs)
         labels = {"both keys": key, "image only": f"{key} (image only)", "text only": f"{key} (text only)", "neither": NO_ATTACK}
         records = []
         for condition, items in sent.items():
             records += self._conditioned(labels[condition], key, condition, items, requests)
-        return records + self._conditioned(noise, noise, "both keys", saved, requests)
+        label, noisy = noise
+        return records + self._conditioned(label, label, "both keys", noisy, requests)
 
     def _conditioned(
         self, label: str, attack: str, condition: str, inputs: Sequence[AdversarialInput], requests: Sequence[AttackRequest]
@@ -390,24 +394,36 @@ def _run_attack(
     goal's baselines answered unless `done` has them; its records, returned only when all are answered."""
     goal = attack.goal
     requests, learn_on = craft_requests(key, goal, harmful, source, target, split, train, stage.seed)
-    inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
-    results.inputs[key] = (inputs, requests)
-    results.sizes[key] = attack_sizes(attack, requests, inputs)
+    inputs = craft_into(results, stage, key, attack, requests, learn_on)
     if goal == "backdoor":  # four conditions and a noise baseline of its own; the clean image is one of them
-        results.noise[key] = stage.noise(key, attack, requests, inputs)
-        return stage.backdoor(key, attack, requests, inputs)
+        return stage.backdoor(key, requests, inputs, results.noise[key])
     records = stage.answers(key, goal, inputs, requests, attacked=True)
     answered = set()
     if (goal, NO_ATTACK) not in done:
         records += stage.baselines(goal, requests)
         answered.add((goal, NO_ATTACK))
-    if attack.epsilon is not None:
-        results.noise[key] = label, noisy = stage.noise(key, attack, requests, inputs)
+    if key in results.noise:
+        label, noisy = results.noise[key]
         if (goal, label) not in done:
             records += stage.answers(label, goal, noisy, requests, attacked=False)
             answered.add((goal, label))
     done |= answered
     return records
+
+
+def craft_into(
+    results: InferenceResults, stage: InferenceStage, key: str, attack: InferenceAttack, requests: Sequence[AttackRequest],
+    learn_on: Sequence[AttackRequest],
+) -> list[AdversarialInput]:
+    """Craft attack `key` on `stage`'s victim and put in `results` its inputs with their requests, its
+    size, its cost and, for a perturbation attack or a test-time backdoor, its noise baseline
+    (`InferenceStage.noise`); the crafted inputs are returned."""
+    inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
+    results.inputs[key] = (inputs, requests)
+    results.sizes[key] = attack_sizes(attack, requests, inputs)
+    if attack.goal == "backdoor" or attack.epsilon is not None:
+        results.noise[key] = stage.noise(key, attack, requests, inputs)
+    return inputs
 
 
 def transfer(stage: InferenceStage, attacks: Mapping[str, InferenceAttack], results: InferenceResults) -> list[dict[str, Any]]:
@@ -420,7 +436,7 @@ def transfer(stage: InferenceStage, attacks: Mapping[str, InferenceAttack], resu
             continue  # failed on the deployed victim: nothing crafted to transfer
         inputs, requests = results.inputs[key]
         if attack.goal == "backdoor":  # its four conditions; "neither" is its no-attack row
-            records += stage.backdoor(key, attack, requests, inputs)
+            records += stage.backdoor(key, requests, inputs, results.noise[key])
             continue
         records += stage.answers(key, attack.goal, inputs, requests, attacked=True)
         if attack.goal not in answered:

@@ -165,7 +165,7 @@ def gray_box_transfer(stages: ScanStages) -> None:
     model with its no-attack baseline, judged and scored as the run scores its own; written to
     `run`/gray-box/ (metrics.json's `inference_attacks` section, inference.jsonl, the PNGs)."""
     from vlmsec.experiments.inference import (
-        InferenceResults, InferenceStage, attack_sizes, craft_requests, judge_jailbreaks, score_inference, transfer,
+        InferenceResults, InferenceStage, craft_into, craft_requests, judge_jailbreaks, score_inference, transfer,
     )
     from vlmsec.experiments.safety import AFTER_SAFETY, BEFORE_SAFETY, HARMFUL_IMAGE, safety_test_sets
 
@@ -188,9 +188,7 @@ def gray_box_transfer(stages: ScanStages) -> None:
     results = InferenceResults(AFTER_SAFETY, [], {}, {})
     for key, attack in attacks.items():
         requests, learn_on = craft_requests(key, attack.goal, harmful[:n], splits.tests["source"][:n], target, stages.split, splits.train, c.seed)
-        inputs, results.costs[key] = crafting.craft(key, attack, requests, learn_on)
-        results.inputs[key] = (inputs, requests)
-        results.sizes[key] = attack_sizes(attack, requests, inputs)
+        craft_into(results, crafting, key, attack, requests, learn_on)
     del crafting
     answering = InferenceStage(folder, runner.load_victim(stages.deployed[0]), AFTER_SAFETY, stages.deployed[1], settings, c.seed, prefix=GRAY_BOX)
     results.records = transfer(answering, attacks, results)

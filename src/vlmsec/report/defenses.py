@@ -138,14 +138,19 @@ def _detection_table(matrix: dict[str, Any]) -> list[str]:
         if "not_measured" in d:
             lines.append(f"| {label} | {row} | – ({_why(d)}) | – | – | – | – |")
             continue
-        noise = d.get("noise", {})
-        against_noise = (f"{noise['auroc']:.2f}", pct_ci(_rate(noise["flagged"]), noise["flagged"].get("ci"))) if "auroc" in noise \
-            else (f"– ({_why(noise)})" if noise else "–", "–")
         lines.append(
             f"| {label} | {row} | {d['auroc']:.2f} | {pct_ci(_rate(d['tpr']), d['tpr'].get('ci'))} | "
-            f"{pct_ci(_rate(d['fpr']), d['fpr'].get('ci'))} | {against_noise[0]} | {against_noise[1]} |"
+            f"{pct_ci(_rate(d['fpr']), d['fpr'].get('ci'))} | {_against_noise(d.get('noise', {}))} |"
         )
     return lines + [""]
+
+
+def _against_noise(noise: dict[str, Any]) -> str:
+    """The two noise-baseline cells of a detector row: AUROC over noise and the share of noise flagged;
+    not measured (with the reason) for attacks without one, blank for results written before it existed."""
+    if "auroc" in noise:
+        return f"{noise['auroc']:.2f} | {pct_ci(_rate(noise['flagged']), noise['flagged'].get('ci'))}"
+    return f"– ({_why(noise)}) | –" if noise else "– | –"
 
 
 def _filter_table(matrix: dict[str, Any]) -> list[str]:
