@@ -336,8 +336,8 @@ def test_feature_cache_computes_each_distinct_image_once() -> None:
     images = [a, b, a.copy(), c, b, a]
     feats = cache.get(images, compute, batch_size=2)
     assert feats.shape == (6, 2, 3)
-    assert sorted(compute.seen) == sorted({image_key(a), image_key(b), image_key(c)})
-    assert compute.calls == 2  # 3 distinct images in batches of 2
+    assert set(compute.seen) == {image_key(a), image_key(b), image_key(c)}
+    assert compute.calls == 2 and len(compute.seen) == 4  # 3 distinct images in batches of 2, the last padded
     assert len(cache) == 3
     assert torch.equal(feats[0], feats[2]) and torch.equal(feats[0], feats[5]) and torch.equal(feats[1], feats[4])
     expected = compute([a])[0]
@@ -348,6 +348,22 @@ def test_feature_cache_computes_each_distinct_image_once() -> None:
     assert compute.calls == 3  # only the explicit call above; nothing recomputed
     assert torch.equal(again[0], feats[3]) and torch.equal(again[1], feats[0])
 
+
+
+def test_an_images_features_do_not_depend_on_how_many_others_were_missing_with_it() -> None:
+    """A CPU tower's output for an image moves with the size of its batch (kernels block by it):
+    the cache computes every batch at its full size, so which model met an image first cannot
+    change the features a run reads (a Ray run and a serial run fill the cache in other orders)."""
+
+    def blocked_by_batch_size(images: list[np.ndarray]) -> torch.Tensor:
+        means = torch.tensor(np.stack([img.reshape(-1, 3).mean(0) for img in images]), dtype=torch.float32)
+        return (means + len(images)).unsqueeze(1)  # each output shifted by the batch size, as blocking would
+
+    images = fake_images(5)
+    alone = FeatureCache().get(images[:1], blocked_by_batch_size, batch_size=4)
+    among_others = FeatureCache().get(images, blocked_by_batch_size, batch_size=4)
+    assert torch.equal(alone[0], among_others[0])
+    assert torch.equal(FeatureCache().get(images[4:], blocked_by_batch_size, batch_size=4)[0], among_others[4])
 
 def test_feature_cache_tells_same_bytes_different_shape_apart() -> None:
     image = fake_images(1)[0]

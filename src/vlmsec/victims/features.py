@@ -69,7 +69,13 @@ class FeatureCache:
         on_batch: Callable[[int], None] | None = None,
         scope: str = "",
     ) -> torch.Tensor:
-        """Features for `images` (stacked) in `scope`, computing the uncached ones with `compute`."""
+        """Features for `images` (stacked) in `scope`, computing the uncached ones with `compute`.
+
+        A tower's output for an image depends on the size of the batch it is computed in (CPU
+        kernels block by it), not on the other images: every batch is padded to `batch_size`
+        (repeating its last image), so an image's features never depend on how many others were
+        missing with it, and a run gives the same features whichever model computed them first.
+        """
         keys = [_scoped(scope, img) for img in images]
         missing: dict[str, np.ndarray] = {}
         for key, img in zip(keys, images):
@@ -78,7 +84,8 @@ class FeatureCache:
         todo = list(missing.items())
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            feats = compute([img for _, img in chunk])
+            batch = [img for _, img in chunk]
+            feats = compute(batch + batch[-1:] * (batch_size - len(batch)))
             for (key, _), feat in zip(chunk, feats):
                 self._features[key] = feat.to(device="cpu", dtype=torch.float16).contiguous()
             self._dirty = True
