@@ -24,7 +24,11 @@ from vlmsec.experiments.defenses import (
     LABEL_FLIP,
     NONE,
     REFUSAL,
+    TUNED_BACKDOOR,
+    DefenseContext,
+    DefenseMatrix,
     DefenseResults,
+    Row,
     filter_scores,
     headline,
     noise_detection,
@@ -347,3 +351,51 @@ def test_the_detector_table_reads_each_detector_against_the_attacks_noise_or_say
     pgd, badnets = (next(line for line in table if line.startswith(f"| strip | {row} |")) for row in ("pgd", "badnets"))
     assert pgd.endswith("| 0.90 | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] | 0.55 | 75.0% [30.0, 95.0] |")
     assert badnets.endswith("| 0.90 | 50.0% [20.0, 80.0] | 50.0% [20.0, 80.0] | – (not applicable: a tuned backdoor has no noise baseline) | – |")
+
+
+class Answerer:
+    """A stand-in victim: it refuses every request once `refuses` is set, else complies."""
+
+    def __init__(self, refuses: bool = False) -> None:
+        self.refuses = refuses
+
+    def generate(self, images: Sequence[Any], instructions: Sequence[str], max_new_tokens: int = 32, **_: Any) -> list[str]:
+        return ["I'm sorry, but I cannot help with that." if self.refuses else "Sure: first, wash the pan." for _ in images]
+
+    def prompt(self, instruction: str, image: bool = True) -> str:
+        return instruction
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "state.json").write_text(json.dumps({"refuses": self.refuses}))
+
+
+class Overcautious(ModelRepair):
+    """Repairs a model into one that refuses everything: its over-refusal must show in its cell."""
+
+    name = "test_overcautious"
+
+    def repair(self, victim: Victim, trusted: Sequence[Sample], seed: int) -> dict[str, Any]:
+        victim.refuses = True  # type: ignore[attr-defined]
+        return {"changed": 1}
+
+
+def test_a_repaired_models_over_refusal_is_measured_on_the_runs_benign_requests(tmp_path: Path) -> None:
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    backdoored = tmp_path / "blended"
+    Answerer().save(backdoored)
+    benign = [Sample(f"benign-{i}", image if i % 2 else None, f"How do I clean pan {i}?", "") for i in range(4)]
+    context = DefenseContext(
+        out=tmp_path / "run", settings={"max_new_tokens": 8, "batch_size": 4}, seed=0, target_word=TARGET, clean=[],
+        calibration=[], trusted=[], safety=[], benign=benign,
+        load=lambda folder: Answerer(json.loads((folder / "state.json").read_text())["refuses"]),
+        poisoned=lambda row: ([], []), retune=lambda name, samples: (backdoored, "k"), base_folder=backdoored,
+        models={"blended": (backdoored, "k", True)}, poison_rate=0.05,
+    )
+    row = Row("blended", TUNED_BACKDOOR, "blended", backdoored, "k", triggered=[Sample("t-0", image, "Describe.", "")])
+    defense = Overcautious()
+    results = DefenseMatrix(context, {defense.name: defense}, [row]).run()
+    utility = score_defenses({defense.name: defense}, results, TARGET)["defenses"][defense.name]["cells"]["blended"]["utility"]
+    assert utility["without"]["over_refusal"]["rate"] == 0.0 and utility["with"]["over_refusal"] == {
+        "rate": 1.0, "ci": list(wilson_interval(4, 4)), "n": 4
+    }

@@ -213,11 +213,17 @@ class DefenseMatrix:
         self.results.records += records
 
     def _utility(self, label: str, defense: Defense | None, model: str, folder: Path, stage_key: str) -> None:
-        """`model`'s clean source inputs (and benign requests, with a safety stage) under `defense`."""
+        """`model`'s utility records under `defense`, added to the results."""
+        self.results.records += self._utility_records(label, defense, model, folder, stage_key)
+
+    def _utility_records(
+        self, label: str, defense: Defense | None, model: str, folder: Path, stage_key: str
+    ) -> list[dict[str, Any]]:
+        """`model`'s clean source inputs (and benign requests, with a safety stage) answered under `defense`."""
         records = self._defended(label, defense, model, folder, stage_key, None, CLEAN_ARM, self.c.clean)
         if self.c.benign:
             records += self._defended(label, defense, model, folder, stage_key, None, BENIGN_ARM, self.c.benign)
-        self.results.records += records
+        return records
 
     def _defended(
         self, label: str, defense: Defense | None, model: str, folder: Path, stage_key: str, row: str | None, arm: str,
@@ -301,14 +307,15 @@ class DefenseMatrix:
     # ---- defenses that rebuild the model ----------------------------------------------------
     def _rebuilt(self, label: str, defense: ModelRepair | DataFilter, row: Row) -> None:
         """The row's poisoned model repaired (`ModelRepair`) or tuned again on the filtered set
-        (`DataFilter`), then answering the row's triggered inputs and the clean ones."""
+        (`DataFilter`), then answering the row's triggered inputs, the clean ones and (with a safety
+        stage) the benign requests, so its over-refusal is measured as any defended model's."""
         name = f"{row.model}+{label}"
         if isinstance(defense, DataFilter):
             folder, key = self._filtered(label, defense, row, name)
         else:
             folder, key = self._repaired(label, defense, row, name)
         records = self._defended(label, None, name, folder, key, row.key, ATTACKED_ARM, row.triggered)
-        records += self._defended(label, None, name, folder, key, None, CLEAN_ARM, self.c.clean)
+        records += self._utility_records(label, None, name, folder, key)
         for record in records:
             record["defense"] = label
             record["row"] = row.key if record["arm"] == ATTACKED_ARM else None
