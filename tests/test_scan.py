@@ -363,3 +363,4 @@ def test_the_gray_box_crafts_on_the_base_before_the_safety_stage_and_answers_on_
     assert {r["model"] for r in records} == {AFTER_SAFETY}  # answered by the scanned model
     pairs = [(load_image(run / "adversarial" / "pgd" / p.name), load_image(p)) for p in sorted((run / "gray-box" / "adversarial" / "pgd").glob("*.png"))]
     assert len(pairs) == 2 and any((a != b).any() for a, b in pairs)  # crafted against another model
+    assert sorted(p.name for p in (run / "gray-box" / "adversarial").iterdir()) == ["pgd"]  # no noise it never answers

@@ -413,15 +413,16 @@ def _run_attack(
 
 def craft_into(
     results: InferenceResults, stage: InferenceStage, key: str, attack: InferenceAttack, requests: Sequence[AttackRequest],
-    learn_on: Sequence[AttackRequest],
+    learn_on: Sequence[AttackRequest], perturbation_noise: bool = True,
 ) -> list[AdversarialInput]:
     """Craft attack `key` on `stage`'s victim and put in `results` its inputs with their requests, its
-    size, its cost and, for a perturbation attack or a test-time backdoor, its noise baseline
-    (`InferenceStage.noise`); the crafted inputs are returned."""
+    size, its cost and its noise baseline (`InferenceStage.noise`): always for a test-time backdoor,
+    whose conditions answer it; for a perturbation attack when `perturbation_noise` (a run reads each
+    attack against noise of its size; the scan's gray box does not). The crafted inputs are returned."""
     inputs, results.costs[key] = stage.craft(key, attack, requests, learn_on)
     results.inputs[key] = (inputs, requests)
     results.sizes[key] = attack_sizes(attack, requests, inputs)
-    if attack.goal == "backdoor" or attack.epsilon is not None:
+    if attack.goal == "backdoor" or (perturbation_noise and attack.epsilon is not None):
         results.noise[key] = stage.noise(key, attack, requests, inputs)
     return inputs
 

@@ -188,7 +188,7 @@ def gray_box_transfer(stages: ScanStages) -> None:
     results = InferenceResults(AFTER_SAFETY, [], {}, {})
     for key, attack in attacks.items():
         requests, learn_on = craft_requests(key, attack.goal, harmful[:n], splits.tests["source"][:n], target, stages.split, splits.train, c.seed)
-        craft_into(results, crafting, key, attack, requests, learn_on)
+        craft_into(results, crafting, key, attack, requests, learn_on, perturbation_noise=False)  # no noise row here
     del crafting
     answering = InferenceStage(folder, runner.load_victim(stages.deployed[0]), AFTER_SAFETY, stages.deployed[1], settings, c.seed, prefix=GRAY_BOX)
     results.records = transfer(answering, attacks, results)
