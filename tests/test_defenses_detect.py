@@ -135,11 +135,18 @@ def test_strip_separates_a_fixed_trigger_from_clean_inputs(measure: str) -> None
 
 def test_strip_blends_with_scenes_or_other_inputs() -> None:
     clean, _ = toy_inputs(3)
-    strip = create_defense("strip", blends=4)
-    scenes = strip.blend_images(clean, seed=0)
+    strip = create_defense("strip", blends=4, bank=16)
+    bank = strip.scene_bank(side=clean[0].shape[0])
+    assert len(bank) == 16 and len({b.tobytes() for b in bank}) == 16
+    scenes, other_call = strip.blend_images(clean, seed=0), strip.blend_images(clean, seed=1)
     assert len(scenes) == 3 and all(len(row) == 4 for row in scenes)
-    assert all(not np.array_equal(a, b) for a, b in zip(scenes[0], scenes[0][1:]))
-    assert not np.array_equal(scenes[0][0], strip.blend_images(clean, seed=1)[0][0])
+    assert len({s.tobytes() for s in scenes[0]}) == 4  # four different scenes for one input
+    assert any(not np.array_equal(a, b) for a, b in zip(scenes[0], scenes[1]))  # drawn for each input
+    # Every call (calibration, deployment) draws from the one bank the detector's seed fixes.
+    drawn = {s.tobytes() for call in (scenes, other_call) for row in call for s in row}
+    assert drawn <= {b.tobytes() for b in bank}
+    assert any(not np.array_equal(a, b) for row, other in zip(scenes, other_call) for a, b in zip(row, other))
+    assert {b.tobytes() for b in create_defense("strip", bank=16, seed=1).scene_bank(clean[0].shape[0])} != {b.tobytes() for b in bank}
     others = create_defense("strip", blends=4, source="inputs").blend_images(clean, seed=0)
     for i, row in enumerate(others):
         assert all(any(np.array_equal(o, c) for j, c in enumerate(clean) if j != i) for o in row)

@@ -113,7 +113,10 @@ class StripParams(GeneratingParams):
     blends: int = Field(8, ge=2, le=256, description="images each input is blended with (STRIP's N)")
     alpha: float = Field(0.5, gt=0, lt=1, description="the input's weight in each blend (the other image has 1 - alpha)")
     source: Literal["scenes", "inputs"] = Field(
-        "scenes", description="blend with seeded generated scenes, or with the other inputs scored in the same call"
+        "scenes", description="blend with the defender's bank of generated scenes, or with the other inputs scored in the same call"
+    )
+    bank: int = Field(
+        64, ge=2, description="source scenes: the bank's size, generated scenes fixed by the detector's seed alone"
     )
     measure: Literal["majority", "jaccard"] = Field(
         "majority",
@@ -167,25 +170,33 @@ class Strip(Detector):
         """One generation per blend (the unblended answer, for `jaccard`, is the deployment's own answer)."""
         return self.params.blends
 
+    def scene_bank(self, side: int) -> list[np.ndarray]:
+        """The defender's held-out blend images: `bank` generated scenes fixed by the detector's own
+        seed, whichever inputs are scored, so the benign inputs a threshold is calibrated on and the
+        inputs it then screens blend from the same images (a bank drawn anew per call would move
+        the score's distribution between the two)."""
+        from vlmsec.data.scenes import render_scene, sample_scenes
+
+        bank_seed = int(np.random.default_rng(self.params.seed).integers(2**31))
+        return [render_scene(scene, "flat", size=side, seed=bank_seed) for scene in sample_scenes(self.params.bank, bank_seed)]
+
     def blend_images(self, images: Sequence[np.ndarray], seed: int) -> list[list[np.ndarray]]:
-        """For each input, the `blends` images it is blended with: seeded generated scenes (the same
-        for every input), or other inputs drawn at random without the input itself."""
+        """For each input, the `blends` images it is blended with, drawn at random for each input as
+        STRIP draws from held-out clean images: from the defender's scene bank, or from the other
+        inputs scored in the same call (never the input itself)."""
         p = self.params
         rng = np.random.default_rng([p.seed, seed])
         if p.source == "scenes":
-            from vlmsec.data.scenes import render_scene, sample_scenes
-
-            side = max(16, min(256, max(max(image.shape[:2]) for image in images)))
-            scene_seed = int(rng.integers(2**31))
-            scenes = [render_scene(scene, "flat", size=side, seed=scene_seed) for scene in sample_scenes(p.blends, scene_seed)]
-            return [scenes for _ in images]
-        if len(images) < 2:
+            pool = self.scene_bank(side=max(16, min(256, max(max(image.shape[:2]) for image in images))))
+        elif len(images) < 2:
             raise VlmsecError("defense 'strip': params.source 'inputs' needs at least 2 inputs scored together")
+        else:
+            pool = list(images)
         chosen = []
         for i in range(len(images)):
-            others = [j for j in range(len(images)) if j != i]
-            picks = rng.choice(others, size=p.blends, replace=len(others) < p.blends)
-            chosen.append([images[j] for j in picks])
+            candidates = [j for j in range(len(pool)) if p.source == "scenes" or j != i]
+            picks = rng.choice(candidates, size=p.blends, replace=len(candidates) < p.blends)
+            chosen.append([pool[j] for j in picks])
         return chosen
 
     def scores(self, victim: Victim, images: Sequence[np.ndarray], instructions: Sequence[str], seed: int) -> np.ndarray:
