@@ -133,6 +133,30 @@ def test_strip_separates_a_fixed_trigger_from_clean_inputs(measure: str) -> None
     assert strip.passes_per_input == 8 and create_defense("strip", blends=3).passes_per_input == 3
 
 
+@pytest.mark.parametrize("measure", ["majority", "jaccard"])
+def test_strip_control_tells_a_trigger_from_an_answer_that_ignores_the_image(measure: str) -> None:
+    """A request whose answer does not depend on the image agrees across blends as a trigger does:
+    plain STRIP cannot tell the two; with `control` (the blend images answered alone) it can."""
+    clean, triggered = toy_inputs(12)
+    general = "What is the capital of France?"
+    victim = ToyVictim(lambda image, instruction: "Paris." if instruction == general else ToyVictim.backdoored(image, instruction))
+    describe, ask = ["Describe the image."] * 12, [general] * 12
+    plain = create_defense("strip", measure=measure, blends=6)
+    controlled = create_defense("strip", measure=measure, blends=6, control=True)
+    assert controlled.passes_per_input == 12 and plain.passes_per_input == 6
+    # Plain STRIP: the general request scores exactly as the trigger does (both never vary).
+    np.testing.assert_array_equal(plain.scores(victim, clean, ask, seed=0), plain.scores(victim, triggered, describe, seed=0))
+    benign, general_scores, attack = (
+        controlled.scores(victim, images, instructions, seed=0)
+        for images, instructions in ((clean, describe), (clean, ask), (triggered, describe))
+    )
+    np.testing.assert_array_equal(general_scores, np.zeros(12))  # agrees alone as blended: nothing to flag
+    assert (attack > 0).all()
+    assert auroc(general_scores, attack) == 1.0 and auroc(benign, attack) == 1.0
+    threshold = calibrate_threshold(benign, fpr=0.1)
+    assert not (general_scores > threshold).any() and (attack > threshold).all()
+
+
 def test_strip_blends_with_scenes_or_other_inputs() -> None:
     clean, _ = toy_inputs(3)
     strip = create_defense("strip", blends=4, bank=16)

@@ -123,6 +123,12 @@ class StripParams(GeneratingParams):
         description="majority: share of blends whose answer differs from the most common one; "
         "jaccard: mean word-set Jaccard distance of each blend's answer to the unblended answer",
     )
+    control: bool = Field(
+        False,
+        description="also answer the request with each blend's other image alone, and score how much more the blends "
+        "agree than those answers do: an answer that ignores the image agrees under any image and is not suspicious "
+        "(ours, not STRIP's; twice the passes)",
+    )
 
 
 def blend(image: np.ndarray, other: np.ndarray, alpha: float) -> np.ndarray:
@@ -167,8 +173,9 @@ class Strip(Detector):
 
     @property
     def passes_per_input(self) -> int:  # type: ignore[override]  # the count depends on the parameters
-        """One generation per blend (the unblended answer, for `jaccard`, is the deployment's own answer)."""
-        return self.params.blends
+        """One generation per blend, and per blend image alone with `control` (the unblended answer,
+        for `jaccard`, is the deployment's own answer)."""
+        return self.params.blends * (2 if self.params.control else 1)
 
     def scene_bank(self, side: int) -> list[np.ndarray]:
         """The defender's held-out blend images: `bank` generated scenes fixed by the detector's own
@@ -200,24 +207,35 @@ class Strip(Detector):
         return chosen
 
     def scores(self, victim: Victim, images: Sequence[np.ndarray], instructions: Sequence[str], seed: int) -> np.ndarray:
+        """Minus the blends' answer variability (0 at most: a trigger's answers never vary); with
+        `control`, the variability of the answers to the blend images alone minus the blends' (an
+        input whose answers agree only when it is blended in scores high)."""
         _check_images(self.name, images, instructions)
         p = self.params
+        n, drawn = len(images), self.blend_images(images, seed)
         blended, asked = [], []
-        for image, instruction, others in zip(images, instructions, self.blend_images(images, seed)):
+        for image, instruction, others in zip(images, instructions, drawn):
             blended += [blend(image, other, p.alpha) for other in others]
             asked += [instruction] * p.blends
+        if p.control:
+            blended += [other for others in drawn for other in others]
+            asked += [instruction for instruction in instructions for _ in range(p.blends)]
         if p.measure == "jaccard":
             blended += list(images)
             asked += list(instructions)
         answers = _generate(victim, self.name, blended, asked, p)
-        n = len(images)
-        per_input = [answers[i * p.blends : (i + 1) * p.blends] for i in range(n)]
-        if p.measure == "majority":
-            variability = [majority_variability(a) for a in per_input]
-        else:
-            plain = answers[n * p.blends :]
-            variability = [float(np.mean([jaccard_distance(a, plain[i]) for a in per_input[i]])) for i in range(n)]
-        return 0.0 - np.asarray(variability, dtype=np.float64)  # 0.0 - : no negative zeros
+        plain = answers[len(answers) - n :] if p.measure == "jaccard" else []
+
+        def variability(start: int) -> np.ndarray:
+            """Each input's variability over its `blends` answers from `start` on."""
+            rows = [answers[start + i * p.blends : start + (i + 1) * p.blends] for i in range(n)]
+            if p.measure == "majority":
+                return np.asarray([majority_variability(row) for row in rows], dtype=np.float64)
+            return np.asarray([np.mean([jaccard_distance(a, plain[i]) for a in row]) for i, row in enumerate(rows)], dtype=np.float64)
+
+        if p.control:
+            return variability(n * p.blends) - variability(0)
+        return 0.0 - variability(0)  # 0.0 - : no negative zeros
 
 
 # ---- jailguard: mutations ------------------------------------------------------------------------
