@@ -217,9 +217,9 @@ class Strip(Detector):
         for image, instruction, others in zip(images, instructions, drawn):
             blended += [blend(image, other, p.alpha) for other in others]
             asked += [instruction] * p.blends
-        if p.control:
+        if p.control:  # each blend image alone, asked the same requests in the same order
             blended += [other for others in drawn for other in others]
-            asked += [instruction for instruction in instructions for _ in range(p.blends)]
+            asked *= 2
         if p.measure == "jaccard":
             blended += list(images)
             asked += list(instructions)
