@@ -40,6 +40,7 @@ class ToyVictim:
     def __init__(self, answer: Callable[[np.ndarray, str], str] | None = None) -> None:
         self.answer = answer or self.backdoored
         self.calls = 0
+        self.answered = 0  # variants answered, over all calls
 
     @staticmethod
     def backdoored(image: np.ndarray, instruction: str) -> str:
@@ -60,6 +61,7 @@ class ToyVictim:
         on_batch: Callable[[int], None] | None = None,
     ) -> list[str]:
         self.calls += 1
+        self.answered += len(images)
         if on_batch is not None:
             on_batch(len(images))
         return [self.answer(image, instruction) for image, instruction in zip(images, instructions)]
@@ -130,7 +132,8 @@ def test_strip_separates_a_fixed_trigger_from_clean_inputs(measure: str) -> None
     assert auroc(benign, attack) == 1.0
     assert victim.calls == 2  # every blend of every input in one batched call
     np.testing.assert_array_equal(strip.scores(victim, clean, instructions, seed=0), benign)
-    assert strip.passes_per_input == 8 and create_defense("strip", blends=3).passes_per_input == 3
+    extra = measure == "jaccard"  # jaccard answers each input unblended too
+    assert strip.passes_per_input == 8 + extra and create_defense("strip", blends=3, measure=measure).passes_per_input == 3 + extra
 
 
 @pytest.mark.parametrize("measure", ["majority", "jaccard"])
@@ -143,7 +146,8 @@ def test_strip_control_tells_a_trigger_from_an_answer_that_ignores_the_image(mea
     describe, ask = ["Describe the image."] * 12, [general] * 12
     plain = create_defense("strip", measure=measure, blends=6)
     controlled = create_defense("strip", measure=measure, blends=6, control=True)
-    assert controlled.passes_per_input == 12 and plain.passes_per_input == 6
+    extra = measure == "jaccard"
+    assert controlled.passes_per_input == 12 + extra and plain.passes_per_input == 6 + extra
     # Plain STRIP: the general request scores exactly as the trigger does (both never vary).
     np.testing.assert_array_equal(plain.scores(victim, clean, ask, seed=0), plain.scores(victim, triggered, describe, seed=0))
     benign, general_scores, attack = (
@@ -155,6 +159,27 @@ def test_strip_control_tells_a_trigger_from_an_answer_that_ignores_the_image(mea
     assert auroc(general_scores, attack) == 1.0 and auroc(benign, attack) == 1.0
     threshold = calibrate_threshold(benign, fpr=0.1)
     assert not (general_scores > threshold).any() and (attack > threshold).all()
+
+
+def test_strip_answers_each_distinct_variant_once() -> None:
+    """The control answers bank scenes alone: with one request, a 4-scene bank gives at most 4
+    distinct control variants however many inputs are scored; each is answered once, and the
+    scores are those of answering every variant."""
+    clean, triggered = toy_inputs(12)
+    describe = ["Describe the image."] * 12
+    victim = ToyVictim()
+    controlled = create_defense("strip", blends=6, bank=4, control=True)
+    scores = controlled.scores(victim, triggered + clean, describe * 2, seed=0)
+    assert victim.answered <= 24 * 6 + 4  # every blend differs; the control's 144 variants are 4 scenes
+    assert victim.answered < 24 * controlled.passes_per_input
+    drawn = controlled.blend_images(triggered + clean, seed=0)
+    alone = [
+        majority_variability([victim.backdoored(other, "") for other in others]) - majority_variability(
+            [victim.backdoored(blend(image, other, 0.5), "") for other in others]
+        )
+        for image, others in zip(triggered + clean, drawn)
+    ]
+    np.testing.assert_allclose(scores, alone)
 
 
 def test_strip_blends_with_scenes_or_other_inputs() -> None:

@@ -94,11 +94,25 @@ def _check_images(name: str, images: Sequence[np.ndarray | None], instructions: 
 def _generate(
     victim: Victim, name: str, images: list[np.ndarray], instructions: list[str], params: GeneratingParams
 ) -> list[str]:
-    """The victim's answers to every variant, in one batched call, with a progress bar."""
-    with progress_bar(f"{name}: answering {len(images)} variants", len(images)) as bar:
-        return victim.generate(
-            images, instructions, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size, on_batch=bar.advance
+    """The victim's answers to every variant, in one batched call, with a progress bar. Answers are
+    greedy, so a variant repeated (the same pixels and request: STRIP's control answers each bank
+    scene once per request) is answered once and its answer shared."""
+    first: dict[tuple[bytes, tuple[int, ...], str], int] = {}
+    unique_images: list[np.ndarray] = []
+    unique_asked: list[str] = []
+    slots = []
+    for image, text in zip(images, instructions):
+        key = (image.tobytes(), image.shape, text)
+        if key not in first:
+            first[key] = len(unique_images)
+            unique_images.append(image)
+            unique_asked.append(text)
+        slots.append(first[key])
+    with progress_bar(f"{name}: answering {len(unique_images)} distinct variants of {len(images)}", len(unique_images)) as bar:
+        answers = victim.generate(
+            unique_images, unique_asked, max_new_tokens=params.max_new_tokens, batch_size=params.batch_size, on_batch=bar.advance
         )
+    return [answers[slot] for slot in slots]
 
 
 def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -173,9 +187,9 @@ class Strip(Detector):
 
     @property
     def passes_per_input(self) -> int:  # type: ignore[override]  # the count depends on the parameters
-        """One generation per blend, and per blend image alone with `control` (the unblended answer,
-        for `jaccard`, is the deployment's own answer)."""
-        return self.params.blends * (2 if self.params.control else 1)
+        """One generation per blend, and at most one per blend image alone with `control` (a bank
+        scene asked the same request twice is answered once), and with `jaccard` the unblended answer."""
+        return self.params.blends * (2 if self.params.control else 1) + (self.params.measure == "jaccard")
 
     def scene_bank(self, side: int) -> list[np.ndarray]:
         """The defender's held-out blend images: `bank` generated scenes fixed by the detector's own
