@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from language_model_files import write_tiny_llama
 from typer.testing import CliRunner
 
@@ -16,7 +17,8 @@ from vlmsec.attacks import create_attack
 from vlmsec.cli import app
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import wilson_interval
-from vlmsec.experiments import card as card_module, scan as scan_module
+from vlmsec.experiments import card as card_module, runner as runner_module, scan as scan_module
+from vlmsec.experiments.backends import make_backend
 from vlmsec.experiments.battery import (
     BATTERY_VERSION,
     BUDGETS,
@@ -192,6 +194,45 @@ def test_fail_above_sets_the_exit_code(tmp_path: Path, monkeypatch: pytest.Monke
     assert unknown.exit_code == 2 and "unknown cell" in unknown.output and "black-box/inference/backdoor" in unknown.output
     budget = CliRunner().invoke(app, [*base, "--budget", "huge"])
     assert budget.exit_code == 2 and "quick, standard, full" in budget.output
+
+
+def test_the_scan_hands_its_study_runs_the_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vlmsec scan --backend ray`: each study run of the battery gets the Ray backend (its crafting and
+    tuned models go to Ray tasks); the options are checked as `vlmsec run` checks them."""
+    handed: list[Any] = []
+
+    def stop(self: Any) -> None:
+        handed.append(self.backend)
+        raise VlmsecError("stopped after the runner was made")
+
+    monkeypatch.setattr(scan_module, "victim_config", lambda target: parse_config(TINY_VICTIM, "test"))
+    monkeypatch.setattr(runner_module.Runner, "run", stop)
+    threads = torch.get_num_threads()
+    try:
+        base = ["scan", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
+        result = CliRunner().invoke(app, [*base, "--backend", "ray", "--address", "10.0.0.1:6379", "--threads-per-task", "1"])
+        assert result.exit_code != 0 and "stopped after the runner was made" in result.output
+        assert type(handed[-1]).__name__ == "RayBackend" and (handed[-1].address, handed[-1].threads) == ("10.0.0.1:6379", 1)
+        assert CliRunner().invoke(app, base).exit_code != 0 and type(handed[-1]).__name__ == "SerialBackend"
+        wrong = CliRunner().invoke(app, [*base, "--address", "10.0.0.1:6379"])
+        assert wrong.exit_code != 0 and "--address: only with --backend ray" in wrong.output and len(handed) == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_tiny_scan_on_ray_writes_the_serial_card(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    victim = parse_config(TINY_VICTIM, "test")
+    threads = torch.get_num_threads()
+    try:
+        serial = run_scan(victim, TINY_BUDGET, tmp_path / "serial", tmp_path / "cache", runs_on=make_backend("serial", threads=1))
+        ray.init(num_cpus=2, include_dashboard=False)
+        on_ray = run_scan(victim, TINY_BUDGET, tmp_path / "ray", tmp_path / "cache", runs_on=make_backend("ray", threads=1))
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(threads)
+    assert _without_timings(on_ray) == _without_timings(serial)
+    assert on_ray["cells"]["black-box/training/backdoor"]["status"] == "measured"  # the tuned models ran as tasks
 
 
 def test_a_card_is_written_as_json_markdown_and_one_html_page(tmp_path: Path) -> None:

@@ -27,6 +27,22 @@ def _fail(err: VlmsecError) -> None:
     raise typer.Exit(err.exit_code)
 
 
+# Where a study's independent stages run (`vlmsec run` and `vlmsec scan`: experiments.backends).
+BackendOption = Annotated[
+    str,
+    typer.Option("--backend", help="Where the independent stages (crafting, tuned models, defense columns) run: serial (in turn, here) "
+                 "or ray (as Ray tasks)."),
+]
+AddressOption = Annotated[
+    Optional[str], typer.Option("--address", help="With --backend ray: the cluster to join (default: a local one of this machine's cores).")
+]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option("--threads-per-task", help="Torch threads per task (ray: also its CPUs, default 1; serial: default torch's, "
+                 "the cores); give a serial run the Ray run's number for the same metrics.json."),
+]
+
+
 @app.command()
 def run(
     config: Annotated[str, typer.Argument(help="A YAML config path or a preset name.")] = "quickstart",
@@ -40,17 +56,9 @@ def run(
             "in OUT/seeds.json and seeds.md; a pinned poison.seed is dropped so the poison picks follow each seed.",
         ),
     ] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help="Where the tuned models run: serial (in turn, here) or ray (as Ray tasks).")
-    ] = "serial",
-    address: Annotated[
-        Optional[str], typer.Option("--address", help="With --backend ray: the cluster to join (default: a local one of this machine's cores).")
-    ] = None,
-    threads_per_task: Annotated[
-        Optional[int],
-        typer.Option("--threads-per-task", help="Torch threads per tuned model (ray: also its CPUs, default 1; serial: default torch's, "
-                     "the cores); give a serial run the Ray run's number for the same metrics.json."),
-    ] = None,
+    backend: BackendOption = "serial",
+    address: AddressOption = None,
+    threads_per_task: ThreadsOption = None,
 ) -> None:
     """Poison, tune, evaluate and report, as the config says."""
     from vlmsec.artifacts import check_writable
@@ -260,9 +268,13 @@ def scan(
                      "RATE or the cell has no measured rate. Repeatable."),
     ] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Study seed (default: the victim config's, so its cached stages are used).")] = None,
+    backend: BackendOption = "serial",
+    address: AddressOption = None,
+    threads_per_task: ThreadsOption = None,
 ) -> None:
     """Scan one model with the standard battery and write its risk card."""
     from vlmsec.artifacts import check_writable
+    from vlmsec.experiments.backends import make_backend
     from vlmsec.experiments.battery import BUDGETS
     from vlmsec.experiments.card import gate_failures, parse_gate
     from vlmsec.experiments.scan import run_scan, victim_config
@@ -272,11 +284,12 @@ def scan(
         if budget not in BUDGETS:
             raise VlmsecError(f"--budget {budget!r}: budgets: {', '.join(BUDGETS)}")
         gates = [parse_gate(text) for text in fail_above or []]
+        runs_on = make_backend(backend, address, threads_per_task)
         config = victim_config(victim)
         cache_dir = cache if cache is not None else default_cache_dir()
         check_writable(out, "--out")
         check_writable(cache_dir, "--cache" if cache is not None else "cache folder (the default of --cache, $VLMSEC_CACHE)")
-        card = run_scan(config, BUDGETS[budget], out, cache_dir, seed)
+        card = run_scan(config, BUDGETS[budget], out, cache_dir, seed, runs_on)
     except VlmsecError as err:
         _fail(err)
     console.print(f"risk card: {out / 'card.md'}  (numbers: {out / 'card.json'})")

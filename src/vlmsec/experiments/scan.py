@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmsec.artifacts import CorruptFile, atomic_path, read_json_sealed, stable_hash, write_json_atomic, write_json_sealed
 from vlmsec.attacks import create_attack
@@ -29,6 +29,9 @@ from vlmsec.experiments.config import ExperimentConfig, load_config, parse_confi
 from vlmsec.experiments.inference import slug
 from vlmsec.experiments.stages import STAGE_FILE
 from vlmsec.seeds import derive_seed
+
+if TYPE_CHECKING:
+    from vlmsec.experiments.backends import Backend
 
 DEFAULT_VICTIM = "smollm2-attacks"  # the preset whose victim sections a scan runs on by default
 
@@ -70,10 +73,13 @@ def checkpoint_config(folder: Path) -> ExperimentConfig:
 
 # ---- running ------------------------------------------------------------------------------------------
 def run_scan(
-    victim: ExperimentConfig, budget: Budget, out: Path, cache: Path, seed: int | None = None
+    victim: ExperimentConfig, budget: Budget, out: Path, cache: Path, seed: int | None = None, runs_on: Backend | None = None
 ) -> dict[str, Any]:
     """Run the battery into `out` (one study run, or `out`/seed-<s>/ per attack seed), scan the deployed
-    model for a backdoor, then write the card (`out`/card.json, card.md, the evidence PNGs); return it."""
+    model for a backdoor, then write the card (`out`/card.json, card.md, the evidence PNGs); return it.
+
+    `runs_on`: where each study run's independent stages go (its crafting and tuned models as Ray
+    tasks with `RayBackend`); the backdoor scan and the gray box run here, after."""
     from vlmsec.experiments.runner import Runner
 
     started = time.perf_counter()
@@ -82,7 +88,7 @@ def run_scan(
     for s in budget.seeds:
         configs[s] = scan_config(victim, budget, seed, attack_seed=s)
         runs[s] = out if len(budget.seeds) == 1 else out / f"seed-{s}"
-        Runner(configs[s], runs[s], cache).run()
+        Runner(configs[s], runs[s], cache, runs_on).run()
     first = budget.seeds[0]
     access = victim_access(configs[first])
     reason = presence_reason(budget, access)
