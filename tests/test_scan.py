@@ -14,6 +14,7 @@ from language_model_files import write_tiny_llama
 from typer.testing import CliRunner
 
 from vlmsec.attacks import create_attack
+from vlmsec.attacks.pgd import Pgd
 from vlmsec.cli import app
 from vlmsec.errors import VlmsecError
 from vlmsec.eval.metrics import wilson_interval
@@ -31,7 +32,7 @@ from vlmsec.experiments.battery import (
     victim_access,
 )
 from vlmsec.experiments.card import gate_failures, parse_gate, union_rate, write_card
-from vlmsec.experiments.config import parse_config
+from vlmsec.experiments.config import ExperimentConfig, parse_config
 from vlmsec.experiments.scan import checkpoint_config, run_scan
 from vlmsec.victims.kinds import TinyLlavaKind
 
@@ -220,19 +221,35 @@ def test_the_scan_hands_its_study_runs_the_backend(tmp_path: Path, monkeypatch: 
         torch.set_num_threads(threads)
 
 
-def test_a_tiny_scan_on_ray_writes_the_serial_card(tmp_path: Path) -> None:
+def crafted_elsewhere(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("PGD crafted in the driver, not in a Ray worker")
+
+
+@pytest.mark.parametrize("safety", [False, True], ids=["tuned-models", "gray-box"])
+def test_a_tiny_scan_on_ray_writes_the_serial_card(safety: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a local cluster of 2 workers, the crafting and tuned models of the battery's run (a tiny
+    victim, BadNets beside a clean model) or the gray box's crafting on the base (a victim with a
+    safety stage) run as tasks, and the card is the serial scan's."""
     ray = pytest.importorskip("ray")
-    victim = parse_config(TINY_VICTIM, "test")
+    from vlmsec.experiments import safety as safety_module
+
+    monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")  # driver only
+    victim, budget = (safety_victim(tmp_path), GRAY_BUDGET) if safety else (parse_config(TINY_VICTIM, "test"), TINY_BUDGET)
     threads = torch.get_num_threads()
     try:
-        serial = run_scan(victim, TINY_BUDGET, tmp_path / "serial", tmp_path / "cache", runs_on=make_backend("serial", threads=1))
+        serial = run_scan(victim, budget, tmp_path / "serial", tmp_path / "cache", runs_on=make_backend("serial", threads=1))
+        monkeypatch.setattr(Pgd, "craft", crafted_elsewhere)  # this process only: the workers import PGD unpatched
         ray.init(num_cpus=2, include_dashboard=False)
-        on_ray = run_scan(victim, TINY_BUDGET, tmp_path / "ray", tmp_path / "cache", runs_on=make_backend("ray", threads=1))
+        on_ray = run_scan(victim, budget, tmp_path / "ray", tmp_path / "cache", runs_on=make_backend("ray", threads=1))
     finally:
         ray.shutdown()
         torch.set_num_threads(threads)
     assert _without_timings(on_ray) == _without_timings(serial)
-    assert on_ray["cells"]["black-box/training/backdoor"]["status"] == "measured"  # the tuned models ran as tasks
+    cell = "gray-box/inference/targeted" if safety else "black-box/training/backdoor"
+    assert on_ray["cells"][cell]["status"] == "measured"
+    if safety:  # the gray box's PNGs were written by a worker, pixel for pixel the serial ones
+        pngs = sorted((tmp_path / "ray" / "gray-box" / "adversarial" / "pgd").glob("*.png"))
+        assert pngs and all(p.read_bytes() == (tmp_path / "serial" / "gray-box" / "adversarial" / "pgd" / p.name).read_bytes() for p in pngs)
 
 
 def test_a_card_is_written_as_json_markdown_and_one_html_page(tmp_path: Path) -> None:
@@ -374,16 +391,13 @@ def test_over_seeds_gives_the_mean_and_a_t_interval_of_each_measured_cell() -> N
     assert entry["ci"] == pytest.approx([max(0.4 - half, 0), 0.4 + half], abs=1e-5)
 
 
-def test_the_gray_box_crafts_on_the_base_before_the_safety_stage_and_answers_on_the_scanned_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from vlmsec.data.images import load_image
-    from vlmsec.experiments import safety as safety_module
-    from vlmsec.experiments.safety import AFTER_SAFETY, BEFORE_SAFETY
+GRAY_BUDGET = Budget("gray", requests=2, test_size=4, attacks=({"name": "pgd", "params": {"steps": 2}}, {"name": "figstep"}), gray_box=True)
 
-    monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")
-    llama = write_tiny_llama(tmp_path / "tiny-llama")
-    victim = parse_config({
+
+def safety_victim(folder: Path) -> ExperimentConfig:
+    """A tiny LLaVA around a tiny Llama with a safety stage (so a scan has a gray box: the base before it)."""
+    llama = write_tiny_llama(folder / "tiny-llama")
+    return parse_config({
         "name": "tiny-safety",
         "data": {"base_size": 16, "train_size": 16, "test_size": 4, "image_size": 32, "shifted": {}},
         "victim": {"image_size": 32, "max_length": 400, "language_model": str(llama)},
@@ -392,8 +406,17 @@ def test_the_gray_box_crafts_on_the_base_before_the_safety_stage_and_answers_on_
                    "training": {"mode": "lora", "epochs": 1, "batch_size": 8, "learning_rate": 0.002}},
         "eval": {"max_new_tokens": 6, "batch_size": 16},
     }, "test")
-    budget = Budget("gray", requests=2, test_size=4, attacks=({"name": "pgd", "params": {"steps": 2}}, {"name": "figstep"}), gray_box=True)
-    card = run_scan(victim, budget, tmp_path / "scan", tmp_path / "cache")
+
+
+def test_the_gray_box_crafts_on_the_base_before_the_safety_stage_and_answers_on_the_scanned_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlmsec.data.images import load_image
+    from vlmsec.experiments import safety as safety_module
+    from vlmsec.experiments.safety import AFTER_SAFETY, BEFORE_SAFETY
+
+    monkeypatch.setattr(safety_module, "refusal_answer", lambda request, seed: "I'm sorry, but I cannot help with that.")
+    card = run_scan(safety_victim(tmp_path), GRAY_BUDGET, tmp_path / "scan", tmp_path / "cache")
     white, gray = card["cells"]["white-box/inference/targeted"], card["cells"]["gray-box/inference/targeted"]
     assert gray["status"] == white["status"] == "measured" and gray["crafted_on"] == BEFORE_SAFETY
     assert gray["rate"]["n"] == white["rate"]["n"] == 2 and set(gray["attacks"]) == {"pgd"}

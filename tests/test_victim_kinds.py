@@ -39,6 +39,22 @@ def test_a_field_of_another_kind_is_an_error_naming_it(tmp_path: Path) -> None:
     assert "victim.hidden_size: Extra inputs are not permitted" in str(err.value)
 
 
+@pytest.mark.parametrize("preset", ["smollm2", "smollm2-attacks"])
+def test_a_pretrained_language_model_config_survives_its_own_dump(preset: str) -> None:
+    """A run's config.yaml, a Ray task's config and `--seeds`' reseeded config are the config's dump,
+    parsed again: the sizes it writes back (the tiny defaults, unused) must parse, and a size a user
+    sets must not."""
+    from vlmsec.experiments.config import load_config
+    from vlmsec.experiments.multiseed import reseeded
+
+    config = load_config(preset)
+    assert parse_config(json.loads(json.dumps(config.model_dump(mode="json"))), "dump") == config
+    assert reseeded(config, 7)[0].seed == 7
+    given = {"victim": {**config.victim.model_dump(mode="json", exclude_unset=True), "hidden_size": 999}}
+    with pytest.raises(VlmsecError, match="victim.hidden_size: a pretrained language_model .* has its own sizes; leave hidden_size out"):
+        parse_config(given, "test")
+
+
 def test_an_unknown_kind_names_the_known_ones() -> None:
     with pytest.raises(VlmsecError, match=r"victim\.kind: unknown victim kind 'colour'; known: flamingo, hf, openai, otter, tiny_llava"):
         parse_config({"victim": {"kind": "colour"}}, "test")

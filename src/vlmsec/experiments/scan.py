@@ -79,7 +79,7 @@ def run_scan(
     model for a backdoor, then write the card (`out`/card.json, card.md, the evidence PNGs); return it.
 
     `runs_on`: where each study run's independent stages go (its crafting and tuned models as Ray
-    tasks with `RayBackend`); the backdoor scan and the gray box run here, after."""
+    tasks with `RayBackend`), and the gray box's crafting on the base; the backdoor scan runs here."""
     from vlmsec.experiments.runner import Runner
 
     started = time.perf_counter()
@@ -95,7 +95,7 @@ def run_scan(
     presence = not_measured(reason) if reason else backdoor_presence(ScanStages.of(configs[first], runs[first], cache), budget)
     if budget.gray_box and access.safety and access.gradients:
         for s in budget.seeds:
-            gray_box_transfer(ScanStages.of(configs[s], runs[s], cache))
+            gray_box_transfer(ScanStages.of(configs[s], runs[s], cache, runs_on))
     card = build_card(out, victim, budget, configs, runs, presence)
     card["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_card(out, card)
@@ -117,12 +117,13 @@ class ScanStages:
     split: Any  # data.safety.SafetySplit | None
 
     @classmethod
-    def of(cls, config: ExperimentConfig, run: Path, cache: Path) -> ScanStages:
-        """The stages of `config`'s run in `run`, from the cache (the run made them)."""
+    def of(cls, config: ExperimentConfig, run: Path, cache: Path, runs_on: Backend | None = None) -> ScanStages:
+        """The stages of `config`'s run in `run`, from the cache (the run made them); `runs_on`: where
+        the runner's independent stages go (the serial loop by default)."""
         from vlmsec.experiments.runner import Runner
         from vlmsec.experiments.splits import build_splits
 
-        runner = Runner(config, run, cache)
+        runner = Runner(config, run, cache, runs_on)
         splits = build_splits(config)
         base = deployed = runner.base_victim(splits)
         split = None
@@ -169,7 +170,10 @@ def gray_box_transfer(stages: ScanStages) -> None:
     """The gray box: the run's white-box inference attacks crafted again on the base before the safety
     stage (the architecture and data, not the tuned weights), answered by the scanned (safety-tuned)
     model with its no-attack baseline, judged and scored as the run scores its own; written to
-    `run`/gray-box/ (metrics.json's `inference_attacks` section, inference.jsonl, the PNGs)."""
+    `run`/gray-box/ (metrics.json's `inference_attacks` section, inference.jsonl, the PNGs). The
+    crafting goes to the runner's backend first (each attack a Ray task into `run`/gray-box/), as a
+    study run's own crafting does."""
+    from vlmsec.experiments.runner import Runner
     from vlmsec.experiments.inference import (
         InferenceResults, InferenceStage, craft_into, craft_requests, judge_jailbreaks, score_inference, transfer,
     )
@@ -190,11 +194,15 @@ def gray_box_transfer(stages: ScanStages) -> None:
     n = c.inference.requests
     target = c.inference.target or c.poison.target.prefix + c.poison.target.word
     settings = c.eval.model_dump()
+    crafts = {
+        key: craft_requests(key, attack.goal, harmful[:n], splits.tests["source"][:n], target, stages.split, splits.train, c.seed)
+        for key, attack in attacks.items()
+    }
+    runner.backend.craft_inputs(Runner(c, folder, runner.cache, runner.backend), crafts, stages.base, BEFORE_SAFETY)
     crafting = InferenceStage(folder, runner.load_victim(stages.base[0]), BEFORE_SAFETY, stages.base[1], settings, c.seed)
     results = InferenceResults(AFTER_SAFETY, [], {}, {})
-    for key, attack in attacks.items():
-        requests, learn_on = craft_requests(key, attack.goal, harmful[:n], splits.tests["source"][:n], target, stages.split, splits.train, c.seed)
-        craft_into(results, crafting, key, attack, requests, learn_on, perturbation_noise=False)  # no noise row here
+    for key, attack in attacks.items():  # what the backend crafted is read back
+        craft_into(results, crafting, key, attack, *crafts[key], perturbation_noise=False)  # no noise row here
     del crafting
     answering = InferenceStage(folder, runner.load_victim(stages.deployed[0]), AFTER_SAFETY, stages.deployed[1], settings, c.seed, prefix=GRAY_BOX)
     results.records = transfer(answering, attacks, results)

@@ -212,8 +212,8 @@ class TinyLlavaVictimSpec(TinyLlavaSpec, VictimSpecBase):
             return self
         if self.checkpoint is not None:
             raise ValueError("victim.language_model builds the embedded victim; it has no effect with a victim.checkpoint")
-        for name in LANGUAGE_MODEL_SIZES:
-            if name in self.model_fields_set:
+        for name in LANGUAGE_MODEL_SIZES:  # a dump of the config writes the defaults back: those are let through
+            if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
                 raise ValueError(
                     f"victim.{name}: a pretrained language_model ({self.language_model}) has its own sizes; leave {name} out"
                 )
