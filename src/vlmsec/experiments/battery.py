@@ -6,8 +6,8 @@ targeted output; jailbreak (ImgTrojan, a training-stage jailbreak, too); prompt 
 (leak attacks, and targeted attacks that work through instructions drawn in the image:
 `typeset`); backdoor (test-time backdoors, and the backdoors planted in tuning data: BadNets' patch
 and Blended's whole-image blend, two triggers of different kinds, since a victim may learn one and
-not the other: on SmolLM2, BadNets' 8-pixel patch is not planted even at 10% where Blended is). A cell the
-victim's access rules out (white box on a victim without gradients; training on a victim that
+not the other: on SmolLM2, BadNets' 8-pixel patch is not planted even at 10%, Blended at 5% is). A
+cell the victim's access rules out (white box on a victim without gradients; training on a victim that
 cannot be tuned) is "not applicable", one the battery or budget has no attack for, "not measured",
 each with the reason (`skip_reason`) and never a 0.
 
@@ -18,8 +18,7 @@ same architecture and data, not the tuned weights) and answered by the scanned m
 Budgets: `quick` (inference attacks only, short optimisations), `standard` (the inference battery at
 the references' lower step counts, the gray box, a BadNets and a Blended model, the backdoor scan),
 `full` (the references' step counts, each poisoning at two rates, three attack seeds with intervals
-over seeds). The
-battery is versioned (`BATTERY_VERSION`): cards of different batteries do not compare.
+over seeds). The battery is versioned (`BATTERY_VERSION`): cards of different batteries do not compare.
 
 `scan_config` turns a victim config into the study a scan runs: the victim's data, victim, base and
 safety sections with the budget's attacks, poisoning and inference settings.
@@ -56,8 +55,8 @@ class Budget:
     `attacks`: inference attack specs (name, label, params) as a config lists them; `requests`:
     requests per goal; `test_size`: source test samples (a poisoned model's ASR is read on them);
     `poison_rates`: a model tuned at each of these rates per attack in `poison_attacks` (none: the
-    training cells are not measured, `left_out["poisoning"]` says why); `presence`: the trigger-inversion scan's params (None: not
-    run, `left_out["presence"]`); `seeds`: attack seeds, each a repeat of the battery (more than one:
+    training cells are not measured, `left_out["poisoning"]` says why); `presence`: the
+    trigger-inversion scan's params (None: not run, `left_out["presence"]`); `seeds`: attack seeds, each a repeat of the battery (more than one:
     intervals over seeds too); `gray_box`: the white-box attacks crafted again on the base before the
     safety stage and answered by the scanned model (`gray_box_transfer`); `left_out`: why what a
     larger budget measures is left out of this one, by part ("poisoning", "presence", "gray-box") or cell.
