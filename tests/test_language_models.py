@@ -69,8 +69,10 @@ def test_the_language_model_enters_the_base_key(llama_folder: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("size", ["hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size"])
 def test_sizes_beside_a_pretrained_language_model_are_refused(size: str) -> None:
+    """A size other than the field's default is refused (the default is what a dump of the config
+    writes back, and is let through: `test_a_pretrained_language_model_config_survives_its_own_dump`)."""
     with pytest.raises(VlmsecError, match=f"victim.{size}: a pretrained language_model"):
-        parse_config({"victim": {"language_model": "smollm2", size: 512}}, "test")
+        parse_config({"victim": {"language_model": "smollm2", size: 2048}}, "test")  # no default is 2048
 
 
 def test_sizes_stay_free_for_the_tiny_language_model() -> None:
