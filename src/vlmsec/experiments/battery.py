@@ -56,8 +56,8 @@ class Budget:
     requests per goal; `test_size`: source test samples (a poisoned model's ASR is read on them);
     `poison_rates`: a model tuned at each of these rates per attack in `poison_attacks` (none: the
     training cells are not measured, `left_out["poisoning"]` says why); `presence`: the
-    trigger-inversion scan's params (None: not run, `left_out["presence"]`); `seeds`: attack seeds, each a repeat of the battery (more than one:
-    intervals over seeds too); `gray_box`: the white-box attacks crafted again on the base before the
+    trigger-inversion scan's params (None: not run, `left_out["presence"]`); `seeds`: attack seeds,
+    each a repeat of the battery (more than one: intervals over seeds too); `gray_box`: the white-box attacks crafted again on the base before the
     safety stage and answered by the scanned model (`gray_box_transfer`); `left_out`: why what a
     larger budget measures is left out of this one, by part ("poisoning", "presence", "gray-box") or cell.
     """
@@ -236,7 +236,8 @@ def scan_config(victim: ExperimentConfig, budget: Budget, seed: int | None = Non
             attacks.append({**spec, "params": {**spec.get("params", {}), "seed": attack_seed}})
     poisonings = [name for name in budget.poison_attacks if skip_reason(attack_cell(create_attack(name)), budget, access) is None]
     rates = budget.poison_rates if poisonings else ()
-    attacks += [{"name": name, "params": {"seed": attack_seed}} for name in poisonings if rates]
+    if rates:
+        attacks += [{"name": name, "params": {"seed": attack_seed}} for name in poisonings]
     poison = {**given.get("poison", {}), "rate": rates[0] if rates else 0.0}
     poison.pop("seed", None)  # derived from the study seed
     study: dict[str, Any] = {

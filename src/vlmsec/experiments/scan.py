@@ -11,6 +11,7 @@ risk card (card.json, card.md, card.html).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -173,7 +174,6 @@ def gray_box_transfer(stages: ScanStages) -> None:
     `run`/gray-box/ (metrics.json's `inference_attacks` section, inference.jsonl, the PNGs). The
     crafting goes to the runner's backend first (each attack a Ray task into `run`/gray-box/), as a
     study run's own crafting does."""
-    from vlmsec.experiments.runner import Runner
     from vlmsec.experiments.inference import (
         InferenceResults, InferenceStage, craft_into, craft_requests, judge_jailbreaks, score_inference, transfer,
     )
@@ -198,7 +198,9 @@ def gray_box_transfer(stages: ScanStages) -> None:
         key: craft_requests(key, attack.goal, harmful[:n], splits.tests["source"][:n], target, stages.split, splits.train, c.seed)
         for key, attack in attacks.items()
     }
-    runner.backend.craft_inputs(Runner(c, folder, runner.cache, runner.backend), crafts, stages.base, BEFORE_SAFETY)
+    crafter = copy.copy(runner)  # the run's runner (its feature cache not read again), crafting into gray-box/
+    crafter.out = folder
+    runner.backend.craft_inputs(crafter, crafts, stages.base, BEFORE_SAFETY)
     crafting = InferenceStage(folder, runner.load_victim(stages.base[0]), BEFORE_SAFETY, stages.base[1], settings, c.seed)
     results = InferenceResults(AFTER_SAFETY, [], {}, {})
     for key, attack in attacks.items():  # what the backend crafted is read back
